@@ -1,0 +1,3 @@
+"""taskvec: task vectors in vision-language models and language models."""
+
+__version__ = "0.1.0"
