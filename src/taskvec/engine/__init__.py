@@ -1,0 +1,23 @@
+"""The engine: record residuals, patch, sweep layers, generate, logit lens. It knows nothing of tasks."""
+
+from taskvec.engine.generation import generate_greedy
+from taskvec.engine.lens import logit_lens, top_tokens
+from taskvec.engine.patching import Patch, PatchMode, patch_at
+from taskvec.engine.positions import AnswerMarkerNotFoundError, find_marker_positions, marker_position
+from taskvec.engine.residuals import record_residuals
+from taskvec.engine.sweep import SweepMethod, sweep_layers
+
+__all__ = [
+    "AnswerMarkerNotFoundError",
+    "Patch",
+    "PatchMode",
+    "SweepMethod",
+    "find_marker_positions",
+    "generate_greedy",
+    "logit_lens",
+    "marker_position",
+    "patch_at",
+    "record_residuals",
+    "sweep_layers",
+    "top_tokens",
+]

@@ -1,0 +1,57 @@
+"""Record the residual stream (decoder-layer outputs) at chosen positions, all layers, one pass."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from taskvec.engine.layer_outputs import hidden_from_output, last_logits_only
+from taskvec.engine.patching import Patch, patch_at
+from taskvec.models.handle import ModelHandle
+
+
+class _StopForward(Exception):
+    """Raised by the recording hook once the highest wanted layer is read, to skip the rest."""
+
+
+@torch.no_grad()
+def record_residuals(handle: ModelHandle, inputs: dict[str, Any],
+                     positions: int | Sequence[int] | torch.Tensor = -1,
+                     layers: Sequence[int] | None = None,
+                     patches: Sequence[Patch] = ()) -> torch.Tensor:
+    """Residuals after each decoder layer: [batch, len(layers), n_positions, hidden] in float32.
+
+    `positions` is one index for all rows, a list for all rows, or a [batch, n] tensor of per-row
+    indices (negative counts from the end). Layers above the highest requested one are not run.
+    """
+    wanted = list(range(handle.num_layers)) if layers is None else [i % handle.num_layers for i in layers]
+    batch = inputs["input_ids"].shape[0]
+    index = torch.as_tensor(positions).reshape(-1) if not isinstance(positions, torch.Tensor) else positions
+    per_row = index.reshape(batch, -1) if index.dim() == 2 else index.reshape(1, -1).expand(batch, -1)
+    recorded: dict[int, torch.Tensor] = {}
+    top = max(wanted)
+
+    def make_hook(layer_index: int) -> Any:
+        def hook(_module: Any, _args: Any, output: Any) -> None:
+            hidden = hidden_from_output(output)
+            length = hidden.shape[1]
+            absolute = torch.where(per_row < 0, per_row + length, per_row).to(hidden.device)
+            rows = torch.arange(batch, device=hidden.device).unsqueeze(1)
+            recorded[layer_index] = hidden[rows, absolute].float().cpu()
+            if layer_index == top:
+                raise _StopForward
+        return hook
+
+    # Patch hooks are registered first so that a patched layer records its patched output.
+    with patch_at(handle, patches):
+        hooks = [handle.layers[i].register_forward_hook(make_hook(i)) for i in set(wanted)]
+        try:
+            handle.model(**inputs, use_cache=False, **last_logits_only(handle.model))
+        except _StopForward:
+            pass
+        finally:
+            for registered in hooks:
+                registered.remove()
+    return torch.stack([recorded[i] for i in wanted], dim=1)
