@@ -12,8 +12,9 @@ from taskvec.models.handle import ModelHandle
 
 
 @torch.no_grad()
-def generate_greedy(handle: ModelHandle, inputs: dict[str, Any], patches: Sequence[Patch] = (),
-                    max_new_tokens: int = 5) -> list[str]:
+def generate_greedy(
+    handle: ModelHandle, inputs: dict[str, Any], patches: Sequence[Patch] = (), max_new_tokens: int = 5
+) -> list[str]:
     """Greedy continuations (decoded, special tokens dropped) of each prompt in the batch.
 
     Patches apply to the prefill only (see patch_at): with the KV cache this equals the reference
@@ -21,10 +22,17 @@ def generate_greedy(handle: ModelHandle, inputs: dict[str, Any], patches: Sequen
     """
     tokenizer = handle.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # generate() derives position ids from the attention mask at every step itself.
+    model_inputs = {key: value for key, value in inputs.items() if key != "position_ids"}
     with patch_at(handle, patches, first_call_only=True):
-        output = handle.model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
-            top_p=None, top_k=None, temperature=None,
+        output = handle.model.generate(  # type: ignore[operator]
+            **model_inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            top_p=None,
+            top_k=None,
+            temperature=None,
         )
-    new_tokens = output[:, inputs["input_ids"].shape[1]:]
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
     return list(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))

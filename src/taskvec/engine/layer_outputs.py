@@ -9,7 +9,7 @@ import torch
 
 
 def hidden_from_output(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output  # type: ignore[no-any-return]
+    return output[0] if isinstance(output, tuple) else output
 
 
 def output_with_hidden(output: Any, hidden: torch.Tensor) -> Any:

@@ -72,8 +72,13 @@ def patch_at(handle: ModelHandle, patches: Sequence[Patch], first_call_only: boo
     for index, layer_patches in by_layer.items():
         calls = {"count": 0}
 
-        def hook(_module: Any, _args: Any, output: Any, layer_patches: list[Patch] = layer_patches,
-                 calls: dict[str, int] = calls) -> Any:
+        def hook(
+            _module: Any,
+            _args: Any,
+            output: Any,
+            layer_patches: list[Patch] = layer_patches,
+            calls: dict[str, int] = calls,
+        ) -> Any:
             calls["count"] += 1
             if first_call_only and calls["count"] > 1:
                 return output

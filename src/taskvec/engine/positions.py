@@ -33,8 +33,9 @@ def find_marker_positions(tokenizer: Any, token_ids: Sequence[int] | torch.Tenso
     return positions
 
 
-def marker_position(tokenizer: Any, token_ids: Sequence[int] | torch.Tensor, marker: str,
-                    occurrence: int = -1) -> int:
+def marker_position(
+    tokenizer: Any, token_ids: Sequence[int] | torch.Tensor, marker: str, occurrence: int = -1
+) -> int:
     """The position of one occurrence of the marker: -1 the last (the query's), -2 the one before."""
     positions = find_marker_positions(tokenizer, token_ids, marker)
     if not positions or not -len(positions) <= occurrence < len(positions):

@@ -7,20 +7,20 @@ from typing import Any
 
 import torch
 
-from taskvec.engine.layer_outputs import hidden_from_output, last_logits_only
+from taskvec.engine.layer_outputs import hidden_from_output
 from taskvec.engine.patching import Patch, patch_at
+from taskvec.engine.truncated_forward import StopForward
 from taskvec.models.handle import ModelHandle
 
 
-class _StopForward(Exception):
-    """Raised by the recording hook once the highest wanted layer is read, to skip the rest."""
-
-
 @torch.no_grad()
-def record_residuals(handle: ModelHandle, inputs: dict[str, Any],
-                     positions: int | Sequence[int] | torch.Tensor = -1,
-                     layers: Sequence[int] | None = None,
-                     patches: Sequence[Patch] = ()) -> torch.Tensor:
+def record_residuals(
+    handle: ModelHandle,
+    inputs: dict[str, Any],
+    positions: int | Sequence[int] | torch.Tensor = -1,
+    layers: Sequence[int] | None = None,
+    patches: Sequence[Patch] = (),
+) -> torch.Tensor:
     """Residuals after each decoder layer: [batch, len(layers), n_positions, hidden] in float32.
 
     `positions` is one index for all rows, a list for all rows, or a [batch, n] tensor of per-row
@@ -41,15 +41,16 @@ def record_residuals(handle: ModelHandle, inputs: dict[str, Any],
             rows = torch.arange(batch, device=hidden.device).unsqueeze(1)
             recorded[layer_index] = hidden[rows, absolute].float().cpu()
             if layer_index == top:
-                raise _StopForward
+                raise StopForward  # layers above are not needed
+
         return hook
 
     # Patch hooks are registered first so that a patched layer records its patched output.
     with patch_at(handle, patches):
         hooks = [handle.layers[i].register_forward_hook(make_hook(i)) for i in set(wanted)]
         try:
-            handle.model(**inputs, use_cache=False, **last_logits_only(handle.model))
-        except _StopForward:
+            handle.model(**inputs, use_cache=False)
+        except StopForward:
             pass
         finally:
             for registered in hooks:

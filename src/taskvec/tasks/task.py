@@ -1,0 +1,110 @@
+"""The task data model: items (input -> output, with images per style) and tasks (items + splits)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The default image of an item is its first style in this order: real flags before emoji flags, then
+# emoji styles by how widely they are seen, then an external file's single image.
+STYLE_PREFERENCE = (
+    "flag-svg",
+    "flag-icons",
+    "twemoji",
+    "noto",
+    "openmoji",
+    "fluent-color",
+    "fluent-flat",
+    "image",
+)
+
+
+class TaskFileError(ValueError):
+    """A task file that cannot be used: malformed, missing fields or images, empty, duplicate inputs."""
+
+
+class MissingImageError(LookupError):
+    """An item has no image in the requested style (or no images at all)."""
+
+
+def order_styles(styles: set[str] | list[str]) -> list[str]:
+    known = [s for s in STYLE_PREFERENCE if s in styles]
+    return known + sorted(s for s in styles if s not in STYLE_PREFERENCE)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One example: `input -> output`; `aliases` are further accepted answers."""
+
+    input: str
+    output: str
+    aliases: tuple[str, ...] = ()
+    # style -> absolute path; empty for text-only tasks. Excluded from hashing (a dict is unhashable).
+    images: Mapping[str, Path] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.aliases, tuple):  # accept lists from callers, keep the frozen type
+            object.__setattr__(self, "aliases", tuple(self.aliases))
+
+    def answers(self) -> tuple[str, ...]:
+        return (self.output, *self.aliases)
+
+    def image(self, style: str | None = None) -> Path:
+        """The image in `style`, or in the first available style of STYLE_PREFERENCE when None."""
+        if not self.images:
+            raise MissingImageError(f"item {self.input!r} has no images (text-only task)")
+        if style is None:
+            return self.images[order_styles(list(self.images))[0]]
+        if style not in self.images:
+            raise MissingImageError(
+                f"item {self.input!r} has no image in style {style!r}; it has: "
+                + ", ".join(order_styles(list(self.images)))
+            )
+        return self.images[style]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named task: instruction, items and splits (split name -> indices into `items`)."""
+
+    name: str
+    instruction: str
+    items: tuple[Item, ...]
+    splits: Mapping[str, tuple[int, ...]] = field(default_factory=dict, hash=False)
+    # Words naming the task, looked for by the logit lens in the middle ("task") layers.
+    task_words: tuple[str, ...] = ()
+    source: str = "builtin"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "items", tuple(self.items))
+        object.__setattr__(self, "task_words", tuple(self.task_words))
+
+    def split(self, name: str) -> list[Item]:
+        if name not in self.splits:
+            raise KeyError(f"task {self.name!r} has no split {name!r}; it has: {', '.join(self.splits)}")
+        return [self.items[i] for i in self.splits[name]]
+
+    def styles(self) -> list[str]:
+        """Image styles that every item has, in preference order (empty for text-only tasks)."""
+        if not self.items:
+            return []
+        shared = set(self.items[0].images)
+        for item in self.items[1:]:
+            shared &= set(item.images)
+        return order_styles(shared)
+
+    def style_counts(self) -> dict[str, int]:
+        """Number of items having each style (a style may cover only part of an external task)."""
+        counts: dict[str, int] = {}
+        for item in self.items:
+            for style in item.images:
+                counts[style] = counts.get(style, 0) + 1
+        return {style: counts[style] for style in order_styles(list(counts))}
+
+    @property
+    def has_images(self) -> bool:
+        return any(item.images for item in self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)

@@ -1,0 +1,305 @@
+"""The tiny models of every family build, run, generate and expose what the adapters rely on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from tiny_models import (
+    FAMILIES,
+    LM_FAMILIES,
+    VLM_FAMILIES,
+    TinyModel,
+    build_tiny,
+    make_inputs,
+    resolve,
+)
+from transformers import BatchFeature, PreTrainedTokenizerFast
+from transformers.processing_utils import ProcessorMixin
+
+# transformers' PaliGemmaProcessor calls np.array on tensors (numpy 2 copy-keyword deprecation).
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+ATOL = 1e-4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine the threads
+    contend (4x slower here); restore the setting for the other test modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+
+def image(seed: int, size: tuple[int, int] = (24, 24)) -> PIL.Image.Image:
+    """A noisy image of one colour per seed (pure noise would look alike to pooled random towers)."""
+    random = np.random.RandomState(seed)
+    colour = random.randint(0, 256, 3)
+    noise = random.randint(-40, 41, (size[1], size[0], 3))
+    return PIL.Image.fromarray(np.clip(colour + noise, 0, 255).astype(np.uint8))
+
+
+def one_prompt(tiny: TinyModel) -> BatchFeature:
+    if tiny.image_token is None:
+        return make_inputs(tiny, ["Q:France\nA:"], None)
+    return make_inputs(tiny, [f"Q:{tiny.image_token}\nA:"], [[image(0)]])
+
+
+def two_prompts(tiny: TinyModel) -> tuple[list[str], list[list[PIL.Image.Image]] | None]:
+    """Two prompts of different lengths (and, for VLMs, images of different sizes)."""
+    if tiny.image_token is None:
+        return ["Q:France\nA:", "The capital city of the country Q:Japan\nA:"], None
+    prompts = [f"Q:{tiny.image_token}\nA:", f"The capital city of the country Q:{tiny.image_token}\nA:"]
+    return prompts, [[image(1)], [image(2, (28, 20))]]
+
+
+def text_config(tiny: TinyModel) -> object:
+    return tiny.model.config.get_text_config()
+
+
+def forward_position_ids(tiny: TinyModel, inputs: BatchFeature) -> dict[str, torch.Tensor]:
+    """GPT-2 has absolute position embeddings: a left-padded forward needs explicit positions
+    (generate computes them itself). Rotary models are invariant to the left-padding offset."""
+    if tiny.family != "gpt2":
+        return {}
+    return {"position_ids": (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)}
+
+
+def decode_position_ids(tiny: TinyModel, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of the newest token, given the attention mask over cache + new token."""
+    position = attention_mask.sum(-1, keepdim=True) - 1
+    if tiny.family in ("qwen2_vl", "qwen2_5_vl"):
+        # M-RoPE: text after an image continues from the image's largest position, one shift per row
+        # that the prefill stored on the model; positions are (3 axes, batch, length).
+        position = position + tiny.model.model.rope_deltas.repeat_interleave(
+            position.shape[0] // tiny.model.model.rope_deltas.shape[0], dim=0
+        )
+        return position.unsqueeze(0).expand(3, -1, -1)
+    if tiny.family == "paligemma":
+        return position + 1  # PaliGemma positions are 1-indexed
+    return position
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_builds_with_layout(family: str) -> None:
+    tiny = build_tiny(family)
+    assert tiny.family == family
+    assert not tiny.model.training
+    assert all(p.dtype == torch.float32 for p in tiny.model.parameters())
+    assert isinstance(tiny.tokenizer, PreTrainedTokenizerFast)
+    assert tiny.tokenizer.padding_side == "left"
+    layers = resolve(tiny.model, tiny.layers_path)
+    assert isinstance(layers, torch.nn.ModuleList)
+    assert len(layers) == text_config(tiny).num_hidden_layers
+    assert 2 <= len(layers) <= 4
+    assert isinstance(resolve(tiny.model, tiny.norm_path), torch.nn.Module)
+    unembed = resolve(tiny.model, tiny.unembed_path)
+    assert isinstance(unembed, torch.nn.Linear)
+    assert unembed.out_features >= len(tiny.tokenizer)
+    assert 32 <= unembed.in_features <= 64
+    if family in VLM_FAMILIES:
+        assert isinstance(tiny.processor, ProcessorMixin)
+        assert tiny.image_token is not None
+    else:
+        assert tiny.processor is tiny.tokenizer
+        assert tiny.image_token is None
+
+
+def test_families_are_distinct_and_complete() -> None:
+    assert set(VLM_FAMILIES) | set(LM_FAMILIES) == set(FAMILIES)
+    assert len(FAMILIES) == len(set(FAMILIES)) == 17
+    depths = {len(resolve(build_tiny(f).model, build_tiny(f).layers_path)) for f in FAMILIES}
+    assert depths == {2, 3, 4}
+
+
+def test_build_is_cached_and_seeded() -> None:
+    assert build_tiny("llama") is build_tiny("llama")
+    other = build_tiny("llama", seed=1)
+    first = next(build_tiny("llama").model.parameters())
+    assert not torch.equal(first, next(other.model.parameters()))
+    state = torch.random.get_rng_state()
+    build_tiny("llama", seed=2)
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tokenizer_pieces(family: str) -> None:
+    tokenizer = build_tiny(family).tokenizer
+    ids = tokenizer("Q:France\nA:Paris\n\n", add_special_tokens=False)["input_ids"]
+    pieces = [tokenizer.decode([i]) for i in ids]
+    if family == "fuyu":
+        assert pieces[0] == "\u2581"  # sentencepiece-style start of text, which FuyuProcessor relies on
+        pieces = pieces[1:]
+    assert pieces == ["Q", ":", "France", "\n", "A", ":", "Paris", "\n", "\n"]
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.pad_token_id == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_hidden_states_and_generate(family: str) -> None:
+    tiny = build_tiny(family)
+    inputs = one_prompt(tiny)
+    if tiny.image_token is not None:
+        assert "pixel_values" in inputs
+    num_layers = len(resolve(tiny.model, tiny.layers_path))
+    with torch.no_grad():
+        out = tiny.model(**inputs, output_hidden_states=True)
+        generated = tiny.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    length = inputs["input_ids"].shape[1]
+    assert out.logits.shape[:2] == (1, length)
+    assert torch.isfinite(out.logits).all()
+    assert len(out.hidden_states) == num_layers + 1
+    assert generated.shape == (1, length + 3)
+    assert torch.equal(generated[:, :length], inputs["input_ids"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_batch_matches_single_prompts(family: str) -> None:
+    tiny = build_tiny(family)
+    prompts, images = two_prompts(tiny)
+    batch = make_inputs(tiny, prompts, images)
+    mask = batch["attention_mask"]
+    assert mask.shape[0] == 2 and (mask[:, -1] == 1).all()
+    assert (mask == 0).any() and (mask[:, 0] == 0).any(), "one row must be left-padded"
+    with torch.no_grad():
+        logits = tiny.model(**batch, **forward_position_ids(tiny, batch)).logits[:, -1]
+        for row, prompt in enumerate(prompts):
+            single = make_inputs(tiny, [prompt], None if images is None else [images[row]])
+            expected = tiny.model(**single).logits[0, -1]
+            torch.testing.assert_close(logits[row], expected, atol=ATOL, rtol=0)
+        generated = tiny.model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert generated.shape == (2, batch["input_ids"].shape[1] + 3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_final_norm_and_unembedding_reproduce_logits(family: str) -> None:
+    """What a logit lens relies on: logits = unembed(norm(residual after the last layer)), with
+    Gemma3's soft-capping on top, and hidden_states[-1] is already normalised."""
+    tiny = build_tiny(family)
+    layers = resolve(tiny.model, tiny.layers_path)
+    norm = resolve(tiny.model, tiny.norm_path)
+    unembed = resolve(tiny.model, tiny.unembed_path)
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep_output(module: torch.nn.Module, args: Any, output: Any) -> None:
+        seen["residual"] = output[0] if isinstance(output, tuple) else output  # v5 layers return a tensor
+
+    handle = layers[-1].register_forward_hook(keep_output)
+    try:
+        with torch.no_grad():
+            out = tiny.model(**one_prompt(tiny), output_hidden_states=True)
+            normed = norm(seen["residual"])
+            logits = unembed(normed)
+    finally:
+        handle.remove()
+    cap = getattr(text_config(tiny), "final_logit_softcapping", None)
+    assert (cap is not None) == (family == "gemma3_text")
+    if cap is not None:
+        logits = cap * torch.tanh(logits / cap)
+    torch.testing.assert_close(out.hidden_states[-1], normed, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.logits, logits, atol=ATOL, rtol=0)
+
+
+def test_gpt2_left_padding_needs_position_ids() -> None:
+    tiny = build_tiny("gpt2")
+    batch = make_inputs(tiny, *two_prompts(tiny))
+    single = make_inputs(tiny, ["Q:France\nA:"])
+    with torch.no_grad():
+        padded = tiny.model(**batch).logits[0, -1]
+        expected = tiny.model(**single).logits[0, -1]
+    assert not torch.allclose(padded, expected, atol=ATOL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_step_on_repeated_cache_matches_full_forward(family: str) -> None:
+    """Prefill all but the last token, repeat the cache for 3 rows, then run the last token with
+    explicit position_ids and cache_position: the recipe of the engine's one-pass layer sweep."""
+    tiny = build_tiny(family)
+    prompts, images = two_prompts(tiny)
+    inputs = make_inputs(tiny, prompts[1:], None if images is None else images[1:])
+    rows, length = 3, inputs["input_ids"].shape[1]
+    prefix = {k: v[:, :-1] if k in SEQUENCE_KEYS else v for k, v in inputs.items()}
+    with torch.no_grad():
+        full = tiny.model(**inputs).logits[0, -1]
+        cache = tiny.model(**prefix, use_cache=True).past_key_values
+        cache.batch_repeat_interleave(rows)
+        mask = inputs["attention_mask"].repeat(rows, 1)
+        step = tiny.model(
+            input_ids=inputs["input_ids"][:, -1:].repeat(rows, 1),
+            attention_mask=mask,
+            position_ids=decode_position_ids(tiny, mask),
+            past_key_values=cache,
+            cache_position=torch.tensor([length - 1]),
+            use_cache=True,
+        ).logits[:, -1]
+    if family == "paligemma":
+        # Prefix-LM: the earlier prompt tokens see the last one in a full forward, never when it
+        # comes as a separate decode step, unless the full forward marks it as suffix.
+        assert "bidirectional" in tiny.notes
+        assert not torch.allclose(step[0], full, atol=ATOL)
+        token_types = inputs["token_type_ids"].clone()
+        token_types[:, -1] = 1
+        with torch.no_grad():
+            full = tiny.model(**{**inputs, "token_type_ids": token_types}).logits[0, -1]
+    for row in range(rows):
+        torch.testing.assert_close(step[row], full, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma3"])
+def test_gemma3_uses_sliding_window_cache(family: str) -> None:
+    tiny = build_tiny(family)
+    config = text_config(tiny)
+    assert config.sliding_window == 8
+    assert "sliding_attention" in config.layer_types and "full_attention" in config.layer_types
+    inputs = make_inputs(tiny, ["The capital city of the country Q:France\nA:Paris\n\nQ:Japan\nA:"])
+    assert inputs["input_ids"].shape[1] > 2 * config.sliding_window
+    with torch.no_grad():
+        cache = tiny.model(**inputs, use_cache=True).past_key_values
+    kinds = [type(layer).__name__ for layer in cache.layers]
+    for kind, layer_type in zip(kinds, config.layer_types, strict=True):
+        assert ("Sliding" in kind) == (layer_type == "sliding_attention")
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_two_images_in_one_prompt(family: str) -> None:
+    tiny = build_tiny(family)
+    token = tiny.image_token
+    assert token is not None
+    prompt = f"Q:{token}\nA:Paris\n\nQ:{token}\nA:"
+    images = [[image(3), image(4, (20, 28))]]
+    if not tiny.multi_image:
+        assert "one image per prompt" in tiny.notes
+        # The limitation is the processor's own, not make_inputs'.
+        with pytest.raises(ValueError, match="number of"):
+            tiny.processor(text=[prompt.replace(token, "")], images=images, return_tensors="pt")
+        pytest.skip(tiny.notes)
+    inputs = make_inputs(tiny, [prompt], images)
+    other_second_image = make_inputs(tiny, [prompt], [[image(3), image(5, (20, 28))]])
+    with torch.no_grad():
+        out = tiny.model(**inputs, output_hidden_states=True)
+        other = tiny.model(**other_second_image).logits[0, -1]
+        generated = tiny.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.isfinite(out.logits).all()
+    assert not torch.allclose(out.logits[0, -1], other, atol=ATOL), "the second image must be used"
+    assert generated.shape == (1, inputs["input_ids"].shape[1] + 3)
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_make_inputs_checks_image_counts(family: str) -> None:
+    tiny = build_tiny(family)
+    with pytest.raises(ValueError):
+        make_inputs(tiny, [f"Q:{tiny.image_token}\nA:"], [[]])
+
+
+def test_text_models_reject_images() -> None:
+    with pytest.raises(ValueError):
+        make_inputs(build_tiny("llama"), ["Q:France\nA:"], [[image(0)]])

@@ -1,0 +1,810 @@
+"""Tiny, randomly initialised models of every supported family, built offline from configs.
+
+Each family gets the real Hugging Face model class and the real processor class, wired to a small
+`tokenizers` WordLevel tokenizer and a PIL image processor sized to the tiny vision tower, so tests
+exercise exactly the code paths a real checkpoint would (image-token expansion, extra processor
+outputs, 3D rope positions, sliding-window caches...) in milliseconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import PIL.Image
+import torch
+import transformers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from transformers import BatchFeature, PreTrainedTokenizerFast
+from transformers.processing_utils import ProcessorMixin
+
+VLM_FAMILIES: tuple[str, ...] = (
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "idefics2",
+    "idefics3",
+    "smolvlm",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "fuyu",
+    "gemma3",
+    "paligemma",
+)
+LM_FAMILIES: tuple[str, ...] = ("gemma3_text", "llama", "mistral", "qwen2", "gemma", "gpt2")
+FAMILIES: tuple[str, ...] = VLM_FAMILIES + LM_FAMILIES
+
+# Pad is id 0 everywhere: FuyuProcessor hard-codes `tokenizer.pad_token_id = 0`.
+SPECIAL_TOKENS: tuple[str, ...] = (
+    "<pad>",
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<image>",
+    "<video>",
+    "<fake_token_around_image>",
+    "<global-img>",
+    "<end_of_utterance>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "|SPEAKER|",
+    "|NEWLINE|",
+    "<0x04>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+    *(f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)),
+)
+
+WORDS: tuple[str, ...] = (
+    "Q", "A", ":", "\n", ",", ".", "?", "!", "-", "'", "(", ")",
+    "France", "Paris", "Japan", "Tokyo", "Italy", "Rome", "Spain", "Madrid", "Egypt", "Cairo",
+    "Peru", "Lima", "Germany", "Berlin", "China", "Beijing", "India", "Delhi", "Kenya", "Nairobi",
+    "Canada", "Ottawa", "Brazil", "Brasilia", "Greece", "Athens",
+    "cat", "dog", "cow", "horse", "fish", "bird", "lion", "mouse", "sheep", "pig",
+    "apple", "banana", "bread", "cheese", "rice", "pizza", "cake", "egg", "soup", "grape",
+    "red", "green", "blue", "yellow", "black", "white", "orange", "purple", "pink", "brown",
+    "The", "the", "capital", "city", "of", "country", "is", "a", "an", "what", "What", "colour",
+    "animal", "food", "sound", "says", "in", "English", "French", "Spanish", "yes", "no",
+    "opposite", "hot", "cold", "big", "small", "up", "down", "day", "night",
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9",
+)  # fmt: skip
+
+
+# Fuyu's tokenizer (sentencepiece) treats these as ordinary pieces and marks the start of every text
+# with "▁"; FuyuProcessor relies on that (it drops the first token of the image placeholder text).
+FUYU_PLAIN_TOKENS: tuple[str, ...] = ("|SPEAKER|", "|NEWLINE|")
+WORD_START = "\u2581"
+PIECES = Regex(r"\|[A-Z]+\||\n|[^\W\d_]+|\d|[^\w\s]|_")
+
+
+def build_tokenizer(
+    extra_special: dict[str, str] | None = None, add_bos: bool = True, fuyu_style: bool = False
+) -> PreTrainedTokenizerFast:
+    """A WordLevel tokenizer: one token per word, digit or punctuation mark; each newline is a token,
+    other whitespace is dropped. Decoding concatenates pieces, so `decode([id])` is exactly that token's
+    text and the pieces of a sequence concatenate back into its text (minus the spaces).
+
+    `fuyu_style` mimics the sentencepiece tokenizer FuyuProcessor expects: "▁" starts every text
+    and |SPEAKER| / |NEWLINE| are ordinary tokens.
+    """
+    vocab = {token: index for index, token in enumerate((*SPECIAL_TOKENS, *WORDS, WORD_START))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    if fuyu_style:
+        backend.normalizer = normalizers.Prepend(WORD_START)
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
+            pre_tokenizers.Split(PIECES, behavior="isolated"),
+        ]
+    )
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="left",
+        extra_special_tokens=extra_special or {},
+        add_bos_token=add_bos,
+    )
+    plain = {"<pad>", "<unk>", "<s>", "</s>", *(FUYU_PLAIN_TOKENS if fuyu_style else ())}
+    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in plain]})
+    return tokenizer
+
+
+@dataclass
+class TinyModel:
+    family: str
+    model: torch.nn.Module
+    processor: Any
+    tokenizer: PreTrainedTokenizerFast
+    image_token: str | None
+    layers_path: str
+    norm_path: str
+    unembed_path: str
+    notes: str = ""
+    multi_image: bool = True  # several images in one prompt; False: see notes
+
+    @property
+    def is_vlm(self) -> bool:
+        return self.image_token is not None
+
+
+def resolve(root: Any, dotted_path: str) -> Any:
+    for name in dotted_path.split("."):
+        root = getattr(root, name)
+    return root
+
+
+def _text(model_type: str, num_layers: int, hidden: int = 32, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "pad_token_id": 0,
+        "bos_token_id": 2,
+        "eos_token_id": 3,
+    }
+    config.update(overrides)
+    return config
+
+
+@contextlib.contextmanager
+def _without_video_processor() -> Iterator[None]:
+    """Let a processor be built with `video_processor=None`.
+
+    Video processors need torchvision, which is not installed, and ProcessorMixin type-checks every
+    sub-processor (it even fails to look the video base class up without torchvision). The
+    processors themselves only touch the video processor when videos are passed.
+    """
+    original = ProcessorMixin.check_argument_for_proper_class
+
+    def check(self: ProcessorMixin, argument_name: str, argument: Any) -> Any:
+        if argument_name == "video_processor" and argument is None:
+            return None
+        return original(self, argument_name, argument)
+
+    ProcessorMixin.check_argument_for_proper_class = check  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _without_num2words() -> Iterator[None]:
+    """SmolVLMProcessor refuses to build without the optional `num2words` package, which it only uses
+    to spell out frame counts in video prompts; without a video processor it is never called."""
+    from transformers.models.smolvlm import processing_smolvlm
+
+    if processing_smolvlm.num2words is not None:
+        yield
+        return
+
+    def unavailable(*args: Any, **kwargs: Any) -> str:
+        raise ImportError("num2words is not installed (only needed for SmolVLM video prompts)")
+
+    processing_smolvlm.num2words = unavailable
+    try:
+        yield
+    finally:
+        processing_smolvlm.num2words = None
+
+
+class _FuyuImageProcessorPil(transformers.FuyuImageProcessorPil):
+    """FuyuImageProcessorPil whose `patchify_image` also takes the torch tensors FuyuProcessor gives it.
+
+    In transformers 5.23 FuyuProcessor asks the image processor for torch tensors and then hands them
+    to the PIL processor's numpy-only `patchify_image` (TypeError in `transpose`); the torchvision
+    processor that FuyuProcessor was written for cannot be used here.
+    """
+
+    def patchify_image(self, image: Any, patch_size: Any = None) -> Any:
+        if isinstance(image, torch.Tensor):
+            return torch.from_numpy(super().patchify_image(image.cpu().numpy(), patch_size=patch_size))
+        return super().patchify_image(image, patch_size=patch_size)
+
+
+# --------------------------------------------------------------------------------------- builders
+
+
+def _clip_vision(image_size: int = 16, patch_size: int = 4, layers: int = 2) -> dict[str, Any]:
+    return {
+        "model_type": "clip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "projection_dim": 32,
+    }
+
+
+def _siglip_vision(image_size: int = 16, patch_size: int = 4, layers: int = 2) -> dict[str, Any]:
+    return {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "image_size": image_size,
+        "patch_size": patch_size,
+    }
+
+
+def _llava_layout(**kwargs: Any) -> dict[str, str]:
+    return {
+        "layers_path": "model.language_model.layers",
+        "norm_path": "model.language_model.norm",
+        "unembed_path": "lm_head",
+        **kwargs,
+    }
+
+
+def _build_llava(seed: int) -> TinyModel:
+    tokenizer = build_tokenizer({"image_token": "<image>"}, add_bos=True)
+    image_processor = transformers.CLIPImageProcessorPil(
+        size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
+    )
+    processor = transformers.LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    config = transformers.LlavaConfig(
+        text_config=_text("llama", 3, vocab_size=len(tokenizer)),
+        vision_config=_clip_vision(),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=16,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    return TinyModel(
+        "llava",
+        _init(transformers.LlavaForConditionalGeneration, config, seed, tokenizer),
+        processor,
+        tokenizer,
+        "<image>",
+        **_llava_layout(
+            notes="CLIP tower (16px images, 4px patches, feature layer -2, CLS dropped): 16 <image> "
+            "tokens per image. Several images per prompt work."
+        ),
+    )
+
+
+PINPOINTS = [[16, 16], [16, 32], [32, 16], [32, 32]]
+
+
+def _build_llava_next(seed: int) -> TinyModel:
+    tokenizer = build_tokenizer({"image_token": "<image>"}, add_bos=True)
+    image_processor = transformers.LlavaNextImageProcessorPil(
+        size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_grid_pinpoints=PINPOINTS
+    )
+    processor = transformers.LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    config = transformers.LlavaNextConfig(
+        text_config=_text("llama", 2, hidden=48, vocab_size=len(tokenizer)),
+        vision_config=_clip_vision(),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=PINPOINTS,
+        image_seq_length=16,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    return TinyModel(
+        "llava_next",
+        _init(transformers.LlavaNextForConditionalGeneration, config, seed, tokenizer),
+        processor,
+        tokenizer,
+        "<image>",
+        **_llava_layout(
+            notes="AnyRes: the image is tiled (pinpoints up to 32x32 of 16px tiles) so the number of "
+            "<image> tokens depends on the image's size; pixel_values is 5-D (image, tile, C, H, W) "
+            "and image_sizes must be passed along. Several images per prompt work."
+        ),
+    )
+
+
+def _build_llava_onevision(seed: int) -> TinyModel:
+    tokenizer = build_tokenizer({"image_token": "<image>", "video_token": "<video>"}, add_bos=False)
+    image_processor = transformers.LlavaOnevisionImageProcessorPil(
+        size={"height": 16, "width": 16}, image_grid_pinpoints=PINPOINTS
+    )
+    with _without_video_processor():
+        processor = transformers.LlavaOnevisionProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            num_image_tokens=16,
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_9",
+        )
+    config = transformers.LlavaOnevisionConfig(
+        text_config=_text("qwen2", 3, hidden=48, vocab_size=len(tokenizer)),
+        vision_config=_siglip_vision(),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=PINPOINTS,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        vision_aspect_ratio="anyres_max_9",
+    )
+    return TinyModel(
+        "llava_onevision",
+        _init(transformers.LlavaOnevisionForConditionalGeneration, config, seed, tokenizer),
+        processor,
+        tokenizer,
+        "<image>",
+        **_llava_layout(
+            notes="Qwen2 text, SigLIP tower. A prompt with one image uses AnyRes tiling (token count "
+            "depends on image size); a prompt with several images uses 16+1 tokens per image "
+            "(batch_num_images tells the model which). No video processor (needs torchvision)."
+        ),
+    )
+
+
+def _build_idefics2(seed: int) -> TinyModel:
+    tokenizer = build_tokenizer(add_bos=True)
+    image_processor = transformers.Idefics2ImageProcessorPil(
+        size={"shortest_edge": 16, "longest_edge": 16}, do_image_splitting=False
+    )
+    processor = transformers.Idefics2Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4
+    )
+    config = transformers.Idefics2Config(
+        text_config=_text("mistral", 4, vocab_size=len(tokenizer), sliding_window=None),
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 16,
+            "patch_size": 4,
+        },
+        perceiver_config={
+            "hidden_size": 32,
+            "resampler_n_latents": 4,
+            "resampler_depth": 1,
+            "resampler_n_heads": 2,
+            "resampler_head_dim": 8,
+            "num_key_value_heads": 1,
+        },
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    model = _init(transformers.Idefics2ForConditionalGeneration, config, seed, tokenizer)
+    # The perceiver's latents start as ones: every image token would be identical and the image's
+    # contribution, added to those large latents, would vanish under the resampler's final norm.
+    _reinit(model.model.connector.perceiver_resampler.latents, seed, 0.02)
+    return TinyModel(
+        "idefics2",
+        model,
+        processor,
+        tokenizer,
+        "<image>",
+        **_llava_layout(
+            layers_path="model.text_model.layers",
+            norm_path="model.text_model.norm",
+            notes="Mistral text; perceiver resampler -> 4 <image> tokens per image, wrapped in "
+            "<fake_token_around_image>. pixel_values is 5-D (sample, image, C, H, W) padded across the "
+            "batch, with pixel_attention_mask. Several images per prompt work.",
+        ),
+    )
+
+
+def _idefics3_like(family: str, seed: int) -> TinyModel:
+    tokenizer = build_tokenizer(add_bos=True)
+    if family == "idefics3":
+        image_processor = transformers.Idefics3ImageProcessorPil(
+            size={"longest_edge": 32}, max_image_size={"longest_edge": 16}
+        )
+        processor = transformers.Idefics3Processor(
+            image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4
+        )
+        config_class, model_class = transformers.Idefics3Config, transformers.Idefics3ForConditionalGeneration
+        vision_type, layers = "idefics3_vision", 3
+    else:
+        image_processor = transformers.SmolVLMImageProcessorPil(
+            size={"longest_edge": 32}, max_image_size={"longest_edge": 16}
+        )
+        with _without_video_processor(), _without_num2words():
+            processor = transformers.SmolVLMProcessor(
+                image_processor=image_processor, tokenizer=tokenizer, video_processor=None, image_seq_len=4
+            )
+        config_class, model_class = transformers.SmolVLMConfig, transformers.SmolVLMForConditionalGeneration
+        vision_type, layers = "smolvlm_vision", 2
+    config = config_class(
+        text_config=_text(
+            "llama", layers, hidden=64 if family == "smolvlm" else 32, vocab_size=len(tokenizer)
+        ),
+        vision_config={
+            "model_type": vision_type,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 16,
+            "patch_size": 4,
+        },
+        scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    return TinyModel(
+        family,
+        _init(model_class, config, seed, tokenizer),
+        processor,
+        tokenizer,
+        "<image>",
+        **_llava_layout(
+            layers_path="model.text_model.layers",
+            norm_path="model.text_model.norm",
+            notes="Llama text; pixel shuffle -> 4 <image> tokens per 16px tile. The image is split "
+            "into up to 2x2 tiles (<row_i_col_j>) plus a global view (<global-img>), so one image is "
+            "~30 tokens. pixel_values is 5-D (sample, tile, C, H, W) with pixel_attention_mask. "
+            "Several images per prompt work.",
+        ),
+    )
+
+
+def _qwen_vl(family: str, seed: int) -> TinyModel:
+    tokenizer = build_tokenizer(
+        {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}, add_bos=False
+    )
+    image_processor = transformers.Qwen2VLImageProcessorPil(
+        patch_size=4,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": 8 * 8, "longest_edge": 32 * 32},
+    )
+    ids = {
+        "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    }
+    if family == "qwen2_vl":
+        with _without_video_processor():
+            processor = transformers.Qwen2VLProcessor(
+                image_processor=image_processor, tokenizer=tokenizer, video_processor=None
+            )
+        hidden, layers, mrope = 32, 3, [2, 1, 1]
+        vision: dict[str, Any] = {
+            "depth": 2,
+            "embed_dim": 32,
+            "hidden_size": hidden,
+            "mlp_ratio": 2,
+            "num_heads": 4,
+            "patch_size": 4,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        }
+        config_class, model_class = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+    else:
+        with _without_video_processor():
+            processor = transformers.Qwen2_5_VLProcessor(
+                image_processor=image_processor, tokenizer=tokenizer, video_processor=None
+            )
+        hidden, layers, mrope = 48, 4, [2, 2, 2]
+        vision = {
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "out_hidden_size": hidden,
+            "num_heads": 4,
+            "patch_size": 4,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 16,
+            "fullatt_block_indexes": [1],
+        }
+        config_class, model_class = (
+            transformers.Qwen2_5_VLConfig,
+            transformers.Qwen2_5_VLForConditionalGeneration,
+        )
+    text = _text(
+        f"{family}_text",
+        layers,
+        hidden=hidden,
+        vocab_size=len(tokenizer),
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+    )
+    config = config_class(text_config=text, vision_config=vision, **ids)
+    return TinyModel(
+        family,
+        _init(model_class, config, seed, tokenizer),
+        processor,
+        tokenizer,
+        "<|vision_start|><|image_pad|><|vision_end|>",
+        **_llava_layout(
+            notes="Native resolution: images are resized to multiples of 8px (64..1024 pixels), one "
+            "<|image_pad|> per 2x2 merged 4px patches, so token counts depend on image size. "
+            "pixel_values is 2-D (all patches of all images, C*T*P*P) with image_grid_thw; "
+            "mm_token_type_ids is required with images (ValueError otherwise). 3D M-RoPE: the "
+            "prefill stores per-row model.model.rope_deltas; a manual decode step must pass "
+            "position_ids of shape (3, B, 1) = "
+            "attention_mask.sum(-1) - 1 + rope_deltas (with a full-length attention_mask and no "
+            "position_ids, transformers 5.23 builds positions for the whole mask and crashes). "
+            "No video processor (needs torchvision). Several images per prompt work."
+        ),
+    )
+
+
+def _build_fuyu(seed: int) -> TinyModel:
+    tokenizer = build_tokenizer(add_bos=True, fuyu_style=True)
+    image_processor = _FuyuImageProcessorPil(
+        size={"height": 32, "width": 32}, patch_size={"height": 8, "width": 8}
+    )
+    processor = transformers.FuyuProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    config = transformers.FuyuConfig(
+        text_config=_text(
+            "persimmon", 2, vocab_size=len(tokenizer), num_key_value_heads=4, hidden_act="relu2"
+        ),
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+        image_token_id=tokenizer.convert_tokens_to_ids("|SPEAKER|"),
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    return TinyModel(
+        "fuyu",
+        _init(transformers.FuyuForCausalLM, config, seed, tokenizer),
+        processor,
+        tokenizer,
+        "|SPEAKER|",
+        layers_path="model.language_model.layers",
+        norm_path="model.language_model.final_layernorm",
+        unembed_path="lm_head",
+        multi_image=False,
+        notes="one image per prompt only: FuyuProcessor always puts the image (rows of |SPEAKER| "
+        "patches ending in |NEWLINE|, then <s>) before the text and appends <0x04> (beginning of "
+        "answer); make_inputs removes image_token from the prompt. Persimmon text model "
+        "(LayerNorm, partial rotary, qk-layernorm).",
+    )
+
+
+def _build_gemma3(seed: int) -> TinyModel:
+    tokenizer = build_tokenizer(
+        {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+        add_bos=True,
+    )
+    image_processor = transformers.Gemma3ImageProcessorPil(size={"height": 16, "width": 16})
+    processor = transformers.Gemma3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4
+    )
+    config = transformers.Gemma3Config(
+        text_config=_gemma3_text(
+            3, len(tokenizer), ["sliding_attention", "sliding_attention", "full_attention"]
+        ),
+        vision_config=_siglip_vision(),
+        mm_tokens_per_image=4,
+        boi_token_index=tokenizer.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image_soft_token>"),
+    )
+    model = _init(transformers.Gemma3ForConditionalGeneration, config, seed, tokenizer)
+    # Gemma3 zero-initialises the projector's input matrix (checkpoints overwrite it): images would
+    # have no effect at all on a random model.
+    _reinit(model.model.multi_modal_projector.mm_input_projection_weight, seed, config.initializer_range)
+    return TinyModel(
+        "gemma3",
+        model,
+        processor,
+        tokenizer,
+        "<start_of_image>",
+        **_llava_layout(
+            notes="Gemma3 text (sliding_window=8, layers sliding, sliding, full: sliding layers cache "
+            "only the last 7 tokens), SigLIP tower pooled to 4 <image_soft_token> per image, expanded "
+            "as '\\n\\n<start_of_image><image_soft_token>x4<end_of_image>\\n\\n'. token_type_ids "
+            "(1 on image tokens; the processor renames mm_token_type_ids) must be passed with "
+            "pixel_values: each image's tokens attend to each other bidirectionally (without it they "
+            "are causal and the logits differ silently). Embeddings are "
+            "scaled by sqrt(hidden); RMSNorm uses (1 + weight). Several images per prompt work."
+        ),
+    )
+
+
+def _gemma3_text(layers: int, vocab_size: int, layer_types: list[str], **overrides: Any) -> dict[str, Any]:
+    return _text(
+        "gemma3_text",
+        layers,
+        vocab_size=vocab_size,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        sliding_window=8,
+        layer_types=layer_types,
+        hidden_activation="gelu_pytorch_tanh",
+        **overrides,
+    )
+
+
+def _build_paligemma(seed: int) -> TinyModel:
+    tokenizer = build_tokenizer({"image_token": "<image>"}, add_bos=False)
+    image_processor = transformers.SiglipImageProcessorPil(size={"height": 16, "width": 16})
+    image_processor.image_seq_length = 16
+    processor = transformers.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    config = transformers.PaliGemmaConfig(
+        text_config=_text("gemma", 3, vocab_size=len(tokenizer), head_dim=8),
+        vision_config=_siglip_vision(),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vocab_size=len(tokenizer),
+        projection_dim=32,
+        hidden_size=32,
+    )
+    return TinyModel(
+        "paligemma",
+        _init(transformers.PaliGemmaForConditionalGeneration, config, seed, tokenizer),
+        processor,
+        tokenizer,
+        "<image>",
+        **_llava_layout(
+            notes="prefix-LM: the text config has use_bidirectional_attention=True, so every prompt "
+            "token with token_type_ids 0 (all of them if token_type_ids is omitted) attends to the "
+            "whole prompt; only token_type_ids 1 (suffix, generated tokens) is causal. A residual "
+            "therefore depends on later prompt tokens, and a decode step over the cache of the prompt "
+            "minus its last token equals a full forward only if that last token has token_type_ids "
+            "1. Positions are 1-indexed (position_ids = cache_position + 1). Images belong first "
+            "(checkpoints are trained so), but the processor accepts several, anywhere: it inserts <s> "
+            "after the last <image> and appends '\\n'; 16 <image> tokens per image. make_inputs drops "
+            "the processor's labels. The processor adds 1152 <locXXXX>/<segXXX> tokens. Gemma text: "
+            "embeddings scaled by sqrt(hidden), RMSNorm uses (1 + weight)."
+        ),
+    )
+
+
+def _build_lm(family: str, seed: int) -> TinyModel:
+    add_bos = family not in ("qwen2", "gpt2")
+    tokenizer = build_tokenizer(add_bos=add_bos)
+    vocab = len(tokenizer)
+    layout = {"layers_path": "model.layers", "norm_path": "model.norm", "unembed_path": "lm_head"}
+    notes = ""
+    if family == "gpt2":
+        config: transformers.PreTrainedConfig = transformers.GPT2Config(
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=3,
+            n_head=4,
+            n_positions=256,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=0,
+        )
+        model_class: type = transformers.GPT2LMHeadModel
+        layout = {"layers_path": "transformer.h", "norm_path": "transformer.ln_f", "unembed_path": "lm_head"}
+        notes = (
+            "learned absolute positions: a left-padded forward needs position_ids = "
+            "(attention_mask.cumsum(-1) - 1).clamp(min=0) (generate computes them itself). LayerNorm; "
+            "lm_head tied to wte; no bos added."
+        )
+    elif family == "gemma3_text":
+        config = transformers.Gemma3TextConfig(
+            **_gemma3_text(
+                4,
+                vocab,
+                ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+                final_logit_softcapping=30.0,
+            )
+        )
+        model_class = transformers.Gemma3ForCausalLM
+        notes = (
+            "sliding_window=8 with layer_types sliding x3 + full (hybrid cache); "
+            "final_logit_softcapping=30 (logits = 30*tanh(lm_head(norm(h))/30)); embeddings scaled by "
+            "sqrt(hidden); RMSNorm uses (1 + weight)."
+        )
+    elif family == "gemma":
+        config = transformers.GemmaConfig(**_text("gemma", 3, hidden=48, vocab_size=vocab, head_dim=12))
+        model_class = transformers.GemmaForCausalLM
+        notes = "embeddings scaled by sqrt(hidden); RMSNorm uses (1 + weight); tied embeddings."
+    else:
+        config_class, model_class, layers, hidden = {
+            "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, 4, 32),
+            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, 3, 64),
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, 2, 48),
+        }[family]
+        config = config_class(**_text(family, layers, hidden=hidden, vocab_size=vocab))
+    return TinyModel(
+        family, _init(model_class, config, seed, tokenizer), tokenizer, tokenizer, None, **layout, notes=notes
+    )
+
+
+def _init(
+    model_class: type, config: transformers.PreTrainedConfig, seed: int, tokenizer: PreTrainedTokenizerFast
+) -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):  # a fixed seed without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        model = model_class(config).float().eval()
+    generation = model.generation_config
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.eos_token_id = tokenizer.eos_token_id
+    generation.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def _reinit(parameter: torch.nn.Parameter, seed: int, std: float) -> None:
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed + 1)
+        parameter.normal_(0.0, std)
+
+
+BUILDERS: dict[str, Callable[[int], TinyModel]] = {
+    "llava": _build_llava,
+    "llava_next": _build_llava_next,
+    "llava_onevision": _build_llava_onevision,
+    "idefics2": _build_idefics2,
+    "idefics3": functools.partial(_idefics3_like, "idefics3"),
+    "smolvlm": functools.partial(_idefics3_like, "smolvlm"),
+    "qwen2_vl": functools.partial(_qwen_vl, "qwen2_vl"),
+    "qwen2_5_vl": functools.partial(_qwen_vl, "qwen2_5_vl"),
+    "fuyu": _build_fuyu,
+    "gemma3": _build_gemma3,
+    "paligemma": _build_paligemma,
+    **{family: functools.partial(_build_lm, family) for family in LM_FAMILIES},
+}
+
+
+@functools.cache
+def build_tiny(family: str, seed: int = 0) -> TinyModel:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    return BUILDERS[family](seed)
+
+
+def make_inputs(
+    tiny: TinyModel, prompts: list[str], images: list[list[PIL.Image.Image]] | None = None
+) -> BatchFeature:
+    """Tokenize a batch (left padding, PyTorch tensors) ready for `tiny.model(**inputs)`.
+
+    `images[i]` are the images of `prompts[i]`, in the order their `tiny.image_token` appear.
+    """
+    if images is None or tiny.image_token is None:
+        if images:
+            raise ValueError(f"{tiny.family} is a text-only model")
+        if tiny.image_token is None:
+            return BatchFeature(dict(tiny.tokenizer(prompts, padding=True, return_tensors="pt")))
+        return tiny.processor(text=prompts, padding=True, return_tensors="pt")
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists")
+    for prompt, prompt_images in zip(prompts, images, strict=True):
+        if prompt.count(tiny.image_token) != len(prompt_images):
+            raise ValueError(
+                f"{prompt!r} has {prompt.count(tiny.image_token)} image tokens, {len(prompt_images)} images"
+            )
+    if tiny.family == "fuyu":
+        return _make_fuyu_inputs(tiny, prompts, images)
+    inputs = tiny.processor(text=prompts, images=images, padding=True, return_tensors="pt")
+    # PaliGemma's processor derives training labels from the prompt; they are not a model input here.
+    inputs.pop("labels", None)
+    return inputs
+
+
+def _make_fuyu_inputs(
+    tiny: TinyModel, prompts: list[str], images: list[list[PIL.Image.Image]]
+) -> BatchFeature:
+    if any(len(prompt_images) != 1 for prompt_images in images):
+        raise ValueError("Fuyu takes exactly one image per prompt (placed before the text)")
+    texts = [prompt.replace(tiny.image_token, "") for prompt in prompts]
+    return tiny.processor(
+        text=texts,
+        images=[prompt_images[0] for prompt_images in images],
+        return_tensors="pt",
+        return_legacy_image_output=False,
+    )
