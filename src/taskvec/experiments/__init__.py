@@ -1,0 +1,1 @@
+"""Protocols of the paper: evaluation, layer choice, baselines."""

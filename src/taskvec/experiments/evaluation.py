@@ -1,0 +1,87 @@
+"""Accuracy of greedy answers, plain or under a patched task vector, and layer sweeps over a split."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm import tqdm
+
+from taskvec.engine import Patch, generate_greedy, sweep_layers
+from taskvec.models import ModelHandle
+from taskvec.prompts import Prompt
+
+
+def is_correct(generated: str, answers: Sequence[str], *, ignore_case: bool = False) -> bool:
+    """The paper's metric: after stripping, both non-empty and one starts with the other."""
+    guess = generated.strip()
+    for answer in answers:
+        expected = answer.strip()
+        if ignore_case:
+            guess, expected = guess.lower(), expected.lower()
+        if guess and expected and (guess.startswith(expected) or expected.startswith(guess)):
+            return True
+    return False
+
+
+def first_line(text: str) -> str:
+    # Answers end at the template's newline; what follows is the model starting a new example.
+    return text.strip().split("\n")[0]
+
+
+def _inputs(handle: ModelHandle, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
+    images = [list(p.images) for p in prompts] if any(p.images for p in prompts) else None
+    return handle.build_inputs([p.text for p in prompts], images)
+
+
+def generate_answers(
+    handle: ModelHandle,
+    prompts: Sequence[Prompt],
+    *,
+    vector: torch.Tensor | None = None,
+    layer: int | None = None,
+    max_new_tokens: int = 4,
+    batch_size: int = 8,
+    progress: str | None = None,
+) -> list[str]:
+    """Greedy answers (first line), with `vector` replacing the last position at `layer` if given."""
+    answers: list[str] = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=progress, disable=progress is None, leave=False):
+        batch = prompts[start : start + batch_size]
+        patches = [Patch(layer, vector, position=-1)] if vector is not None and layer is not None else []
+        generated = generate_greedy(handle, _inputs(handle, batch), patches, max_new_tokens=max_new_tokens)
+        answers.extend(first_line(text) for text in generated)
+    return answers
+
+
+def accuracy(
+    generated: Sequence[str], answers: Sequence[Sequence[str]], *, ignore_case: bool = False
+) -> float:
+    if not generated:
+        raise ValueError("no answers to score")
+    hits = sum(is_correct(g, a, ignore_case=ignore_case) for g, a in zip(generated, answers, strict=True))
+    return hits / len(generated)
+
+
+def sweep_accuracy(
+    handle: ModelHandle,
+    prompts: Sequence[Prompt],
+    answers: Sequence[Sequence[str]],
+    vectors: torch.Tensor,
+    *,
+    progress: str | None = None,
+) -> list[float]:
+    """First-token accuracy per layer with the layer's vector patched at the last position.
+
+    The paper's prefix metric is effectively first-token; this reads the argmax token of the
+    one-pass sweep, so a whole split costs about one forward pass per prompt.
+    """
+    hits = torch.zeros(vectors.shape[0])
+    for prompt, expected in tqdm(
+        list(zip(prompts, answers, strict=True)), desc=progress, disable=progress is None, leave=False
+    ):
+        logits = sweep_layers(handle, _inputs(handle, [prompt]), vectors)
+        tokens = handle.tokenizer.batch_decode(logits.argmax(dim=-1)[:, None])
+        hits += torch.tensor([float(is_correct(token, expected)) for token in tokens])
+    return (hits / len(prompts)).tolist()

@@ -1,0 +1,13 @@
+"""Task vectors: extract from examples or instructions, average, save and load with metadata."""
+
+from taskvec.vectors.extract import exemplar_vector, instruction_vector, sample_demonstrations
+from taskvec.vectors.task_vector import TaskVector, load_task_vector, save_task_vector
+
+__all__ = [
+    "TaskVector",
+    "exemplar_vector",
+    "instruction_vector",
+    "load_task_vector",
+    "sample_demonstrations",
+    "save_task_vector",
+]

@@ -1,0 +1,197 @@
+"""Models, prompts, vectors and metrics on tiny models: the behaviour users rely on, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_image, tiny_handle
+from tiny_models import build_tiny
+
+from taskvec.engine import AnswerMarkerNotFoundError, find_marker_positions, marker_position, record_residuals
+from taskvec.experiments.evaluation import is_correct
+from taskvec.models import (
+    MissingImageError,
+    ModelHandle,
+    PromptTooLongError,
+    UnsupportedArchitectureError,
+    load_model,
+)
+from taskvec.models.default_lm import _write_completion_record, is_complete
+from taskvec.prompts import build_icl_prompt, build_query_prompt
+from taskvec.tasks import Item, Task
+from taskvec.vectors import exemplar_vector, instruction_vector, load_task_vector, save_task_vector
+
+PAIRS = [
+    ("France", "Paris"),
+    ("Japan", "Tokyo"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Egypt", "Cairo"),
+    ("Peru", "Lima"),
+    ("Germany", "Berlin"),
+    ("Kenya", "Nairobi"),
+]
+
+
+def tiny_task(image_dir: Path | None = None) -> Task:
+    items = []
+    for index, (country, capital) in enumerate(PAIRS):
+        images = {}
+        if image_dir is not None:
+            path = image_dir / f"{country}.png"
+            random_image(index).save(path)
+            images = {"flag": path}
+        items.append(Item(country, capital, images=images))
+    return Task(
+        "tiny-capital",
+        "The capital city of the country",
+        tuple(items),
+        {"val": tuple(range(len(items)))},
+        task_words=("capital",),
+    )
+
+
+def test_marker_positions_point_at_the_colon_of_each_answer_marker() -> None:
+    handle = tiny_handle("llama")
+    ids = handle.build_inputs(["Q:France\nA:Paris\n\nQ:Japan\nA:"])["input_ids"][0]
+    pieces = handle.tokenizer.batch_decode([[int(i)] for i in ids])
+    positions = find_marker_positions(handle.tokenizer, ids, "A:")
+    assert len(positions) == 2
+    assert all(pieces[p] == ":" and pieces[p - 1] == "A" for p in positions)
+    assert marker_position(handle.tokenizer, ids, "A:", -1) == len(ids) - 1
+    with pytest.raises(AnswerMarkerNotFoundError, match="'Answer:'"):
+        marker_position(handle.tokenizer, ids, "Answer:")
+    with pytest.raises(AnswerMarkerNotFoundError, match="occurrence -3"):
+        marker_position(handle.tokenizer, ids, "A:", -3)
+
+
+def test_text_exemplar_vector_is_the_mean_residual_at_the_last_demonstrations_marker() -> None:
+    handle = tiny_handle("llama")
+    task = tiny_task()
+    vector = exemplar_vector(handle, task, shots=2, seed=3, batch_size=3)
+    assert vector.vectors.shape == (handle.num_layers, handle.hidden_size)
+    # Recompute one prompt by hand: the same seeded demonstrations, read at the second-to-last "A:".
+    import random
+
+    from taskvec.vectors import sample_demonstrations
+
+    rng = random.Random(3)
+    manual = []
+    for query in task.split("val"):
+        prompt = build_icl_prompt(sample_demonstrations(task.split("val"), query, 2, rng), query)
+        inputs = handle.build_inputs([prompt.text])
+        position = marker_position(handle.tokenizer, inputs["input_ids"][0], "A:", -2)
+        manual.append(record_residuals(handle, inputs, position)[0, :, 0])
+    torch.testing.assert_close(vector.vectors, torch.stack(manual).mean(0), atol=1e-5, rtol=1e-4)
+    assert vector.metadata["spec"] == "text-icl" and vector.metadata["shots"] == 2
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])
+def test_image_exemplar_vectors_read_image_prompts(family: str, tmp_path: Path) -> None:
+    handle = tiny_handle(family)
+    task = tiny_task(tmp_path)
+    image_vector = exemplar_vector(handle, task, shots=2, modality="image")
+    text_vector = exemplar_vector(handle, task, shots=2, modality="text")
+    assert image_vector.metadata["spec"] == "image-icl"
+    assert not torch.allclose(image_vector.vectors, text_vector.vectors, atol=1e-4)
+    prompt = build_query_prompt(task.items[0], modality="image")
+    assert prompt.text == "Q:<image>\nA:" and len(prompt.images) == 1
+
+
+def test_instruction_vector_is_the_last_token_of_the_instruction() -> None:
+    handle = tiny_handle("gemma3_text")
+    task = tiny_task()
+    vector = instruction_vector(handle, task)
+    inputs = handle.build_inputs([task.instruction])
+    torch.testing.assert_close(vector.vectors, record_residuals(handle, inputs, -1)[0, :, 0])
+
+
+def test_task_vectors_round_trip_through_safetensors_with_metadata(tmp_path: Path) -> None:
+    handle = tiny_handle("llama")
+    vector = exemplar_vector(handle, tiny_task(), shots=2)
+    path = save_task_vector(vector, tmp_path / "v.safetensors")
+    loaded = load_task_vector(path)
+    torch.testing.assert_close(loaded.vectors, vector.vectors)
+    assert loaded.metadata["task"] == "tiny-capital" and "taskvec_version" in loaded.metadata
+    assert b"pickle" not in path.read_bytes()[:200]
+    with pytest.raises(FileNotFoundError, match="no task vector"):
+        load_task_vector(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("generated", "answers", "expected"),
+    [
+        ("Paris", ["Paris"], True),
+        (" Par", ["Paris"], True),
+        ("Paris, France", ["Paris"], True),
+        ("", ["Paris"], False),
+        ("Lyon", ["Paris"], False),
+        ("paris", ["Paris"], False),
+        ("Kiev", ["Kyiv", "Kiev"], True),
+    ],
+)
+def test_prefix_metric(generated: str, answers: list[str], expected: bool) -> None:
+    assert is_correct(generated, answers) is expected
+
+
+def test_case_insensitive_metric_variant() -> None:
+    assert is_correct("paris", ["Paris"], ignore_case=True)
+
+
+def test_unsupported_architecture_names_itself_and_the_supported_ones() -> None:
+    with pytest.raises(UnsupportedArchitectureError, match=r"'Linear'.*LlavaForConditionalGeneration"):
+        ModelHandle.wrap(torch.nn.Linear(2, 2), processor=None)
+
+
+def test_image_count_must_match_placeholders() -> None:
+    handle = tiny_handle("llava")
+    with pytest.raises(MissingImageError, match="1 <image> placeholder"):
+        handle.build_inputs(["Q:<image>\nA:"], [[]])
+    with pytest.raises(MissingImageError, match="text-only"):
+        tiny_handle("llama").build_inputs(["Q:<image>\nA:"], [[random_image(0)]])
+
+
+def test_prompt_longer_than_the_context_is_refused() -> None:
+    handle = tiny_handle("gpt2")
+    limit = handle.context_length
+    assert limit is not None
+    with pytest.raises(PromptTooLongError, match=f"context of {limit}"):
+        handle.build_inputs(["Q:France\nA:Paris\n\n" * limit])
+
+
+def test_local_checkpoint_directories_load_by_path(tmp_path: Path) -> None:
+    tiny = build_tiny("llava")
+    tiny.model.save_pretrained(tmp_path)
+    tiny.processor.save_pretrained(tmp_path)
+    handle = load_model(tmp_path)
+    assert handle.spec.family == "llava" and handle.num_layers == tiny_handle("llava").num_layers
+    inputs = handle.build_inputs(["Q:<image>\nA:"], [[random_image(0)]])
+    reference = tiny_handle("llava").build_inputs(["Q:<image>\nA:"], [[random_image(0)]])
+    with torch.no_grad():
+        torch.testing.assert_close(handle.model(**inputs).logits, tiny.model(**reference).logits)
+
+
+def test_load_model_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        load_model("org/some-hub-model")
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"]}))
+    with pytest.raises(UnsupportedArchitectureError, match="MambaForCausalLM"):
+        load_model(tmp_path)
+
+
+def test_default_lm_cache_detects_partial_and_corrupt_copies(tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 4096)
+    (tmp_path / "config.json").write_text("{}")
+    assert not is_complete(tmp_path), "no completion record yet: a partial copy"
+    _write_completion_record(tmp_path, gguf_sha256="abc")
+    assert is_complete(tmp_path)
+    with (tmp_path / "model.safetensors").open("r+b") as weights:
+        weights.seek(100)
+        weights.write(b"\x01")  # same size, different bytes
+    assert not is_complete(tmp_path)
+    _write_completion_record(tmp_path, gguf_sha256="abc")
+    (tmp_path / "config.json").write_text("{ }")
+    assert not is_complete(tmp_path), "a file whose size changed"
