@@ -1,0 +1,115 @@
+"""The whole recipe of the default VLM: assemble around the default LM, train, ship the parts.
+
+    from taskvec.vlm.recipe import train_default_vlm, load_vlm_from_parts
+    train_default_vlm(Path("runs/vlm"))           # resumable: run it again after an interruption
+    handle = load_vlm_from_parts(Path("runs/vlm/parts"))
+
+A `taskvec train-vlm` command is a thin layer over `train_default_vlm`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from taskvec.models.default_lm import DEFAULT_LM_NAME
+from taskvec.models.handle import ModelHandle
+from taskvec.models.loading import load_model
+from taskvec.vlm.architecture import assemble_llava, count_parameters
+from taskvec.vlm.artifacts import build_vlm, save_parts
+from taskvec.vlm.data import entity_images, split_by_style
+from taskvec.vlm.evaluation import accuracy_by_family, name_pictures
+from taskvec.vlm.processor import build_processor
+from taskvec.vlm.training import TrainConfig, train_vlm
+
+DEFAULT_VLM_NAME = "gemma-3-270m-llava"
+
+
+def train_default_vlm(
+    out_dir: Path,
+    config: TrainConfig | None = None,
+    *,
+    progress: bool = True,
+    time_limit_seconds: float | None = None,
+    evaluate_per_family: int | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) the default VLM into `out_dir`/checkpoint, then write `out_dir`/parts.
+
+    Returns the training record that also goes into the parts' model card: steps, losses, seconds,
+    and recognition accuracy per family on the training styles and on the held-out style
+    (`evaluate_per_family` pictures per family and split; all when None).
+    """
+    config = config or TrainConfig()
+    base = load_model("default")
+    model = assemble_llava(base.model, base.tokenizer, config.tower, seed=config.seed)
+    processor = build_processor(base.tokenizer, config.tower)
+    train, held_out = split_by_style(entity_images(), config.held_out)
+    result = train_vlm(
+        model,
+        processor,
+        train,
+        config,
+        out_dir / "checkpoint",
+        progress=progress,
+        time_limit_seconds=time_limit_seconds,
+    )
+    record: dict[str, Any] = {
+        "config": config.to_json(),
+        "finished": not result.stopped_early,
+        "steps": {stage: len(losses) for stage, losses in result.state.losses.items()},
+        "seconds": result.state.seconds,
+        "final_losses": {
+            stage: sum(losses[-20:]) / len(losses[-20:])
+            for stage, losses in result.state.losses.items()
+            if losses
+        },
+        "trained_parameters": {
+            "vision_tower": count_parameters(model.model.vision_tower),
+            "projector": count_parameters(model.model.multi_modal_projector),
+        },
+    }
+    if result.stopped_early:
+        return record
+    handle = ModelHandle.wrap(model, processor, name=DEFAULT_VLM_NAME)
+    started = time.monotonic()
+    record["recognition"] = {
+        split: accuracy_by_family(
+            name_pictures(handle, _per_family(images, evaluate_per_family, config.seed))
+        )
+        for split, images in (("training_styles", train), ("held_out_style", held_out))
+    }
+    record["evaluation_seconds"] = time.monotonic() - started
+    save_parts(
+        model,
+        out_dir / "parts",
+        config.tower,
+        lora_rank=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        base_model=DEFAULT_LM_NAME,
+        record=record,
+    )
+    (out_dir / "record.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def _per_family(images: list[Any], count: int | None, seed: int) -> list[Any]:
+    if count is None:
+        return images
+    chosen: list[Any] = []
+    for family in sorted({image.family for image in images}):
+        members = [image for image in images if image.family == family]
+        chosen.extend(random.Random(seed).sample(members, min(count, len(members))))
+    return chosen
+
+
+def load_vlm_from_parts(parts_dir: Path, *, device: str = "cpu") -> ModelHandle:
+    """The trained default VLM: the default LM's weights + the parts (vision, projector, LoRA)."""
+    base = load_model("default", device=device)
+    model, processor = build_vlm(base.model, base.tokenizer, parts_dir)
+    torch.nn.Module.to(model, device)
+    return ModelHandle.wrap(model, processor, name=DEFAULT_VLM_NAME)

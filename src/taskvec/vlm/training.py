@@ -1,0 +1,329 @@
+"""Training the embedded VLM on CPU: three seeded, resumable stages.
+
+1. `align`: vision tower + projector only, no language model in the loop. Each image's 16 projected
+   tokens regress toward the LM's input embeddings of the entity's name, tiled over the 16 slots.
+   Costs milliseconds per batch, and starts stage 2 from image tokens the LM already reads as the name.
+2. `caption` (LLaVA's pretraining): LM frozen; vision tower + projector learn from next-token loss on
+   short captions naming the entity ("<image>\\nName: France"). Logits only at the answer positions.
+3. `instruct` (LLaVA's instruction tuning): LoRA on the LM's attention (peft) + projector, on
+   image-grounded questions that are not the evaluation tasks (name, kind of picture).
+
+A checkpoint (safetensors of the trained tensors and the optimizer's moments, JSON for the rest; no
+pickle) is written every `checkpoint_every` steps and at the end of each stage. Batches and
+augmentations are drawn from (seed, step), so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from taskvec.models.handle import resolve_attribute
+from taskvec.vlm.architecture import VisionTowerShape
+from taskvec.vlm.batches import TrainingBatch, answer_loss, collate
+from taskvec.vlm.data import DEFAULT_HELD_OUT, EntityImage, sample_examples
+
+STAGES = ("align", "caption", "instruct")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_STATE_FILE = "state.json"
+_TRAINED_FILE = "trained.safetensors"
+_OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+@dataclass
+class StageSettings:
+    steps: int
+    batch_size: int
+    learning_rate: float
+    warmup_steps: int = 20
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    # Budget for <= 90 minutes on 2 cores (docs/VLM_NOTES.md): ~15 + ~21 + ~26 minutes.
+    align: StageSettings = field(default_factory=lambda: StageSettings(4000, 64, 1e-3, 50))
+    caption: StageSettings = field(default_factory=lambda: StageSettings(400, 32, 3e-4, 20))
+    instruct: StageSettings = field(default_factory=lambda: StageSettings(600, 16, 5e-4, 20))
+    # Weight of the regression toward the name embeddings against the classification term.
+    align_regression_weight: float = 1.0
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    weight_decay: float = 0.05
+    checkpoint_every: int = 50
+    held_out: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_HELD_OUT))
+    tower: VisionTowerShape = field(default_factory=VisionTowerShape)
+
+    def stage(self, name: str) -> StageSettings:
+        settings: StageSettings = getattr(self, name)
+        return settings
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainState:
+    stage: str = STAGES[0]
+    step: int = 0  # steps done in `stage`
+    finished: bool = False
+    losses: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in STAGES})
+    seconds: dict[str, float] = field(default_factory=lambda: {name: 0.0 for name in STAGES})
+
+
+def learning_rate(settings: StageSettings, step: int) -> float:
+    """Linear warmup, then cosine decay to a tenth."""
+    if step < settings.warmup_steps:
+        return settings.learning_rate * (step + 1) / settings.warmup_steps
+    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    return settings.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# ------------------------------------------------------------------------------------ parameters
+
+
+def add_lora(model: torch.nn.Module, rank: int, alpha: int, seed: int) -> None:
+    """Inject LoRA adapters (peft) into the text model's attention projections, in place."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inject_adapter_in_model(config, resolve_attribute(model, "model.language_model"))
+
+
+def has_lora(model: torch.nn.Module) -> bool:
+    return any("lora_" in name for name, _ in model.named_parameters())
+
+
+def trainable_names(model: torch.nn.Module, stage: str) -> list[str]:
+    def wanted(name: str) -> bool:
+        if stage in ("align", "caption"):
+            return name.startswith(("model.vision_tower.", "model.multi_modal_projector."))
+        return "lora_" in name or name.startswith("model.multi_modal_projector.")
+
+    return [name for name, _ in model.named_parameters() if wanted(name)]
+
+
+def trained_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor training may change: vision tower, projector, LoRA adapters (if injected)."""
+    return {
+        name: parameter.detach().clone().contiguous()
+        for name, parameter in model.named_parameters()
+        if name.startswith(("model.vision_tower.", "model.multi_modal_projector.")) or "lora_" in name
+    }
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def save_checkpoint(
+    directory: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    names: Sequence[str],
+    state: TrainState,
+    config: TrainConfig,
+) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(trained_tensors(model), str(directory / f"{_TRAINED_FILE}.tmp"))
+    moments: dict[str, torch.Tensor] = {}
+    if optimizer is not None:
+        parameters = dict(model.named_parameters())
+        for name in names:
+            for key, value in optimizer.state.get(parameters[name], {}).items():
+                if isinstance(value, torch.Tensor):
+                    moments[f"{name}::{key}"] = value.detach().clone().contiguous()
+    save_file(moments, str(directory / f"{_OPTIMIZER_FILE}.tmp"))
+    record = {"state": asdict(state), "config": config.to_json()}
+    (directory / f"{_STATE_FILE}.tmp").write_text(json.dumps(record, indent=1))
+    # Renames last, the state file after the tensors it describes: a crash leaves the old set whole.
+    for name in (_TRAINED_FILE, _OPTIMIZER_FILE, _STATE_FILE):
+        (directory / f"{name}.tmp").replace(directory / name)
+
+
+def load_state(directory: Path) -> TrainState | None:
+    path = directory / _STATE_FILE
+    if not path.is_file():
+        return None
+    return TrainState(**json.loads(path.read_text())["state"])
+
+
+def load_trained(model: torch.nn.Module, directory: Path) -> None:
+    tensors = load_file(str(directory / _TRAINED_FILE))
+    parameters = dict(model.named_parameters())
+    missing = [name for name in tensors if name not in parameters]
+    if missing:
+        raise KeyError(f"checkpoint tensors not in the model: {missing[:5]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            parameters[name].copy_(value)
+
+
+def load_moments(
+    optimizer: torch.optim.Optimizer, model: torch.nn.Module, directory: Path, step: int
+) -> None:
+    moments = load_file(str(directory / _OPTIMIZER_FILE))
+    parameters = dict(model.named_parameters())
+    for key, value in moments.items():
+        name, moment = key.split("::")
+        slot = optimizer.state[parameters[name]]
+        slot[moment] = value
+        slot.setdefault("step", torch.tensor(float(step)))
+
+
+# ------------------------------------------------------------------------------------ losses
+
+
+@dataclass
+class AlignTargets:
+    """Per entity: its name's input embeddings tiled over the image slots, and their mean direction."""
+
+    index: dict[str, int]
+    tiled: torch.Tensor  # (entities, tokens_per_image, hidden)
+    prototypes: torch.Tensor  # (entities, hidden), unit length
+
+
+def name_embedding_targets(
+    model: torch.nn.Module, tokenizer: Any, entities: Sequence[str], tokens_per_image: int
+) -> AlignTargets:
+    """The LM's input embeddings (with Gemma's sqrt(hidden) scaling, as the LM sees them) of each
+    entity's name as it is written after "Q:" (no leading space), tiled over the image slots."""
+    embed = model.get_input_embeddings()  # type: ignore[operator]
+    tiled = []
+    with torch.no_grad():
+        for entity in entities:
+            name = entity.split("/", 1)[1]
+            ids = torch.tensor(tokenizer(name, add_special_tokens=False).input_ids)
+            tiled.append(embed(ids)[torch.arange(tokens_per_image) % len(ids)])
+    stacked = torch.stack(tiled)
+    prototypes = torch.nn.functional.normalize(stacked.mean(1), dim=-1)
+    return AlignTargets({entity: i for i, entity in enumerate(entities)}, stacked, prototypes)
+
+
+def align_loss(
+    model: torch.nn.Module,
+    batch: TrainingBatch,
+    targets: AlignTargets,
+    temperature: float = 0.05,
+    regression_weight: float = 1.0,
+) -> torch.Tensor:
+    """Classification of the mean image token among all entities' name directions (cosine softmax),
+    plus squared distance of the image tokens to their targets relative to the targets' size.
+
+    The regression alone learns slowly (it settles near the mean of all names first); the
+    classification term makes the tower discriminate from the first steps.
+    """
+    features = model.model.get_image_features(pixel_values=batch.pixel_values).pooler_output  # type: ignore[union-attr,operator]
+    predicted = torch.stack(list(features))
+    labels = torch.tensor([targets.index[entity] for entity in batch.entities])
+    wanted = targets.tiled[labels]
+    direction = torch.nn.functional.normalize(predicted.mean(1), dim=-1)
+    classification = torch.nn.functional.cross_entropy(direction @ targets.prototypes.T / temperature, labels)
+    regression = ((predicted - wanted) ** 2).sum(-1).mean() / (wanted**2).sum(-1).mean()
+    return classification + regression_weight * regression
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+
+@dataclass
+class TrainResult:
+    state: TrainState
+    stopped_early: bool
+
+
+def train_vlm(
+    model: torch.nn.Module,
+    processor: Any,
+    pool: Sequence[EntityImage],
+    config: TrainConfig,
+    checkpoint_dir: Path,
+    *,
+    stages: Sequence[str] = STAGES,
+    resume: bool = True,
+    progress: bool = True,
+    time_limit_seconds: float | None = None,
+    on_step: Callable[[str, int, float], None] | None = None,
+) -> TrainResult:
+    """Run (or resume) the stages on `model` in place; returns the final state.
+
+    `pool` is the training pictures (held-out styles already removed). `time_limit_seconds` stops
+    after the step that crosses it, with a checkpoint, so a later call resumes.
+    """
+    state = load_state(checkpoint_dir) if resume else None
+    if state is not None:
+        if STAGES.index(state.stage) >= STAGES.index("instruct") and not has_lora(model):
+            add_lora(model, config.lora_rank, config.lora_alpha, config.seed)
+        load_trained(model, checkpoint_dir)
+    else:
+        state = TrainState(stage=stages[0])
+    tokens = config.tower.tokens_per_image
+    started = time.monotonic()
+    for stage in stages:
+        if STAGES.index(stage) < STAGES.index(state.stage) or (stage == state.stage and state.finished):
+            continue
+        if stage != state.stage:
+            state.stage, state.step, state.finished = stage, 0, False
+        if stage == "instruct" and not has_lora(model):
+            add_lora(model, config.lora_rank, config.lora_alpha, config.seed)
+        settings = config.stage(stage)
+        names = trainable_names(model, stage)
+        parameters = dict(model.named_parameters())
+        for name, parameter in parameters.items():
+            parameter.requires_grad_(name in names)
+        optimizer = torch.optim.AdamW(
+            [parameters[name] for name in names], lr=settings.learning_rate, weight_decay=config.weight_decay
+        )
+        if state.step > 0:
+            load_moments(optimizer, model, checkpoint_dir, state.step)
+        targets = (
+            name_embedding_targets(model, processor.tokenizer, sorted({i.entity for i in pool}), tokens)
+            if stage == "align"
+            else None
+        )
+        bar = tqdm(total=settings.steps, initial=state.step, desc=f"train-vlm {stage}", disable=not progress)
+        while state.step < settings.steps:
+            stage_clock = time.monotonic()
+            examples, rng = sample_examples(
+                pool, settings.batch_size, config.seed, state.step, "caption" if stage != "instruct" else "qa"
+            )
+            batch = collate(examples, processor, tokens, rng)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(settings, state.step)
+            if targets is not None:
+                loss = align_loss(model, batch, targets, regression_weight=config.align_regression_weight)
+            else:
+                loss = answer_loss(model, batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([parameters[name] for name in names], 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.losses[stage].append(round(loss.item(), 5))
+            state.seconds[stage] += time.monotonic() - stage_clock
+            bar.update(1)
+            bar.set_postfix(loss=f"{state.losses[stage][-1]:.3f}")
+            if on_step is not None:
+                on_step(stage, state.step, state.losses[stage][-1])
+            out_of_time = time_limit_seconds is not None and time.monotonic() - started > time_limit_seconds
+            if state.step == settings.steps:
+                state.finished = True
+            if state.finished or out_of_time or state.step % config.checkpoint_every == 0:
+                save_checkpoint(checkpoint_dir, model, optimizer, names, state, config)
+            if out_of_time and not state.finished:
+                bar.close()
+                return TrainResult(state, stopped_early=True)
+        bar.close()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return TrainResult(state, stopped_early=False)

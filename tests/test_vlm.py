@@ -1,0 +1,311 @@
+"""The embedded VLM's machinery on a tiny Gemma3 text model: assembly, processor, batches, training
+stages, checkpoints and the shipped-parts format. The real (Gemma-3-270M) model is never loaded here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tokenizers
+import torch
+import transformers
+from conftest import random_image
+from tiny_models import build_tokenizer
+
+from taskvec.engine import generate_greedy
+from taskvec.models import ModelHandle
+from taskvec.vlm.architecture import IMAGE_TOKEN, VisionTowerShape, add_image_token, assemble_llava
+from taskvec.vlm.artifacts import LORA_FILE, VISION_FILE, build_vlm, export_checkpoint, save_parts
+from taskvec.vlm.batches import answer_loss, collate, expand_image_tokens
+from taskvec.vlm.data import (
+    EntityImage,
+    Example,
+    augment,
+    caption_example,
+    entity_images,
+    sample_examples,
+    split_by_style,
+)
+from taskvec.vlm.evaluation import Naming
+from taskvec.vlm.processor import build_processor
+from taskvec.vlm.training import StageSettings, TrainConfig, train_vlm
+
+TOWER = VisionTowerShape(
+    image_size=16,
+    patch_size=4,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+)
+
+
+def tiny_language_model(
+    seed: int = 0, tokenizer: object | None = None
+) -> tuple[transformers.Gemma3ForCausalLM, object]:
+    tokenizer = tokenizer or build_tokenizer(add_bos=True)
+    config = transformers.Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.Gemma3ForCausalLM(config).eval()
+    return model, tokenizer
+
+
+def tiny_vlm(seed: int = 0) -> tuple[transformers.LlavaForConditionalGeneration, transformers.LlavaProcessor]:
+    language_model, tokenizer = tiny_language_model(seed)
+    return assemble_llava(language_model, tokenizer, TOWER, seed=seed), build_processor(tokenizer, TOWER)
+
+
+# Entities whose names the tiny WordLevel tokenizer knows (one token each).
+KNOWN = {
+    "countries/France",
+    "countries/Japan",
+    "countries/Italy",
+    "animals/cat",
+    "animals/dog",
+    "foods/apple",
+}
+
+
+@pytest.fixture(scope="module")
+def pool() -> list[EntityImage]:
+    images = [image for image in entity_images() if image.entity in KNOWN]
+    train, _ = split_by_style(images)
+    return train
+
+
+def test_assembled_llava_is_a_real_llava_sharing_the_language_models_modules() -> None:
+    language_model, tokenizer = tiny_language_model()
+    model = assemble_llava(language_model, tokenizer, TOWER)
+    assert type(model) is transformers.LlavaForConditionalGeneration
+    assert model.model.language_model is language_model.model
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    assert model.config.image_seq_length == TOWER.tokens_per_image == 16
+    assert model.config.image_token_id == tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert not any(tensor.is_meta for tensor in model.state_dict().values())
+
+
+def test_image_placeholder_expands_to_tokens_per_image_and_the_model_runs() -> None:
+    model, processor = tiny_vlm()
+    handle = ModelHandle.wrap(model, processor)
+    assert handle.spec.family == "llava"
+    inputs = handle.build_inputs(
+        ["Q:<image>\nA:", "Q:<image>\nA:France\n\nQ:<image>\nA:"],
+        [[random_image(1)], [random_image(2), random_image(3)]],
+    )
+    image_id = model.config.image_token_id
+    assert (inputs["input_ids"] == image_id).sum(-1).tolist() == [16, 32]
+    assert inputs["pixel_values"].shape == (3, 3, 16, 16)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape[:2] == inputs["input_ids"].shape
+    assert torch.isfinite(logits).all()
+    assert len(generate_greedy(handle, inputs, max_new_tokens=2)) == 2
+
+
+def tokenizer_without_image_token() -> transformers.PreTrainedTokenizerFast:
+    full = build_tokenizer(add_bos=True)
+    vocab = {token: index for token, index in full.get_vocab().items() if token != IMAGE_TOKEN}
+    words = {token: index for index, token in enumerate(sorted(vocab, key=vocab.__getitem__))}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=words, unk_token="<unk>"))
+    backend.pre_tokenizer = full.backend_tokenizer.pre_tokenizer
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def test_adding_the_image_token_grows_the_tied_vocabulary_with_a_zero_row() -> None:
+    bare = tokenizer_without_image_token()
+    language_model, _ = tiny_language_model(tokenizer=bare)
+    old_rows = language_model.get_input_embeddings().weight.shape[0]
+    assert old_rows == len(bare)
+    model = assemble_llava(language_model, bare, TOWER)
+    new_id = bare.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert new_id == old_rows and len(bare) == old_rows + 1
+    assert bare.encode("a" + IMAGE_TOKEN, add_special_tokens=False)[-1] == new_id
+    embeddings = model.get_input_embeddings().weight
+    assert embeddings.shape[0] == old_rows + 1 == model.config.text_config.vocab_size
+    assert torch.count_nonzero(embeddings[new_id]) == 0
+    assert model.lm_head.weight is embeddings
+    assert add_image_token(bare) == new_id  # idempotent
+
+
+def test_collate_matches_the_processor_and_keeps_answer_positions(pool: list[EntityImage]) -> None:
+    _, processor = tiny_vlm()
+    example = Example("<image>\nCountry:", " France", (pool[0],))
+    batch = collate([example, Example("Q:<image>\nA:", " Japan", (pool[1],))], processor, 16, rng=None)
+    from taskvec.vlm.data import load_picture
+
+    reference = processor(text=[example.prompt], images=[[load_picture(pool[0].path)]], return_tensors="pt")
+    length = reference["input_ids"].shape[1]
+    assert batch.input_ids[0, :length].tolist() == reference["input_ids"][0].tolist()
+    torch.testing.assert_close(batch.pixel_values[:1], reference["pixel_values"])
+    assert batch.predicts_answer.sum().item() == len(batch.targets) == 2
+    assert batch.input_ids[0, length].item() == batch.targets[0].item()
+    assert expand_image_tokens("a<image>b", 3) == "a" + IMAGE_TOKEN * 3 + "b"
+
+
+def test_answer_loss_equals_cross_entropy_of_full_logits_at_answer_positions(pool: list[EntityImage]) -> None:
+    model, processor = tiny_vlm()
+    rng = np.random.default_rng(0)
+    batch = collate([caption_example(image, rng) for image in pool[:4]], processor, 16, rng)
+    with torch.no_grad():
+        full = model(**batch.model_inputs()).logits
+        expected = torch.nn.functional.cross_entropy(full[batch.predicts_answer], batch.targets)
+        torch.testing.assert_close(answer_loss(model, batch), expected)
+
+
+def test_augmentation_is_seeded_and_sized(pool: list[EntityImage]) -> None:
+    from taskvec.vlm.data import load_picture
+
+    picture = load_picture(pool[0].path)
+    first = augment(picture, np.random.default_rng(3), 16)
+    again = augment(picture, np.random.default_rng(3), 16)
+    assert first.size == (16, 16)
+    assert np.array_equal(np.asarray(first), np.asarray(again))
+    examples, _ = sample_examples(pool, 5, seed=1, step=7, stage="caption")
+    repeated, _ = sample_examples(pool, 5, seed=1, step=7, stage="caption")
+    assert examples == repeated
+
+
+def small_config(**steps: int) -> TrainConfig:
+    config = TrainConfig(seed=0, checkpoint_every=2)
+    config.tower = TOWER
+    config.align = StageSettings(steps.get("align", 0), 4, 1e-2, 1)
+    config.caption = StageSettings(steps.get("caption", 0), 4, 1e-2, 1)
+    config.instruct = StageSettings(steps.get("instruct", 0), 4, 1e-2, 1)
+    return config
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def changed(before: dict[str, torch.Tensor], model: torch.nn.Module) -> set[str]:
+    # peft moves an adapted Linear's weight to `<module>.base_layer.weight`.
+    after = {name.replace(".base_layer.", "."): value for name, value in model.state_dict().items()}
+    return {name for name, value in before.items() if not torch.equal(value, after[name])}
+
+
+def test_caption_stage_trains_only_vision_tower_and_projector(
+    pool: list[EntityImage], tmp_path: Path
+) -> None:
+    model, processor = tiny_vlm()
+    before = snapshot(model)
+    result = train_vlm(
+        model, processor, pool, small_config(align=2, caption=3), tmp_path, progress=False,
+        stages=("align", "caption"),
+    )  # fmt: skip
+    assert len(result.state.losses["align"]) == 2 and len(result.state.losses["caption"]) == 3
+    assert all(np.isfinite(result.state.losses["caption"]))
+    moved = changed(before, model)
+    assert moved and all(
+        name.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for name in moved
+    )
+    assert any(name.startswith("model.vision_tower.") for name in moved)
+
+
+def test_caption_loss_falls_on_a_fixed_batch(pool: list[EntityImage]) -> None:
+    model, processor = tiny_vlm()
+    rng = np.random.default_rng(0)
+    batch = collate([caption_example(image, rng) for image in pool[:4]], processor, 16, rng)
+    trainable = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = answer_loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_resumed_training_equals_uninterrupted_training(pool: list[EntityImage], tmp_path: Path) -> None:
+    straight, processor = tiny_vlm()
+    config = small_config(caption=4, instruct=2)
+    stages = ("caption", "instruct")
+    train_vlm(straight, processor, pool, config, tmp_path / "a", progress=False, stages=stages)
+
+    resumed, processor = tiny_vlm()
+    first = train_vlm(
+        resumed,
+        processor,
+        pool,
+        config,
+        tmp_path / "b",
+        progress=False,
+        stages=stages,
+        time_limit_seconds=0.0,
+    )
+    assert first.stopped_early and first.state.step == 1
+    fresh, processor = tiny_vlm()  # a new process: nothing but the checkpoint carries over
+    final = train_vlm(fresh, processor, pool, config, tmp_path / "b", progress=False, stages=stages)
+    assert final.state.stage == "instruct" and final.state.finished
+    expected = dict(straight.named_parameters())
+    for name, parameter in fresh.named_parameters():
+        torch.testing.assert_close(parameter, expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_shipped_parts_rebuild_the_trained_model_and_export_as_plain_llava(
+    pool: list[EntityImage], tmp_path: Path
+) -> None:
+    model, processor = tiny_vlm()
+    config = small_config(caption=2, instruct=2)
+    before = snapshot(model)
+    train_vlm(
+        model, processor, pool, config, tmp_path / "ckpt", progress=False, stages=("caption", "instruct")
+    )
+    moved = changed(before, model)
+    assert not any("language_model" in name and "lora_" not in name for name in moved)
+    save_parts(
+        model, tmp_path / "parts", TOWER, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+        base_model="tiny",
+    )  # fmt: skip
+    assert (tmp_path / "parts" / VISION_FILE).is_file() and (tmp_path / "parts" / LORA_FILE).is_file()
+
+    language_model, tokenizer = tiny_language_model()
+    rebuilt, rebuilt_processor = build_vlm(language_model, tokenizer, tmp_path / "parts")
+    assert type(rebuilt) is transformers.LlavaForConditionalGeneration
+    assert not any("lora" in name for name, _ in rebuilt.named_parameters())
+    inputs = ModelHandle.wrap(rebuilt, rebuilt_processor).build_inputs(["Q:<image>\nA:"], [[random_image(4)]])
+    with torch.no_grad():
+        trained_logits = model(**inputs).logits
+        rebuilt_logits = rebuilt(**inputs).logits
+    torch.testing.assert_close(rebuilt_logits, trained_logits, atol=1e-5, rtol=1e-4)
+
+    export = export_checkpoint(rebuilt, rebuilt_processor, tmp_path / "hf")
+    loaded = transformers.LlavaForConditionalGeneration.from_pretrained(export).eval()
+    loaded_processor = transformers.AutoProcessor.from_pretrained(export)
+    assert type(loaded_processor) is transformers.LlavaProcessor
+    again = ModelHandle.wrap(loaded, loaded_processor).build_inputs(["Q:<image>\nA:"], [[random_image(4)]])
+    assert torch.equal(again["input_ids"], inputs["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**again).logits, rebuilt_logits, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("answer", "name", "correct"),
+    [(" France\n", "France", True), ("Fra", "France", True), ("polar bear", "polar bear", True),
+     ("Dog.", "dog", True), ("", "dog", False), ("Japan", "France", False)],
+)  # fmt: skip
+def test_naming_metric_is_a_prefix_match(answer: str, name: str, correct: bool) -> None:
+    image = EntityImage("animals", name, "twemoji", Path("x.png"))
+    assert Naming(image, answer).correct is correct
