@@ -195,3 +195,17 @@ def test_default_lm_cache_detects_partial_and_corrupt_copies(tmp_path: Path) -> 
     _write_completion_record(tmp_path, gguf_sha256="abc")
     (tmp_path / "config.json").write_text("{ }")
     assert not is_complete(tmp_path), "a file whose size changed"
+
+
+def test_cli_lists_tasks_and_models_and_reports_bad_input_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from taskvec.cli import main
+
+    assert main(["tasks", "--json"]) == 0
+    summaries = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in summaries][:2] == ["country-capital", "country-currency"]
+    assert main(["models"]) == 0
+    assert "Qwen2VLForConditionalGeneration" in capsys.readouterr().out
+    assert main(["demo", "--task", "no-such-task"]) == 2
+    assert "unknown task 'no-such-task'" in capsys.readouterr().err

@@ -34,8 +34,9 @@ def _command_demo(args: argparse.Namespace) -> int:
     from taskvec.models import load_model
     from taskvec.tasks import load_task
 
+    task = load_task(args.task)  # before the model: a bad task name fails in milliseconds
     handle = load_model(args.model, device=args.device, dtype=args.dtype)
-    result = run_demo(handle, load_task(args.task), shots=args.shots, seed=args.seed, limit=args.limit)
+    result = run_demo(handle, task, shots=args.shots, seed=args.seed, limit=args.limit)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
         return 0
@@ -43,11 +44,15 @@ def _command_demo(args: argparse.Namespace) -> int:
         f"{result.task} on {result.model}, {result.test_items} test items, "
         f"vector from {result.shots}-shot text prompts (seed {result.seed})"
     )
-    print(f"  no context              {result.no_context:.2f}")
-    print(f"  {result.shots}-shot in context        {result.in_context:.2f}")
+    rows = [
+        ("no context", result.no_context),
+        (f"{result.shots}-shot in context", result.in_context),
+        (f"patched at layer {result.best_layer}", result.patched),
+    ]
+    for label, value in rows:
+        print(f"  {label:24s}{value:.2f}")
     print(
-        f"  patched at layer {result.best_layer:<3d}    {result.patched:.2f}   "
-        f"(layer chosen on validation, {len(result.validation_accuracy_per_layer)} layers swept)"
+        f"  (patching layer chosen on validation; {len(result.validation_accuracy_per_layer)} layers swept)"
     )
     curve = " ".join(f"{value:.2f}" for value in result.validation_accuracy_per_layer)
     print(f"  validation accuracy per layer: {curve}")
