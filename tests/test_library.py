@@ -209,3 +209,86 @@ def test_cli_lists_tasks_and_models_and_reports_bad_input_in_one_line(
     assert "Qwen2VLForConditionalGeneration" in capsys.readouterr().out
     assert main(["demo", "--task", "no-such-task"]) == 2
     assert "unknown task 'no-such-task'" in capsys.readouterr().err
+
+
+def test_cli_extract_patch_and_sweep_on_a_local_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from taskvec.cli import main
+
+    tiny = build_tiny("llava")
+    model_dir = tmp_path / "tiny-llava"
+    tiny.model.save_pretrained(model_dir)
+    tiny.processor.save_pretrained(model_dir)
+    task = tiny_task(tmp_path)
+    task_file = tmp_path / "capitals.jsonl"
+    task_file.write_text(
+        "\n".join(
+            json.dumps({"input": i.input, "output": i.output, "image": i.image().name}) for i in task.items
+        )
+    )
+    vector_path = tmp_path / "v.safetensors"
+    common = ["--model", str(model_dir), "--json"]
+    assert (
+        main(
+            [
+                "extract",
+                *common,
+                "--task",
+                str(task_file),
+                "--spec",
+                "image-icl",
+                "--shots",
+                "2",
+                "--out",
+                str(vector_path),
+            ]
+        )
+        == 0
+    )
+    extracted = json.loads(capsys.readouterr().out)
+    assert extracted["spec"] == "image-icl" and load_task_vector(vector_path).vectors.shape[0] == 3
+
+    assert (
+        main(
+            [
+                "patch",
+                *common,
+                "--vector",
+                str(vector_path),
+                "--layer",
+                "1",
+                "--image",
+                str(task.items[0].image()),
+            ]
+        )
+        == 0
+    )
+    patched = json.loads(capsys.readouterr().out)
+    assert patched["prompt"] == "Q:<image>\nA:" and {"patched", "unpatched"} <= set(patched)
+
+    assert (
+        main(
+            ["sweep", *common, "--vector", str(vector_path), "--task", str(task_file), "--modality", "image"]
+        )
+        == 0
+    )
+    swept = json.loads(capsys.readouterr().out)
+    assert len(swept["accuracy"]) == 3 and all(0.0 <= a <= 1.0 for a in swept["accuracy"])
+
+    assert (
+        main(
+            [
+                "patch",
+                *common,
+                "--vector",
+                str(tmp_path / "missing.safetensors"),
+                "--layer",
+                "1",
+                "--text",
+                "France",
+            ]
+        )
+        == 2
+    )
+    assert "no task vector file" in capsys.readouterr().err
