@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from taskvec.engine import Patch, generate_greedy, sweep_layers
 from taskvec.models import ModelHandle
-from taskvec.prompts import Prompt
+from taskvec.prompts import Prompt, encode_prompts
 
 
 def is_correct(generated: str, answers: Sequence[str], *, ignore_case: bool = False) -> bool:
@@ -29,11 +29,6 @@ def first_line(text: str) -> str:
     return text.strip().split("\n")[0]
 
 
-def _inputs(handle: ModelHandle, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
-    images = [list(p.images) for p in prompts] if any(p.images for p in prompts) else None
-    return handle.build_inputs([p.text for p in prompts], images)
-
-
 def generate_answers(
     handle: ModelHandle,
     prompts: Sequence[Prompt],
@@ -50,7 +45,9 @@ def generate_answers(
     for start in tqdm(starts, desc=progress, disable=progress is None, leave=False):
         batch = prompts[start : start + batch_size]
         patches = [Patch(layer, vector, position=-1)] if vector is not None and layer is not None else []
-        generated = generate_greedy(handle, _inputs(handle, batch), patches, max_new_tokens=max_new_tokens)
+        generated = generate_greedy(
+            handle, encode_prompts(handle, batch), patches, max_new_tokens=max_new_tokens
+        )
         answers.extend(first_line(text) for text in generated)
     return answers
 
@@ -81,7 +78,7 @@ def sweep_accuracy(
     for prompt, expected in tqdm(
         list(zip(prompts, answers, strict=True)), desc=progress, disable=progress is None, leave=False
     ):
-        logits = sweep_layers(handle, _inputs(handle, [prompt]), vectors)
+        logits = sweep_layers(handle, encode_prompts(handle, [prompt]), vectors)
         tokens = handle.tokenizer.batch_decode(logits.argmax(dim=-1)[:, None])
         hits += torch.tensor([float(is_correct(token, expected)) for token in tokens])
     return (hits / len(prompts)).tolist()

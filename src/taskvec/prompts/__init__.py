@@ -7,6 +7,15 @@ from taskvec.prompts.template import (
     QATemplate,
     build_icl_prompt,
     build_query_prompt,
+    encode_prompts,
 )
 
-__all__ = ["DEFAULT_TEMPLATE", "Modality", "Prompt", "QATemplate", "build_icl_prompt", "build_query_prompt"]
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "Modality",
+    "Prompt",
+    "QATemplate",
+    "build_icl_prompt",
+    "build_query_prompt",
+    "encode_prompts",
+]

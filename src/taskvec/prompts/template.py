@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from PIL import Image
 
-from taskvec.models.handle import IMAGE_PLACEHOLDER
+from taskvec.models.handle import IMAGE_PLACEHOLDER, ModelHandle
 from taskvec.tasks import Item
 
 Modality = Literal["text", "image"]
@@ -74,3 +75,9 @@ def build_query_prompt(
 ) -> Prompt:
     """The query alone (the no-context baseline, and the target of patching)."""
     return build_icl_prompt([], query, query_modality=modality, style=style, template=template)
+
+
+def encode_prompts(handle: ModelHandle, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
+    """A left-padded batch of prompts (with their images, if any) through the model's processor."""
+    images = [list(prompt.images) for prompt in prompts] if any(p.images for p in prompts) else None
+    return handle.build_inputs([prompt.text for prompt in prompts], images)

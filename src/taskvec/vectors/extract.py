@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from taskvec.engine import marker_position, record_residuals
 from taskvec.models import ModelHandle
-from taskvec.prompts import DEFAULT_TEMPLATE, Modality, Prompt, QATemplate, build_icl_prompt
+from taskvec.prompts import DEFAULT_TEMPLATE, Modality, Prompt, QATemplate, build_icl_prompt, encode_prompts
 from taskvec.tasks import Item, Task
 from taskvec.vectors.task_vector import TaskVector
 
@@ -45,9 +45,7 @@ def mean_residual_at_marker(
     """Mean over prompts of the residual at the given answer-marker occurrence: [layers, hidden]."""
     total = torch.zeros(handle.num_layers, handle.hidden_size)
     for batch in tqdm(_batched(prompts, batch_size), desc=progress, disable=progress is None, leave=False):
-        inputs = handle.build_inputs(
-            [p.text for p in batch], [list(p.images) for p in batch] if any(p.images for p in batch) else None
-        )
+        inputs = encode_prompts(handle, batch)
         positions = torch.tensor(
             [
                 [marker_position(handle.tokenizer, row, template.marker, occurrence)]
