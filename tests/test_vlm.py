@@ -3,6 +3,7 @@ stages, checkpoints and the shipped-parts format. The real (Gemma-3-270M) model 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from taskvec.models import ModelHandle
 from taskvec.vlm.architecture import IMAGE_TOKEN, VisionTowerShape, add_image_token, assemble_llava
 from taskvec.vlm.artifacts import LORA_FILE, VISION_FILE, build_vlm, export_checkpoint, save_parts
 from taskvec.vlm.batches import answer_loss, collate, expand_image_tokens
+from taskvec.vlm.card import ACCEPTANCE_FILE, write_model_card
 from taskvec.vlm.data import (
     EntityImage,
     Example,
@@ -280,6 +282,18 @@ def test_shipped_parts_rebuild_the_trained_model_and_export_as_plain_llava(
         base_model="tiny",
     )  # fmt: skip
     assert (tmp_path / "parts" / VISION_FILE).is_file() and (tmp_path / "parts" / LORA_FILE).is_file()
+    card = write_model_card(tmp_path / "parts").read_text()
+    assert f"rank-{config.lora_rank} LoRA" in card and "not run yet" in card
+    acceptance = {
+        "recognition": {"animals": {"noto": {"accuracy": 0.5, "pictures": 4, "held_out": True}}},
+        "icl": {"animal-young": dict.fromkeys(
+            ("text_icl_base_lm", "text_icl_vlm", "image_icl_vlm", "no_context_image_vlm"), 0.25)},
+        "residual_cosine_per_layer": [0.99, 0.98],
+        "settings": {"shots": 5},
+    }  # fmt: skip
+    (tmp_path / "parts" / ACCEPTANCE_FILE).write_text(json.dumps(acceptance))
+    card = write_model_card(tmp_path / "parts").read_text()
+    assert "| animals | **noto (held out)** | 4 | 0.50 |" in card and "0.990 0.980" in card
 
     language_model, tokenizer = tiny_language_model()
     rebuilt, rebuilt_processor = build_vlm(language_model, tokenizer, tmp_path / "parts")
@@ -309,3 +323,14 @@ def test_shipped_parts_rebuild_the_trained_model_and_export_as_plain_llava(
 def test_naming_metric_is_a_prefix_match(answer: str, name: str, correct: bool) -> None:
     image = EntityImage("animals", name, "twemoji", Path("x.png"))
     assert Naming(image, answer).correct is correct
+
+
+def test_default_vlm_without_its_parts_says_how_to_make_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from taskvec.models import load_model
+    from taskvec.vlm import recipe
+
+    monkeypatch.setattr(recipe, "SHIPPED_PARTS_DIR", tmp_path / "absent")
+    with pytest.raises(recipe.DefaultVLMMissingError, match="taskvec train-vlm"):
+        load_model("default-vlm")

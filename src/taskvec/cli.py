@@ -142,8 +142,142 @@ def _command_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_lens(args: argparse.Namespace) -> int:
+    from taskvec.analysis import SPECS, lens_phases
+    from taskvec.models import load_model
+    from taskvec.tasks import load_task
+
+    task = load_task(args.task)
+    handle = load_model(args.model, device=args.device, dtype=args.dtype)
+    specs = SPECS if args.spec == "all" else (args.spec,)
+    result = lens_phases(
+        handle,
+        task,
+        specs=specs,
+        max_prompts=args.prompts,
+        shots=args.shots,
+        seed=args.seed,
+        style=args.style,
+        task_word_reduce=args.task_word_reduce,
+        progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps(result.as_dict()))
+        return 0
+    for spec, reason in result.skipped.items():
+        print(f"{spec}: not run ({reason})")
+    for spec, curves in result.curves.items():
+        peaks = ", ".join(f"{phase} {layer}" for phase, layer in curves.peak_layer.items())
+        print(f"{task.name}, {spec}, {curves.prompts} prompts; peak layers: {peaks}")
+        print("layer   input    task  answer   (relative probability over layers)")
+        for layer in range(handle.num_layers):
+            values = "".join(f"{curves.relative[phase][layer]:8.3f}" for phase in ("input", "task", "answer"))
+            print(f"{layer:5d}{values}")
+    return 0
+
+
+def _command_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from taskvec.report import write_report
+
+    run_dir = Path(args.dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run directory at {run_dir}")
+    if args.analyse:
+        from taskvec.analysis import run_analyses
+        from taskvec.models import load_model
+        from taskvec.tasks import PAPER_TASKS, load_task
+
+        names = args.tasks
+        if not names and (run_dir / "results.json").is_file():
+            names = json.loads((run_dir / "results.json").read_text(encoding="utf-8")).get("tasks")
+        tasks = [load_task(name) for name in names or PAPER_TASKS]
+        handle = load_model(args.model, device=args.device, dtype=args.dtype)
+        llm = load_model(args.llm, device=args.device, dtype=args.dtype) if args.llm else None
+        run_analyses(handle, tasks, run_dir, llm=llm, quick=args.quick, progress=True)
+    print(write_report(run_dir))
+    return 0
+
+
+def _command_train_vlm(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    from taskvec.vlm.card import write_model_card
+    from taskvec.vlm.recipe import SHIPPED_PARTS_DIR, train_default_vlm
+    from taskvec.vlm.training import TrainConfig
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    record = train_default_vlm(
+        out, TrainConfig(seed=args.seed), time_limit_seconds=args.time_limit_minutes * 60
+    )
+    if not record["finished"]:
+        print(f"stopped at the time limit; checkpoint in {out / 'checkpoint'}; run again to resume")
+        return 0
+    write_model_card(out / "parts")
+    print(json.dumps(record.get("recognition", {}), indent=1))
+    if args.ship:
+        shutil.copytree(out / "parts", SHIPPED_PARTS_DIR, dirs_exist_ok=True)
+        print(f"shipped the parts to {SHIPPED_PARTS_DIR}; measure them: python scripts/evaluate_vlm.py")
+    else:
+        print(f"parts in {out / 'parts'}; load them with taskvec.vlm.recipe.load_vlm_from_parts")
+    return 0
+
+
+def _command_export_vlm(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from taskvec.models import load_model
+    from taskvec.vlm.artifacts import export_checkpoint
+
+    handle = load_model("default-vlm")
+    directory = export_checkpoint(handle.model, handle.processor, Path(args.out))
+    print(f"wrote a LlavaForConditionalGeneration checkpoint to {directory}")
+    return 0
+
+
+def _command_run(args: argparse.Namespace) -> int:
+    from taskvec.experiments.command import run_command
+
+    return run_command(args)
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default-vlm", help="'default-vlm', 'default' (LM) or a directory")
+    parser.add_argument(
+        "--llm",
+        default="default",
+        help="base LM for LLM -> VLM: 'default' (the default LM under the default VLM, else none), "
+        "'none' or a checkpoint directory",
+    )
+    parser.add_argument("--tasks", nargs="+", help="built-in task names or task files (default: the six)")
+    parser.add_argument("--seeds", type=int, help="number of seeds, 0..N-1 (default 3)")
+    parser.add_argument("--quick", action="store_true", help="2 tasks, 1 seed, few items: minutes on CPU")
+    parser.add_argument("--out", default="taskvec-run", help="run directory (run again to resume)")
+    parser.add_argument("--shots", type=int, help="demonstrations per prompt (default 5)")
+    parser.add_argument("--val-limit", type=int, help="validation queries for vectors and sweeps")
+    parser.add_argument("--test-limit", type=int, help="test queries per task")
+    parser.add_argument("--max-new-tokens", type=int, help="tokens generated per answer (default 1)")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--layer", type=int, help="patch this layer instead of choosing on validation")
+    parser.add_argument("--ensemble-examples", type=int, nargs="+", help="ensemble curve points")
+    parser.add_argument("--style", action="append", help="TASK_OR_FAMILY=STYLE image style (repeatable)")
+    parser.add_argument("--metric", choices=["prefix", "prefix_ignore_case", "exact"])
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--no-analyses", action="store_true", help="skip the analyses and the report")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default", help="'default' or a local checkpoint directory")
+    parser.add_argument(
+        "--model", default="default", help="'default' (LM), 'default-vlm' or a local checkpoint directory"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -199,6 +333,48 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--style", default=None, help="image style for image queries")
     sweep.add_argument("--limit", type=int, default=None, help="only the first N items")
     sweep.set_defaults(run=_command_sweep)
+
+    lens = commands.add_parser("lens", help="input / task / answer probability per layer (three-phase lens)")
+    _add_model_options(lens)
+    lens.add_argument("--task", required=True, help="a built-in task name or a task file")
+    lens.add_argument("--spec", default="text-icl", choices=["text-icl", "image-icl", "instruction", "all"])
+    lens.add_argument("--prompts", type=int, default=100, help="test queries to average over")
+    lens.add_argument("--shots", type=int, default=5)
+    lens.add_argument("--seed", type=int, default=0)
+    lens.add_argument("--style", default=None, help="image style for image-icl (default: the first)")
+    lens.add_argument("--task-word-reduce", default="max", choices=["max", "sum"], help="over task words")
+    lens.set_defaults(run=_command_lens)
+
+    report = commands.add_parser("report", help="write DIR/report.html (self-contained) from a run directory")
+    report.add_argument("dir", help="a run directory (results.json and/or analysis.json)")
+    report.add_argument("--analyse", action="store_true", help="run the analyses first (loads --model)")
+    report.add_argument("--model", default="default-vlm", help="model to analyse with --analyse")
+    report.add_argument("--llm", default=None, help="base LM to compare with --analyse (default: none)")
+    report.add_argument("--tasks", nargs="+", help="tasks to analyse (default: those of results.json)")
+    report.add_argument("--quick", action="store_true", help="few prompts per analysis")
+    report.add_argument("--device", default="cpu")
+    report.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    report.set_defaults(run=_command_report)
+
+    train_vlm = commands.add_parser(
+        "train-vlm", help="train the default VLM (LLaVA on Gemma-3-270M) on CPU; resumable"
+    )
+    train_vlm.add_argument("--out", default="taskvec-vlm", help="checkpoints and trained parts go here")
+    train_vlm.add_argument("--seed", type=int, default=0)
+    train_vlm.add_argument("--threads", type=int, default=2)
+    train_vlm.add_argument(
+        "--time-limit-minutes", type=float, default=88.0, help="stop with a checkpoint after this long"
+    )
+    train_vlm.add_argument("--ship", action="store_true", help="copy the parts into the package as default")
+    train_vlm.set_defaults(run=_command_train_vlm)
+
+    export_vlm = commands.add_parser("export-vlm", help="write the default VLM as a plain HF checkpoint")
+    export_vlm.add_argument("out", help="output directory")
+    export_vlm.set_defaults(run=_command_export_vlm)
+
+    run = commands.add_parser("run", help="the whole reproduction: vectors, layer choice, every condition")
+    _add_run_options(run)
+    run.set_defaults(run=_command_run)
     return parser
 
 

@@ -24,6 +24,17 @@ def is_correct(generated: str, answers: Sequence[str], *, ignore_case: bool = Fa
     return False
 
 
+def is_correct_by(generated: str, answers: Sequence[str], metric: str) -> bool:
+    """ "prefix" (the paper's), "prefix_ignore_case" (its ensembling runs) or "exact" (after stripping)."""
+    if metric == "prefix":
+        return is_correct(generated, answers)
+    if metric == "prefix_ignore_case":
+        return is_correct(generated, answers, ignore_case=True)
+    if metric == "exact":
+        return bool(generated.strip()) and any(generated.strip() == answer.strip() for answer in answers)
+    raise ValueError(f"unknown metric {metric!r}; use prefix, prefix_ignore_case or exact")
+
+
 def first_line(text: str) -> str:
     # Answers end at the template's newline; what follows is the model starting a new example.
     return text.strip().split("\n")[0]
@@ -61,12 +72,31 @@ def accuracy(
     return hits / len(generated)
 
 
+def sweep_first_tokens(
+    handle: ModelHandle,
+    prompts: Sequence[Prompt],
+    vectors: torch.Tensor,
+    *,
+    progress: str | None = None,
+) -> list[list[str]]:
+    """[prompt][layer]: the greedy first token with the layer's vector patched at the last position.
+
+    Kept as text so any metric can score it later without another sweep.
+    """
+    tokens: list[list[str]] = []
+    for prompt in tqdm(prompts, desc=progress, disable=progress is None, leave=False):
+        logits = sweep_layers(handle, encode_prompts(handle, [prompt]), vectors)
+        tokens.append(list(handle.tokenizer.batch_decode(logits.argmax(dim=-1)[:, None])))
+    return tokens
+
+
 def sweep_accuracy(
     handle: ModelHandle,
     prompts: Sequence[Prompt],
     answers: Sequence[Sequence[str]],
     vectors: torch.Tensor,
     *,
+    ignore_case: bool = False,
     progress: str | None = None,
 ) -> list[float]:
     """First-token accuracy per layer with the layer's vector patched at the last position.
@@ -74,11 +104,17 @@ def sweep_accuracy(
     The paper's prefix metric is effectively first-token; this reads the argmax token of the
     one-pass sweep, so a whole split costs about one forward pass per prompt.
     """
-    hits = torch.zeros(vectors.shape[0])
-    for prompt, expected in tqdm(
-        list(zip(prompts, answers, strict=True)), desc=progress, disable=progress is None, leave=False
-    ):
-        logits = sweep_layers(handle, encode_prompts(handle, [prompt]), vectors)
-        tokens = handle.tokenizer.batch_decode(logits.argmax(dim=-1)[:, None])
-        hits += torch.tensor([float(is_correct(token, expected)) for token in tokens])
-    return (hits / len(prompts)).tolist()
+    tokens = sweep_first_tokens(handle, prompts, vectors, progress=progress)
+    return layer_accuracy(tokens, answers, ignore_case=ignore_case)
+
+
+def layer_accuracy(
+    tokens: Sequence[Sequence[str]], answers: Sequence[Sequence[str]], *, ignore_case: bool = False
+) -> list[float]:
+    """Accuracy per layer of first tokens shaped [prompt][layer]."""
+    if not tokens:
+        raise ValueError("no prompts to score")
+    hits = torch.zeros(len(tokens[0]))
+    for row, expected in zip(tokens, answers, strict=True):
+        hits += torch.tensor([float(is_correct(token, expected, ignore_case=ignore_case)) for token in row])
+    return (hits / len(tokens)).tolist()

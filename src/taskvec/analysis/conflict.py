@@ -1,0 +1,148 @@
+"""Task conflict: prompt the model for task A, patch task B's vector, see whose answer comes out.
+
+If a task vector carries the task, patching B's vector over the query's answer position should
+turn an A prompt (A's demonstrations or A's instruction) into a B answer. Pairs share their inputs
+(country-capital vs country-currency, animal-latin vs animal-young, food-color vs food-flavor), so
+every query has an answer under both tasks. Counts without the patch are kept as the baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from itertools import permutations
+from typing import Any, Literal
+
+import torch
+
+from taskvec.analysis.prompt_sets import icl_prompts, instruction_prompt, query_items
+from taskvec.experiments.evaluation import generate_answers, is_correct
+from taskvec.models import ModelHandle
+from taskvec.tasks import Item, Task
+
+ConflictContext = Literal["text-icl", "instruction"]
+OUTCOMES = ("a", "b", "both", "neither")
+
+
+@dataclass
+class ConflictCounts:
+    """Outcome counts over `items` queries; each count dict sums to `items`."""
+
+    task_a: str
+    task_b: str
+    context: str
+    layer: int
+    items: int
+    baseline: dict[str, int]  # A's prompt alone
+    patched: dict[str, int]  # A's prompt with B's vector at `layer`
+    ambiguous_skipped: int  # queries whose A and B answers cannot be told apart
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def winner(generated: str, answers_a: Sequence[str], answers_b: Sequence[str]) -> str:
+    """ "a", "b", "both" (a short answer that is a prefix of both) or "neither"."""
+    a, b = is_correct(generated, answers_a), is_correct(generated, answers_b)
+    return "both" if a and b else "a" if a else "b" if b else "neither"
+
+
+def shared_input_pairs(tasks: Sequence[Task], min_shared: int = 2) -> list[tuple[Task, Task]]:
+    """Ordered pairs (A, B) of tasks whose inputs overlap in at least `min_shared` items."""
+    inputs = {task.name: {item.input for item in task.items} for task in tasks}
+    return [(a, b) for a, b in permutations(tasks, 2) if len(inputs[a.name] & inputs[b.name]) >= min_shared]
+
+
+def shared_queries(task_a: Task, task_b: Task, limit: int) -> tuple[list[tuple[Item, Item]], int]:
+    """(A item, B item) pairs with the same input from A's queries; and how many were ambiguous."""
+    b_by_input = {item.input: item for item in task_b.items}
+    pairs, ambiguous = [], 0
+    for item in query_items(task_a):
+        partner = b_by_input.get(item.input)
+        if partner is None:
+            continue
+        if any(is_correct(answer, partner.answers()) for answer in item.answers()):
+            ambiguous += 1  # e.g. the same word answers both: nothing to tell apart
+            continue
+        pairs.append((item, partner))
+        if len(pairs) == limit:
+            break
+    return pairs, ambiguous
+
+
+def task_conflict(
+    handle: ModelHandle,
+    task_a: Task,
+    task_b: Task,
+    vector_b: torch.Tensor,
+    layer: int,
+    *,
+    context: ConflictContext = "text-icl",
+    max_items: int = 50,
+    shots: int = 5,
+    seed: int = 0,
+    max_new_tokens: int = 4,
+    batch_size: int = 8,
+    examples: int = 3,
+) -> ConflictCounts:
+    """Counts of A's answer vs B's answer for A-prompted queries, without and with B's vector.
+
+    `vector_b` is [layers, hidden] (B's task vector); it replaces the residual at the query's final
+    ':' at `layer`, as in the paper's patching.
+    """
+    pairs, ambiguous = shared_queries(task_a, task_b, max_items)
+    queries = [a for a, _ in pairs]
+    if context == "instruction":
+        prompts = [instruction_prompt(task_a, query) for query in queries]
+    else:
+        prompts = icl_prompts(task_a, queries, modality="text", shots=shots, seed=seed)
+    plain = generate_answers(handle, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    patched = generate_answers(
+        handle,
+        prompts,
+        vector=vector_b[layer],
+        layer=layer,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
+    baseline_counts = dict.fromkeys(OUTCOMES, 0)
+    patched_counts = dict.fromkeys(OUTCOMES, 0)
+    shown: list[dict[str, str]] = []
+    for (item_a, item_b), before, after in zip(pairs, plain, patched, strict=True):
+        baseline_counts[winner(before, item_a.answers(), item_b.answers())] += 1
+        patched_counts[winner(after, item_a.answers(), item_b.answers())] += 1
+        if len(shown) < examples:
+            shown.append(
+                {
+                    "input": item_a.input,
+                    "answer_a": item_a.output,
+                    "answer_b": item_b.output,
+                    "baseline": before,
+                    "patched": after,
+                }
+            )
+    return ConflictCounts(
+        task_a=task_a.name,
+        task_b=task_b.name,
+        context=context,
+        layer=layer,
+        items=len(pairs),
+        baseline=baseline_counts,
+        patched=patched_counts,
+        ambiguous_skipped=ambiguous,
+        examples=shown,
+    )
+
+
+def conflict_totals(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, int]]]:
+    """Outcome counts summed over task pairs, per context (ConflictCounts.as_dict() rows)."""
+    totals: dict[str, dict[str, dict[str, int]]] = {}
+    for row in rows:
+        entry = totals.setdefault(
+            row["context"], {"baseline": dict.fromkeys(OUTCOMES, 0), "patched": dict.fromkeys(OUTCOMES, 0)}
+        )
+        for which in ("baseline", "patched"):
+            for outcome in OUTCOMES:
+                entry[which][outcome] += row[which][outcome]
+    return totals

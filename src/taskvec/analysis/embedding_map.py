@@ -1,0 +1,184 @@
+"""Per-prompt task vectors and raw input embeddings, mapped to 2-D (t-SNE or PCA).
+
+The paper's picture: residuals at the last demonstration's ':' cluster by task whatever the
+modality, while the raw inputs (the embeddings the language model receives) cluster by modality.
+Besides the 2-D points, `neighbour_agreement` gives that in numbers computed in the full space: the
+share of points whose nearest neighbour (cosine) has the same task, and the same specification.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from taskvec.analysis.prompt_sets import (
+    Spec,
+    batches,
+    demonstration_pool,
+    icl_prompts,
+    seeded_sample,
+    spec_modality,
+)
+from taskvec.engine import marker_position, record_residuals
+from taskvec.models import ModelHandle
+from taskvec.prompts import DEFAULT_TEMPLATE, Prompt, QATemplate, encode_prompts
+from taskvec.tasks import Task
+
+ProjectionMethod = Literal["tsne", "pca"]
+
+
+@dataclass
+class PromptPoints:
+    """One row per prompt: its task and spec, the residual at the chosen layer, the mean embedding."""
+
+    tasks: list[str]
+    specs: list[str]
+    vectors: np.ndarray  # [n, hidden]
+    embeddings: np.ndarray  # [n, hidden]
+
+
+@contextmanager
+def capture_input_embeddings(handle: ModelHandle, store: list[torch.Tensor]) -> Iterator[None]:
+    """Record what the first decoder layer receives: token embeddings with image features merged in."""
+
+    def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        store.append(hidden.detach().float().cpu())
+
+    registered = handle.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        registered.remove()
+
+
+def _image_token_id(handle: ModelHandle) -> int | None:
+    config = handle.model.config
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _mean_embedding(
+    embedding: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, image_id: int | None
+) -> Any:
+    """Mean over the image tokens when there are any (image prompts), else over the prompt's tokens."""
+    keep = mask.bool()
+    if image_id is not None and bool((ids == image_id).any()):
+        keep = ids == image_id
+    return embedding[keep].mean(dim=0)
+
+
+@torch.no_grad()
+def prompt_points(
+    handle: ModelHandle,
+    prompts: Sequence[Prompt],
+    layer: int,
+    *,
+    occurrence: int = -2,
+    template: QATemplate = DEFAULT_TEMPLATE,
+    batch_size: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual at the answer marker `occurrence` (-2: the last demonstration's ':') at `layer`, and
+    the mean input embedding, of each prompt: two [n, hidden] tensors."""
+    image_id = _image_token_id(handle)
+    residuals: list[torch.Tensor] = []
+    embeddings: list[torch.Tensor] = []
+    for batch in batches(prompts, batch_size):
+        inputs = encode_prompts(handle, batch)
+        ids = inputs["input_ids"]
+        positions = torch.tensor(
+            [[marker_position(handle.tokenizer, row, template.marker, occurrence)] for row in ids]
+        )
+        captured: list[torch.Tensor] = []
+        with capture_input_embeddings(handle, captured):
+            residuals.append(record_residuals(handle, inputs, positions, layers=[layer])[:, 0, 0])
+        mask = inputs.get("attention_mask", torch.ones_like(ids)).cpu()
+        embeddings.extend(
+            _mean_embedding(captured[0][row], ids[row].cpu(), mask[row], image_id)
+            for row in range(len(batch))
+        )
+    return torch.cat(residuals), torch.stack(embeddings)
+
+
+def collect_prompt_points(
+    handle: ModelHandle,
+    tasks: Sequence[Task],
+    layer: int,
+    *,
+    specs: Sequence[Spec] = ("text-icl", "image-icl"),
+    prompts_per_task: int = 30,
+    shots: int = 5,
+    seed: int = 0,
+    template: QATemplate = DEFAULT_TEMPLATE,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> PromptPoints:
+    """Individual ICL prompts of each task (validation queries, as for vector extraction), each spec."""
+    tasks_column: list[str] = []
+    specs_column: list[str] = []
+    vectors, embeddings = [], []
+    jobs = [(task, spec) for task in tasks for spec in specs]
+    for task, spec in tqdm(jobs, desc="prompt points", disable=not progress, leave=False):
+        queries = seeded_sample(demonstration_pool(task), prompts_per_task, seed)
+        prompts = icl_prompts(
+            task, queries, modality=spec_modality(spec), shots=shots, seed=seed, template=template
+        )
+        residual, embedding = prompt_points(handle, prompts, layer, template=template, batch_size=batch_size)
+        vectors.append(residual)
+        embeddings.append(embedding)
+        tasks_column += [task.name] * len(prompts)
+        specs_column += [spec] * len(prompts)
+    return PromptPoints(tasks_column, specs_column, torch.cat(vectors).numpy(), torch.cat(embeddings).numpy())
+
+
+def project_2d(points: np.ndarray, method: ProjectionMethod = "tsne", seed: int = 0) -> np.ndarray:
+    """[n, d] -> [n, 2]. Rows are scaled to unit length first, so distances follow cosine similarity.
+
+    t-SNE needs more points than its perplexity; with fewer than 5 points PCA is used instead.
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    unit = points / np.maximum(np.linalg.norm(points, axis=1, keepdims=True), 1e-12)
+    n = len(unit)
+    if n < 2:
+        return np.zeros((n, 2))
+    if method == "tsne" and n >= 5:
+        perplexity = float(min(30.0, (n - 1) / 3))
+        tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+        return np.asarray(tsne.fit_transform(unit))
+    components = min(2, n, unit.shape[1])
+    projected = PCA(n_components=components, random_state=seed).fit_transform(unit)
+    return np.pad(projected, ((0, 0), (0, 2 - components)))
+
+
+def neighbour_agreement(points: np.ndarray, labels: Sequence[str]) -> float | None:
+    """Share of points whose nearest other point (by cosine) carries the same label."""
+    if len(points) < 2:
+        return None
+    unit = points / np.maximum(np.linalg.norm(points, axis=1, keepdims=True), 1e-12)
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, -np.inf)
+    nearest = similarity.argmax(axis=1)
+    return float(np.mean([labels[i] == labels[j] for i, j in enumerate(nearest)]))
+
+
+def embedding_map(points: PromptPoints, method: ProjectionMethod = "tsne", seed: int = 0) -> dict[str, Any]:
+    """2-D maps of the task vectors and of the raw input embeddings, with neighbour agreements."""
+    result: dict[str, Any] = {"method": method, "tasks": points.tasks, "specs": points.specs}
+    for name, matrix in (("vectors", points.vectors), ("embeddings", points.embeddings)):
+        result[name] = {
+            "xy": np.round(project_2d(matrix, method, seed), 4).tolist(),
+            "same_task_neighbour": neighbour_agreement(matrix, points.tasks),
+            "same_spec_neighbour": neighbour_agreement(matrix, points.specs),
+        }
+    return result

