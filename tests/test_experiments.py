@@ -127,7 +127,13 @@ def test_run_writes_results_json_and_summary_csv_as_documented(
         "instruction-patch",
     }
     assert patched <= set(results["layers"])
-    for choice in results["layers"].values():
+    # The ensemble curve's smaller n take the layer chosen for its largest n (ensemble_layer_from).
+    layers = results["layers"]
+    assert layers["exemplar-2"]["shared_from"] == "exemplar-4"
+    assert layers["exemplar-2"]["validation_mean"] == []
+    assert layers["ensemble-2"]["shared_from"] == "ensemble-4"
+    assert layers["ensemble-2"]["chosen"] == layers["ensemble-4"]["chosen"]
+    for choice in (choice for choice in layers.values() if "shared_from" not in choice):
         assert len(choice["validation_mean"]) == 3 and 0 <= choice["chosen"] < 3
         assert choice["chosen"] == choose_layer(choice["validation_mean"])
         assert set(choice["validation_per_task"]) == {"country-capital"}

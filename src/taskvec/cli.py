@@ -265,6 +265,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--layer", type=int, help="patch this layer instead of choosing on validation")
     parser.add_argument("--ensemble-examples", type=int, nargs="+", help="ensemble curve points")
+    parser.add_argument(
+        "--ensemble-layer",
+        choices=["largest", "each"],
+        help="sweep layers for the curve's largest n only (default) or for every n",
+    )
     parser.add_argument("--style", action="append", help="TASK_OR_FAMILY=STYLE image style (repeatable)")
     parser.add_argument("--metric", choices=["prefix", "prefix_ignore_case", "exact"])
     parser.add_argument("--threads", type=int, help="torch CPU threads")

@@ -33,13 +33,17 @@ class LayerChoice:
     chosen: int
     validation_mean: list[float]  # per layer, mean over tasks of the per-task (mean over seeds) curve
     validation_per_task: dict[str, list[float]]
+    shared_from: str | None = None  # the condition whose sweep chose this layer, if not this one's
 
     def as_dict(self) -> dict[str, object]:
-        return {
+        choice: dict[str, object] = {
             "chosen": self.chosen,
             "validation_mean": self.validation_mean,
             "validation_per_task": self.validation_per_task,
         }
+        if self.shared_from is not None:
+            choice["shared_from"] = self.shared_from
+        return choice
 
 
 def choose_from_sweeps(

@@ -95,6 +95,20 @@ def _cosine_per_layer(steps: StepRunner, tasks: list[Task], config: RunConfig) -
     return torch.stack(curves).mean(dim=0).tolist()
 
 
+def _borrowed_layer_choices(patched: list[Condition], config: RunConfig) -> dict[str, str]:
+    """Ensemble-curve conditions that take their layer from the largest n of their kind (see
+    `RunConfig.ensemble_layer_from`): {condition: condition whose sweep decides}."""
+    if config.ensemble_layer_from == "each":
+        return {}
+    borrowed: dict[str, str] = {}
+    for kind in ("exemplar", "ensemble"):
+        curve = [c for c in patched if c.vector == kind and c.examples]
+        if curve:
+            largest = max(curve, key=lambda c: c.examples or 0)
+            borrowed.update({c.name: largest.name for c in curve if c is not largest})
+    return borrowed
+
+
 def run_experiments(
     handle: ModelHandle,
     config: RunConfig,
@@ -131,14 +145,18 @@ def run_experiments(
     if isinstance(config.layer_choice, int):
         layers = {c.name: fixed_layer(config.layer_choice, handle.num_layers) for c in patched}
     else:
-        sweeps: dict[str, dict[str, list[dict[str, Any]]]] = {c.name: {} for c in patched}
+        borrowed = _borrowed_layer_choices(patched, config)
+        swept = [c for c in patched if c.name not in borrowed]
+        sweeps: dict[str, dict[str, list[dict[str, Any]]]] = {c.name: {} for c in swept}
         for condition, task, seed in tqdm(
-            [w for w in work if w[0].patched], desc="layer sweeps (validation)", disable=not progress
+            [w for w in work if w[0] in swept], desc="layer sweeps (validation)", disable=not progress
         ):
             sweeps[condition.name].setdefault(task.name, []).append(steps.sweep(condition, task, seed))
-        for condition in patched:
+        for condition in swept:
             ignore_case = _layer_metric_ignores_case(condition, config)
             layers[condition.name] = choose_from_sweeps(sweeps[condition.name], ignore_case=ignore_case)
+        for name, source in borrowed.items():
+            layers[name] = LayerChoice(layers[source].chosen, [], {}, shared_from=source)
 
     rows: list[dict[str, Any]] = []
     examples: list[dict[str, Any]] = []
