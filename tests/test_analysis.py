@@ -133,6 +133,13 @@ def test_similarity_matrix_is_symmetric_with_unit_diagonal_and_separates_tasks()
     assert np.allclose(result["matrix_per_layer"][2], matrix)
     summary = result["summary"]
     assert summary["within_task_cross_spec"] > 0.9 > summary["cross_task"]
+    # A shared offset (the common direction of real residual streams) hides the tasks in raw cosines
+    # but not in mean-centred ones.
+    offset = {key: value + 50.0 for key, value in vectors.items()}
+    shifted = similarity_analysis(offset, layer=2)
+    assert shifted["summary"]["cross_task"] > 0.99
+    centered = shifted["summary_centered"]
+    assert centered["within_task_cross_spec"] > 0.9 > 0.0 > centered["cross_task"]
     assert result["llm_vs_vlm"]["per_task"]["a"] == pytest.approx([1.0] * 4, abs=1e-4)
     assert set(result["llm_vs_vlm"]["per_task"]) == {"a"}
 

@@ -40,6 +40,12 @@ def cosine_per_layer(vectors: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ilh,jlh->lij", unit, unit)
 
 
+def centered_cosine(vectors: torch.Tensor) -> torch.Tensor:
+    """[n, hidden] -> [n, n] cosine after subtracting the vectors' mean."""
+    unit = torch.nn.functional.normalize(vectors.float() - vectors.float().mean(0), dim=-1)
+    return unit @ unit.T
+
+
 def pair_summary(keys: list[VectorKey], matrix: torch.Tensor) -> dict[str, float | None]:
     """Mean cosine over pairs of the same task across specs, and over pairs of different tasks."""
     groups: dict[str, list[float]] = {
@@ -84,6 +90,9 @@ def similarity_analysis(vectors: Mapping[VectorKey, torch.Tensor], layer: int) -
         "matrix_per_layer": _rounded(per_layer),
         "summary": pair_summary(vlm_keys, vlm_per_layer[layer]),
         "summary_per_layer": [pair_summary(vlm_keys, matrix) for matrix in vlm_per_layer],
+        # Residual streams share a large common direction (raw cosines near 1 for any two vectors of
+        # a small model), so the same summary after subtracting the mean of the VLM's vectors.
+        "summary_centered": pair_summary(vlm_keys, centered_cosine(stacked[vlm_rows, layer])),
         "llm_vs_vlm": llm_vs_vlm_cosine(vectors, layer),
     }
 

@@ -69,8 +69,14 @@ def similarity_section(analysis: Mapping[str, Any], writer: FigureWriter) -> str
         "cross_task": "different tasks",
         "cross_task_same_spec": "different tasks, same specification",
     }
-    rows = [[escape(text), number(summary.get(key), 3)] for key, text in labels.items()]
-    parts.append(table([f"pairs of VLM vectors (layer {layer})", "mean cosine"], rows))
+    centered = similarity.get("summary_centered") or {}
+    rows = [
+        [escape(text), number(summary.get(key), 3), number(centered.get(key), 3)]
+        for key, text in labels.items()
+    ]
+    parts.append(
+        table([f"pairs of VLM vectors (layer {layer})", "mean cosine", "mean cosine, mean-centred"], rows)
+    )
     per_layer = similarity.get("summary_per_layer") or []
     series = {
         text: [row.get(key) for row in per_layer]
