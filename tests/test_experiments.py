@@ -341,3 +341,17 @@ def test_cli_run_quick_on_a_saved_checkpoint(tmp_path: Path, capsys: pytest.Capt
     argv = ["run", "--model", str(model_dir), "--tasks", str(task_file), "--style", "country=noto"]
     assert main([*argv, "--out", str(out)]) == 2
     assert "no image style 'noto'" in capsys.readouterr().err
+
+
+def test_layer_sweeps_use_the_first_seeds_vectors_unless_asked_for_all(
+    finished_run: tuple[Path, RunConfig, dict[str, Any]], tmp_path: Path
+) -> None:
+    out, config, _ = finished_run
+    vlm = tiny_handle("llava")
+    every = config.with_options(layer_sweep_seeds=None)
+    run_experiments(vlm, every, tmp_path, llm=tiny_base_lm(vlm), progress=False)
+    default_sweeps = len(list((out / "cache" / "sweeps").rglob("*.json")))
+    all_sweeps = len(list((tmp_path / "cache" / "sweeps").rglob("*.json")))
+    # Seeded swept conditions: the four directions' sources, llm-xpatch and the curve's largest n of
+    # each kind; with 2 seeds, sweeping every seed adds one sweep for each of those 7.
+    assert config.seeds == (0, 1) and all_sweeps - default_sweeps == 7

@@ -266,6 +266,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer", type=int, help="patch this layer instead of choosing on validation")
     parser.add_argument("--ensemble-examples", type=int, nargs="+", help="ensemble curve points")
     parser.add_argument(
+        "--sweep-seeds", help="how many seeds' vectors the layer sweeps use: N or 'all' (default 1)"
+    )
+    parser.add_argument(
         "--ensemble-layer",
         choices=["largest", "each"],
         help="sweep layers for the curve's largest n only (default) or for every n",

@@ -40,6 +40,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         overrides["seeds"] = tuple(range(args.seeds))
     if args.ensemble_examples:
         overrides["ensemble_examples"] = tuple(args.ensemble_examples)
+    if args.sweep_seeds:
+        overrides["layer_sweep_seeds"] = None if args.sweep_seeds == "all" else int(args.sweep_seeds)
     if args.ensemble_layer:
         overrides["ensemble_layer_from"] = args.ensemble_layer
     if args.layer is not None:

@@ -148,8 +148,11 @@ def run_experiments(
         borrowed = _borrowed_layer_choices(patched, config)
         swept = [c for c in patched if c.name not in borrowed]
         sweeps: dict[str, dict[str, list[dict[str, Any]]]] = {c.name: {} for c in swept}
+        sweep_seeds = config.seeds[: config.layer_sweep_seeds]
         for condition, task, seed in tqdm(
-            [w for w in work if w[0] in swept], desc="layer sweeps (validation)", disable=not progress
+            [w for w in work if w[0] in swept and (w[2] is None or w[2] in sweep_seeds)],
+            desc="layer sweeps (validation)",
+            disable=not progress,
         ):
             sweeps[condition.name].setdefault(task.name, []).append(steps.sweep(condition, task, seed))
         for condition in swept:
