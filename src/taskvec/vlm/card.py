@@ -118,6 +118,10 @@ def render_model_card(parts_dir: Path) -> str:
         "- A 3 M-parameter tower trained from scratch on 4 styles of about 370 entities: it recognises",
         "  only those entities, and much less reliably in an unseen art style (see the table).",
         "- The language model is a 270M base model: its task knowledge bounds every task's accuracy.",
+        "- Measured weaknesses of this first training run (tables above): the LoRA instruction tuning",
+        "  lowered text in-context learning against the base LM, and image in-context learning does not",
+        "  beat the image query alone. A next run should keep text in-context prompts in the instruct",
+        "  stage (or train fewer LoRA steps) and add image-demonstration prompts.",
     ]
     return "\n".join(lines) + "\n"
 
