@@ -15,7 +15,8 @@ import torch
 
 from taskvec.models import load_model
 from taskvec.tasks import load_task
-from taskvec.vlm.acceptance import PAPER_TASKS, measure_acceptance
+from taskvec.tasks import PAPER_TASKS
+from taskvec.vlm.acceptance import measure_acceptance
 from taskvec.vlm.artifacts import read_card
 from taskvec.vlm.card import ACCEPTANCE_FILE, write_model_card
 from taskvec.vlm.data import entity_images

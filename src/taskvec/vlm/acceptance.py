@@ -24,15 +24,6 @@ from taskvec.vectors.extract import mean_residual_at_marker, sample_demonstratio
 from taskvec.vlm.data import EntityImage
 from taskvec.vlm.evaluation import name_pictures
 
-PAPER_TASKS = (
-    "country-capital",
-    "country-currency",
-    "animal-latin",
-    "animal-young",
-    "food-color",
-    "food-flavor",
-)
-
 
 def recognition_by_style(
     handle: ModelHandle, images: Sequence[EntityImage], held_out: Mapping[str, str]
