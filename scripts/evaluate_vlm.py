@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 
 from taskvec.models import load_model
-from taskvec.tasks import load_task
-from taskvec.tasks import PAPER_TASKS
+from taskvec.tasks import PAPER_TASKS, load_task
 from taskvec.vlm.acceptance import measure_acceptance
 from taskvec.vlm.artifacts import read_card
 from taskvec.vlm.card import ACCEPTANCE_FILE, write_model_card
