@@ -355,3 +355,29 @@ def test_layer_sweeps_use_the_first_seeds_vectors_unless_asked_for_all(
     # Seeded swept conditions: the four directions' sources, llm-xpatch and the curve's largest n of
     # each kind; with 2 seeds, sweeping every seed adds one sweep for each of those 7.
     assert config.seeds == (0, 1) and all_sweeps - default_sweeps == 7
+
+
+def test_majority_answer_baseline_scores_the_most_frequent_validation_answer() -> None:
+    from collections import Counter
+
+    from taskvec.experiments.baselines import majority_answer, majority_answer_baseline
+    from taskvec.tasks import load_task
+
+    task = load_task("food-flavor")
+    counts = Counter(item.output for item in task.split("val"))
+    answer = majority_answer(task)
+    assert counts[answer] == max(counts.values())
+    test = task.split("test")
+    expected = sum(answer in item.answers() for item in test) / len(test)
+    baseline = majority_answer_baseline([task], metric="exact", test_limit=None)
+    assert baseline["answers"] == {"food-flavor": answer}
+    assert baseline["per_task"]["food-flavor"] == pytest.approx(expected) and baseline["mean"] > 0.1
+
+
+def test_results_carry_the_majority_answer_floor(
+    finished_run: tuple[Path, RunConfig, dict[str, Any]],
+) -> None:
+    _, _, results = finished_run
+    majority = results["tables"]["baselines"]["majority_answer"]
+    assert set(majority["per_task"]) == {"country-capital"} and majority["metric"] == "prefix"
+    assert "floor: the validation majority answer" in format_tables(results)

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 import taskvec
+from taskvec.experiments.baselines import majority_answer_baseline
 from taskvec.experiments.caching import StepCache, write_json_atomically
 from taskvec.experiments.conditions import Condition, plan_conditions
 from taskvec.experiments.config import RunConfig
@@ -214,6 +215,9 @@ def run_experiments(
         ),
         "examples": examples,
         "paper_numbers": paper_numbers(),
+    }
+    results["tables"]["baselines"] = {
+        "majority_answer": majority_answer_baseline(tasks, metric=config.metric, test_limit=config.test_limit)
     }
     write_json_atomically(out / "results.json", results)
     write_summary_csv(rows, out / "summary.csv")

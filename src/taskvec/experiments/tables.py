@@ -158,9 +158,16 @@ def format_tables(results: Mapping[str, Any]) -> str:
     body.append(
         [ours, *(_cell(paper[c]["mean"], paper[c]["std"]) if c in paper else "-" for c in PAPER_COLUMNS)]
     )
+    majority = tables.get("baselines", {}).get("majority_answer")
+    floor = (
+        f"\nfloor: the validation majority answer for every query (no model) scores {_cell(majority['mean'])}"
+        if majority
+        else ""
+    )
     sections.append(
         f"Table 1: test accuracy, mean over tasks ({tables['metric']})\n"
         + _grid(["model", *PAPER_COLUMNS], body)
+        + floor
     )
     directions = tables["directions"]
     names = list(DIRECTIONS)
