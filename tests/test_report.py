@@ -170,3 +170,21 @@ def test_chromium_renders_the_report_with_every_image_and_no_error(run_dir: Path
     assert failed["images"] == 11 and len(failed["broken"]) == 1
     assert any("failed to load IMG" in problem for problem in failed["problems"])
     assert any("undefinedFunction" in problem for problem in failed["problems"])
+
+
+def test_main_table_is_followed_by_the_majority_answer_floor() -> None:
+    from taskvec.report.results_sections import majority_floor_note
+
+    tables = {
+        "baselines": {
+            "majority_answer": {
+                "metric": "prefix",
+                "answers": {"food-flavor": "sweet"},
+                "per_task": {"food-flavor": 0.64},
+                "mean": 0.64,
+            }
+        }
+    }
+    text = majority_floor_note(tables)
+    assert "Floor without a model" in text and "0.64" in text and "sweet" in text
+    assert majority_floor_note({}) == ""

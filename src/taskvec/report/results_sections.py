@@ -96,6 +96,21 @@ def _pretty(value: Any) -> str:
     return json.dumps(value, indent=1, default=str)
 
 
+def majority_floor_note(tables: Mapping[str, Any]) -> str:
+    """The no-model floor: a patched vector that only writes a frequent answer scores this much."""
+    majority = (tables.get("baselines") or {}).get("majority_answer")
+    if not majority:
+        return ""
+    per_task = ", ".join(
+        f"{task} {number(value)} ({majority['answers'].get(task, '?')!r})"
+        for task, value in majority["per_task"].items()
+    )
+    return note(
+        f"Floor without a model: answering every query with the validation majority answer scores "
+        f"{number(majority['mean'])} ({per_task})."
+    )
+
+
 def result_tables(results: Mapping[str, Any]) -> str:
     tables = results.get("tables") or {}
     paper_numbers = results.get("paper_numbers") or {}
@@ -112,6 +127,8 @@ def result_tables(results: Mapping[str, Any]) -> str:
             parts.append(missing(f"tables.{key} in results.json"))
             continue
         parts.append(comparison_table(ours, paper_numbers, f"ours ({model})"))
+        if key == "paper":
+            parts.append(majority_floor_note(tables))
         parts.append(per_task_table(ours))
     instruction = tables.get("instruction")
     parts.append("<h3>Instruction vectors</h3>")
