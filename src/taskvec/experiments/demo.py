@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import random
 from dataclasses import asdict, dataclass
 
 from taskvec.experiments.evaluation import accuracy, generate_answers, sweep_accuracy
 from taskvec.models import ModelHandle
-from taskvec.prompts import build_icl_prompt, build_query_prompt
+from taskvec.prompts import build_query_prompt
 from taskvec.tasks import Task
-from taskvec.vectors import exemplar_vector, sample_demonstrations
+from taskvec.vectors import exemplar_vector, icl_prompts
 
 
 @dataclass
@@ -51,10 +50,7 @@ def run_demo(
     )
     best_layer = max(range(len(per_layer)), key=lambda layer: (per_layer[layer], -layer))
     queries = [build_query_prompt(item) for item in test]
-    rng = random.Random(seed)
-    in_context = [
-        build_icl_prompt(sample_demonstrations(validation, item, shots, rng), item) for item in test
-    ]
+    in_context = icl_prompts(validation, test, shots=shots, seed=seed)
     label = "test: {}" if progress else None
     return DemoResult(
         model=handle.name,

@@ -19,9 +19,9 @@ from taskvec.engine import marker_position, record_residuals
 from taskvec.experiments.caching import StepCache, model_fingerprint, task_fingerprint
 from taskvec.experiments.config import RunConfig
 from taskvec.models import ModelHandle
-from taskvec.prompts import DEFAULT_TEMPLATE, Modality, Prompt, build_icl_prompt, encode_prompts
+from taskvec.prompts import DEFAULT_TEMPLATE, Modality, Prompt, encode_prompts
 from taskvec.tasks import Task
-from taskvec.vectors import TaskVector, instruction_vector, load_task_vector, sample_demonstrations
+from taskvec.vectors import TaskVector, icl_prompts, instruction_vector, load_task_vector
 from taskvec.vectors.task_vector import save_task_vector
 
 ModelRole = Literal["vlm", "llm"]
@@ -37,17 +37,7 @@ def exemplar_prompts(
     prompts' residuals is that function's vector; `limit` keeps the first queries only.
     """
     pool = task.split("val")
-    rng = random.Random(seed)
-    return [
-        build_icl_prompt(
-            sample_demonstrations(pool, query, shots, rng),
-            query,
-            demo_modality=modality,
-            query_modality=modality,
-            style=style,
-        )
-        for query in pool[:limit]
-    ]
+    return icl_prompts(pool, pool[:limit], shots=shots, seed=seed, modality=modality, style=style)
 
 
 @torch.no_grad()

@@ -28,6 +28,35 @@ def sample_demonstrations(pool: Sequence[Item], query: Item, shots: int, rng: ra
     return rng.sample(candidates, shots)
 
 
+def icl_prompts(
+    pool: Sequence[Item],
+    queries: Sequence[Item],
+    *,
+    shots: int,
+    seed: int,
+    modality: Modality = "text",
+    style: str | None = None,
+    template: QATemplate = DEFAULT_TEMPLATE,
+) -> list[Prompt]:
+    """One prompt per query: `shots` demonstrations from `pool` (never the query), then the query.
+
+    One seeded stream for the whole list, so the same (pool, queries, seed) gives the same prompts
+    wherever they are built: the vectors, the in-context baselines and the analyses agree.
+    """
+    rng = random.Random(seed)
+    return [
+        build_icl_prompt(
+            sample_demonstrations(pool, query, shots, rng),
+            query,
+            demo_modality=modality,
+            query_modality=modality,
+            style=style,
+            template=template,
+        )
+        for query in queries
+    ]
+
+
 def _batched(prompts: Sequence[Prompt], size: int) -> list[Sequence[Prompt]]:
     return [prompts[start : start + size] for start in range(0, len(prompts), size)]
 
@@ -69,18 +98,9 @@ def exemplar_vector(
     batch_size: int = 8,
 ) -> TaskVector:
     pool = task.split(split)
-    rng = random.Random(seed)
-    prompts = [
-        build_icl_prompt(
-            sample_demonstrations(pool, query, shots, rng),
-            query,
-            demo_modality=modality,
-            query_modality=modality,
-            style=style,
-            template=template,
-        )
-        for query in pool
-    ]
+    prompts = icl_prompts(
+        pool, pool, shots=shots, seed=seed, modality=modality, style=style, template=template
+    )
     vectors = mean_residual_at_marker(
         handle,
         prompts,

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -18,9 +17,9 @@ import torch
 
 from taskvec.experiments.evaluation import accuracy, generate_answers
 from taskvec.models.handle import ModelHandle
-from taskvec.prompts import Modality, Prompt, build_icl_prompt, build_query_prompt
+from taskvec.prompts import Modality, build_query_prompt
 from taskvec.tasks import Task
-from taskvec.vectors.extract import mean_residual_at_marker, sample_demonstrations
+from taskvec.vectors.extract import icl_prompts, mean_residual_at_marker
 from taskvec.vlm.data import EntityImage
 from taskvec.vlm.evaluation import name_pictures
 
@@ -42,20 +41,6 @@ def recognition_by_style(
     return table
 
 
-def _icl_prompts(task: Task, modality: Modality, shots: int, seed: int, limit: int | None) -> list[Prompt]:
-    rng = random.Random(seed)
-    pool = task.split("val")
-    return [
-        build_icl_prompt(
-            sample_demonstrations(pool, query, shots, rng),
-            query,
-            demo_modality=modality,
-            query_modality=modality,
-        )
-        for query in task.split("test")[:limit]
-    ]
-
-
 def icl_accuracy(
     handle: ModelHandle,
     task: Task,
@@ -70,7 +55,7 @@ def icl_accuracy(
     if shots == 0:
         prompts = [build_query_prompt(item, modality=modality) for item in test]
     else:
-        prompts = _icl_prompts(task, modality, shots, seed, limit)
+        prompts = icl_prompts(task.split("val"), test, shots=shots, seed=seed, modality=modality)
     return accuracy(generate_answers(handle, prompts), [item.answers() for item in test])
 
 
@@ -82,9 +67,8 @@ def residual_cosine_per_layer(
     (text ICL on each task's val prompts), averaged over tasks."""
     totals = torch.zeros(base.num_layers)
     for task in tasks:
-        rng = random.Random(seed)
         pool = task.split("val")
-        prompts = [build_icl_prompt(sample_demonstrations(pool, q, shots, rng), q) for q in pool]
+        prompts = icl_prompts(pool, pool, shots=shots, seed=seed)
         means = [mean_residual_at_marker(handle, prompts, occurrence=-2) for handle in (base, vlm)]
         totals += torch.nn.functional.cosine_similarity(means[0], means[1], dim=-1)
     return (totals / len(tasks)).tolist()
