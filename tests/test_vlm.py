@@ -23,11 +23,16 @@ from taskvec.vlm.card import ACCEPTANCE_FILE, write_model_card
 from taskvec.vlm.data import (
     EntityImage,
     Example,
+    IclTask,
+    InstructMix,
     augment,
     caption_example,
     entity_images,
+    icl_example,
+    instruct_examples,
     sample_examples,
     split_by_style,
+    training_icl_tasks,
 )
 from taskvec.vlm.evaluation import Naming
 from taskvec.vlm.processor import build_processor
@@ -164,6 +169,14 @@ def test_collate_matches_the_processor_and_keeps_answer_positions(pool: list[Ent
     assert expand_image_tokens("a<image>b", 3) == "a" + IMAGE_TOKEN * 3 + "b"
 
 
+def test_text_only_batches_have_no_pixels_and_train(pool: list[EntityImage]) -> None:
+    model, processor = tiny_vlm()
+    text = [Example("Q:France\nA:", "Paris\n\n", ()), Example("Q:dog\nA:", "mammal\n\n", ())]
+    batch = collate(text, processor, 16, np.random.default_rng(0))
+    assert batch.pixel_values is None and "pixel_values" not in batch.model_inputs()
+    assert torch.isfinite(answer_loss(model, batch))
+
+
 def test_answer_loss_equals_cross_entropy_of_full_logits_at_answer_positions(pool: list[EntityImage]) -> None:
     model, processor = tiny_vlm()
     rng = np.random.default_rng(0)
@@ -185,6 +198,60 @@ def test_augmentation_is_seeded_and_sized(pool: list[EntityImage]) -> None:
     examples, _ = sample_examples(pool, 5, seed=1, step=7, stage="caption")
     repeated, _ = sample_examples(pool, 5, seed=1, step=7, stage="caption")
     assert examples == repeated
+
+
+def test_instruct_stage_never_trains_the_paper_tasks() -> None:
+    from taskvec.tasks.builtin import PAPER_TASKS
+
+    tasks = training_icl_tasks()
+    assert {task.name for task in tasks}.isdisjoint(PAPER_TASKS)
+    assert {task.family for task in tasks} == {"countries", "animals", "foods"}
+    with pytest.raises(ValueError, match="country-capital"):
+        training_icl_tasks(("country-continent", "country-capital"))
+
+
+def test_icl_examples_use_the_evaluation_prompt_format(pool: list[EntityImage]) -> None:
+    from taskvec.prompts import build_icl_prompt
+    from taskvec.tasks import Item
+
+    task = IclTask("toy", "countries", {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome"})
+    pictures: dict[str, list[EntityImage]] = {}
+    for image in pool:
+        if image.family == "countries":
+            pictures.setdefault(image.name, []).append(image)
+    text = icl_example(task, pictures, 2, "text", np.random.default_rng(0))
+    order = [line[2:] for line in text.prompt.split("\n") if line.startswith("Q:")]
+    demos = [Item(name, task.answers[name]) for name in order[:-1]]
+    expected = build_icl_prompt(demos, Item(order[-1], task.answers[order[-1]]))
+    assert text.prompt == expected.text and text.answer == f"{task.answers[order[-1]]}\n\n"
+
+    image = icl_example(task, pictures, 3, "image", np.random.default_rng(0))
+    assert image.prompt.count("<image>") == len(image.images) == 4
+    assert image.prompt.startswith("Q:<image>\nA:") and image.prompt.endswith("Q:<image>\nA:")
+    assert image.answer == f"{task.answers[image.images[-1].name]}\n\n"
+    assert all(picture.family == "countries" for picture in image.images)
+
+
+def test_instruct_batches_are_seeded_and_mix_questions_text_and_image_icl(pool: list[EntityImage]) -> None:
+    tasks = training_icl_tasks()
+    mix = InstructMix(icl_batch_size=3)
+    kinds = set()
+    for step in range(30):
+        examples, _ = instruct_examples(pool, tasks, mix, 5, seed=1, step=step)
+        again, _ = instruct_examples(pool, tasks, mix, 5, seed=1, step=step)
+        assert examples == again
+        if examples[0].prompt.startswith("Q:<image>"):
+            kinds.add("image")
+            assert len(examples) == 3
+        elif examples[0].prompt.startswith("Q:"):
+            kinds.add("text")
+            assert not any(example.images for example in examples) and len(examples) == 3
+        else:
+            kinds.add("questions")
+        # Only tasks with two pictured entities in the pool: the tiny pool has one food.
+        with_images = [example for example in examples if example.prompt.startswith("Q:<")]
+        assert all(example.images[0].family != "foods" for example in with_images)
+    assert kinds == {"questions", "text", "image"}
 
 
 def small_config(**steps: int) -> TrainConfig:

@@ -24,17 +24,16 @@ from taskvec.vlm.data import Example, augment, load_picture
 class TrainingBatch:
     input_ids: torch.Tensor  # (batch, length), right padded
     attention_mask: torch.Tensor
-    pixel_values: torch.Tensor  # (images, 3, side, side), in prompt order
+    pixel_values: torch.Tensor | None  # (images, 3, side, side), in prompt order; None: text only
     predicts_answer: torch.Tensor  # bool (batch, length): positions whose next token is an answer token
     targets: torch.Tensor  # (number of True in predicts_answer,), row-major order
     entities: list[str]  # "family/name" of each image, for the alignment stage
 
     def model_inputs(self) -> dict[str, Any]:
-        return {
-            "input_ids": self.input_ids,
-            "attention_mask": self.attention_mask,
-            "pixel_values": self.pixel_values,
-        }
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.pixel_values is not None:
+            inputs["pixel_values"] = self.pixel_values
+        return inputs
 
 
 def expand_image_tokens(prompt: str, tokens_per_image: int) -> str:
@@ -78,7 +77,9 @@ def collate(
         attention_mask[row, : len(sequence)] = 1
         predicts_answer[row, start - 1 : start - 1 + len(answer_ids)] = True
         targets.extend(answer_ids)
-    pixel_values = processor.image_processor(pictures, return_tensors="pt")["pixel_values"]
+    pixel_values = (
+        processor.image_processor(pictures, return_tensors="pt")["pixel_values"] if pictures else None
+    )
     return TrainingBatch(
         input_ids, attention_mask, pixel_values, predicts_answer, torch.tensor(targets), entities
     )

@@ -81,7 +81,10 @@ def render_model_card(parts_dir: Path) -> str:
         "  - align: projected image tokens regressed toward the LM's embeddings of the entity's name",
         "    (plus a classification term over all names); caption: LM frozen, next-token loss on",
         "    `<image>\\nName: X`; instruct: LoRA + projector on image questions that are not the",
-        "    evaluation tasks (what is shown, which kind of thing it is).",
+        "    evaluation tasks (what is shown, which kind of thing it is) and, if the mix below has them,",
+        "    in-context learning in the paper's `Q:`/`A:` format with text and with image demonstrations",
+        "    of other tasks (continent, language, animal class, food category, the entity's name).",
+        f"  - instruct mix per step: {json.dumps(config.get('instruct_mix', 'questions only'))}",
         "",
     ]
     recognition = training.get("recognition")
@@ -118,12 +121,28 @@ def render_model_card(parts_dir: Path) -> str:
         "- A 3 M-parameter tower trained from scratch on 4 styles of about 370 entities: it recognises",
         "  only those entities, and much less reliably in an unseen art style (see the table).",
         "- The language model is a 270M base model: its task knowledge bounds every task's accuracy.",
-        "- Measured weaknesses of this first training run (tables above): the LoRA instruction tuning",
-        "  lowered text in-context learning against the base LM, and image in-context learning does not",
-        "  beat the image query alone. A next run should keep text in-context prompts in the instruct",
-        "  stage (or train fewer LoRA steps) and add image-demonstration prompts.",
     ]
+    if acceptance_path.is_file():
+        lines += _measured_weaknesses(json.loads(acceptance_path.read_text())["icl"])
     return "\n".join(lines) + "\n"
+
+
+def _measured_weaknesses(icl: dict[str, dict[str, float]]) -> list[str]:
+    """The acceptance figures this model misses, stated from the measurements."""
+
+    def mean(column: str) -> float:
+        return sum(row[column] for row in icl.values()) / len(icl)
+
+    found = []
+    base, vlm = mean("text_icl_base_lm"), mean("text_icl_vlm")
+    if vlm < base - 0.05:
+        found.append(f"- Text in-context learning fell from the base LM's {base:.2f} to {vlm:.2f} (mean).")
+    image, alone = mean("image_icl_vlm"), mean("no_context_image_vlm")
+    if image <= alone:
+        found.append(
+            f"- Image in-context learning ({image:.2f}) does not beat the image query alone ({alone:.2f})."
+        )
+    return found
 
 
 def write_model_card(parts_dir: Path) -> Path:

@@ -3,9 +3,11 @@
 Everything is drawn from a seeded generator per (seed, step), so a resumed run sees exactly the
 batches an uninterrupted run would have seen, without storing any random state.
 
-None of the examples is one of the paper's evaluation tasks: stage 1 names the entity, stage 2 asks
-for its name or its kind (flag, animal, food). The six tasks (capital, currency, latin name, young,
-colour, flavour) are never trained; the VLM must get them from its language model.
+None of the examples is one of the paper's evaluation tasks: stage 1 names the entity; stage 2 asks
+for its name or its kind (flag, animal, food), and does in-context learning, with text and with image
+demonstrations, on the extra tasks (continent, language, animal class, food category) and on naming.
+The six tasks (capital, currency, latin name, young, colour, flavour) are never trained; the VLM must
+get them from its language model and the demonstrations.
 """
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from taskvec.tasks.builtin import entity_names, images_by_entity, slugify
+from taskvec.prompts.template import DEFAULT_TEMPLATE
+from taskvec.tasks.builtin import (
+    PAPER_TASKS,
+    entity_names,
+    images_by_entity,
+    load_builtin_task,
+    slugify,
+    task_spec,
+)
 
 FAMILIES = ("countries", "animals", "foods")
 # Word for an entity's kind in captions and answers.
@@ -146,9 +156,122 @@ def sample_examples(
     Stage "qa" mixes in captions (a third of the examples) so the naming prompt stays trained.
     """
     rng = np.random.default_rng([seed, step, 1 if stage == "caption" else 2])
+    return _captions_and_questions(pool, batch_size, rng, questions=stage != "caption"), rng
+
+
+def _captions_and_questions(
+    pool: Sequence[EntityImage], batch_size: int, rng: np.random.Generator, *, questions: bool
+) -> list[Example]:
     chosen = rng.choice(len(pool), size=batch_size, replace=len(pool) < batch_size)
     examples = []
     for index in chosen:
-        make = caption_example if stage == "caption" or rng.random() < 1 / 3 else question_example
+        make = question_example if questions and rng.random() >= 1 / 3 else caption_example
         examples.append(make(pool[int(index)], rng))
+    return examples
+
+
+# ------------------------------------------------------------------------ in-context learning
+
+
+# Tasks whose in-context learning the instruct stage trains. They share the evaluation tasks' entities
+# and prompt format but ask other facts, so the six paper tasks stay untrained.
+INSTRUCT_ICL_TASKS = ("animal-class", "country-continent", "country-language", "food-category")
+
+
+@dataclass(frozen=True)
+class IclTask:
+    """A mapping from an entity (by name) to the answer, over one family's entities."""
+
+    name: str
+    family: str
+    answers: Mapping[str, str]
+
+
+def training_icl_tasks(names: Sequence[str] = INSTRUCT_ICL_TASKS) -> list[IclTask]:
+    """The extra tasks, plus one naming task per family (the answer is the entity's own name: image
+    demonstrations then show the format without any fact to recall)."""
+    trained_paper_tasks = sorted(set(names) & set(PAPER_TASKS))
+    if trained_paper_tasks:
+        raise ValueError(f"the VLM must not train on the paper's evaluation tasks: {trained_paper_tasks}")
+    tasks = []
+    for name in names:
+        family = task_spec(name)["entities"]
+        task = load_builtin_task(name)
+        tasks.append(IclTask(name, family, {item.input: item.output for item in task.items}))
+    for family in FAMILIES:
+        tasks.append(IclTask(f"name-{KIND[family]}", family, {name: name for name in entity_names(family)}))
+    return tasks
+
+
+@dataclass(frozen=True)
+class InstructMix:
+    """What one instruct step trains on: one kind per step (so a batch's sequences have similar
+    lengths), drawn with these weights. In-context prompts are 2-6 times longer than a question
+    (16 tokens per image), hence their smaller batch: measured per step on the real model, a question
+    batch of 16 costs about what an ICL batch of 8 does."""
+
+    questions: float = 0.3
+    text_icl: float = 0.3
+    image_icl: float = 0.4
+    icl_batch_size: int = 8
+    max_shots: int = 5
+
+
+def icl_example(
+    task: IclTask,
+    pictures: Mapping[str, Sequence[EntityImage]],
+    shots: int,
+    modality: str,
+    rng: np.random.Generator,
+) -> Example:
+    """`shots` demonstrations and a query of `task`, in the paper's `Q:{x}\nA:{y}\n\n` format; with
+    modality "image" every input is a training picture of the entity (a random style)."""
+    entities = [name for name in task.answers if name in pictures]
+    chosen = rng.choice(len(entities), size=shots + 1, replace=len(entities) < shots + 1)
+    text, images = "", []
+    for position, index in enumerate(chosen):
+        entity = entities[int(index)]
+        if modality == "image":
+            options = pictures[entity]
+            images.append(options[int(rng.integers(len(options)))])
+            query_input = "<image>"
+        else:
+            query_input = entity
+        if position < shots:
+            text += DEFAULT_TEMPLATE.demonstration(query_input, task.answers[entity])
+        else:
+            text += DEFAULT_TEMPLATE.query.format(input=query_input)
+            answer = DEFAULT_TEMPLATE.answer.format(output=task.answers[entity])
+    return Example(text, answer, tuple(images))
+
+
+def instruct_examples(
+    pool: Sequence[EntityImage],
+    tasks: Sequence[IclTask],
+    mix: InstructMix,
+    batch_size: int,
+    seed: int,
+    step: int,
+) -> tuple[list[Example], np.random.Generator]:
+    """The instruct stage's batch of `step` (questions and captions, text ICL or image ICL) and the
+    generator for its augmentation. Only tasks with at least two pictured entities in `pool` are used."""
+    rng = np.random.default_rng([seed, step, 2])
+    weights = np.array([mix.questions, mix.text_icl, mix.image_icl])
+    kind = ("questions", "text", "image")[int(rng.choice(3, p=weights / weights.sum()))]
+    if kind == "questions":
+        return _captions_and_questions(pool, batch_size, rng, questions=True), rng
+    pictures: dict[str, dict[str, list[EntityImage]]] = {}
+    for image in pool:
+        pictures.setdefault(image.family, {}).setdefault(image.name, []).append(image)
+    usable = [
+        task for task in tasks if sum(name in pictures.get(task.family, {}) for name in task.answers) >= 2
+    ]
+    if not usable:
+        raise ValueError("no in-context-learning task has two pictured entities in the training pool")
+    size = mix.icl_batch_size
+    examples = []
+    for _ in range(size):
+        task = usable[int(rng.integers(len(usable)))]
+        shots = int(rng.integers(1, mix.max_shots + 1))
+        examples.append(icl_example(task, pictures[task.family], shots, kind, rng))
     return examples, rng
