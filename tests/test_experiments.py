@@ -381,3 +381,23 @@ def test_results_carry_the_majority_answer_floor(
     majority = results["tables"]["baselines"]["majority_answer"]
     assert set(majority["per_task"]) == {"country-capital"} and majority["metric"] == "prefix"
     assert "floor: the validation majority answer" in format_tables(results)
+
+
+def test_generated_answers_do_not_depend_on_the_batch_size() -> None:
+    """Bare queries run in larger batches than in-context prompts (query_batch_size): left padding
+    of prompts of different lengths must not change a patched answer."""
+    from taskvec.prompts import Prompt
+
+    handle = tiny_handle("llava")
+    prompts = [
+        Prompt("Q:France\nA:"),
+        Prompt("The capital of the country:\nQ:Japan\nA:"),
+        Prompt("Q:<image>\nA:", (random_image(1),)),
+        Prompt("Q:Italy Spain Peru\nA:"),
+        Prompt("Q:<image>\nA:", (random_image(2),)),
+    ]
+    vector = torch.randn(handle.hidden_size, generator=torch.Generator().manual_seed(0))
+    one = generate_answers(handle, prompts, vector=vector, layer=1, max_new_tokens=3, batch_size=1)
+    together = generate_answers(handle, prompts, vector=vector, layer=1, max_new_tokens=3, batch_size=5)
+    assert together == one
+    assert generate_answers(handle, prompts, max_new_tokens=3, batch_size=5) != one  # the patch acts

@@ -221,7 +221,9 @@ def _command_train_vlm(args: argparse.Namespace) -> int:
     write_model_card(out / "parts")
     print(json.dumps(record.get("recognition", {}), indent=1))
     if args.ship:
-        shutil.copytree(out / "parts", SHIPPED_PARTS_DIR, dirs_exist_ok=True)
+        # Replace, not merge: the old model's acceptance.json must not describe the new parts.
+        shutil.rmtree(SHIPPED_PARTS_DIR, ignore_errors=True)
+        shutil.copytree(out / "parts", SHIPPED_PARTS_DIR)
         print(f"shipped the parts to {SHIPPED_PARTS_DIR}; measure them: python scripts/evaluate_vlm.py")
     else:
         print(f"parts in {out / 'parts'}; load them with taskvec.vlm.recipe.load_vlm_from_parts")
@@ -262,7 +264,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-limit", type=int, help="validation queries for vectors and sweeps")
     parser.add_argument("--test-limit", type=int, help="test queries per task")
     parser.add_argument("--max-new-tokens", type=int, help="tokens generated per answer (default 1)")
-    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--batch-size", type=int, help="prompts per batch with demonstrations (default 8)")
+    parser.add_argument(
+        "--query-batch-size", type=int, help="prompts per batch for bare queries (default 32)"
+    )
     parser.add_argument("--layer", type=int, help="patch this layer instead of choosing on validation")
     parser.add_argument("--ensemble-examples", type=int, nargs="+", help="ensemble curve points")
     parser.add_argument(

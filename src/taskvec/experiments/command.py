@@ -49,7 +49,15 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     styles = parse_styles(args.style)
     if styles:
         overrides["styles"] = styles
-    for option in ("shots", "val_limit", "test_limit", "max_new_tokens", "batch_size", "metric"):
+    for option in (
+        "shots",
+        "val_limit",
+        "test_limit",
+        "max_new_tokens",
+        "batch_size",
+        "query_batch_size",
+        "metric",
+    ):
         value = getattr(args, option)
         if value is not None:
             overrides[option] = value

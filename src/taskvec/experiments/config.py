@@ -29,7 +29,10 @@ class RunConfig:
     test_limit: int | None = None  # None: the whole test split (26-100 items per task)
     # The reference generates one token (configs/base.yaml); the prefix metric is first-token anyway.
     max_new_tokens: int = 1
-    batch_size: int = 8
+    batch_size: int = 8  # prompts per generation batch when they carry demonstrations
+    # Prompts per batch for a bare query (no context, patched, instruction): 1-2 dozen tokens each,
+    # so a batch of 8 leaves the per-forward overhead dominant (measured in bench/NOTES.md).
+    query_batch_size: int = 32
     quick: bool = False
     # "validation": one full layer sweep per patched condition on validation (paper); or a fixed layer.
     layer_choice: Literal["validation"] | int = "validation"
@@ -59,8 +62,8 @@ class RunConfig:
             raise ValueError("no seeds to run")
         if self.shots < 1:
             raise ValueError(f"shots must be at least 1, got {self.shots}")
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError("max_new_tokens and batch_size must be at least 1")
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.query_batch_size < 1:
+            raise ValueError("max_new_tokens, batch_size and query_batch_size must be at least 1")
         for limit, name in ((self.val_limit, "val_limit"), (self.test_limit, "test_limit")):
             if limit is not None and limit < 1:
                 raise ValueError(f"{name} must be at least 1, got {limit}")

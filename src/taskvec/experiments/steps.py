@@ -150,7 +150,7 @@ class StepRunner:
             vector=vector[0][layer] if vector is not None and layer is not None else None,
             layer=layer if vector is not None else None,
             max_new_tokens=self.config.max_new_tokens,
-            batch_size=self.config.batch_size,
+            batch_size=self.config.batch_size if condition.demos else self.config.query_batch_size,
             progress=label,
         )
         style = self.config.style_for(task.name)
