@@ -333,6 +333,39 @@ def test_resumed_training_equals_uninterrupted_training(pool: list[EntityImage],
         torch.testing.assert_close(parameter, expected[name], rtol=0, atol=0, msg=name)
 
 
+def test_a_later_stage_retrains_from_the_kept_end_of_the_earlier_one(
+    pool: list[EntityImage], tmp_path: Path
+) -> None:
+    stages = ("caption", "instruct")
+    first, processor = tiny_vlm()
+    train_vlm(
+        first,
+        processor,
+        pool,
+        small_config(caption=2, instruct=2),
+        tmp_path / "a",
+        progress=False,
+        stages=stages,
+    )
+    assert (tmp_path / "a/after-caption/state.json").is_file()
+
+    changed_recipe = small_config(caption=2, instruct=3)
+    changed_recipe.instruct.learning_rate = 3e-3
+    again, processor = tiny_vlm()
+    result = train_vlm(
+        again, processor, pool, changed_recipe, tmp_path / "a", progress=False, stages=stages,
+        restart_after="caption",
+    )  # fmt: skip
+    assert result.state.stage == "instruct" and len(result.state.losses["instruct"]) == 3
+    straight, processor = tiny_vlm()
+    train_vlm(straight, processor, pool, changed_recipe, tmp_path / "b", progress=False, stages=stages)
+    expected = dict(straight.named_parameters())
+    for name, parameter in again.named_parameters():
+        torch.testing.assert_close(parameter, expected[name], rtol=0, atol=0, msg=name)
+    with pytest.raises(FileNotFoundError, match="after-align"):
+        train_vlm(*tiny_vlm(), pool, changed_recipe, tmp_path / "a", progress=False, restart_after="align")
+
+
 def test_shipped_parts_rebuild_the_trained_model_and_export_as_plain_llava(
     pool: list[EntityImage], tmp_path: Path
 ) -> None:

@@ -213,7 +213,10 @@ def _command_train_vlm(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     record = train_default_vlm(
-        out, TrainConfig(seed=args.seed), time_limit_seconds=args.time_limit_minutes * 60
+        out,
+        TrainConfig(seed=args.seed),
+        time_limit_seconds=args.time_limit_minutes * 60,
+        restart_after=args.restart_after,
     )
     if not record["finished"]:
         print(f"stopped at the time limit; checkpoint in {out / 'checkpoint'}; run again to resume")
@@ -379,6 +382,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-limit-minutes", type=float, default=88.0, help="stop with a checkpoint after this long"
     )
     train_vlm.add_argument("--ship", action="store_true", help="copy the parts into the package as default")
+    train_vlm.add_argument(
+        "--restart-after",
+        choices=("align", "caption"),
+        help="retrain the stages after this one from its kept end checkpoint (e.g. a new instruct recipe)",
+    )
     train_vlm.set_defaults(run=_command_train_vlm)
 
     export_vlm = commands.add_parser("export-vlm", help="write the default VLM as a plain HF checkpoint")

@@ -43,6 +43,7 @@ def train_default_vlm(
     progress: bool = True,
     time_limit_seconds: float | None = None,
     evaluate_per_family: int | None = None,
+    restart_after: str | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) the default VLM into `out_dir`/checkpoint, then write `out_dir`/parts.
 
@@ -63,6 +64,7 @@ def train_default_vlm(
         out_dir / "checkpoint",
         progress=progress,
         time_limit_seconds=time_limit_seconds,
+        restart_after=restart_after,
     )
     record: dict[str, Any] = {
         "config": config.to_json(),
