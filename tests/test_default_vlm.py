@@ -56,7 +56,7 @@ def test_default_vlm_names_held_out_style_pictures(default_vlm: ModelHandle) -> 
     assert accuracy["foods"] >= FLOORS["foods"], accuracy
 
 
-# Model card, held-out noto: countries 0.98, animals 0.38, foods 0.39 (all pictures).
+# Model card, held-out noto: countries 0.97, animals 0.35, foods 0.41 (all pictures).
 FLOORS = {"countries": 0.75, "animals": 0.15, "foods": 0.15}
 
 
@@ -70,7 +70,9 @@ def test_quick_run_on_the_default_vlm_writes_results_and_patching_beats_no_conte
     assert (tmp_path / "summary.csv").is_file()
     paper = results["tables"]["paper"]
     assert set(paper) == {"no-context", "image-icl", "image-icl-patch", "text-icl-xbase", "text-icl-xpatch"}
-    # The paper's central claim on an image query: a text-ICL vector patched in beats no context.
-    # Measured when shipped: xPatch 0.17, no context 0.03 (30 test queries, 2 tasks).
-    assert paper["text-icl-xpatch"]["mean"] >= 0.1 > paper["no-context"]["mean"]
+    # The paper's central claim on an image query: a text-ICL vector patched in beats no context; and
+    # the VLM learns from image demonstrations (issue 4). Measured when shipped (30 test queries,
+    # 2 tasks): xPatch 0.30, image ICL 0.20, no context 0.03.
+    assert paper["text-icl-xpatch"]["mean"] >= 0.15 > paper["no-context"]["mean"]
+    assert paper["image-icl"]["mean"] >= 0.1
     assert set(results["tables"]["llm_to_vlm"]) >= {"vlm_vectors", "llm_vectors", "cosine_per_layer"}

@@ -303,7 +303,7 @@ def test_config_rejects_what_the_protocol_cannot_do() -> None:
     with pytest.raises(ValueError, match="layer_choice"):
         RunConfig(layer_choice="test")  # type: ignore[arg-type]
     quick = RunConfig.quick_preset()
-    assert quick.quick and quick.tasks == ("country-capital", "food-color") and quick.seeds == (0,)
+    assert quick.quick and quick.tasks == ("country-capital", "animal-latin") and quick.seeds == (0,)
     assert RunConfig(styles={"country": "twemoji"}).style_for("country-capital") == "twemoji"
 
 

@@ -14,7 +14,9 @@ from taskvec.tasks import PAPER_TASKS
 MetricName = Literal["prefix", "prefix_ignore_case", "exact"]
 METRICS: tuple[MetricName, ...] = ("prefix", "prefix_ignore_case", "exact")
 
-QUICK_TASKS = ("country-capital", "food-color")
+# Two families (flags, animals). Not a food task: the default VLM's text ICL on the food tasks is
+# 0.03-0.07 against the base LM's 0.39-0.50 (its model card), so a food task would smoke-test nothing.
+QUICK_TASKS = ("country-capital", "animal-latin")
 
 
 @dataclass(frozen=True)
