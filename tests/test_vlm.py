@@ -394,6 +394,9 @@ def test_shipped_parts_rebuild_the_trained_model_and_export_as_plain_llava(
     (tmp_path / "parts" / ACCEPTANCE_FILE).write_text(json.dumps(acceptance))
     card = write_model_card(tmp_path / "parts").read_text()
     assert "| animals | **noto (held out)** | 4 | 0.50 |" in card and "0.990 0.980" in card
+    # Weaknesses are stated from the figures: image ICL equal to the query alone is one, text is not.
+    assert "Image in-context learning (0.25) does not beat the image query alone (0.25)" in card
+    assert "Text in-context learning fell" not in card
 
     language_model, tokenizer = tiny_language_model()
     rebuilt, rebuilt_processor = build_vlm(language_model, tokenizer, tmp_path / "parts")
