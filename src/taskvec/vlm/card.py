@@ -25,6 +25,10 @@ def _recognition_table(recognition: dict[str, dict[str, dict[str, Any]]]) -> lis
     return lines
 
 
+def _column_mean(icl: dict[str, dict[str, float]], column: str) -> float:
+    return sum(row[column] for row in icl.values()) / len(icl)
+
+
 def _icl_table(icl: dict[str, dict[str, float]]) -> list[str]:
     columns = ("text_icl_base_lm", "text_icl_vlm", "image_icl_vlm", "no_context_image_vlm")
     lines = [
@@ -33,7 +37,7 @@ def _icl_table(icl: dict[str, dict[str, float]]) -> list[str]:
     ]
     for task, row in icl.items():
         lines.append(f"| {task} | " + " | ".join(f"{row[c]:.2f}" for c in columns) + " |")
-    means = [sum(row[c] for row in icl.values()) / len(icl) for c in columns]
+    means = [_column_mean(icl, c) for c in columns]
     lines.append("| **mean** | " + " | ".join(f"**{m:.2f}**" for m in means) + " |")
     return lines
 
@@ -129,15 +133,11 @@ def render_model_card(parts_dir: Path) -> str:
 
 def _measured_weaknesses(icl: dict[str, dict[str, float]]) -> list[str]:
     """The acceptance figures this model misses, stated from the measurements."""
-
-    def mean(column: str) -> float:
-        return sum(row[column] for row in icl.values()) / len(icl)
-
     found = []
-    base, vlm = mean("text_icl_base_lm"), mean("text_icl_vlm")
+    base, vlm = _column_mean(icl, "text_icl_base_lm"), _column_mean(icl, "text_icl_vlm")
     if vlm < base - 0.05:
         found.append(f"- Text in-context learning fell from the base LM's {base:.2f} to {vlm:.2f} (mean).")
-    image, alone = mean("image_icl_vlm"), mean("no_context_image_vlm")
+    image, alone = _column_mean(icl, "image_icl_vlm"), _column_mean(icl, "no_context_image_vlm")
     if image <= alone:
         found.append(
             f"- Image in-context learning ({image:.2f}) does not beat the image query alone ({alone:.2f})."

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from taskvec.prompts.template import DEFAULT_TEMPLATE
+from taskvec.prompts.template import DEFAULT_TEMPLATE, Modality
 from taskvec.tasks.builtin import (
     PAPER_TASKS,
     entity_names,
@@ -221,7 +221,7 @@ def icl_example(
     task: IclTask,
     pictures: Mapping[str, Sequence[EntityImage]],
     shots: int,
-    modality: str,
+    modality: Modality,
     rng: np.random.Generator,
 ) -> Example:
     """`shots` demonstrations and a query of `task`, in the paper's `Q:{x}\nA:{y}\n\n` format; with
@@ -260,6 +260,7 @@ def instruct_examples(
     kind = ("questions", "text", "image")[int(rng.choice(3, p=weights / weights.sum()))]
     if kind == "questions":
         return _captions_and_questions(pool, batch_size, rng, questions=True), rng
+    modality: Modality = "image" if kind == "image" else "text"
     pictures: dict[str, dict[str, list[EntityImage]]] = {}
     for image in pool:
         pictures.setdefault(image.family, {}).setdefault(image.name, []).append(image)
@@ -268,10 +269,9 @@ def instruct_examples(
     ]
     if not usable:
         raise ValueError("no in-context-learning task has two pictured entities in the training pool")
-    size = mix.icl_batch_size
     examples = []
-    for _ in range(size):
+    for _ in range(mix.icl_batch_size):
         task = usable[int(rng.integers(len(usable)))]
         shots = int(rng.integers(1, mix.max_shots + 1))
-        examples.append(icl_example(task, pictures[task.family], shots, kind, rng))
+        examples.append(icl_example(task, pictures[task.family], shots, modality, rng))
     return examples, rng
