@@ -36,7 +36,14 @@ from taskvec.vlm.data import (
 )
 from taskvec.vlm.evaluation import Naming
 from taskvec.vlm.processor import build_processor
-from taskvec.vlm.training import StageSettings, TrainConfig, train_vlm
+from taskvec.vlm.training import (
+    StageSettings,
+    TrainConfig,
+    adapters_disabled,
+    add_lora,
+    text_step_loss,
+    train_vlm,
+)
 
 TOWER = VisionTowerShape(
     image_size=16,
@@ -187,6 +194,36 @@ def test_answer_loss_equals_cross_entropy_of_full_logits_at_answer_positions(poo
         torch.testing.assert_close(answer_loss(model, batch), expected)
 
 
+def test_text_steps_distil_toward_the_base_language_model_with_adapters_off() -> None:
+    model, processor = tiny_vlm()
+    text = [Example("Q:France\nA:", "Paris\n\n", ()), Example("Q:dog\nA:", "mammal\n\n", ())]
+    batch = collate(text, processor, 16, np.random.default_rng(0))
+    with torch.no_grad():
+        base_logits = model(**batch.model_inputs()).logits
+    add_lora(model, rank=4, alpha=8, seed=0)
+    lora = {name: parameter for name, parameter in model.named_parameters() if "lora_" in name}
+    with torch.no_grad():
+        for name, parameter in lora.items():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)  # peft starts B at zero: make the adapters change the model
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for parameter in lora.values():
+        parameter.requires_grad_(True)
+    with torch.no_grad(), adapters_disabled(model):
+        torch.testing.assert_close(model(**batch.model_inputs()).logits, base_logits)
+    assert all(parameter.requires_grad for parameter in lora.values())
+    assert not any(p.requires_grad for name, p in model.named_parameters() if name not in lora)
+    assert not torch.allclose(model(**batch.model_inputs()).logits, base_logits)
+
+    cross_entropy = answer_loss(model, batch)
+    torch.testing.assert_close(text_step_loss(model, batch, 0.0), cross_entropy)
+    with_distillation = text_step_loss(model, batch, 1.0)
+    assert with_distillation > cross_entropy
+    with_distillation.backward()
+    assert all(parameter.grad is not None for parameter in lora.values())
+
+
 def test_augmentation_is_seeded_and_sized(pool: list[EntityImage]) -> None:
     from taskvec.vlm.data import load_picture
 
@@ -208,6 +245,22 @@ def test_instruct_stage_never_trains_the_paper_tasks() -> None:
     assert {task.family for task in tasks} == {"countries", "animals", "foods"}
     with pytest.raises(ValueError, match="country-capital"):
         training_icl_tasks(("country-continent", "country-capital"))
+    with pytest.raises(ValueError, match="reversed"):
+        training_icl_tasks(formats=("name", "reversed"))
+
+
+def test_each_family_has_several_in_context_tasks_over_the_same_entities() -> None:
+    tasks = {task.name: task for task in training_icl_tasks()}
+    for kind in ("flag", "animal", "food"):
+        assert {"name", "capitals", "initial"} <= {
+            name.rsplit("-", 1)[0] for name in tasks if name.endswith(kind)
+        }
+    assert tasks["capitals-flag"].answers["France"] == "FRANCE"
+    assert tasks["initial-animal"].answers["dog"] == "D"
+    assert tasks["name-food"].answers["lemon"] == "lemon"
+    assert tasks["initial-flag"].answers.keys() == tasks["name-flag"].answers.keys()
+    for family in ("countries", "animals", "foods"):
+        assert sum(task.family == family for task in tasks.values()) >= 4
 
 
 def test_icl_examples_use_the_evaluation_prompt_format(pool: list[EntityImage]) -> None:

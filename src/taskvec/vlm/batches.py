@@ -85,7 +85,23 @@ def collate(
     )
 
 
+def answer_logits(model: torch.nn.Module, batch: TrainingBatch) -> torch.Tensor:
+    """Logits (answer tokens, vocabulary) at the positions that predict an answer token, row-major."""
+    output = model(**batch.model_inputs(), logits_to_keep=batch.predicts_answer, use_cache=False)
+    logits: torch.Tensor = output.logits.float()
+    return logits
+
+
 def answer_loss(model: torch.nn.Module, batch: TrainingBatch) -> torch.Tensor:
     """Mean next-token cross-entropy over the answer tokens only."""
-    output = model(**batch.model_inputs(), logits_to_keep=batch.predicts_answer, use_cache=False)
-    return F.cross_entropy(output.logits.float(), batch.targets)
+    return F.cross_entropy(answer_logits(model, batch), batch.targets)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions, averaged over answer positions."""
+    return F.kl_div(
+        F.log_softmax(student_logits, dim=-1),
+        F.log_softmax(teacher_logits, dim=-1),
+        log_target=True,
+        reduction="batchmean",
+    )
