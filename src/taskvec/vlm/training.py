@@ -16,7 +16,7 @@
 A checkpoint (safetensors of the trained tensors and the optimizer's moments, JSON for the rest; no
 pickle) is written every `checkpoint_every` steps and at the end of each stage; the end of a stage is
 also kept as `after-<stage>/`, so a later stage can be retrained alone (`restart_after`): the
-instruct stage is 25 of the 66 minutes. Batches and augmentations are drawn from (seed, step), so a
+instruct stage is 28 of the 71 minutes. Batches and augmentations are drawn from (seed, step), so a
 resumed run continues exactly where it stopped.
 """
 
@@ -67,7 +67,7 @@ class StageSettings:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    # Budget for <= 90 minutes on 2 cores: measured 18.3 + 20.2 + 24.6 minutes plus 3.3 of evaluation
+    # Budget for <= 90 minutes on 2 cores: measured 17.3 + 21.8 + 27.5 minutes plus 3.5 of evaluation
     # on an idle machine (the shipped model; bench/NOTES.md).
     align: StageSettings = field(default_factory=lambda: StageSettings(4000, 64, 1e-3, 50))
     caption: StageSettings = field(default_factory=lambda: StageSettings(400, 32, 3e-4, 20))
