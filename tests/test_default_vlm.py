@@ -14,6 +14,8 @@ import transformers
 
 from taskvec.experiments import RunConfig, run_experiments
 from taskvec.models import ModelHandle, load_model
+from taskvec.tasks import load_task
+from taskvec.vlm.acceptance import icl_accuracy
 from taskvec.vlm.artifacts import read_card
 from taskvec.vlm.data import entity_images, split_by_style
 from taskvec.vlm.evaluation import accuracy_by_family, name_pictures
@@ -56,8 +58,30 @@ def test_default_vlm_names_held_out_style_pictures(default_vlm: ModelHandle) -> 
     assert accuracy["foods"] >= FLOORS["foods"], accuracy
 
 
-# Model card, held-out noto: countries 0.97, animals 0.35, foods 0.41 (all pictures).
+# Model card, held-out noto: countries 0.98, animals 0.37, foods 0.40 (all pictures).
 FLOORS = {"countries": 0.75, "animals": 0.15, "foods": 0.15}
+
+
+# The paper tasks whose text ICL the session-3 VLM lost (0.03 / 0.07 against the base LM's 0.39 / 0.50):
+# its instruct stage had taught one answer per food (the category) whatever the demonstrations said.
+DRIFT_PRONE_TASKS = ("food-color", "food-flavor")
+
+
+def test_the_vlms_language_model_still_learns_text_tasks_in_context_like_the_base_lm(
+    default_vlm: ModelHandle,
+) -> None:
+    base = load_model("default")
+    vlm, lm = [], []
+    for name in DRIFT_PRONE_TASKS:
+        task = load_task(name)
+        vlm.append(icl_accuracy(default_vlm, task, modality="text", limit=TEXT_ICL_QUERIES))
+        lm.append(icl_accuracy(base, task, modality="text", limit=TEXT_ICL_QUERIES))
+    # Issue 4: text-only ICL within a few points of the base LM (the model card's six-task means:
+    # 0.30 vs 0.31). Measured on these queries when shipped: VLM 0.57 / 0.43, base LM 0.40 / 0.50.
+    assert sum(vlm) / len(vlm) >= sum(lm) / len(lm) - 0.05, {"vlm": vlm, "base_lm": lm}
+
+
+TEXT_ICL_QUERIES = 30
 
 
 def test_quick_run_on_the_default_vlm_writes_results_and_patching_beats_no_context(
@@ -72,7 +96,7 @@ def test_quick_run_on_the_default_vlm_writes_results_and_patching_beats_no_conte
     assert set(paper) == {"no-context", "image-icl", "image-icl-patch", "text-icl-xbase", "text-icl-xpatch"}
     # The paper's central claim on an image query: a text-ICL vector patched in beats no context; and
     # the VLM learns from image demonstrations (issue 4). Measured when shipped (30 test queries,
-    # 2 tasks): xPatch 0.30, image ICL 0.20, no context 0.03.
+    # 2 tasks): xPatch 0.20 (layer 10), image ICL 0.20, no context 0.03.
     assert paper["text-icl-xpatch"]["mean"] >= 0.15 > paper["no-context"]["mean"]
     assert paper["image-icl"]["mean"] >= 0.1
     assert set(results["tables"]["llm_to_vlm"]) >= {"vlm_vectors", "llm_vectors", "cosine_per_layer"}
