@@ -87,7 +87,9 @@ def render_model_card(parts_dir: Path) -> str:
         "    `<image>\\nName: X`; instruct: LoRA + projector on image questions that are not the",
         "    evaluation tasks (what is shown, which kind of thing it is) and, if the mix below has them,",
         "    in-context learning in the paper's `Q:`/`A:` format with text and with image demonstrations",
-        "    of other tasks (continent, language, animal class, food category, the entity's name).",
+        "    of other tasks (continent, language, animal class, food category, and the mix's",
+        "    `format_tasks`: the entity's name, in capitals, its initial); with `text_distill_weight`,",
+        "    text steps add a KL term toward the base LM (adapters off) at the answer positions.",
         f"  - instruct mix per step: {json.dumps(config.get('instruct_mix', 'questions only'))}",
         "",
     ]

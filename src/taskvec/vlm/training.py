@@ -378,7 +378,7 @@ def train_vlm(
             stage_clock = time.monotonic()
             if stage == "instruct":
                 examples, rng = instruct_examples(
-                    pool, icl_tasks, config.instruct_mix, settings.batch_size, config.seed, state.step
+                    pool, icl_tasks, mix, settings.batch_size, config.seed, state.step
                 )
             else:
                 examples, rng = sample_examples(pool, settings.batch_size, config.seed, state.step, "caption")
@@ -388,7 +388,7 @@ def train_vlm(
             if targets is not None:
                 loss = align_loss(model, batch, targets, regression_weight=config.align_regression_weight)
             elif stage == "instruct" and batch.pixel_values is None:
-                loss = text_step_loss(model, batch, config.instruct_mix.text_distill_weight)
+                loss = text_step_loss(model, batch, mix.text_distill_weight)
             else:
                 loss = answer_loss(model, batch)
             loss.backward()
