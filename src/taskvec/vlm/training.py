@@ -54,6 +54,8 @@ _STATE_FILE = "state.json"
 _TRAINED_FILE = "trained.safetensors"
 _OPTIMIZER_FILE = "optimizer.safetensors"
 _STAGE_END_PREFIX = "after-"
+# The files of one checkpoint, the state file last (it describes the tensors before it).
+_CHECKPOINT_FILES = (_TRAINED_FILE, _OPTIMIZER_FILE, _STATE_FILE)
 
 
 @dataclass
@@ -170,16 +172,20 @@ def save_checkpoint(
     record = {"state": asdict(state), "config": config.to_json()}
     (directory / f"{_STATE_FILE}.tmp").write_text(json.dumps(record, indent=1))
     # Renames last, the state file after the tensors it describes: a crash leaves the old set whole.
-    for name in (_TRAINED_FILE, _OPTIMIZER_FILE, _STATE_FILE):
+    for name in _CHECKPOINT_FILES:
         (directory / f"{name}.tmp").replace(directory / name)
+
+
+def _copy_checkpoint(source: Path, target: Path) -> None:
+    for name in _CHECKPOINT_FILES:
+        shutil.copyfile(source / name, target / name)
 
 
 def keep_stage_end(directory: Path, stage: str) -> None:
     """Copy the checkpoint just written at the end of `stage` to `after-<stage>/`."""
     kept = directory / f"{_STAGE_END_PREFIX}{stage}"
     kept.mkdir(exist_ok=True)
-    for name in (_TRAINED_FILE, _OPTIMIZER_FILE, _STATE_FILE):
-        shutil.copyfile(directory / name, kept / name)
+    _copy_checkpoint(directory, kept)
 
 
 def restore_stage_end(directory: Path, stage: str) -> None:
@@ -189,8 +195,7 @@ def restore_stage_end(directory: Path, stage: str) -> None:
         raise FileNotFoundError(
             f"no checkpoint of the end of stage {stage!r} in {kept}: train through {stage!r} first"
         )
-    for name in (_TRAINED_FILE, _OPTIMIZER_FILE, _STATE_FILE):
-        shutil.copyfile(kept / name, directory / name)
+    _copy_checkpoint(kept, directory)
 
 
 def load_state(directory: Path) -> TrainState | None:
