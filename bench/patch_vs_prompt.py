@@ -59,7 +59,7 @@ def load(model: str, threads: int) -> Any:
 
 
 def modality_of(handle: Any) -> str:
-    return "image" if handle.spec.is_vision_language else "text"
+    return "image" if handle.architecture.is_vision_language else "text"
 
 
 def extract(args: argparse.Namespace) -> dict[str, Any]:
@@ -77,7 +77,7 @@ def extract(args: argparse.Namespace) -> dict[str, Any]:
 def answer(args: argparse.Namespace, method: str) -> dict[str, Any]:
     import random
 
-    from taskvec.experiments.evaluation import accuracy, generate_answers
+    from taskvec.evaluation import accuracy, generate_answers
     from taskvec.prompts import build_icl_prompt, build_query_prompt, encode_prompts
     from taskvec.tasks import load_task
     from taskvec.vectors import load_task_vector, sample_demonstrations

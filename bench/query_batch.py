@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from taskvec.experiments.evaluation import generate_answers
+from taskvec.evaluation import generate_answers
 from taskvec.models import load_model
 from taskvec.prompts import build_query_prompt
 from taskvec.tasks import load_task

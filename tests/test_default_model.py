@@ -33,7 +33,7 @@ def demo(default_lm: ModelHandle) -> DemoResult:
 
 
 def test_default_model_loads_from_its_package(default_lm: ModelHandle) -> None:
-    assert default_lm.spec.model_class == "Gemma3ForCausalLM"
+    assert default_lm.architecture.model_class == "Gemma3ForCausalLM"
     assert default_lm.num_layers == 18 and default_lm.hidden_size == 640
     inputs = default_lm.build_inputs(["Q:France\nA:Paris\n\nQ:Japan\nA:"])
     with torch.no_grad():

@@ -37,7 +37,7 @@ def default_vlm() -> Iterator[ModelHandle]:
 
 def test_default_vlm_is_a_llava_served_by_the_llava_adapter(default_vlm: ModelHandle) -> None:
     assert type(default_vlm.model) is transformers.LlavaForConditionalGeneration
-    assert default_vlm.spec.family == "llava" and default_vlm.num_layers == 18
+    assert default_vlm.architecture.family == "llava" and default_vlm.num_layers == 18
     assert type(default_vlm.processor) is transformers.LlavaProcessor
 
 

@@ -26,7 +26,7 @@ IMAGE_PROMPTS = ["Q:<image>\nA:Paris\n\nQ:<image>\nA:", "Q:<image>\nA:"]
 def batch_for(handle: ModelHandle, with_images: bool) -> dict[str, Any]:
     if not with_images:
         return handle.build_inputs(TEXT_PROMPTS)
-    if handle.spec.multi_image:
+    if handle.architecture.multi_image:
         return handle.build_inputs(IMAGE_PROMPTS, [[random_image(1), random_image(2)], [random_image(3)]])
     return handle.build_inputs(IMAGE_PROMPTS[1:] * 2, [[random_image(3)], [random_image(4)]])
 
@@ -101,7 +101,7 @@ def test_fast_sweeps_equal_the_naive_per_layer_loop(family: str, with_images: bo
     assert not torch.allclose(naive[0], naive[-1], atol=1e-4), "layers must differ for the test to mean much"
     batched = sweep_layers(handle, inputs, vectors, mode=mode, method="batched")  # type: ignore[arg-type]
     torch.testing.assert_close(batched, naive, atol=1e-4, rtol=1e-4)
-    if handle.spec.bidirectional_prompt:
+    if handle.architecture.bidirectional_prompt:
         with pytest.raises(ValueError, match="one-pass"):
             sweep_layers(handle, inputs, vectors, method="one_pass")
         return

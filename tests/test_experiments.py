@@ -13,11 +13,11 @@ import transformers
 from conftest import random_image, tiny_handle
 from tiny_models import build_tiny
 
+from taskvec.caching import StepCache
+from taskvec.evaluation import accuracy, generate_answers, is_correct_by
 from taskvec.experiments import RunConfig, choose_layer, format_tables, plan_conditions, run_experiments
 from taskvec.experiments import steps as steps_module
 from taskvec.experiments import vector_store as vector_store_module
-from taskvec.experiments.caching import StepCache
-from taskvec.experiments.evaluation import accuracy, generate_answers, is_correct_by
 from taskvec.experiments.vector_store import ensemble_of, exemplar_subset_vector
 from taskvec.models import ModelHandle
 from taskvec.prompts import build_query_prompt

@@ -11,7 +11,7 @@ from conftest import random_image, tiny_handle
 from tiny_models import build_tiny
 
 from taskvec.engine import AnswerMarkerNotFoundError, find_marker_positions, marker_position, record_residuals
-from taskvec.experiments.evaluation import is_correct
+from taskvec.evaluation import is_correct
 from taskvec.models import (
     MissingImageError,
     ModelHandle,
@@ -167,7 +167,7 @@ def test_local_checkpoint_directories_load_by_path(tmp_path: Path) -> None:
     tiny.model.save_pretrained(tmp_path)
     tiny.processor.save_pretrained(tmp_path)
     handle = load_model(tmp_path)
-    assert handle.spec.family == "llava" and handle.num_layers == tiny_handle("llava").num_layers
+    assert handle.architecture.family == "llava" and handle.num_layers == tiny_handle("llava").num_layers
     inputs = handle.build_inputs(["Q:<image>\nA:"], [[random_image(0)]])
     reference = tiny_handle("llava").build_inputs(["Q:<image>\nA:"], [[random_image(0)]])
     with torch.no_grad():

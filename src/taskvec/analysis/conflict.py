@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 
 from taskvec.analysis.prompt_sets import icl_prompts, instruction_prompt, query_items
-from taskvec.experiments.evaluation import generate_answers, is_correct
+from taskvec.evaluation import generate_answers, is_correct
 from taskvec.models import ModelHandle
 from taskvec.tasks import Item, Task
 

@@ -38,12 +38,12 @@ def demonstration_pool(task: Task) -> list[Item]:
 
 def unsupported_reason(handle: ModelHandle, task: Task, spec: Spec) -> str | None:
     """Why `spec` cannot be run for this model and task, or None when it can."""
-    if spec == "image-icl" and not handle.spec.is_vision_language:
+    if spec == "image-icl" and not handle.architecture.is_vision_language:
         return f"{handle.name} is a text-only model"
     if spec == "image-icl" and not task.has_images:
         return f"task {task.name} has no images"
-    if spec == "image-icl" and not handle.spec.multi_image:
-        return f"{handle.spec.family} takes one image per prompt"
+    if spec == "image-icl" and not handle.architecture.multi_image:
+        return f"{handle.architecture.family} takes one image per prompt"
     if spec == "instruction" and not task.instruction:
         return f"task {task.name} has no instruction"
     return None

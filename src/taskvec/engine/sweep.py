@@ -91,11 +91,11 @@ def sweep_layers(
     chosen = list(range(handle.num_layers)) if layers is None else [i % handle.num_layers for i in layers]
     per_layer = _vector_per_layer(vectors, chosen, handle.num_layers)
     if method == "auto":
-        method = "batched" if handle.spec.bidirectional_prompt else "one_pass"
+        method = "batched" if handle.architecture.bidirectional_prompt else "one_pass"
     if method == "one_pass":
-        if handle.spec.bidirectional_prompt:
+        if handle.architecture.bidirectional_prompt:
             raise ValueError(
-                f"{handle.spec.family} attends bidirectionally within the prompt, so the "
+                f"{handle.architecture.family} attends bidirectionally within the prompt, so the "
                 "one-pass sweep does not apply; use method='batched' or 'auto'"
             )
         return _sweep_one_pass(handle, inputs, chosen, per_layer, mode, scale)
@@ -155,7 +155,7 @@ def _sweep_one_pass(
     }
     _, cache = run_to_last_layer(handle, {**prefix, "use_cache": True})
     if cache is None:
-        raise RuntimeError(f"{handle.spec.model_class} passed no KV cache to its decoder layers")
+        raise RuntimeError(f"{handle.architecture.model_class} passed no KV cache to its decoder layers")
     rows = len(layers)
     cache.batch_repeat_interleave(rows)
     step_inputs = {
@@ -185,7 +185,7 @@ def _decode_step_extras(inputs: dict[str, Any], rows: int) -> dict[str, Any]:
 
 def _last_token_positions(handle: ModelHandle, length: int, rows: int) -> torch.Tensor:
     """Position ids of the last token for a hand-built decode step (no padding: see sweep_layers)."""
-    if handle.spec.position_style == "mrope":
+    if handle.architecture.position_style == "mrope":
         # Qwen2-VL numbers text after an image from the image's grid; the prefill stored the offset.
         rope_deltas: torch.Tensor = resolve_attribute(handle.model, "model.rope_deltas")
         return (length - 1 + rope_deltas.reshape(1, -1, 1)[:, :1]).expand(3, rows, 1)

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from taskvec.experiments.evaluation import is_correct_by
+from taskvec.evaluation import is_correct_by
 from taskvec.tasks import Task
 
 

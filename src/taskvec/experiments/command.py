@@ -66,7 +66,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def resolve_llm(model: str, llm: str, handle: ModelHandle, device: str, dtype: str) -> ModelHandle | None:
     """--llm default: the default LM under the default VLM (its base model), else no base LM."""
-    if llm == "none" or not handle.spec.is_vision_language:
+    if llm == "none" or not handle.architecture.is_vision_language:
         return None
     if llm == "default":
         return load_model("default", device=device, dtype=dtype) if model in DEFAULT_VLM_NAMES else None

@@ -88,7 +88,7 @@ def plan_conditions(
 ) -> tuple[list[Condition], list[str]]:
     """The conditions this model can run, and a note for each group it cannot."""
     notes: list[str] = []
-    images_ok = handle.spec.is_vision_language
+    images_ok = handle.architecture.is_vision_language
     if not images_ok:
         notes.append(f"{handle.name} is a text-only model: image conditions skipped")
     missing = [task.name for task in tasks if not task.styles()]
@@ -97,9 +97,9 @@ def plan_conditions(
         notes.append(
             f"tasks without an image for every item ({', '.join(missing)}): image conditions skipped"
         )
-    several_ok = images_ok and handle.spec.multi_image
+    several_ok = images_ok and handle.architecture.multi_image
     if images_ok and not several_ok:
-        notes.append(f"{handle.spec.family} takes one image per prompt: image-ICL conditions skipped")
+        notes.append(f"{handle.architecture.family} takes one image per prompt: image-ICL conditions skipped")
     llm_ok = llm is not None and images_ok
     if llm is not None and images_ok:
         if (llm.num_layers, llm.hidden_size) != (handle.num_layers, handle.hidden_size):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from taskvec.experiments.evaluation import accuracy, generate_answers, sweep_accuracy
+from taskvec.evaluation import accuracy, generate_answers, sweep_accuracy
 from taskvec.models import ModelHandle
 from taskvec.prompts import build_query_prompt
 from taskvec.tasks import Task

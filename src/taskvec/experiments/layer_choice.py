@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from taskvec.experiments.evaluation import layer_accuracy
+from taskvec.evaluation import layer_accuracy
 
 
 def choose_layer(mean_per_layer: Sequence[float]) -> int:

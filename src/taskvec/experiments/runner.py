@@ -17,8 +17,8 @@ import torch
 from tqdm import tqdm
 
 import taskvec
+from taskvec.caching import StepCache, write_json_atomically
 from taskvec.experiments.baselines import majority_answer_baseline
-from taskvec.experiments.caching import StepCache, write_json_atomically
 from taskvec.experiments.conditions import Condition, plan_conditions
 from taskvec.experiments.config import RunConfig
 from taskvec.experiments.layer_choice import LayerChoice, choose_from_sweeps, fixed_layer

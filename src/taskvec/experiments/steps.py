@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from taskvec.experiments.caching import StepCache, digest, task_fingerprint
+from taskvec.caching import StepCache, digest, task_fingerprint
+from taskvec.evaluation import generate_answers, sweep_first_tokens
 from taskvec.experiments.conditions import Condition
 from taskvec.experiments.config import RunConfig
-from taskvec.experiments.evaluation import generate_answers, sweep_first_tokens
 from taskvec.experiments.vector_store import VectorStore, ensemble_of, exemplar_subset_vector
 from taskvec.models import ModelHandle
 from taskvec.prompts import DEFAULT_TEMPLATE, Prompt, build_icl_prompt

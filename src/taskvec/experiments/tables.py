@@ -8,9 +8,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from taskvec.evaluation import is_correct_by
 from taskvec.experiments.conditions import Condition
 from taskvec.experiments.config import METRICS
-from taskvec.experiments.evaluation import is_correct_by
 from taskvec.experiments.paper_numbers import (
     PAPER_COLUMNS,
     PAPER_DIRECTIONS,

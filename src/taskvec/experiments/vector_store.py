@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from taskvec.caching import StepCache, model_fingerprint, task_fingerprint
 from taskvec.engine import marker_position, record_residuals
-from taskvec.experiments.caching import StepCache, model_fingerprint, task_fingerprint
 from taskvec.experiments.config import RunConfig
 from taskvec.models import ModelHandle
 from taskvec.prompts import DEFAULT_TEMPLATE, Modality, Prompt, encode_prompts

@@ -2,9 +2,9 @@
 
 from taskvec.models.architectures import (
     ARCHITECTURES,
-    ArchitectureSpec,
+    Architecture,
     UnsupportedArchitectureError,
-    spec_for_class,
+    architecture_for_class,
     supported_classes,
 )
 from taskvec.models.handle import (
@@ -18,12 +18,12 @@ from taskvec.models.loading import load_model
 __all__ = [
     "ARCHITECTURES",
     "IMAGE_PLACEHOLDER",
-    "ArchitectureSpec",
+    "Architecture",
     "MissingImageError",
     "ModelHandle",
     "PromptTooLongError",
     "UnsupportedArchitectureError",
+    "architecture_for_class",
     "load_model",
-    "spec_for_class",
     "supported_classes",
 ]

@@ -21,7 +21,7 @@ class UnsupportedArchitectureError(ValueError):
 
 
 @dataclass(frozen=True)
-class ArchitectureSpec:
+class Architecture:
     family: str
     model_class: str
     layers_path: str
@@ -42,8 +42,8 @@ class ArchitectureSpec:
         return self.image_token is not None
 
 
-def _causal_lm(family: str, model_class: str) -> ArchitectureSpec:
-    return ArchitectureSpec(family, model_class, "model.layers", "model.norm", "lm_head")
+def _causal_lm(family: str, model_class: str) -> Architecture:
+    return Architecture(family, model_class, "model.layers", "model.norm", "lm_head")
 
 
 def _vlm(
@@ -56,8 +56,8 @@ def _vlm(
     notes: str = "",
     position_style: PositionStyle = "rotary",
     bidirectional_prompt: bool = False,
-) -> ArchitectureSpec:
-    return ArchitectureSpec(
+) -> Architecture:
+    return Architecture(
         family,
         model_class,
         f"{text_model}.layers",
@@ -73,7 +73,7 @@ def _vlm(
 
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 
-ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
+ARCHITECTURES: tuple[Architecture, ...] = (
     _vlm("llava", "LlavaForConditionalGeneration", "<image>"),
     _vlm("llava_next", "LlavaNextForConditionalGeneration", "<image>"),
     _vlm("llava_onevision", "LlavaOnevisionForConditionalGeneration", "<image>"),
@@ -105,19 +105,19 @@ ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
     _causal_lm("mistral", "MistralForCausalLM"),
     _causal_lm("qwen2", "Qwen2ForCausalLM"),
     _causal_lm("qwen3", "Qwen3ForCausalLM"),
-    ArchitectureSpec(
+    Architecture(
         "gpt2", "GPT2LMHeadModel", "transformer.h", "transformer.ln_f", "lm_head", position_style="absolute"
     ),
 )
 
-_BY_CLASS = {spec.model_class: spec for spec in ARCHITECTURES}
+_BY_CLASS = {entry.model_class: entry for entry in ARCHITECTURES}
 
 
 def supported_classes() -> list[str]:
-    return [spec.model_class for spec in ARCHITECTURES]
+    return [entry.model_class for entry in ARCHITECTURES]
 
 
-def spec_for_class(model_class: str) -> ArchitectureSpec:
+def architecture_for_class(model_class: str) -> Architecture:
     try:
         return _BY_CLASS[model_class]
     except KeyError:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from taskvec.models.architectures import ArchitectureSpec, spec_for_class
+from taskvec.models.architectures import Architecture, architecture_for_class
 
 # Prompts throughout taskvec mark an image with this text; the handle rewrites it into whatever the
 # model's own processor expects, so task and prompt code never knows the model family.
@@ -35,15 +35,15 @@ def resolve_attribute(root: torch.nn.Module, dotted_path: str) -> Any:
 class ModelHandle:
     model: torch.nn.Module
     processor: Any  # a ProcessorMixin for VLMs, the tokenizer itself for text-only models
-    spec: ArchitectureSpec
+    architecture: Architecture
     name: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def wrap(cls, model: torch.nn.Module, processor: Any, name: str = "") -> ModelHandle:
         """A handle on an already loaded model; raises for an architecture not in the table."""
-        spec = spec_for_class(type(model).__name__)
-        return cls(model.eval(), processor, spec, name or type(model).__name__)
+        architecture = architecture_for_class(type(model).__name__)
+        return cls(model.eval(), processor, architecture, name or type(model).__name__)
 
     @property
     def tokenizer(self) -> Any:
@@ -51,7 +51,7 @@ class ModelHandle:
 
     @property
     def layers(self) -> torch.nn.ModuleList:
-        return resolve_attribute(self.model, self.spec.layers_path)
+        return resolve_attribute(self.model, self.architecture.layers_path)
 
     @property
     def num_layers(self) -> int:
@@ -59,11 +59,11 @@ class ModelHandle:
 
     @property
     def final_norm(self) -> torch.nn.Module:
-        return resolve_attribute(self.model, self.spec.norm_path)
+        return resolve_attribute(self.model, self.architecture.norm_path)
 
     @property
     def unembedding(self) -> torch.nn.Module:
-        return resolve_attribute(self.model, self.spec.unembed_path)
+        return resolve_attribute(self.model, self.architecture.unembed_path)
 
     @property
     def text_config(self) -> Any:
@@ -124,20 +124,22 @@ class ModelHandle:
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 batch[key] = value.to(self.dtype)
         self._check_context(batch["input_ids"])
-        if self.spec.position_style == "absolute" and "attention_mask" in batch:
+        if self.architecture.position_style == "absolute" and "attention_mask" in batch:
             # Learned absolute positions must skip left padding; rotary ones are shift-invariant.
             batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         return batch
 
     def _encode_with_images(self, prompts: list[str], images: list[list[Image.Image]]) -> Any:
-        if not self.spec.is_vision_language:
-            raise MissingImageError(f"{self.spec.model_class} is a text-only model and cannot take images")
-        if not self.spec.multi_image and any(len(row) > 1 for row in images):
-            raise MissingImageError(f"{self.spec.family}: {self.spec.notes}")
-        image_token = self.spec.image_token or ""
+        if not self.architecture.is_vision_language:
+            raise MissingImageError(
+                f"{self.architecture.model_class} is a text-only model and cannot take images"
+            )
+        if not self.architecture.multi_image and any(len(row) > 1 for row in images):
+            raise MissingImageError(f"{self.architecture.family}: {self.architecture.notes}")
+        image_token = self.architecture.image_token or ""
         texts = [prompt.replace(IMAGE_PLACEHOLDER, image_token) for prompt in prompts]
         rgb = [[image.convert("RGB") for image in row] for row in images]
-        if self.spec.family == "fuyu":
+        if self.architecture.family == "fuyu":
             return self.processor(
                 text=texts,
                 images=[row[0] for row in rgb],

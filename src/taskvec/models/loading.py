@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from taskvec.models.architectures import spec_for_class
+from taskvec.models.architectures import architecture_for_class
 from taskvec.models.default_lm import DEFAULT_LM_NAME, ensure_default_lm
 from taskvec.models.handle import ModelHandle
 
@@ -75,17 +75,18 @@ def load_checkpoint(
     architectures = json.loads(config_path.read_text()).get("architectures") or []
     if not architectures:
         raise ValueError(f"{config_path} names no architecture ('architectures' is empty)")
-    spec = spec_for_class(architectures[0])  # fails early, naming the class, before loading weights
-    model_class = getattr(transformers, spec.model_class)
+    # Fails early, naming the class, before any weight is loaded.
+    architecture = architecture_for_class(architectures[0])
+    model_class = getattr(transformers, architecture.model_class)
     model = model_class.from_pretrained(
         directory, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code
     )
     model.to(device).eval()
-    if spec.is_vision_language:
+    if architecture.is_vision_language:
         processor = transformers.AutoProcessor.from_pretrained(directory, trust_remote_code=trust_remote_code)
     else:
         processor = transformers.AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     processor_tokenizer = getattr(processor, "tokenizer", processor)
     # Left padding keeps every prompt's last token at position -1, where the engine patches and reads.
     processor_tokenizer.padding_side = "left"
-    return ModelHandle(model, processor, spec, name=directory.name, metadata={"path": str(directory)})
+    return ModelHandle(model, processor, architecture, name=directory.name, metadata={"path": str(directory)})

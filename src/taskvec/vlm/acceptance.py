@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from taskvec.experiments.evaluation import accuracy, generate_answers
+from taskvec.evaluation import accuracy, generate_answers
 from taskvec.models.handle import ModelHandle
 from taskvec.prompts import Modality, build_query_prompt
 from taskvec.tasks import Task
