@@ -49,7 +49,7 @@ class VectorSpec(StrEnum):
         return VectorSpec.TEXT_ICL
 
     @property
-    def title(self) -> str:
+    def label(self) -> str:
         return SPEC_TITLES[self]
 
 
