@@ -1,4 +1,4 @@
-"""Acceptance measurements of a trained default VLM (issue 4); writes acceptance.json + MODEL_CARD.md.
+"""Acceptance measurements of a trained default VLM; writes acceptance.json + MODEL_CARD.md.
 
 python scripts/evaluate_vlm.py                       # the shipped parts (src/taskvec/data/vlm)
 python scripts/evaluate_vlm.py --parts runs/vlm/parts --limit 30

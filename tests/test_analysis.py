@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -12,10 +13,18 @@ import torch
 from conftest import tiny_handle
 from tiny_tasks import make_tiny_tasks
 
-import taskvec.analysis.run as run_module
+import taskvec.analysis.registry as registry_module
 from taskvec.analysis import (
     PHASES,
+    QUICK,
+    Analysis,
+    AnalysisContext,
+    AnalysisDocument,
+    AnalysisLayer,
+    AnalysisMeta,
+    AnalysisSettings,
     VectorKey,
+    analysis_vectors,
     collect_prompt_points,
     decode_vector,
     embedding_map,
@@ -23,16 +32,20 @@ from taskvec.analysis import (
     lens_phases,
     neighbour_agreement,
     project_2d,
+    register_analysis,
+    registered_analyses,
     run_analyses,
     shared_input_pairs,
     similarity_analysis,
     task_conflict,
+    unregister_analysis,
 )
 from taskvec.analysis.conflict import winner
 from taskvec.analysis.tokens import words_probability
+from taskvec.caching import StepCache
 from taskvec.engine import record_residuals
 from taskvec.tasks import Task
-from taskvec.vectors import TaskVector, save_task_vector
+from taskvec.vectors import VectorSpec, extract_vector
 
 
 @pytest.fixture(scope="module")
@@ -184,52 +197,198 @@ def test_conflict_pairs_share_inputs_and_counts_sum_to_the_queries(tasks: list[T
         assert len(counts.examples) == 3 and counts.examples[0]["answer_b"] in {"white", "orange", "purple"}
 
 
-def _results_with_layer(run_dir: Path, layer: int) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    layers = {"text-icl-xpatch": {"chosen": layer, "validation_mean": [0.1, 0.2, 0.3]}}
-    (run_dir / "results.json").write_text(json.dumps({"format": 1, "layers": layers}))
+SETTINGS = replace(QUICK, shots=2)  # the tiny tasks' validation splits hold 4 or 5 items
 
 
-def test_run_analyses_writes_analysis_json_reads_saved_vectors_and_resumes(
-    tasks: list[Task], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _run(handle: Any, tasks: list[Task], cache: StepCache, **options: Any) -> AnalysisDocument:
+    options.setdefault("layer", 2)
+    options.setdefault("settings", SETTINGS)
+    return run_analyses(handle, tasks, cache=cache, progress=False, **options)
+
+
+@pytest.fixture(scope="module")
+def given_vectors(tasks: list[Task]) -> dict[VectorKey, torch.Tensor]:
+    handle = tiny_handle("llava")
+    return analysis_vectors(handle, tasks, llm=tiny_handle("llava"), settings=SETTINGS)
+
+
+def test_analysis_vectors_are_extracted_vectors_of_every_spec_the_tasks_take(
+    tasks: list[Task], given_vectors: dict[VectorKey, torch.Tensor]
 ) -> None:
     handle = tiny_handle("llava")
-    _results_with_layer(tmp_path, 2)
-    saved = TaskVector(torch.ones(handle.num_layers, handle.hidden_size), {"task": "tiny-capital"})
-    save_task_vector(saved, tmp_path / "vectors" / "vlm" / "tiny-capital" / "text-icl-seed0.safetensors")
-    save_task_vector(saved, tmp_path / "vectors" / "llm" / "tiny-capital" / "text-icl-seed0.safetensors")
+    specs = ("text-icl", "image-icl", "instruction")
+    expected = {VectorKey("vlm", t.name, s) for t in tasks for s in specs}
+    assert set(given_vectors) == expected | {VectorKey("llm", t.name, "text-icl") for t in tasks}
+    reference = extract_vector(handle, tasks[0], VectorSpec.IMAGE_ICL, shots=2, limit=4).vector
+    torch.testing.assert_close(given_vectors[VectorKey("vlm", tasks[0].name, "image-icl")], reference.vectors)
 
-    first = run_analyses(handle, tasks, tmp_path, quick=True, progress=False)
-    assert first["errors"] == {}
-    assert first["layer"]["chosen"] == 2 and "text-icl-xpatch" in first["layer"]["source"]
-    written = json.loads((tmp_path / "analysis.json").read_text())
-    assert written["similarity"] == first["similarity"]
-    assert set(written["lens"]) == {task.name for task in tasks}
-    assert first["vectors"]["tiny-capital / text-icl"]["source"] == "run"
-    assert first["vectors"]["tiny-flag-colour / text-icl"]["source"] == "computed by the analyses"
-    # The saved base-LM vector equals the saved VLM vector: cosine 1 at every layer.
-    assert first["similarity"]["llm_vs_vlm"]["per_task"]["tiny-capital"] == pytest.approx([1.0] * 3)
-    assert len(first["conflict"]) == 4  # 2 ordered pairs x (text ICL, instruction)
-    assert "embedding_map" in written and len(written["embedding_map"]["tasks"]) == 3 * 2 * 4
 
+def test_run_analyses_fills_the_document_from_the_given_layer_and_vectors(
+    tasks: list[Task], given_vectors: dict[VectorKey, torch.Tensor], tmp_path: Path
+) -> None:
+    handle = tiny_handle("llava")
+    vectors = dict(given_vectors)
+    # The base-LM vector equal to the VLM's: cosine 1 at every layer.
+    capital = vectors[VectorKey("vlm", "tiny-capital", "text-icl")]
+    vectors[VectorKey("llm", "tiny-capital", "text-icl")] = capital
+    llm = tiny_handle("llava")
+    document = _run(handle, tasks, StepCache(tmp_path / "cache"), vectors=vectors, llm=llm, layer_source="t")
+    assert document.errors == {}
+    assert list(document.results) == [analysis.name for analysis in registered_analyses()]
+    assert document.format == 2 and document.layer == AnalysisLayer(2, handle.num_layers, "t")
+    assert document.meta.model == "tiny-llava" and document.meta.settings["shots"] == 2
+    assert document.meta.llm_fingerprint == document.meta.model_fingerprint  # the same tiny weights
+    assert (
+        set(document.vectors) == {key.label for key in vectors}
+        and "llm:tiny-capital / text-icl" in document.vectors
+    )
+    results = document.results
+    assert set(results["lens"]) == {task.name for task in tasks}
+    assert set(results["lens_peaks"]) == {"text-icl", "image-icl", "instruction"}
+    assert results["similarity"]["layer"] == 2 and len(results["similarity"]["labels"]) == len(vectors)
+    assert results["similarity"]["llm_vs_vlm"]["per_task"]["tiny-capital"] == pytest.approx([1.0] * 3)
+    assert set(results["decoded_tokens"]) == {"vlm", "llm"}
+    assert len(results["embedding_map"]["tasks"]) == 3 * 2 * 4
+    conflicts = results["conflict"]
+    assert len(conflicts) == 4  # 2 ordered pairs x (text ICL, instruction)
+    # Scored by the run's protocol: one generated token, prefix match.
+    assert all(row["max_new_tokens"] == 1 and row["metric"] == "prefix" for row in conflicts)
+    assert all(row["layer"] == 2 for row in conflicts)
+    assert set(results["conflict_totals"]) == {"text-icl", "instruction"}
+
+    path = document.write(tmp_path / "analysis.json")
+    assert AnalysisDocument.read(path) == document
+    assert AnalysisDocument.from_json(json.loads(path.read_text())).to_json() == document.to_json()
+
+
+def test_analysis_documents_of_another_format_or_missing_fields_are_refused(tmp_path: Path) -> None:
+    meta = AnalysisMeta("m", None, "0", "abc", None, {}, False, "now", 1.0)
+    document = AnalysisDocument(
+        meta=meta, tasks=["t"], layer=AnalysisLayer(1, 3, "test"), vectors={}, results={"x": 1}, errors={}
+    )
+    data = document.to_json()
+    assert AnalysisDocument.from_json(data) == document
+    with pytest.raises(ValueError, match="format 1, this taskvec reads format 2"):
+        AnalysisDocument.from_json({**data, "format": 1})
+    with pytest.raises(ValueError, match="analysis: missing field 'results'"):
+        AnalysisDocument.from_json({k: v for k, v in data.items() if k != "results"})
+    without = {k: v for k, v in data["meta"].items() if k != "model_fingerprint"}
+    with pytest.raises(ValueError, match=r"analysis\.meta: missing field 'model_fingerprint'"):
+        AnalysisDocument.from_json({**data, "meta": without})
+    with pytest.raises(ValueError, match=r"analysis\.layer\.chosen: expected int, got '2'"):
+        AnalysisDocument.from_json({**data, "layer": {"chosen": "2", "num_layers": 3, "source": ""}})
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match=r"bad\.json is not JSON"):
+        AnalysisDocument.read(tmp_path / "bad.json")
+
+
+def _forbid(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
     def fail(*_args: Any, **_kwargs: Any) -> Any:
         raise AssertionError("a cached step ran again")
 
-    monkeypatch.setattr(run_module, "lens_phases", fail)
-    monkeypatch.setattr(run_module, "task_conflict", fail)
-    (tmp_path / "analysis.json").unlink()
-    second = run_analyses(handle, tasks, tmp_path, quick=True, progress=False)
-    assert (
-        second["errors"] == {} and second["lens"] == first["lens"] and second["conflict"] == first["conflict"]
-    )
+    for name in names:
+        monkeypatch.setattr(registry_module, name, fail)
 
-    _results_with_layer(tmp_path, 1)  # another layer: cached steps are stale and run again
-    third = run_analyses(handle, tasks, tmp_path, quick=True, progress=False)
-    assert third["layer"]["chosen"] == 1
-    failed = set(third["errors"])
-    assert {f"lens-{task.name}" for task in tasks} <= failed
-    assert sum(name.startswith("conflict-") for name in failed) == 4
-    assert "AssertionError: a cached step ran again" in third["errors"]["lens-tiny-capital"]
+
+def test_identical_calls_are_served_from_the_cache_and_changed_inputs_recompute(
+    tasks: list[Task],
+    given_vectors: dict[VectorKey, torch.Tensor],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    handle = tiny_handle("llava")
+    cache = StepCache(tmp_path / "cache")
+    first = _run(handle, tasks, cache, vectors=given_vectors)
+    assert first.errors == {} and cache.hits == 0
+
+    steps = ("lens_phases", "similarity_analysis", "decode_vectors", "collect_prompt_points", "task_conflict")
+    _forbid(monkeypatch, *steps)
+    again = _run(handle, tasks, cache, vectors=given_vectors)
+    assert again.errors == {} and again.results == first.results
+
+    # Another layer: the steps that read it run again (and fail here); the lens and the decoded
+    # tokens read every layer and are served from the cache.
+    other_layer = _run(handle, tasks, cache, vectors=given_vectors, layer=1)
+    assert {"lens", "lens_peaks", "decoded_tokens"} <= set(other_layer.results)
+    assert {"similarity", "embedding_map", "conflict", "conflict_totals"} <= set(other_layer.errors)
+    assert sum(name.startswith("conflict/") for name in other_layer.errors) == 4
+    assert "AssertionError: a cached step ran again" in other_layer.errors["similarity"]
+
+    # Another value of tiny-flag-colour's text-ICL vector: the steps reading it run again; the conflict
+    # patching tiny-capital's vector into tiny-flag-colour prompts does not.
+    changed = dict(given_vectors)
+    flag_colour = VectorKey("vlm", "tiny-flag-colour", "text-icl")
+    changed[flag_colour] = changed[flag_colour] + 1
+    other_vector = _run(handle, tasks, cache, vectors=changed)
+    assert {"lens", "embedding_map"} <= set(other_vector.results)
+    assert {"similarity", "decoded_tokens"} <= set(other_vector.errors)
+    failed = {name for name in other_vector.errors if name.startswith("conflict/")}
+    assert failed == {f"conflict/{way}/tiny-capital--tiny-flag-colour" for way in ("text-icl", "instruction")}
+    assert len(other_vector.results["conflict"]) == 2  # the pair whose vector is unchanged, from the cache
+
+    # Other settings: every step runs again.
+    other_settings = _run(handle, tasks, cache, vectors=given_vectors, settings=replace(SETTINGS, top_k=2))
+    assert {"lens", "similarity", "decoded_tokens", "embedding_map", "conflict"} <= set(other_settings.errors)
+
+
+def test_step_keys_follow_model_weights_task_content_and_settings(tasks: list[Task], tmp_path: Path) -> None:
+    handle = tiny_handle("llava")
+
+    def key(model: Any = handle, task: Task = tasks[0], settings: AnalysisSettings = SETTINGS) -> str:
+        context = AnalysisContext(model, None, (task,), 1, {}, settings, StepCache(tmp_path))
+        return context.cache.key(context.identity("lens/x", tasks=[task]))
+
+    base = key()
+    assert key() == base
+    retrained = tiny_handle("llava")  # same name, other weights
+    with torch.no_grad():
+        next(retrained.model.parameters()).add_(1.0)
+    assert key(model=retrained) != base
+    edited = replace(tasks[0], items=(tasks[0].items[1], tasks[0].items[0], *tasks[0].items[2:]))
+    assert key(task=edited) != base
+    assert key(settings=replace(SETTINGS, conflict_max_new_tokens=4)) != base
+
+
+def test_a_registered_analysis_lands_in_the_document_and_a_failing_one_in_errors(
+    tasks: list[Task],
+    given_vectors: dict[VectorKey, torch.Tensor],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(registry_module, "ANALYSES", [])  # only the analyses registered below
+
+    def count(context: AnalysisContext) -> dict[str, Any]:
+        return context.cached(
+            "vector-count", lambda: {"vectors": len(context.vectors), "layer": context.layer}
+        )
+
+    def broken(_context: AnalysisContext) -> None:
+        raise RuntimeError("no luck")
+
+    register_analysis(Analysis("vector_count", count))
+    register_analysis(Analysis("broken", broken))
+    register_analysis(Analysis("after", lambda context: sorted(context.results)))
+    register_analysis(Analysis("removed", broken))
+    unregister_analysis("removed")
+    with pytest.raises(ValueError, match="named 'broken' is registered"):
+        register_analysis(Analysis("broken", broken))
+    document = _run(tiny_handle("llava"), tasks, StepCache(tmp_path), vectors=given_vectors)
+    assert document.results == {
+        "vector_count": {"vectors": len(given_vectors), "layer": 2},
+        "after": ["vector_count"],
+    }
+    assert document.errors == {"broken": "RuntimeError: no luck"}
+
+
+def test_run_analyses_refuses_a_layer_or_vector_the_model_does_not_have(
+    tasks: list[Task], tmp_path: Path
+) -> None:
+    handle = tiny_handle("llava")
+    with pytest.raises(ValueError, match="layer 3 is not one of"):
+        _run(handle, tasks, StepCache(tmp_path), vectors={}, layer=3)
+    wrong = {VectorKey("vlm", "tiny-capital", "text-icl"): torch.zeros(2, handle.hidden_size)}
+    with pytest.raises(ValueError, match=r"tiny-capital / text-icl has shape \(2, "):
+        _run(handle, tasks, StepCache(tmp_path), vectors=wrong)
 
 
 def test_lens_command_on_a_saved_checkpoint(

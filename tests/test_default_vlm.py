@@ -3,7 +3,6 @@ the same adapter as any LLaVA and names pictures in the art style it never saw i
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from taskvec.experiments import RunConfig, run_experiments
+from taskvec.experiments import RunConfig, RunResults, run_experiments
 from taskvec.models import ModelHandle, load_model
 from taskvec.tasks import load_task
 from taskvec.vlm.acceptance import icl_accuracy
@@ -76,7 +75,7 @@ def test_the_vlms_language_model_still_learns_text_tasks_in_context_like_the_bas
         task = load_task(name)
         vlm.append(icl_accuracy(default_vlm, task, modality="text", limit=TEXT_ICL_QUERIES))
         lm.append(icl_accuracy(base, task, modality="text", limit=TEXT_ICL_QUERIES))
-    # Issue 4: text-only ICL within a few points of the base LM (the model card's six-task means:
+    # Text-only ICL within a few points of the base LM (the model card's six-task means:
     # 0.30 vs 0.31). Measured on these queries when shipped: VLM 0.57 / 0.43, base LM 0.40 / 0.50.
     assert sum(vlm) / len(vlm) >= sum(lm) / len(lm) - 0.05, {"vlm": vlm, "base_lm": lm}
 
@@ -89,14 +88,16 @@ def test_quick_run_on_the_default_vlm_writes_results_and_patching_beats_no_conte
 ) -> None:
     config = RunConfig.quick_preset()
     results = run_experiments(default_vlm, config, tmp_path, llm=load_model("default"), progress=False)
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["meta"]["model"] == "gemma-3-270m-llava" and saved["tasks"] == list(config.tasks)
+    saved = RunResults.read(tmp_path / "results.json")
+    assert saved.meta.model == "gemma-3-270m-llava" and saved.tasks == list(config.tasks)
     assert (tmp_path / "summary.csv").is_file()
-    paper = results["tables"]["paper"]
+    table = results.table("paper")
+    assert table is not None
+    paper = {column.column: column.summary for column in table.columns}
     assert set(paper) == {"no-context", "image-icl", "image-icl-patch", "text-icl-xbase", "text-icl-xpatch"}
     # The paper's central claim on an image query: a text-ICL vector patched in beats no context; and
-    # the VLM learns from image demonstrations (issue 4). Measured when shipped (30 test queries,
+    # the VLM learns from image demonstrations. Measured when shipped (30 test queries,
     # 2 tasks): xPatch 0.20 (layer 10), image ICL 0.20, no context 0.03.
-    assert paper["text-icl-xpatch"]["mean"] >= 0.15 > paper["no-context"]["mean"]
-    assert paper["image-icl"]["mean"] >= 0.1
-    assert set(results["tables"]["llm_to_vlm"]) >= {"vlm_vectors", "llm_vectors", "cosine_per_layer"}
+    assert paper["text-icl-xpatch"].mean >= 0.15 > paper["no-context"].mean
+    assert paper["image-icl"].mean >= 0.1
+    assert results.table("llm_to_vlm") is not None and results.vector_cosine is not None

@@ -1,86 +1,55 @@
-"""The experiments pipeline on a tiny LLaVA: results.json contract, resume, layer choice, ensembles."""
+"""The experiments pipeline on a tiny LLaVA: typed results, intervals, floors, layer choice, resume."""
 
 from __future__ import annotations
 
 import csv
+import html
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-import transformers
 from conftest import random_image, tiny_handle
+from run_fixtures import tiny_base_lm, tiny_config, write_task_file
 from tiny_models import build_tiny
 
 from taskvec.caching import StepCache
 from taskvec.evaluation import accuracy, generate_answers, is_correct_by
-from taskvec.experiments import RunConfig, choose_layer, format_tables, plan_conditions, run_experiments
+from taskvec.experiments import (
+    Condition,
+    RunConfig,
+    RunResults,
+    TableSlot,
+    choose_layer,
+    format_tables,
+    plan_conditions,
+    register_condition,
+    run_experiments,
+    unregister_condition,
+)
 from taskvec.experiments import steps as steps_module
 from taskvec.experiments import vector_store as vector_store_module
+from taskvec.experiments.baselines import majority_answer, model_free_floors
+from taskvec.experiments.intervals import bootstrap_interval
+from taskvec.experiments.layer_choice import candidate_layers
 from taskvec.experiments.vector_store import ensemble_of, exemplar_subset_vector
-from taskvec.models import ModelHandle
 from taskvec.prompts import build_query_prompt
-from taskvec.tasks import load_task
-from taskvec.vectors import exemplar_vector, load_task_vector
+from taskvec.tasks import Item, Task, load_task
+from taskvec.vectors import VectorSpec, exemplar_vector, load_task_vector
 
-PAIRS = [
-    ("France", "Paris"),
-    ("Japan", "Tokyo"),
-    ("Italy", "Rome"),
-    ("Spain", "Madrid"),
-    ("Egypt", "Cairo"),
-    ("Peru", "Lima"),
-    ("Germany", "Berlin"),
-    ("China", "Beijing"),
-    ("India", "Delhi"),
-    ("Kenya", "Nairobi"),
-    ("Canada", "Ottawa"),
-    ("Brazil", "Brasilia"),
-    ("Greece", "Athens"),
-]
-RESULT_FIELDS = {"model", "condition", "task", "seed", "layer", "metric", "accuracy", "n"}
-
-
-def write_task_file(directory: Path) -> Path:
-    """country-capital.jsonl: 7 validation and 6 test items with images; borrows the built-in instruction."""
-    directory.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for index, (country, capital) in enumerate(PAIRS):
-        random_image(index).save(directory / f"{country}.png")
-        split = "val" if index < 7 else "test"
-        lines.append(
-            json.dumps({"input": country, "output": capital, "image": f"{country}.png", "split": split})
-        )
-    path = directory / "country-capital.jsonl"
-    path.write_text("\n".join(lines))
-    return path
-
-
-def tiny_base_lm(vlm: ModelHandle) -> ModelHandle:
-    """The tiny LLaVA's own language model as a causal LM: the shape of a real LLM -> VLM pair."""
-    config = vlm.model.config.text_config  # type: ignore[union-attr]
-    lm = transformers.LlamaForCausalLM(config).eval()
-    lm.model.load_state_dict(vlm.model.model.language_model.state_dict())  # type: ignore[union-attr]
-    lm.lm_head.load_state_dict(vlm.model.lm_head.state_dict())  # type: ignore[union-attr]
-    return ModelHandle.wrap(lm, vlm.tokenizer, name="tiny-llava-base")
-
-
-def tiny_config(task_file: Path, **changes: Any) -> RunConfig:
-    options: dict[str, Any] = {
-        "tasks": (str(task_file),),
-        "seeds": (0, 1),
-        "shots": 2,
-        "ensemble_examples": (0, 2, 4),
-        "max_new_tokens": 2,
-        "batch_size": 4,
-    }
-    options.update(changes)
-    return RunConfig(**options)
+Run = tuple[Path, RunConfig, RunResults]
+UNPATCHED = {
+    "no-context", "no-context-text", "image-icl", "text-icl", "text-icl-xbase", "instruction-prompt",
+    "exemplar-0",
+}  # fmt: skip
+PATCHED = {
+    "image->image", "text->image", "text->text", "image->text", "llm-xpatch", "instruction-patch",
+    "ensemble-0", "exemplar-2", "ensemble-2", "exemplar-4", "ensemble-4",
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunConfig, dict[str, Any]]:
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     root = tmp_path_factory.mktemp("run")
     config = tiny_config(write_task_file(root / "task"))
     vlm = tiny_handle("llava")
@@ -88,97 +57,102 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunCon
     return root / "out", config, results
 
 
-def test_run_writes_results_json_and_summary_csv_as_documented(
-    finished_run: tuple[Path, RunConfig, dict[str, Any]],
-) -> None:
-    out, _, returned = finished_run
-    results = json.loads((out / "results.json").read_text())
-    assert results == json.loads(json.dumps(returned))
-    assert results["format"] == 1 and results["tasks"] == ["country-capital"]
-    meta = results["meta"]
-    assert meta["model"] == "tiny-llava" and meta["llm"] == "tiny-llava-base"
-    assert {"torch", "transformers"} <= set(meta["packages"]) and meta["taskvec"]
-    assert meta["config"]["seeds"] == [0, 1] and meta["config"]["shots"] == 2
-    conditions = {row["condition"] for row in results["results"]}
-    unpatched = {
-        "no-context", "no-context-text", "image-icl", "text-icl", "text-icl-xbase", "instruction-prompt",
-        "exemplar-0",
-    }  # fmt: skip
-    patched = {
-        "image-icl-patch", "text-icl-xpatch", "text->text", "image->text", "llm-xpatch", "instruction-patch",
-        "ensemble-0", "exemplar-2", "ensemble-2", "exemplar-4", "ensemble-4",
-    }  # fmt: skip
-    assert conditions == unpatched | patched
-    for row in results["results"]:
-        assert set(row) == RESULT_FIELDS and row["n"] == 6 and 0.0 <= row["accuracy"] <= 1.0
-        assert row["metric"] in ("prefix", "prefix_ignore_case", "exact")
-        assert (row["layer"] is None) == (row["condition"] in unpatched)
-    seeds = {row["seed"] for row in results["results"] if row["condition"] == "text-icl-xpatch"}
-    assert seeds == {0, 1}
-    assert {row["seed"] for row in results["results"] if row["condition"] == "no-context"} == {None}
-    assert {r["model"] for r in results["results"] if r["condition"] == "llm-xpatch"} == {"llm"}
+def test_results_json_round_trips_into_the_typed_results(finished_run: Run) -> None:
+    out, config, returned = finished_run
+    data = json.loads((out / "results.json").read_text())
+    assert data == json.loads(json.dumps(returned.to_json()))
+    results = RunResults.read(out / "results.json")
+    assert results == returned and results.config == config
+    assert results.format == 2 and results.tasks == ["country-capital"]
+    assert results.meta.model == "tiny-llava" and results.meta.llm == "tiny-llava-base"
+    assert {"torch", "transformers"} <= set(results.meta.packages) and results.meta.model_fingerprint
+    with pytest.raises(ValueError, match="format 1"):
+        RunResults.from_json({**data, "format": 1})
+    broken = json.loads(json.dumps(data))
+    broken["tables"][0]["columns"][0]["summary"]["mean"] = "high"
+    with pytest.raises(ValueError, match=r"results\.tables\[0\]\.columns\[0\]\.summary\.mean"):
+        RunResults.from_json(broken)
 
-    patched = {
-        "image-icl-patch",
-        "text-icl-xpatch",
+
+def test_every_result_has_its_interval_layer_and_own_answer_share(finished_run: Run) -> None:
+    _, _, results = finished_run
+    assert {row.condition for row in results.results} == UNPATCHED | PATCHED
+    for row in results.results:
+        assert row.n == 6 and len(row.hits) == 6 and row.accuracy == row.hits.count("1") / 6
+        assert row.interval.low <= row.accuracy <= row.interval.high
+        assert (row.layer is None) == (row.condition in UNPATCHED)
+        assert (row.vector_answer_share is None) == (row.condition in UNPATCHED)
+    assert {row.seed for row in results.results if row.condition == "text->image"} == {0, 1}
+    assert {row.seed for row in results.results if row.condition == "no-context"} == {None}
+    assert {row.model for row in results.results if row.condition == "llm-xpatch"} == {"llm"}
+    for summary in results.summaries:
+        assert summary.interval.low <= summary.mean <= summary.interval.high
+    assert results.summary("ensemble-2").metric == "prefix_ignore_case"  # type: ignore[union-attr]
+    assert results.summary("text->image").metric == "prefix"  # type: ignore[union-attr]
+
+
+def test_tables_place_conditions_by_their_slots_beside_the_paper(finished_run: Run) -> None:
+    _, _, results = finished_run
+    assert [table.id for table in results.tables] == [
+        "paper",
+        "directions",
+        "llm_to_vlm",
+        "instruction",
+        "ensemble",
+    ]
+    paper, directions = results.table("paper"), results.table("directions")
+    assert paper is not None and directions is not None
+    assert [c.column for c in paper.columns] == [
+        "no-context", "image-icl", "text-icl-xbase", "image-icl-patch", "text-icl-xpatch",
+    ]  # fmt: skip
+    assert {c.column for c in directions.columns} == {
         "text->text",
+        "text->image",
+        "image->image",
         "image->text",
-        "llm-xpatch",
-        "instruction-patch",
     }
-    assert patched <= set(results["layers"])
-    # The ensemble curve's smaller n take the layer chosen for its largest n (ensemble_layer_from).
-    layers = results["layers"]
-    assert layers["exemplar-2"]["shared_from"] == "exemplar-4"
-    assert layers["exemplar-2"]["validation_mean"] == []
-    assert layers["ensemble-2"]["shared_from"] == "ensemble-4"
-    assert layers["ensemble-2"]["chosen"] == layers["ensemble-4"]["chosen"]
-    for choice in (choice for choice in layers.values() if "shared_from" not in choice):
-        assert len(choice["validation_mean"]) == 3 and 0 <= choice["chosen"] < 3
-        assert choice["chosen"] == choose_layer(choice["validation_mean"])
-        assert set(choice["validation_per_task"]) == {"country-capital"}
-
-    tables = results["tables"]
-    assert set(tables["paper"]) == {
-        "no-context",
-        "image-icl",
-        "image-icl-patch",
-        "text-icl-xbase",
-        "text-icl-xpatch",
-    }
-    assert set(tables["directions"]) == {"text->text", "text->image", "image->image", "image->text"}
-    assert tables["directions"]["text->image"] == tables["paper"]["text-icl-xpatch"]
-    assert set(tables["instruction"]) == {"instruction_patch", "instruction_prompt"}
-    llm_table = tables["llm_to_vlm"]
-    assert len(llm_table["cosine_per_layer"]) == 3
+    assert directions.column("text->image").summary == paper.column("text-icl-xpatch").summary  # type: ignore[union-attr]
+    assert paper.paper["Idefics2-8B"]["text-icl-xpatch"] == 0.51 and paper.max_new_tokens == 2
+    assert [floor.name for floor in paper.floors] == ["majority_answer", "copy_input"]
+    ensemble = results.table("ensemble")
+    assert ensemble is not None and ensemble.curve and ensemble.metric == "prefix_ignore_case"
+    assert [c.x for c in ensemble.series("exemplar")] == [0, 2, 4]
+    cosine = results.vector_cosine
     # The base LM is the VLM's own language model and text prompts have no image: identical vectors.
-    assert llm_table["cosine_at_chosen_layer"] == pytest.approx(1.0, abs=1e-4)
     assert (
-        tables["ensemble"]["examples"] == [0, 2, 4] and tables["ensemble"]["metric"] == "prefix_ignore_case"
+        cosine is not None and len(cosine.per_layer) == 3 and cosine.at_layer == pytest.approx(1.0, abs=1e-4)
     )
-    assert len(tables["ensemble"]["exemplar"]) == 3
-    assert {"per_task", "mean", "std"} <= set(tables["paper"]["text-icl-xpatch"])
+    text = format_tables(results)
+    assert "Idefics2-8B" in text and "ours (tiny-llava)" in text and "2 generated tokens" in text
+    assert "copy" in text and "majority" in text and "[95% bootstrap interval" in text
 
-    examples = [e for e in results["examples"] if e["condition"] == "no-context"]
-    assert len(examples) == 2 and Path(examples[0]["image"]).is_file()
-    assert (
-        "paper_numbers" in results
-        and results["paper_numbers"]["table"]["Idefics2-8B"]["text-icl-xpatch"] == 0.51
-    )
 
+def test_layer_choice_stays_in_the_candidate_range(finished_run: Run) -> None:
+    _, _, results = finished_run
+    layers = results.layers
+    assert set(layers) >= PATCHED
+    assert layers["exemplar-2"].shared_from == "exemplar-4" and layers["exemplar-2"].validation_mean == []
+    assert layers["ensemble-2"].chosen == layers["ensemble-4"].chosen
+    for choice in (choice for choice in layers.values() if choice.shared_from is None):
+        assert len(choice.validation_mean) == 3 and choice.candidates == [0, 1]
+        assert choice.chosen == choose_layer(choice.validation_mean, [0, 1])
+        assert set(choice.validation_per_task) == {"country-capital"}
+    assert results.analysis_layer == layers["text->image"].chosen
+
+
+def test_summary_csv_has_one_row_per_result_with_its_interval(finished_run: Run) -> None:
+    out, _, results = finished_run
     with (out / "summary.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == len(results["results"])
-    assert set(rows[0]) == {"model", "condition", "task", "seed", "metric", "accuracy", "n", "layer"}
+    assert len(rows) == len(results.results)
+    assert {"low", "high", "label", "vector_answer_share", "max_new_tokens"} <= set(rows[0])
     assert (out / "vectors/vlm/country-capital/text-icl-seed1.safetensors").is_file()
     assert (out / "vectors/vlm/country-capital/instruction-seed0.safetensors").is_file()
     assert (out / "vectors/llm/country-capital/text-icl-seed0.safetensors").is_file()
-    text = format_tables(results)
-    assert "Idefics2-8B" in text and "ours (tiny-llava)" in text and "Ensemble curve" in text
 
 
 def test_saved_vectors_follow_the_protocol_and_test_answers_are_patched_at_the_chosen_layer(
-    finished_run: tuple[Path, RunConfig, dict[str, Any]],
+    finished_run: Run,
 ) -> None:
     out, config, results = finished_run
     handle, task = tiny_handle("llava"), load_task(config.tasks[0])
@@ -187,42 +161,71 @@ def test_saved_vectors_follow_the_protocol_and_test_answers_are_patched_at_the_c
     torch.testing.assert_close(saved.vectors, reference.vectors, atol=1e-5, rtol=1e-4)
     assert saved.metadata["spec"] == "image-icl" and saved.metadata["cache_key"]
 
-    layer = results["layers"]["text-icl-xpatch"]["chosen"]
+    layer = results.layers["text->image"].chosen
     vector = load_task_vector(out / "vectors/vlm/country-capital/text-icl-seed0.safetensors")
     queries = [build_query_prompt(item, modality="image") for item in task.split("test")]
     expected = generate_answers(handle, queries, vector=vector.at(layer), layer=layer, max_new_tokens=2)
     unpatched = generate_answers(handle, queries, max_new_tokens=2)
     answers = [item.answers() for item in task.split("test")]
-    row = next(
-        r
-        for r in results["results"]
-        if (r["condition"], r["seed"], r["metric"]) == ("text-icl-xpatch", 0, "prefix")
-    )
-    assert row["layer"] == layer and row["accuracy"] == accuracy(expected, answers)
-    examples = [e for e in results["examples"] if e["condition"] == "text-icl-xpatch"]
-    assert [e["generated"] for e in examples] == expected[:2]
+    row = next(r for r in results.results if (r.condition, r.seed, r.metric) == ("text->image", 0, "prefix"))
+    assert row.layer == layer and row.accuracy == accuracy(expected, answers)
+    examples = [e for e in results.examples if e.condition == "text->image"]
+    assert [e.generated for e in examples] == expected[:2]
     assert expected != unpatched, "the tiny model should answer differently under the patch"
 
 
-def test_a_rerun_resumes_from_the_run_directory(
-    finished_run: tuple[Path, RunConfig, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_patching_the_last_layer_gives_the_vectors_own_answer_whatever_the_query(tmp_path: Path) -> None:
+    config = tiny_config(
+        write_task_file(tmp_path / "task"), seeds=(0,), first_candidate_layer=-1, last_candidate_layer=-1
+    )
+    vlm = tiny_handle("llava")
+    results = run_experiments(vlm, config, tmp_path / "out", progress=False)
+    patched = [s for s in results.summaries if s.vector_answer_share is not None]
+    assert patched and all(s.layer == 2 and s.vector_answer_share == 1.0 for s in patched)
+    assert all(s.query_independent(config.query_independent_share) for s in patched)
+    assert "*" in format_tables(results)
+
+
+def test_a_rerun_resumes_from_the_run_directory(finished_run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
     out, config, first = finished_run
 
-    def must_not_run(*args: Any, **kwargs: Any) -> Any:
+    def must_not_run(*args: object, **kwargs: object) -> object:
         raise AssertionError("a finished step was recomputed")
 
     for module, name in (
-        (steps_module, "generate_answers"),
+        (steps_module, "generate_answers_and_first_tokens"),
         (steps_module, "sweep_first_tokens"),
-        (vector_store_module, "residuals_per_prompt"),
-        (vector_store_module, "instruction_vector"),
+        (vector_store_module, "extract_vector"),
     ):
         monkeypatch.setattr(module, name, must_not_run)
     vlm = tiny_handle("llava")
     again = run_experiments(vlm, config, out, llm=tiny_base_lm(vlm), progress=False)
-    assert again["results"] == first["results"] and again["layers"] == first["layers"]
-    assert again["meta"]["steps"]["computed"] == 0 and again["meta"]["steps"]["vectors_extracted"] == 0
+    assert again.results == first.results and again.layers == first.layers
+    assert again.meta.steps["computed"] == 0 and again.meta.steps["vectors_extracted"] == 0
+
+
+def test_a_registered_condition_reaches_results_csv_and_report(tmp_path: Path) -> None:
+    from taskvec.report import write_report
+
+    condition = Condition(
+        "text->image-x2",
+        "text-ICL vector, doubled, -> image query",
+        "image",
+        vector=VectorSpec.TEXT_ICL,
+        seeded=True,
+        tables=(TableSlot("directions", "text->image (dummy)"),),
+    )
+    register_condition(condition)
+    try:
+        config = tiny_config(write_task_file(tmp_path / "task"), seeds=(0,), ensemble_examples=(0,))
+        results = run_experiments(tiny_handle("llava"), config, tmp_path / "out", progress=False)
+    finally:
+        unregister_condition(condition.name)
+    assert any(row.condition == "text->image-x2" for row in results.results)
+    directions = results.table("directions")
+    assert directions is not None and directions.column("text->image (dummy)") is not None
+    assert "text->image-x2" in (tmp_path / "out" / "summary.csv").read_text()
+    assert html.escape("text->image (dummy)") in write_report(tmp_path / "out").read_text()
 
 
 def test_a_changed_option_does_not_reuse_stale_steps(tmp_path: Path) -> None:
@@ -230,17 +233,18 @@ def test_a_changed_option_does_not_reuse_stale_steps(tmp_path: Path) -> None:
     config = tiny_config(write_task_file(tmp_path / "task"))
     store = vector_store_module.VectorStore(tmp_path, config, cache, progress=False)
     handle, task = tiny_handle("llava"), load_task(config.tasks[0])
-    base = store.identity(handle, task, "text-icl", 0)
+    base = store.identity(handle, task, VectorSpec.TEXT_ICL, 0)
     assert cache.key(base) == cache.key(dict(base))
+    assert cache.key(base) == cache.key({**base, "spec": "text-icl"})  # the enum keys like its value
     other_store = vector_store_module.VectorStore(
         tmp_path, config.with_options(shots=3, ensemble_examples=(0, 3)), cache, False
     )
-    assert cache.key(other_store.identity(handle, task, "text-icl", 0)) != cache.key(base)
-    assert cache.key(store.identity(handle, task, "text-icl", 1)) != cache.key(base)
+    assert cache.key(other_store.identity(handle, task, VectorSpec.TEXT_ICL, 0)) != cache.key(base)
+    assert cache.key(store.identity(handle, task, VectorSpec.TEXT_ICL, 1)) != cache.key(base)
     other_model = tiny_handle("llava")  # same name, other weights
     with torch.no_grad():
         next(other_model.model.parameters()).add_(1.0)
-    assert cache.key(store.identity(other_model, task, "text-icl", 0)) != cache.key(base)
+    assert cache.key(store.identity(other_model, task, VectorSpec.TEXT_ICL, 0)) != cache.key(base)
     runner = steps_module.StepRunner(handle, None, config, cache, store, progress=False)
     changed = steps_module.StepRunner(handle, None, config.with_options(test_limit=3), cache, store, False)
     condition = next(c for c in plan_conditions(handle, [task], config, None)[0] if c.name == "no-context")
@@ -252,8 +256,44 @@ def test_layer_choice_takes_the_best_mean_and_the_lowest_layer_on_ties() -> None
     assert choose_layer([0.1, 0.5, 0.3]) == 1
     assert choose_layer([0.2, 0.6, 0.6, 0.1]) == 1
     assert choose_layer([0.0, 0.0]) == 0
+    assert choose_layer([0.1, 0.2, 0.9], [0, 1]) == 1
+    assert candidate_layers(0, -2, 18) == list(range(17)) and candidate_layers(-1, -1, 3) == [2]
     with pytest.raises(ValueError):
         choose_layer([])
+    with pytest.raises(ValueError, match="no candidate layers"):
+        candidate_layers(5, 2, 18)
+
+
+def test_bootstrap_intervals_are_seeded_and_cover_the_mean() -> None:
+    hits = {"a": [[True, False, True, True]], "b": [[False] * 4]}
+    interval = bootstrap_interval(hits, samples=500)
+    assert interval == bootstrap_interval(hits, samples=500)
+    assert interval.low <= 0.375 <= interval.high and interval.low < interval.high
+    assert bootstrap_interval({"a": [[True] * 5]}).low == 1.0
+    # Seeds share their items: two identical seeds give the interval of one.
+    assert bootstrap_interval({"a": [[True, False, True, True]] * 2}, samples=500) == bootstrap_interval(
+        {"a": [[True, False, True, True]]}, samples=500
+    )
+
+
+def test_floors_score_the_majority_answer_and_copying_the_input() -> None:
+    items = tuple(
+        Item(word, answer)
+        for word, answer in (
+            ("chick", "chicken"),
+            ("cat", "kitten"),
+            ("dog", "puppy"),
+            ("cow", "calf"),
+            ("duck", "duckling"),
+            ("pig", "piglet"),
+            ("owl", "owlet"),
+            ("ant", "antling"),
+        )
+    )
+    task = Task("young", "", items, {"val": (0, 1, 2, 3), "test": (4, 5, 6, 7)})
+    majority, copy_input = model_free_floors([task], metric="prefix", test_limit=None, samples=200)
+    assert copy_input.per_task["young"] == 1.0  # every test output starts with its input
+    assert majority.answers == {"young": majority_answer(task)} and majority.per_task["young"] == 0.0
 
 
 def test_ensemble_uses_whole_prompts_seeded_and_averages_with_the_instruction() -> None:
@@ -333,7 +373,7 @@ def test_cli_run_quick_on_a_saved_checkpoint(tmp_path: Path, capsys: pytest.Capt
     argv += ["--shots", "2", "--ensemble-examples", "0", "2", "--out", str(out), "--no-analyses"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "Table 1" in printed and "text-icl-xpatch" in printed and "no base LM given" in printed
+    assert "Main table" in printed and "text-icl-xpatch" in printed and "no base LM given" in printed
     results = json.loads((out / "results.json").read_text())
     assert results["meta"]["quick"] and results["meta"]["llm"] is None
     assert main(["run", "--model", str(model_dir), "--tasks", "no-such-task", "--out", str(out)]) == 2
@@ -344,7 +384,7 @@ def test_cli_run_quick_on_a_saved_checkpoint(tmp_path: Path, capsys: pytest.Capt
 
 
 def test_layer_sweeps_use_the_first_seeds_vectors_unless_asked_for_all(
-    finished_run: tuple[Path, RunConfig, dict[str, Any]], tmp_path: Path
+    finished_run: Run, tmp_path: Path
 ) -> None:
     out, config, _ = finished_run
     vlm = tiny_handle("llava")
@@ -357,11 +397,8 @@ def test_layer_sweeps_use_the_first_seeds_vectors_unless_asked_for_all(
     assert config.seeds == (0, 1) and all_sweeps - default_sweeps == 7
 
 
-def test_majority_answer_baseline_scores_the_most_frequent_validation_answer() -> None:
+def test_majority_answer_floor_scores_the_most_frequent_validation_answer() -> None:
     from collections import Counter
-
-    from taskvec.experiments.baselines import majority_answer, majority_answer_baseline
-    from taskvec.tasks import load_task
 
     task = load_task("food-flavor")
     counts = Counter(item.output for item in task.split("val"))
@@ -369,18 +406,19 @@ def test_majority_answer_baseline_scores_the_most_frequent_validation_answer() -
     assert counts[answer] == max(counts.values())
     test = task.split("test")
     expected = sum(answer in item.answers() for item in test) / len(test)
-    baseline = majority_answer_baseline([task], metric="exact", test_limit=None)
-    assert baseline["answers"] == {"food-flavor": answer}
-    assert baseline["per_task"]["food-flavor"] == pytest.approx(expected) and baseline["mean"] > 0.1
+    majority, _ = model_free_floors([task], metric="exact", test_limit=None)
+    assert majority.answers == {"food-flavor": answer}
+    assert majority.per_task["food-flavor"] == pytest.approx(expected) and majority.mean > 0.1
+    assert majority.interval.low <= majority.mean <= majority.interval.high
 
 
-def test_results_carry_the_majority_answer_floor(
-    finished_run: tuple[Path, RunConfig, dict[str, Any]],
-) -> None:
+def test_results_carry_both_floors_at_the_run_metric(finished_run: Run) -> None:
     _, _, results = finished_run
-    majority = results["tables"]["baselines"]["majority_answer"]
-    assert set(majority["per_task"]) == {"country-capital"} and majority["metric"] == "prefix"
-    assert "floor: the validation majority answer" in format_tables(results)
+    assert [floor.name for floor in results.floors] == ["majority_answer", "copy_input"]
+    assert all(
+        set(floor.per_task) == {"country-capital"} and floor.metric == "prefix" for floor in results.floors
+    )
+    assert "floors (no model)" in format_tables(results)
 
 
 def test_generated_answers_do_not_depend_on_the_batch_size() -> None:

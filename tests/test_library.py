@@ -22,7 +22,17 @@ from taskvec.models import (
 from taskvec.models.default_lm import _write_completion_record, is_complete
 from taskvec.prompts import build_icl_prompt, build_query_prompt
 from taskvec.tasks import Item, Task
-from taskvec.vectors import exemplar_vector, instruction_vector, load_task_vector, save_task_vector
+from taskvec.vectors import (
+    TooFewDemonstrationsError,
+    VectorSpec,
+    exemplar_vector,
+    extract_vector,
+    icl_prompts,
+    instruction_vector,
+    load_task_vector,
+    residuals_at_marker,
+    save_task_vector,
+)
 
 PAIRS = [
     ("France", "Paris"),
@@ -87,6 +97,75 @@ def test_text_exemplar_vector_is_the_mean_residual_at_the_last_demonstrations_ma
         manual.append(record_residuals(handle, inputs, position)[0, :, 0])
     torch.testing.assert_close(vector.vectors, torch.stack(manual).mean(0), atol=1e-5, rtol=1e-4)
     assert vector.metadata["spec"] == "text-icl" and vector.metadata["shots"] == 2
+
+
+def test_extract_vector_is_the_mean_of_its_per_prompt_residuals_read_at_the_marker() -> None:
+    handle = tiny_handle("llama")
+    task = tiny_task()
+    extraction = extract_vector(handle, task, VectorSpec.TEXT_ICL, shots=2, seed=1, limit=5, batch_size=2)
+    per_prompt = extraction.per_prompt
+    assert per_prompt is not None and per_prompt.dtype == torch.float32
+    assert per_prompt.shape == (5, handle.num_layers, handle.hidden_size)  # the first 5 queries
+    torch.testing.assert_close(extraction.vector.vectors, per_prompt.mean(dim=0))
+    metadata = extraction.vector.metadata
+    assert metadata["spec"] == "text-icl" and type(metadata["spec"]) is str and metadata["prompts"] == 5
+    # The same sampling as the full vector: a limit keeps the first queries' prompts unchanged.
+    pool = task.split("val")
+    prompts = icl_prompts(pool, pool, shots=2, seed=1)
+    assert [p.text for p in prompts[:5]] == [p.text for p in icl_prompts(pool, pool[:5], shots=2, seed=1)]
+    inputs = handle.build_inputs([prompts[3].text])
+    position = marker_position(handle.tokenizer, inputs["input_ids"][0], "A:", -2)
+    torch.testing.assert_close(per_prompt[3], record_residuals(handle, inputs, position)[0, :, 0])
+    full = extract_vector(handle, task, "text-icl", shots=2, seed=1, batch_size=2)
+    torch.testing.assert_close(full.per_prompt[:5], per_prompt, atol=1e-5, rtol=1e-4)  # type: ignore[index]
+    torch.testing.assert_close(exemplar_vector(handle, task, shots=2, seed=1).vectors, full.vector.vectors)
+    instruction = extract_vector(handle, task, VectorSpec.INSTRUCTION)
+    assert instruction.per_prompt is None and instruction.vector.metadata["spec"] == "instruction"
+
+
+def test_residuals_at_marker_reads_chosen_layers_and_mean_input_embeddings() -> None:
+    handle = tiny_handle("llama")
+    task = tiny_task()
+    prompts = icl_prompts(task.split("val"), task.split("val")[:3], shots=2, seed=0)
+    every = residuals_at_marker(handle, prompts, occurrence=-1, batch_size=2)
+    assert every.shape == (3, handle.num_layers, handle.hidden_size)
+    one, embeddings = residuals_at_marker(handle, prompts, occurrence=-1, layers=[1], input_embeddings=True)
+    torch.testing.assert_close(one[:, 0], every[:, 1], atol=1e-5, rtol=1e-4)
+    inputs = handle.build_inputs([prompts[0].text])
+    token_embeddings = handle.model.get_input_embeddings()(inputs["input_ids"])[0]
+    torch.testing.assert_close(embeddings[0], token_embeddings.mean(dim=0), atol=1e-5, rtol=1e-4)
+
+
+def test_too_few_demonstrations_is_an_error_naming_the_task_and_counts() -> None:
+    handle = tiny_handle("llama")
+    task = tiny_task()  # 8 validation items: 7 besides each query
+    with pytest.raises(TooFewDemonstrationsError, match=r"task 'tiny-capital': 8-shot .* has 7"):
+        extract_vector(handle, task, VectorSpec.TEXT_ICL, shots=8)
+    with pytest.raises(ValueError, match="made from other vectors"):
+        extract_vector(handle, task, VectorSpec.ENSEMBLE)
+    with pytest.raises(ValueError, match="unknown vector spec 'text'"):
+        extract_vector(handle, task, "text")
+
+
+def test_the_demo_scores_one_generated_token_by_default_like_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    import taskvec.experiments.demo as demo_module
+
+    calls: list[int] = []
+    generate = demo_module.generate_answers
+
+    def counting(*args: object, max_new_tokens: int, **kwargs: object) -> list[str]:
+        calls.append(max_new_tokens)
+        return generate(*args, max_new_tokens=max_new_tokens, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(demo_module, "generate_answers", counting)
+    task = replace(tiny_task(), splits={"val": (0, 1, 2, 3, 4, 5), "test": (6, 7)})
+    result = demo_module.run_demo(tiny_handle("llama"), task, shots=2, progress=False)
+    assert calls == [1, 1, 1] and result.max_new_tokens == 1 and result.metric == "prefix"
+    assert result.test_items == 2 and 0 <= result.best_layer < len(result.validation_accuracy_per_layer)
+    demo_module.run_demo(tiny_handle("llama"), task, shots=2, max_new_tokens=3, progress=False)
+    assert calls[3:] == [3, 3, 3]
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])

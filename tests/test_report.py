@@ -1,4 +1,4 @@
-"""The report: self-contained HTML from a synthetic run directory, rendered by headless Chromium."""
+"""The report: self-contained HTML from a tiny run directory, rendered by headless Chromium."""
 
 from __future__ import annotations
 
@@ -14,27 +14,33 @@ from typing import Any
 import pytest
 from conftest import tiny_handle
 from PIL import Image
-from report_fixtures import fake_results
-from tiny_tasks import make_tiny_tasks
+from run_fixtures import tiny_base_lm, tiny_config, write_shared_input_task_file
 
-from taskvec.analysis import run_analyses
+from taskvec.analysis import Analysis, register_analysis, registered_analyses
+from taskvec.analysis.registry import unregister_analysis
 from taskvec.cli import main
+from taskvec.experiments import RunResults, run_analyses_of_run, run_experiments
 from taskvec.report import write_report
+from taskvec.report.claims import evaluate_claims
+from taskvec.report.writer import ReportSection, register_section, unregister_section
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """results.json written by hand after RUN_LAYOUT.md, analysis.json by run_analyses (quick)."""
+    """A tiny run of two tasks that share their inputs, its analyses and its report."""
     root = tmp_path_factory.mktemp("run")
-    tasks = make_tiny_tasks(root / "images")
-    handle = tiny_handle("llava")
-    image = tasks[0].items[0].image()
-    results = fake_results([task.name for task in tasks], handle.num_layers, image)
-    (root / "results.json").write_text(json.dumps(results))
-    analysis = run_analyses(handle, tasks, root, quick=True, progress=False)
-    assert analysis["errors"] == {}
-    write_report(root)
-    return root
+    second = write_shared_input_task_file(root / "tasks")
+    config = tiny_config(
+        second.parent / "country-capital.jsonl",
+        tasks=(str(second.parent / "country-capital.jsonl"), str(second)),
+    )
+    vlm = tiny_handle("llava")
+    llm = tiny_base_lm(vlm)
+    results = run_experiments(vlm, config, root / "out", llm=llm, progress=False)
+    document = run_analyses_of_run(vlm, results, root / "out", llm=llm, progress=False)
+    assert document.errors == {}
+    write_report(root / "out")
+    return root / "out"
 
 
 class LinkCollector(HTMLParser):
@@ -56,29 +62,95 @@ def test_report_is_self_contained_with_every_section(run_dir: Path) -> None:
     parser.feed(text)
     images = [value for tag, name, value in parser.links if tag == "img"]
     figures = sorted((run_dir / "figures").glob("*.png"))
-    # Lens: 3 tasks + their mean; sweeps, ensemble, LM cosine, similarity (2), t-SNE; and one photo.
-    assert len(figures) == 10 and len(images) == len(figures) + 1
+    # Lens: 2 tasks + their mean; sweeps, ensemble, LM cosine, similarity (2 + LM vs VLM), t-SNE.
+    assert len(figures) == 10, [figure.name for figure in figures]
+    thumbnails = len([value for value in images if value.startswith("data:image/png")]) - len(figures)
+    assert thumbnails >= 1  # the example generations show their image queries
     assert all(value.startswith("data:image/png;base64,") for value in images)
     for tag, name, value in parser.links:
         assert value.startswith(("data:", "#")), f"<{tag} {name}={value[:60]!r}> leaves the file"
     assert "script" not in parser.tags and "link" not in parser.tags and "url(" not in text
     assert "http://" not in text and "https://" not in text
-    for heading in ("Results beside the paper", "Three phases", "Similarity", "t-SNE", "Task conflict"):
+    for heading in (
+        "The paper&#x27;s claims",
+        "Results beside the paper",
+        "Three phases",
+        "Similarity",
+        "t-SNE",
+        "Task conflict",
+    ):
         assert heading in text
-    assert (
-        "paper: Idefics2-8B" in text and "0.51" in text and "paper: directions (Idefics2-8B)" in text
-    )  # the paper's row beside ours
-    assert "&lt;b&gt;not html&lt;/b&gt;" in text and "<b>not html" not in text  # generated text escaped
+    assert text.index("The paper&#x27;s claims") < text.index("Results beside the paper")  # claims open it
+    assert "paper: Idefics2-8B" in text and "0.51" in text  # the paper's rows beside ours
+    assert "copy the input" in text and "majority answer" in text  # both floors
+    assert "95% bootstrap interval" in text and "class='interval'" in text
     assert "Missing" not in text
 
 
-def test_report_of_a_partial_run_says_what_is_missing(tmp_path: Path) -> None:
-    (tmp_path / "results.json").write_text(json.dumps({"format": 1, "tables": {"paper": "not a table"}}))
+def test_the_claims_table_has_a_computed_verdict_for_each_claim(run_dir: Path) -> None:
+    results = RunResults.read(run_dir / "results.json")
+    analysis = json.loads((run_dir / "analysis.json").read_text())["results"]
+    claims = evaluate_claims(results, analysis)
+    assert [claim.number for claim in claims] == [1, 2, 3, 4, 5, 6]
+    assert all(
+        claim.verdict in ("holds", "does not hold", "not testable") and claim.evidence for claim in claims
+    )
+    # Claims 2 and 3 need the analyses; without them they cannot be tested.
+    without = evaluate_claims(results, None)
+    assert [claim.verdict for claim in without][1:3] == ["not testable", "not testable"]
+    text = (run_dir / "report.html").read_text(encoding="utf-8")
+    assert text.count('class="verdict ') == 6
+
+
+def test_a_condition_that_ignores_the_query_is_no_transfer(run_dir: Path) -> None:
+    results = RunResults.read(run_dir / "results.json")
+    summary = results.summary("text->text")
+    assert summary is not None
+    summary.vector_answer_share = 1.0  # every answer is the vector's own decoded token
+    summary.mean, summary.interval = 1.0, type(summary.interval)(1.0, 1.0)
+    claim = evaluate_claims(results, None)[0]
+    assert claim.verdict == "does not hold"
+    assert any("does not depend on the query" in line for line in claim.evidence)
+
+
+def test_a_registered_analysis_reaches_analysis_json_and_the_report(run_dir: Path, tmp_path: Path) -> None:
+    shutil.copytree(run_dir, tmp_path / "run")
+    analysis = Analysis("layer-count", lambda context: {"layers": context.handle.num_layers})
+    register_analysis(analysis)
+    register_section(
+        ReportSection(
+            "layer-count",
+            "Layer count",
+            "analysis",
+            lambda context: f"<p>layers: {context.analysis_results['layer-count']['layers']}</p>",
+        )
+    )
+    try:
+        vlm = tiny_handle("llava")
+        results = RunResults.read(tmp_path / "run" / "results.json")
+        document = run_analyses_of_run(vlm, results, tmp_path / "run", llm=tiny_base_lm(vlm), progress=False)
+        text = write_report(tmp_path / "run").read_text(encoding="utf-8")
+    finally:
+        unregister_analysis("layer-count")
+        unregister_section("layer-count")
+    assert document.results["layer-count"] == {"layers": vlm.num_layers}
+    assert (
+        json.loads((tmp_path / "run" / "analysis.json").read_text())["results"]["layer-count"]["layers"] == 3
+    )
+    assert "<p>layers: 3</p>" in text
+    assert "layer-count" not in [a.name for a in registered_analyses()]
+
+
+def test_report_of_a_partial_run_says_what_is_missing(run_dir: Path, tmp_path: Path) -> None:
+    shutil.copy(run_dir / "results.json", tmp_path / "results.json")
     text = write_report(tmp_path).read_text(encoding="utf-8")
-    assert "analysis.json not found" in text
-    assert "Missing: lens phases in analysis.json" in text
-    assert "Missing: examples in results.json" in text
-    assert "could not be drawn" in text  # a malformed table costs its section, not the report
+    assert "analysis.json not found" in text and "Missing: analysis.json" in text
+    assert "Results beside the paper" in text and "not testable" in text
+    (tmp_path / "results.json").write_text(json.dumps({"format": 2, "tables": "not a table"}))
+    text = write_report(tmp_path).read_text(encoding="utf-8")
+    assert "results: missing field" in text  # a malformed file is named, not a traceback
+    (tmp_path / "results.json").write_text(json.dumps({"format": 1}))
+    assert "this taskvec reads format 2" in write_report(tmp_path).read_text(encoding="utf-8")
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "results.json not found" in write_report(empty).read_text(encoding="utf-8")
@@ -86,8 +158,8 @@ def test_report_of_a_partial_run_says_what_is_missing(tmp_path: Path) -> None:
         write_report(tmp_path / "absent")
 
 
-def test_report_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "results.json").write_text(json.dumps({"format": 1, "meta": {"model": "m"}}))
+def test_report_command(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.copy(run_dir / "results.json", tmp_path / "results.json")
     assert main(["report", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "report.html")
     assert main(["report", str(tmp_path / "absent")]) == 2
@@ -149,7 +221,8 @@ def _probe(report: Path, tmp_path: Path) -> dict[str, Any]:
 def test_chromium_renders_the_report_with_every_image_and_no_error(run_dir: Path, tmp_path: Path) -> None:
     report = run_dir / "report.html"
     probed = _probe(report, tmp_path)
-    assert probed == {"images": 11, "broken": [], "problems": []}
+    images = report.read_text(encoding="utf-8").count("<img ")
+    assert probed == {"images": images, "broken": [], "problems": []} and images > 10
 
     screenshot = tmp_path / "report.png"
     result = _chromium(report, tmp_path / "profile", f"--screenshot={screenshot}", "--window-size=1280,3000")
@@ -167,24 +240,6 @@ def test_chromium_renders_the_report_with_every_image_and_no_error(run_dir: Path
         text.replace("</body>", "<script>undefinedFunction();</script></body>"), encoding="utf-8"
     )
     failed = _probe(broken, tmp_path)
-    assert failed["images"] == 11 and len(failed["broken"]) == 1
+    assert failed["images"] == images and len(failed["broken"]) == 1
     assert any("failed to load IMG" in problem for problem in failed["problems"])
     assert any("undefinedFunction" in problem for problem in failed["problems"])
-
-
-def test_main_table_is_followed_by_the_majority_answer_floor() -> None:
-    from taskvec.report.results_sections import majority_floor_note
-
-    tables = {
-        "baselines": {
-            "majority_answer": {
-                "metric": "prefix",
-                "answers": {"food-flavor": "sweet"},
-                "per_task": {"food-flavor": 0.64},
-                "mean": 0.64,
-            }
-        }
-    }
-    text = majority_floor_note(tables)
-    assert "Floor without a model" in text and "0.64" in text and "sweet" in text
-    assert majority_floor_note({}) == ""

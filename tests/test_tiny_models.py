@@ -10,7 +10,9 @@ import PIL.Image
 import pytest
 import torch
 from tiny_models import (
+    BUILDERS,
     FAMILIES,
+    IMAGE,
     LM_FAMILIES,
     VLM_FAMILIES,
     TinyModel,
@@ -20,6 +22,8 @@ from tiny_models import (
 )
 from transformers import BatchFeature, PreTrainedTokenizerFast
 from transformers.processing_utils import ProcessorMixin
+
+from taskvec.models import ARCHITECTURES
 
 # transformers' PaliGemmaProcessor calls np.array on tensors (numpy 2 copy-keyword deprecation).
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -49,16 +53,16 @@ def image(seed: int, size: tuple[int, int] = (24, 24)) -> PIL.Image.Image:
 
 
 def one_prompt(tiny: TinyModel) -> BatchFeature:
-    if tiny.image_token is None:
+    if not tiny.is_vlm:
         return make_inputs(tiny, ["Q:France\nA:"], None)
-    return make_inputs(tiny, [f"Q:{tiny.image_token}\nA:"], [[image(0)]])
+    return make_inputs(tiny, [f"Q:{IMAGE}\nA:"], [[image(0)]])
 
 
 def two_prompts(tiny: TinyModel) -> tuple[list[str], list[list[PIL.Image.Image]] | None]:
     """Two prompts of different lengths (and, for VLMs, images of different sizes)."""
-    if tiny.image_token is None:
+    if not tiny.is_vlm:
         return ["Q:France\nA:", "The capital city of the country Q:Japan\nA:"], None
-    prompts = [f"Q:{tiny.image_token}\nA:", f"The capital city of the country Q:{tiny.image_token}\nA:"]
+    prompts = [f"Q:{IMAGE}\nA:", f"The capital city of the country Q:{IMAGE}\nA:"]
     return prompts, [[image(1)], [image(2, (28, 20))]]
 
 
@@ -69,7 +73,7 @@ def text_config(tiny: TinyModel) -> object:
 def forward_position_ids(tiny: TinyModel, inputs: BatchFeature) -> dict[str, torch.Tensor]:
     """GPT-2 has absolute position embeddings: a left-padded forward needs explicit positions
     (generate computes them itself). Rotary models are invariant to the left-padding offset."""
-    if tiny.family != "gpt2":
+    if tiny.architecture.position_style != "absolute":
         return {}
     return {"position_ids": (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)}
 
@@ -77,12 +81,13 @@ def forward_position_ids(tiny: TinyModel, inputs: BatchFeature) -> dict[str, tor
 def decode_position_ids(tiny: TinyModel, attention_mask: torch.Tensor) -> torch.Tensor:
     """Position of the newest token, given the attention mask over cache + new token."""
     position = attention_mask.sum(-1, keepdim=True) - 1
-    if tiny.family in ("qwen2_vl", "qwen2_5_vl"):
+    architecture = tiny.architecture
+    if architecture.position_style == "mrope":
         # M-RoPE: text after an image continues from the image's largest position, one shift per row
         # that the prefill stored on the model; positions are (3 axes, batch, length).
-        position = position + tiny.model.model.rope_deltas.repeat_interleave(
-            position.shape[0] // tiny.model.model.rope_deltas.shape[0], dim=0
-        )
+        assert architecture.rope_deltas_path is not None
+        rope_deltas = resolve(tiny.model, architecture.rope_deltas_path)
+        position = position + rope_deltas.repeat_interleave(position.shape[0] // rope_deltas.shape[0], dim=0)
         return position.unsqueeze(0).expand(3, -1, -1)
     if tiny.family == "paligemma":
         return position + 1  # PaliGemma positions are 1-indexed
@@ -97,27 +102,66 @@ def test_builds_with_layout(family: str) -> None:
     assert all(p.dtype == torch.float32 for p in tiny.model.parameters())
     assert isinstance(tiny.tokenizer, PreTrainedTokenizerFast)
     assert tiny.tokenizer.padding_side == "left"
-    layers = resolve(tiny.model, tiny.layers_path)
+    architecture = tiny.architecture
+    layers = resolve(tiny.model, architecture.layers_path)
     assert isinstance(layers, torch.nn.ModuleList)
     assert len(layers) == text_config(tiny).num_hidden_layers
     assert 2 <= len(layers) <= 4
-    assert isinstance(resolve(tiny.model, tiny.norm_path), torch.nn.Module)
-    unembed = resolve(tiny.model, tiny.unembed_path)
+    assert isinstance(resolve(tiny.model, architecture.norm_path), torch.nn.Module)
+    unembed = resolve(tiny.model, architecture.unembed_path)
     assert isinstance(unembed, torch.nn.Linear)
     assert unembed.out_features >= len(tiny.tokenizer)
     assert 32 <= unembed.in_features <= 64
     if family in VLM_FAMILIES:
         assert isinstance(tiny.processor, ProcessorMixin)
-        assert tiny.image_token is not None
+        assert tiny.is_vlm
     else:
         assert tiny.processor is tiny.tokenizer
-        assert tiny.image_token is None
+        assert not tiny.is_vlm
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_table_module_paths_exist(family: str) -> None:
+    """The text model holds the decoder layers; the vision tower and projector are modules apart
+    from it, and every vision-language model has at least a projector."""
+    tiny = build_tiny(family)
+    architecture = tiny.architecture
+    assert architecture.text_model_path is not None
+    text_model = resolve(tiny.model, architecture.text_model_path)
+    assert architecture.layers_path.startswith(f"{architecture.text_model_path}.")
+    assert architecture.norm_path.startswith(f"{architecture.text_model_path}.")
+    text_parameters = {id(p) for p in text_model.parameters()}
+    if not tiny.is_vlm:
+        assert architecture.vision_paths == ()
+        return
+    assert architecture.projector_path is not None
+    for path in architecture.vision_paths:
+        module = resolve(tiny.model, path)
+        assert isinstance(module, torch.nn.Module)
+        parameters = {id(p) for p in module.parameters()}
+        assert parameters and not parameters & text_parameters, path
+    if architecture.rope_deltas_path is not None:
+        one_prompt_inputs = one_prompt(tiny)
+        with torch.no_grad():
+            tiny.model(**one_prompt_inputs)
+        assert isinstance(resolve(tiny.model, architecture.rope_deltas_path), torch.Tensor)
+
+
+def test_every_table_entry_has_a_builder() -> None:
+    missing = [entry.family for entry in ARCHITECTURES if entry.family not in BUILDERS]
+    assert not missing, f"architecture table entries without a tiny builder: {missing}"
+
+
+def test_every_builder_is_a_table_family() -> None:
+    unknown = sorted(set(BUILDERS) - {entry.family for entry in ARCHITECTURES})
+    assert not unknown, f"tiny builders for families not in the architecture table: {unknown}"
 
 
 def test_families_are_distinct_and_complete() -> None:
     assert set(VLM_FAMILIES) | set(LM_FAMILIES) == set(FAMILIES)
-    assert len(FAMILIES) == len(set(FAMILIES)) == 17
-    depths = {len(resolve(build_tiny(f).model, build_tiny(f).layers_path)) for f in FAMILIES}
+    assert not set(VLM_FAMILIES) & set(LM_FAMILIES)
+    assert len(FAMILIES) == len(set(FAMILIES)) == len(ARCHITECTURES)
+    depths = {len(resolve(build_tiny(f).model, build_tiny(f).architecture.layers_path)) for f in FAMILIES}
     assert depths == {2, 3, 4}
 
 
@@ -148,9 +192,9 @@ def test_tokenizer_pieces(family: str) -> None:
 def test_forward_hidden_states_and_generate(family: str) -> None:
     tiny = build_tiny(family)
     inputs = one_prompt(tiny)
-    if tiny.image_token is not None:
+    if tiny.is_vlm:
         assert "pixel_values" in inputs
-    num_layers = len(resolve(tiny.model, tiny.layers_path))
+    num_layers = len(resolve(tiny.model, tiny.architecture.layers_path))
     with torch.no_grad():
         out = tiny.model(**inputs, output_hidden_states=True)
         generated = tiny.model.generate(**inputs, max_new_tokens=3, do_sample=False)
@@ -185,9 +229,10 @@ def test_final_norm_and_unembedding_reproduce_logits(family: str) -> None:
     """What a logit lens relies on: logits = unembed(norm(residual after the last layer)), with
     Gemma3's soft-capping on top, and hidden_states[-1] is already normalised."""
     tiny = build_tiny(family)
-    layers = resolve(tiny.model, tiny.layers_path)
-    norm = resolve(tiny.model, tiny.norm_path)
-    unembed = resolve(tiny.model, tiny.unembed_path)
+    architecture = tiny.architecture
+    layers = resolve(tiny.model, architecture.layers_path)
+    norm = resolve(tiny.model, architecture.norm_path)
+    unembed = resolve(tiny.model, architecture.unembed_path)
     seen: dict[str, torch.Tensor] = {}
 
     def keep_output(module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -202,7 +247,7 @@ def test_final_norm_and_unembedding_reproduce_logits(family: str) -> None:
     finally:
         handle.remove()
     cap = getattr(text_config(tiny), "final_logit_softcapping", None)
-    assert (cap is not None) == (family == "gemma3_text")
+    assert (cap is not None) == (family in ("gemma3_text", "gemma2"))
     if cap is not None:
         logits = cap * torch.tanh(logits / cap)
     torch.testing.assert_close(out.hidden_states[-1], normed, atol=ATOL, rtol=0)
@@ -241,10 +286,9 @@ def test_decode_step_on_repeated_cache_matches_full_forward(family: str) -> None
             cache_position=torch.tensor([length - 1]),
             use_cache=True,
         ).logits[:, -1]
-    if family == "paligemma":
+    if tiny.architecture.bidirectional_prompt:
         # Prefix-LM: the earlier prompt tokens see the last one in a full forward, never when it
         # comes as a separate decode step, unless the full forward marks it as suffix.
-        assert "bidirectional" in tiny.notes
         assert not torch.allclose(step[0], full, atol=ATOL)
         token_types = inputs["token_type_ids"].clone()
         token_types[:, -1] = 1
@@ -254,8 +298,8 @@ def test_decode_step_on_repeated_cache_matches_full_forward(family: str) -> None
         torch.testing.assert_close(step[row], full, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["gemma3_text", "gemma3"])
-def test_gemma3_uses_sliding_window_cache(family: str) -> None:
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma3", "gemma2"])
+def test_gemma_uses_sliding_window_cache(family: str) -> None:
     tiny = build_tiny(family)
     config = text_config(tiny)
     assert config.sliding_window == 8
@@ -272,16 +316,19 @@ def test_gemma3_uses_sliding_window_cache(family: str) -> None:
 @pytest.mark.parametrize("family", VLM_FAMILIES)
 def test_two_images_in_one_prompt(family: str) -> None:
     tiny = build_tiny(family)
-    token = tiny.image_token
-    assert token is not None
-    prompt = f"Q:{token}\nA:Paris\n\nQ:{token}\nA:"
+    architecture = tiny.architecture
+    prompt = f"Q:{IMAGE}\nA:Paris\n\nQ:{IMAGE}\nA:"
     images = [[image(3), image(4, (20, 28))]]
-    if not tiny.multi_image:
-        assert "one image per prompt" in tiny.notes
+    if not architecture.multi_image:
+        assert "one image per prompt" in architecture.notes
         # The limitation is the processor's own, not make_inputs'.
         with pytest.raises(ValueError, match="number of"):
-            tiny.processor(text=[prompt.replace(token, "")], images=images, return_tensors="pt")
-        pytest.skip(tiny.notes)
+            tiny.processor(
+                text=[prompt.replace(IMAGE, architecture.image_token or "")],
+                images=images,
+                return_tensors="pt",
+            )
+        pytest.skip(architecture.notes)
     inputs = make_inputs(tiny, [prompt], images)
     other_second_image = make_inputs(tiny, [prompt], [[image(3), image(5, (20, 28))]])
     with torch.no_grad():
@@ -297,7 +344,7 @@ def test_two_images_in_one_prompt(family: str) -> None:
 def test_make_inputs_checks_image_counts(family: str) -> None:
     tiny = build_tiny(family)
     with pytest.raises(ValueError):
-        make_inputs(tiny, [f"Q:{tiny.image_token}\nA:"], [[]])
+        make_inputs(tiny, [f"Q:{IMAGE}\nA:"], [[]])
 
 
 def test_text_models_reject_images() -> None:

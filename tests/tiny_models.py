@@ -4,6 +4,10 @@ Each family gets the real Hugging Face model class and the real processor class,
 `tokenizers` WordLevel tokenizer and a PIL image processor sized to the tiny vision tower, so tests
 exercise exactly the code paths a real checkpoint would (image-token expansion, extra processor
 outputs, 3D rope positions, sliding-window caches...) in milliseconds.
+
+The families are the entries of taskvec's architecture table, and a builder supplies only the model,
+its processor and tokenizer: where the layers live, the image token and how the processor takes
+images are read from the table entry of the model's class, so the tests check the table itself.
 """
 
 from __future__ import annotations
@@ -21,21 +25,13 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import BatchFeature, PreTrainedTokenizerFast
 from transformers.processing_utils import ProcessorMixin
 
-VLM_FAMILIES: tuple[str, ...] = (
-    "llava",
-    "llava_next",
-    "llava_onevision",
-    "idefics2",
-    "idefics3",
-    "smolvlm",
-    "qwen2_vl",
-    "qwen2_5_vl",
-    "fuyu",
-    "gemma3",
-    "paligemma",
-)
-LM_FAMILIES: tuple[str, ...] = ("gemma3_text", "llama", "mistral", "qwen2", "gemma", "gpt2")
-FAMILIES: tuple[str, ...] = VLM_FAMILIES + LM_FAMILIES
+from taskvec.models import ARCHITECTURES, IMAGE_PLACEHOLDER, Architecture, architecture_for_class
+
+FAMILIES: tuple[str, ...] = tuple(entry.family for entry in ARCHITECTURES)
+VLM_FAMILIES: tuple[str, ...] = tuple(entry.family for entry in ARCHITECTURES if entry.is_vision_language)
+LM_FAMILIES: tuple[str, ...] = tuple(entry.family for entry in ARCHITECTURES if not entry.is_vision_language)
+# Test prompts mark each image with this; make_inputs writes the table entry's image token instead.
+IMAGE = IMAGE_PLACEHOLDER
 
 # Pad is id 0 everywhere: FuyuProcessor hard-codes `tokenizer.pad_token_id = 0`.
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -121,20 +117,21 @@ def build_tokenizer(
 
 @dataclass
 class TinyModel:
-    family: str
     model: torch.nn.Module
-    processor: Any
+    processor: Any  # the tokenizer itself for text-only models
     tokenizer: PreTrainedTokenizerFast
-    image_token: str | None
-    layers_path: str
-    norm_path: str
-    unembed_path: str
-    notes: str = ""
-    multi_image: bool = True  # several images in one prompt; False: see notes
+
+    @property
+    def architecture(self) -> Architecture:
+        return architecture_for_class(type(self.model).__name__)
+
+    @property
+    def family(self) -> str:
+        return self.architecture.family
 
     @property
     def is_vlm(self) -> bool:
-        return self.image_token is not None
+        return self.architecture.is_vision_language
 
 
 def resolve(root: Any, dotted_path: str) -> Any:
@@ -217,6 +214,8 @@ class _FuyuImageProcessorPil(transformers.FuyuImageProcessorPil):
 
 
 # --------------------------------------------------------------------------------------- builders
+# Each builder returns the real model class, processor and tokenizer of its family; everything about
+# the layout (layer, norm and unembedding paths, image token, image batching) comes from the table.
 
 
 def _clip_vision(image_size: int = 16, patch_size: int = 4, layers: int = 2) -> dict[str, Any]:
@@ -244,16 +243,9 @@ def _siglip_vision(image_size: int = 16, patch_size: int = 4, layers: int = 2) -
     }
 
 
-def _llava_layout(**kwargs: Any) -> dict[str, str]:
-    return {
-        "layers_path": "model.language_model.layers",
-        "norm_path": "model.language_model.norm",
-        "unembed_path": "lm_head",
-        **kwargs,
-    }
-
-
 def _build_llava(seed: int) -> TinyModel:
+    """CLIP tower (16px images, 4px patches, feature layer -2, CLS dropped): 16 <image> tokens per
+    image. Several images per prompt work."""
     tokenizer = build_tokenizer({"image_token": "<image>"}, add_bos=True)
     image_processor = transformers.CLIPImageProcessorPil(
         size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
@@ -274,15 +266,7 @@ def _build_llava(seed: int) -> TinyModel:
         vision_feature_layer=-2,
     )
     return TinyModel(
-        "llava",
-        _init(transformers.LlavaForConditionalGeneration, config, seed, tokenizer),
-        processor,
-        tokenizer,
-        "<image>",
-        **_llava_layout(
-            notes="CLIP tower (16px images, 4px patches, feature layer -2, CLS dropped): 16 <image> "
-            "tokens per image. Several images per prompt work."
-        ),
+        _init(transformers.LlavaForConditionalGeneration, config, seed, tokenizer), processor, tokenizer
     )
 
 
@@ -290,6 +274,9 @@ PINPOINTS = [[16, 16], [16, 32], [32, 16], [32, 32]]
 
 
 def _build_llava_next(seed: int) -> TinyModel:
+    """AnyRes: the image is tiled (pinpoints up to 32x32 of 16px tiles) so the number of <image>
+    tokens depends on the image's size; pixel_values is 5-D (image, tile, C, H, W) and image_sizes
+    must be passed along. Several images per prompt work."""
     tokenizer = build_tokenizer({"image_token": "<image>"}, add_bos=True)
     image_processor = transformers.LlavaNextImageProcessorPil(
         size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_grid_pinpoints=PINPOINTS
@@ -310,21 +297,14 @@ def _build_llava_next(seed: int) -> TinyModel:
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
     )
-    return TinyModel(
-        "llava_next",
-        _init(transformers.LlavaNextForConditionalGeneration, config, seed, tokenizer),
-        processor,
-        tokenizer,
-        "<image>",
-        **_llava_layout(
-            notes="AnyRes: the image is tiled (pinpoints up to 32x32 of 16px tiles) so the number of "
-            "<image> tokens depends on the image's size; pixel_values is 5-D (image, tile, C, H, W) "
-            "and image_sizes must be passed along. Several images per prompt work."
-        ),
-    )
+    model = _init(transformers.LlavaNextForConditionalGeneration, config, seed, tokenizer)
+    return TinyModel(model, processor, tokenizer)
 
 
 def _build_llava_onevision(seed: int) -> TinyModel:
+    """Qwen2 text, SigLIP tower. A prompt with one image uses AnyRes tiling (token count depends on
+    image size); a prompt with several images uses 16+1 tokens per image (batch_num_images tells the
+    model which). No video processor (needs torchvision)."""
     tokenizer = build_tokenizer({"image_token": "<image>", "video_token": "<video>"}, add_bos=False)
     image_processor = transformers.LlavaOnevisionImageProcessorPil(
         size={"height": 16, "width": 16}, image_grid_pinpoints=PINPOINTS
@@ -348,21 +328,14 @@ def _build_llava_onevision(seed: int) -> TinyModel:
         vision_feature_layer=-1,
         vision_aspect_ratio="anyres_max_9",
     )
-    return TinyModel(
-        "llava_onevision",
-        _init(transformers.LlavaOnevisionForConditionalGeneration, config, seed, tokenizer),
-        processor,
-        tokenizer,
-        "<image>",
-        **_llava_layout(
-            notes="Qwen2 text, SigLIP tower. A prompt with one image uses AnyRes tiling (token count "
-            "depends on image size); a prompt with several images uses 16+1 tokens per image "
-            "(batch_num_images tells the model which). No video processor (needs torchvision)."
-        ),
-    )
+    model = _init(transformers.LlavaOnevisionForConditionalGeneration, config, seed, tokenizer)
+    return TinyModel(model, processor, tokenizer)
 
 
 def _build_idefics2(seed: int) -> TinyModel:
+    """Mistral text; perceiver resampler -> 4 <image> tokens per image, wrapped in
+    <fake_token_around_image>. pixel_values is 5-D (sample, image, C, H, W) padded across the batch,
+    with pixel_attention_mask. Several images per prompt work."""
     tokenizer = build_tokenizer(add_bos=True)
     image_processor = transformers.Idefics2ImageProcessorPil(
         size={"shortest_edge": 16, "longest_edge": 16}, do_image_splitting=False
@@ -394,23 +367,14 @@ def _build_idefics2(seed: int) -> TinyModel:
     # The perceiver's latents start as ones: every image token would be identical and the image's
     # contribution, added to those large latents, would vanish under the resampler's final norm.
     _reinit(model.model.connector.perceiver_resampler.latents, seed, 0.02)
-    return TinyModel(
-        "idefics2",
-        model,
-        processor,
-        tokenizer,
-        "<image>",
-        **_llava_layout(
-            layers_path="model.text_model.layers",
-            norm_path="model.text_model.norm",
-            notes="Mistral text; perceiver resampler -> 4 <image> tokens per image, wrapped in "
-            "<fake_token_around_image>. pixel_values is 5-D (sample, image, C, H, W) padded across the "
-            "batch, with pixel_attention_mask. Several images per prompt work.",
-        ),
-    )
+    return TinyModel(model, processor, tokenizer)
 
 
 def _idefics3_like(family: str, seed: int) -> TinyModel:
+    """Llama text; pixel shuffle -> 4 <image> tokens per 16px tile. The image is split into up to
+    2x2 tiles (<row_i_col_j>) plus a global view (<global-img>), so one image is ~30 tokens.
+    pixel_values is 5-D (sample, tile, C, H, W) with pixel_attention_mask. Several images per prompt
+    work."""
     tokenizer = build_tokenizer(add_bos=True)
     if family == "idefics3":
         image_processor = transformers.Idefics3ImageProcessorPil(
@@ -447,24 +411,18 @@ def _idefics3_like(family: str, seed: int) -> TinyModel:
         scale_factor=2,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
     )
-    return TinyModel(
-        family,
-        _init(model_class, config, seed, tokenizer),
-        processor,
-        tokenizer,
-        "<image>",
-        **_llava_layout(
-            layers_path="model.text_model.layers",
-            norm_path="model.text_model.norm",
-            notes="Llama text; pixel shuffle -> 4 <image> tokens per 16px tile. The image is split "
-            "into up to 2x2 tiles (<row_i_col_j>) plus a global view (<global-img>), so one image is "
-            "~30 tokens. pixel_values is 5-D (sample, tile, C, H, W) with pixel_attention_mask. "
-            "Several images per prompt work.",
-        ),
-    )
+    return TinyModel(_init(model_class, config, seed, tokenizer), processor, tokenizer)
 
 
 def _qwen_vl(family: str, seed: int) -> TinyModel:
+    """Native resolution: images are resized to multiples of 8px (64..1024 pixels), one
+    <|image_pad|> per 2x2 merged 4px patches, so token counts depend on image size. pixel_values is
+    2-D (all patches of all images, C*T*P*P) with image_grid_thw; mm_token_type_ids is required with
+    images (ValueError otherwise). 3D M-RoPE: the prefill stores per-row model.model.rope_deltas; a
+    manual decode step must pass position_ids of shape (3, B, 1) = attention_mask.sum(-1) - 1 +
+    rope_deltas (with a full-length attention_mask and no position_ids, transformers 5.23 builds
+    positions for the whole mask and crashes). No video processor (needs torchvision). Several
+    images per prompt work."""
     tokenizer = build_tokenizer(
         {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}, add_bos=False
     )
@@ -527,27 +485,14 @@ def _qwen_vl(family: str, seed: int) -> TinyModel:
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
     )
     config = config_class(text_config=text, vision_config=vision, **ids)
-    return TinyModel(
-        family,
-        _init(model_class, config, seed, tokenizer),
-        processor,
-        tokenizer,
-        "<|vision_start|><|image_pad|><|vision_end|>",
-        **_llava_layout(
-            notes="Native resolution: images are resized to multiples of 8px (64..1024 pixels), one "
-            "<|image_pad|> per 2x2 merged 4px patches, so token counts depend on image size. "
-            "pixel_values is 2-D (all patches of all images, C*T*P*P) with image_grid_thw; "
-            "mm_token_type_ids is required with images (ValueError otherwise). 3D M-RoPE: the "
-            "prefill stores per-row model.model.rope_deltas; a manual decode step must pass "
-            "position_ids of shape (3, B, 1) = "
-            "attention_mask.sum(-1) - 1 + rope_deltas (with a full-length attention_mask and no "
-            "position_ids, transformers 5.23 builds positions for the whole mask and crashes). "
-            "No video processor (needs torchvision). Several images per prompt work."
-        ),
-    )
+    return TinyModel(_init(model_class, config, seed, tokenizer), processor, tokenizer)
 
 
 def _build_fuyu(seed: int) -> TinyModel:
+    """One image per prompt only: FuyuProcessor always puts the image (rows of |SPEAKER| patches
+    ending in |NEWLINE|, then <s>) before the text and appends <0x04> (beginning of answer); the
+    table's image token is empty, so make_inputs removes IMAGE from the prompt. Persimmon text model
+    (LayerNorm, partial rotary, qk-layernorm)."""
     tokenizer = build_tokenizer(add_bos=True, fuyu_style=True)
     image_processor = _FuyuImageProcessorPil(
         size={"height": 32, "width": 32}, patch_size={"height": 8, "width": 8}
@@ -565,24 +510,17 @@ def _build_fuyu(seed: int) -> TinyModel:
         bos_token_id=2,
         eos_token_id=3,
     )
-    return TinyModel(
-        "fuyu",
-        _init(transformers.FuyuForCausalLM, config, seed, tokenizer),
-        processor,
-        tokenizer,
-        "|SPEAKER|",
-        layers_path="model.language_model.layers",
-        norm_path="model.language_model.final_layernorm",
-        unembed_path="lm_head",
-        multi_image=False,
-        notes="one image per prompt only: FuyuProcessor always puts the image (rows of |SPEAKER| "
-        "patches ending in |NEWLINE|, then <s>) before the text and appends <0x04> (beginning of "
-        "answer); make_inputs removes image_token from the prompt. Persimmon text model "
-        "(LayerNorm, partial rotary, qk-layernorm).",
-    )
+    return TinyModel(_init(transformers.FuyuForCausalLM, config, seed, tokenizer), processor, tokenizer)
 
 
 def _build_gemma3(seed: int) -> TinyModel:
+    """Gemma3 text (sliding_window=8, layers sliding, sliding, full: sliding layers cache only the
+    last 7 tokens), SigLIP tower pooled to 4 <image_soft_token> per image, expanded as
+    '\\n\\n<start_of_image><image_soft_token>x4<end_of_image>\\n\\n'. token_type_ids (1 on image
+    tokens; the processor renames mm_token_type_ids) must be passed with pixel_values: each image's
+    tokens attend to each other bidirectionally (without it they are causal and the logits differ
+    silently). Embeddings are scaled by sqrt(hidden); RMSNorm uses (1 + weight). Several images per
+    prompt work."""
     tokenizer = build_tokenizer(
         {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
         add_bos=True,
@@ -605,22 +543,7 @@ def _build_gemma3(seed: int) -> TinyModel:
     # Gemma3 zero-initialises the projector's input matrix (checkpoints overwrite it): images would
     # have no effect at all on a random model.
     _reinit(model.model.multi_modal_projector.mm_input_projection_weight, seed, config.initializer_range)
-    return TinyModel(
-        "gemma3",
-        model,
-        processor,
-        tokenizer,
-        "<start_of_image>",
-        **_llava_layout(
-            notes="Gemma3 text (sliding_window=8, layers sliding, sliding, full: sliding layers cache "
-            "only the last 7 tokens), SigLIP tower pooled to 4 <image_soft_token> per image, expanded "
-            "as '\\n\\n<start_of_image><image_soft_token>x4<end_of_image>\\n\\n'. token_type_ids "
-            "(1 on image tokens; the processor renames mm_token_type_ids) must be passed with "
-            "pixel_values: each image's tokens attend to each other bidirectionally (without it they "
-            "are causal and the logits differ silently). Embeddings are "
-            "scaled by sqrt(hidden); RMSNorm uses (1 + weight). Several images per prompt work."
-        ),
-    )
+    return TinyModel(model, processor, tokenizer)
 
 
 def _gemma3_text(layers: int, vocab_size: int, layer_types: list[str], **overrides: Any) -> dict[str, Any]:
@@ -638,6 +561,15 @@ def _gemma3_text(layers: int, vocab_size: int, layer_types: list[str], **overrid
 
 
 def _build_paligemma(seed: int) -> TinyModel:
+    """Prefix-LM: the text config has use_bidirectional_attention=True, so every prompt token with
+    token_type_ids 0 (all of them if token_type_ids is omitted) attends to the whole prompt; only
+    token_type_ids 1 (suffix, generated tokens) is causal. A residual therefore depends on later
+    prompt tokens, and a decode step over the cache of the prompt minus its last token equals a full
+    forward only if that last token has token_type_ids 1. Positions are 1-indexed (position_ids =
+    cache_position + 1). Images belong first (checkpoints are trained so), but the processor accepts
+    several, anywhere: it inserts <s> after the last <image> and appends '\\n'; 16 <image> tokens per
+    image. make_inputs drops the processor's labels. The processor adds 1152 <locXXXX>/<segXXX>
+    tokens. Gemma text: embeddings scaled by sqrt(hidden), RMSNorm uses (1 + weight)."""
     tokenizer = build_tokenizer({"image_token": "<image>"}, add_bos=False)
     image_processor = transformers.SiglipImageProcessorPil(size={"height": 16, "width": 16})
     image_processor.image_seq_length = 16
@@ -650,33 +582,28 @@ def _build_paligemma(seed: int) -> TinyModel:
         projection_dim=32,
         hidden_size=32,
     )
-    return TinyModel(
-        "paligemma",
-        _init(transformers.PaliGemmaForConditionalGeneration, config, seed, tokenizer),
-        processor,
-        tokenizer,
-        "<image>",
-        **_llava_layout(
-            notes="prefix-LM: the text config has use_bidirectional_attention=True, so every prompt "
-            "token with token_type_ids 0 (all of them if token_type_ids is omitted) attends to the "
-            "whole prompt; only token_type_ids 1 (suffix, generated tokens) is causal. A residual "
-            "therefore depends on later prompt tokens, and a decode step over the cache of the prompt "
-            "minus its last token equals a full forward only if that last token has token_type_ids "
-            "1. Positions are 1-indexed (position_ids = cache_position + 1). Images belong first "
-            "(checkpoints are trained so), but the processor accepts several, anywhere: it inserts <s> "
-            "after the last <image> and appends '\\n'; 16 <image> tokens per image. make_inputs drops "
-            "the processor's labels. The processor adds 1152 <locXXXX>/<segXXX> tokens. Gemma text: "
-            "embeddings scaled by sqrt(hidden), RMSNorm uses (1 + weight)."
-        ),
-    )
+    model = _init(transformers.PaliGemmaForConditionalGeneration, config, seed, tokenizer)
+    return TinyModel(model, processor, tokenizer)
 
 
 def _build_lm(family: str, seed: int) -> TinyModel:
-    add_bos = family not in ("qwen2", "gpt2")
+    """A text-only model. Quirks by family:
+
+    gpt2: learned absolute positions, so a left-padded forward needs position_ids =
+    (attention_mask.cumsum(-1) - 1).clamp(min=0) (generate computes them itself); LayerNorm; lm_head
+    tied to wte; no bos added.
+    gemma3_text: sliding_window=8 with layer_types sliding x3 + full (hybrid cache);
+    final_logit_softcapping=30 (logits = 30*tanh(lm_head(norm(h))/30)).
+    gemma2: sliding and full layers alternating (sliding_window=8), attention logits soft-capped at
+    50 and final logits at 30.
+    gemma, gemma2, gemma3_text: embeddings scaled by sqrt(hidden); RMSNorm uses (1 + weight); tied
+    embeddings.
+    qwen3: RMSNorm on queries and keys; head_dim is its own setting (128 unless set).
+    qwen2, qwen3: no bos added.
+    """
+    add_bos = family not in ("qwen2", "qwen3", "gpt2")
     tokenizer = build_tokenizer(add_bos=add_bos)
     vocab = len(tokenizer)
-    layout = {"layers_path": "model.layers", "norm_path": "model.norm", "unembed_path": "lm_head"}
-    notes = ""
     if family == "gpt2":
         config: transformers.PreTrainedConfig = transformers.GPT2Config(
             vocab_size=vocab,
@@ -689,12 +616,6 @@ def _build_lm(family: str, seed: int) -> TinyModel:
             pad_token_id=0,
         )
         model_class: type = transformers.GPT2LMHeadModel
-        layout = {"layers_path": "transformer.h", "norm_path": "transformer.ln_f", "unembed_path": "lm_head"}
-        notes = (
-            "learned absolute positions: a left-padded forward needs position_ids = "
-            "(attention_mask.cumsum(-1) - 1).clamp(min=0) (generate computes them itself). LayerNorm; "
-            "lm_head tied to wte; no bos added."
-        )
     elif family == "gemma3_text":
         config = transformers.Gemma3TextConfig(
             **_gemma3_text(
@@ -705,15 +626,28 @@ def _build_lm(family: str, seed: int) -> TinyModel:
             )
         )
         model_class = transformers.Gemma3ForCausalLM
-        notes = (
-            "sliding_window=8 with layer_types sliding x3 + full (hybrid cache); "
-            "final_logit_softcapping=30 (logits = 30*tanh(lm_head(norm(h))/30)); embeddings scaled by "
-            "sqrt(hidden); RMSNorm uses (1 + weight)."
+    elif family == "gemma2":
+        config = transformers.Gemma2Config(
+            **_text(
+                "gemma2",
+                4,
+                vocab_size=vocab,
+                head_dim=8,
+                query_pre_attn_scalar=8,
+                sliding_window=8,
+                layer_types=["sliding_attention", "full_attention"] * 2,
+                attn_logit_softcapping=50.0,
+                final_logit_softcapping=30.0,
+                hidden_activation="gelu_pytorch_tanh",
+            )
         )
+        model_class = transformers.Gemma2ForCausalLM
     elif family == "gemma":
         config = transformers.GemmaConfig(**_text("gemma", 3, hidden=48, vocab_size=vocab, head_dim=12))
         model_class = transformers.GemmaForCausalLM
-        notes = "embeddings scaled by sqrt(hidden); RMSNorm uses (1 + weight); tied embeddings."
+    elif family == "qwen3":
+        config = transformers.Qwen3Config(**_text("qwen3", 3, hidden=32, vocab_size=vocab, head_dim=8))
+        model_class = transformers.Qwen3ForCausalLM
     else:
         config_class, model_class, layers, hidden = {
             "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, 4, 32),
@@ -721,9 +655,7 @@ def _build_lm(family: str, seed: int) -> TinyModel:
             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, 2, 48),
         }[family]
         config = config_class(**_text(family, layers, hidden=hidden, vocab_size=vocab))
-    return TinyModel(
-        family, _init(model_class, config, seed, tokenizer), tokenizer, tokenizer, None, **layout, notes=notes
-    )
+    return TinyModel(_init(model_class, config, seed, tokenizer), tokenizer, tokenizer)
 
 
 def _init(
@@ -757,14 +689,17 @@ BUILDERS: dict[str, Callable[[int], TinyModel]] = {
     "fuyu": _build_fuyu,
     "gemma3": _build_gemma3,
     "paligemma": _build_paligemma,
-    **{family: functools.partial(_build_lm, family) for family in LM_FAMILIES},
+    **{
+        family: functools.partial(_build_lm, family)
+        for family in ("gemma3_text", "gemma", "gemma2", "llama", "mistral", "qwen2", "qwen3", "gpt2")
+    },
 }
 
 
 @functools.cache
 def build_tiny(family: str, seed: int = 0) -> TinyModel:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if family not in BUILDERS:
+        raise ValueError(f"no tiny builder for family {family!r}; builders: {sorted(BUILDERS)}")
     return BUILDERS[family](seed)
 
 
@@ -773,38 +708,32 @@ def make_inputs(
 ) -> BatchFeature:
     """Tokenize a batch (left padding, PyTorch tensors) ready for `tiny.model(**inputs)`.
 
-    `images[i]` are the images of `prompts[i]`, in the order their `tiny.image_token` appear.
+    Prompts write each image as IMAGE and `images[i]` are the images of `prompts[i]`, in order. IMAGE
+    becomes the table entry's image token, and the images reach the processor as the entry says
+    (one list per prompt, or one image per prompt, with the entry's extra processor arguments).
     """
-    if images is None or tiny.image_token is None:
-        if images:
+    architecture = tiny.architecture
+    rows = images if images is not None else [[] for _ in prompts]
+    if len(rows) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(rows)} image lists")
+    for prompt, prompt_images in zip(prompts, rows, strict=True):
+        if prompt.count(IMAGE) != len(prompt_images):
+            raise ValueError(f"{prompt!r} has {prompt.count(IMAGE)} {IMAGE}, {len(prompt_images)} images")
+    if not architecture.is_vision_language:
+        if any(rows):
             raise ValueError(f"{tiny.family} is a text-only model")
-        if tiny.image_token is None:
-            return BatchFeature(dict(tiny.tokenizer(prompts, padding=True, return_tensors="pt")))
+        return BatchFeature(dict(tiny.tokenizer(prompts, padding=True, return_tensors="pt")))
+    if not any(rows):
         return tiny.processor(text=prompts, padding=True, return_tensors="pt")
-    if len(images) != len(prompts):
-        raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists")
-    for prompt, prompt_images in zip(prompts, images, strict=True):
-        if prompt.count(tiny.image_token) != len(prompt_images):
-            raise ValueError(
-                f"{prompt!r} has {prompt.count(tiny.image_token)} image tokens, {len(prompt_images)} images"
-            )
-    if tiny.family == "fuyu":
-        return _make_fuyu_inputs(tiny, prompts, images)
-    inputs = tiny.processor(text=prompts, images=images, padding=True, return_tensors="pt")
+    texts = [prompt.replace(IMAGE, architecture.image_token or "") for prompt in prompts]
+    batched: list[Any] = list(rows)
+    if architecture.image_batching == "single":
+        if any(len(prompt_images) != 1 for prompt_images in rows):
+            raise ValueError(f"{tiny.family} takes exactly one image per prompt: {architecture.notes}")
+        batched = [prompt_images[0] for prompt_images in rows]
+    inputs = tiny.processor(
+        text=texts, images=batched, padding=True, return_tensors="pt", **dict(architecture.processor_kwargs)
+    )
     # PaliGemma's processor derives training labels from the prompt; they are not a model input here.
     inputs.pop("labels", None)
     return inputs
-
-
-def _make_fuyu_inputs(
-    tiny: TinyModel, prompts: list[str], images: list[list[PIL.Image.Image]]
-) -> BatchFeature:
-    if any(len(prompt_images) != 1 for prompt_images in images):
-        raise ValueError("Fuyu takes exactly one image per prompt (placed before the text)")
-    texts = [prompt.replace(tiny.image_token, "") for prompt in prompts]
-    return tiny.processor(
-        text=texts,
-        images=[prompt_images[0] for prompt_images in images],
-        return_tensors="pt",
-        return_legacy_image_output=False,
-    )

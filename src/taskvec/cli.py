@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _command_models(_args: argparse.Namespace) -> int:
@@ -36,14 +37,24 @@ def _command_demo(args: argparse.Namespace) -> int:
 
     task = load_task(args.task)  # before the model: a bad task name fails in milliseconds
     handle = load_model(args.model, device=args.device, dtype=args.dtype)
-    result = run_demo(handle, task, shots=args.shots, seed=args.seed, limit=args.limit)
+    result = run_demo(
+        handle,
+        task,
+        shots=args.shots,
+        seed=args.seed,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+    )
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
         return 0
+    count = result.max_new_tokens
+    protocol = "the run's protocol" if count == 1 else "`taskvec run` scores 1 token"
     print(
         f"{result.task} on {result.model}, {result.test_items} test items, "
         f"vector from {result.shots}-shot text prompts (seed {result.seed})"
     )
+    print(f"  accuracy: {result.metric} match, {count} generated token{'s' * (count > 1)} ({protocol})")
     rows = [
         ("no context", result.no_context),
         (f"{result.shots}-shot in context", result.in_context),
@@ -61,25 +72,24 @@ def _command_demo(args: argparse.Namespace) -> int:
 
 def _command_extract(args: argparse.Namespace) -> int:
     from taskvec.models import load_model
-    from taskvec.prompts import Modality
     from taskvec.tasks import load_task
-    from taskvec.vectors import exemplar_vector, instruction_vector, save_task_vector
+    from taskvec.vectors import extract_vector, parse_spec, save_task_vector
 
+    spec = parse_spec(args.spec)
     task = load_task(args.task)
     handle = load_model(args.model, device=args.device, dtype=args.dtype)
-    if args.spec == "instruction":
-        vector = instruction_vector(handle, task)
-    else:
-        modality: Modality = "image" if args.spec == "image-icl" else "text"
-        vector = exemplar_vector(
-            handle,
-            task,
-            shots=args.shots,
-            seed=args.seed,
-            split=args.split,
-            modality=modality,
-            style=args.style,
-        )
+    extraction = extract_vector(
+        handle,
+        task,
+        spec,
+        shots=args.shots,
+        seed=args.seed,
+        split=args.split,
+        limit=args.limit,
+        style=args.style,
+        progress=None if args.json else f"{task.name} {spec.value} vector",
+    )
+    vector = extraction.vector
     path = save_task_vector(vector, args.out)
     print(json.dumps({"out": str(path), **vector.metadata}) if args.json else f"wrote {path}")
     return 0
@@ -143,13 +153,14 @@ def _command_sweep(args: argparse.Namespace) -> int:
 
 
 def _command_lens(args: argparse.Namespace) -> int:
-    from taskvec.analysis import SPECS, lens_phases
+    from taskvec.analysis import lens_phases
     from taskvec.models import load_model
     from taskvec.tasks import load_task
+    from taskvec.vectors import EXTRACTABLE_SPECS, parse_spec
 
     task = load_task(args.task)
     handle = load_model(args.model, device=args.device, dtype=args.dtype)
-    specs = SPECS if args.spec == "all" else (args.spec,)
+    specs = EXTRACTABLE_SPECS if args.spec == "all" else (parse_spec(args.spec),)
     result = lens_phases(
         handle,
         task,
@@ -176,26 +187,45 @@ def _command_lens(args: argparse.Namespace) -> int:
     return 0
 
 
-def _command_report(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _analyse_run_directory(args: argparse.Namespace, run_dir: Path) -> None:
+    """The analyses of a run directory: at the run's layer with its vectors when it has results.json,
+    else over the given tasks with vectors computed here, at the middle layer."""
+    from taskvec.analysis import QUICK, AnalysisSettings, analysis_vectors, run_analyses
+    from taskvec.caching import StepCache
+    from taskvec.experiments import RunResults, run_analyses_of_run
+    from taskvec.models import load_model
+    from taskvec.tasks import PAPER_TASKS, load_task
 
+    handle = load_model(args.model, device=args.device, dtype=args.dtype)
+    llm = load_model(args.llm, device=args.device, dtype=args.dtype) if args.llm else None
+    if (run_dir / "results.json").is_file() and not args.tasks:
+        run_analyses_of_run(handle, RunResults.read(run_dir / "results.json"), run_dir, llm=llm)
+        return
+    tasks = [load_task(name) for name in args.tasks or PAPER_TASKS]
+    settings = QUICK if args.quick else AnalysisSettings()
+    vectors = analysis_vectors(handle, tasks, llm=llm, settings=settings, progress=True)
+    layer = handle.num_layers // 2
+    document = run_analyses(
+        handle,
+        tasks,
+        layer=layer,
+        layer_source="the middle layer (no run results to take a chosen layer from)",
+        vectors=vectors,
+        cache=StepCache(run_dir / "cache"),
+        llm=llm,
+        settings=settings,
+    )
+    document.write(run_dir / "analysis.json")
+
+
+def _command_report(args: argparse.Namespace) -> int:
     from taskvec.report import write_report
 
     run_dir = Path(args.dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run directory at {run_dir}")
     if args.analyse:
-        from taskvec.analysis import run_analyses
-        from taskvec.models import load_model
-        from taskvec.tasks import PAPER_TASKS, load_task
-
-        names = args.tasks
-        if not names and (run_dir / "results.json").is_file():
-            names = json.loads((run_dir / "results.json").read_text(encoding="utf-8")).get("tasks")
-        tasks = [load_task(name) for name in names or PAPER_TASKS]
-        handle = load_model(args.model, device=args.device, dtype=args.dtype)
-        llm = load_model(args.llm, device=args.device, dtype=args.dtype) if args.llm else None
-        run_analyses(handle, tasks, run_dir, llm=llm, quick=args.quick, progress=True)
+        _analyse_run_directory(args, run_dir)
     print(write_report(run_dir))
     return 0
 
@@ -247,56 +277,29 @@ def _command_export_vlm(args: argparse.Namespace) -> int:
 
 def _command_run(args: argparse.Namespace) -> int:
     from taskvec.experiments.command import run_command
+    from taskvec.report import write_report
 
-    return run_command(args)
+    _, out, report = run_command(args)
+    if report:
+        print(f"wrote {write_report(out)}")
+    return 0
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="default-vlm", help="'default-vlm', 'default' (LM) or a directory")
-    parser.add_argument(
-        "--llm",
-        default="default",
-        help="base LM for LLM -> VLM: 'default' (the default LM under the default VLM, else none), "
-        "'none' or a checkpoint directory",
-    )
-    parser.add_argument("--tasks", nargs="+", help="built-in task names or task files (default: the six)")
-    parser.add_argument("--seeds", type=int, help="number of seeds, 0..N-1 (default 3)")
-    parser.add_argument("--quick", action="store_true", help="2 tasks, 1 seed, few items: minutes on CPU")
-    parser.add_argument("--out", default="taskvec-run", help="run directory (run again to resume)")
-    parser.add_argument("--shots", type=int, help="demonstrations per prompt (default 5)")
-    parser.add_argument("--val-limit", type=int, help="validation queries for vectors and sweeps")
-    parser.add_argument("--test-limit", type=int, help="test queries per task")
-    parser.add_argument("--max-new-tokens", type=int, help="tokens generated per answer (default 1)")
-    parser.add_argument("--batch-size", type=int, help="prompts per batch with demonstrations (default 8)")
-    parser.add_argument(
-        "--query-batch-size", type=int, help="prompts per batch for bare queries (default 32)"
-    )
-    parser.add_argument("--layer", type=int, help="patch this layer instead of choosing on validation")
-    parser.add_argument("--ensemble-examples", type=int, nargs="+", help="ensemble curve points")
-    parser.add_argument(
-        "--sweep-seeds", help="how many seeds' vectors the layer sweeps use: N or 'all' (default 1)"
-    )
-    parser.add_argument(
-        "--ensemble-layer",
-        choices=["largest", "each"],
-        help="sweep layers for the curve's largest n only (default) or for every n",
-    )
-    parser.add_argument("--style", action="append", help="TASK_OR_FAMILY=STYLE image style (repeatable)")
-    parser.add_argument("--metric", choices=["prefix", "prefix_ignore_case", "exact"])
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--no-analyses", action="store_true", help="skip the analyses and the report")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    """Declared with their defaults in RunCommandOptions and RunConfig (see taskvec.options)."""
+    from taskvec.experiments.command import RunCommandOptions
+    from taskvec.experiments.config import RunConfig
+    from taskvec.options import add_options
+
+    add_options(parser, RunCommandOptions, fill_defaults=True)
+    add_options(parser.add_argument_group("experiment options (defaults: the paper's protocol)"), RunConfig)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", default="default", help="'default' (LM), 'default-vlm' or a local checkpoint directory"
-    )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    """--model, --device, --dtype and --json, declared in taskvec.options.ModelOptions."""
+    from taskvec.options import ModelOptions, add_options
+
+    add_options(parser, ModelOptions, fill_defaults=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,15 +318,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--shots", type=int, default=5)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--limit", type=int, default=None, help="score only the first N test items")
+    demo.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=1,
+        help="tokens generated per answer, prefix-matched (default 1: the run's protocol)",
+    )
     demo.set_defaults(run=_command_demo)
 
+    from taskvec.vectors import EXTRACTABLE_SPECS
+
+    spec_names = [spec.value for spec in EXTRACTABLE_SPECS]
     extract = commands.add_parser("extract", help="extract a task vector (all layers) to a .safetensors file")
     _add_model_options(extract)
     extract.add_argument("--task", required=True, help="a built-in task name or a task file")
-    extract.add_argument("--spec", default="text-icl", choices=["text-icl", "image-icl", "instruction"])
+    extract.add_argument("--spec", default="text-icl", choices=spec_names)
     extract.add_argument("--shots", type=int, default=5)
     extract.add_argument("--seed", type=int, default=0)
     extract.add_argument("--split", default="val", help="prompts are built from this split")
+    extract.add_argument("--limit", type=int, default=None, help="only the first N queries of the split")
     extract.add_argument("--style", default=None, help="image style for image-icl (default: the first)")
     extract.add_argument("--out", required=True, help="output .safetensors path")
     extract.set_defaults(run=_command_extract)
@@ -353,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     lens = commands.add_parser("lens", help="input / task / answer probability per layer (three-phase lens)")
     _add_model_options(lens)
     lens.add_argument("--task", required=True, help="a built-in task name or a task file")
-    lens.add_argument("--spec", default="text-icl", choices=["text-icl", "image-icl", "instruction", "all"])
+    lens.add_argument("--spec", default="text-icl", choices=[*spec_names, "all"])
     lens.add_argument("--prompts", type=int, default=100, help="test queries to average over")
     lens.add_argument("--shots", type=int, default=5)
     lens.add_argument("--seed", type=int, default=0)

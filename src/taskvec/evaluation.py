@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-from taskvec.engine import Patch, generate_greedy, sweep_layers
+from taskvec.engine import Patch, generate_greedy_ids, sweep_layers
 from taskvec.models import ModelHandle
 from taskvec.prompts import Prompt, encode_prompts
 
@@ -51,16 +51,42 @@ def generate_answers(
     progress: str | None = None,
 ) -> list[str]:
     """Greedy answers (first line), with `vector` replacing the last position at `layer` if given."""
+    return generate_answers_and_first_tokens(
+        handle,
+        prompts,
+        vector=vector,
+        layer=layer,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
+    )[0]
+
+
+def generate_answers_and_first_tokens(
+    handle: ModelHandle,
+    prompts: Sequence[Prompt],
+    *,
+    vector: torch.Tensor | None = None,
+    layer: int | None = None,
+    max_new_tokens: int = 4,
+    batch_size: int = 8,
+    progress: str | None = None,
+) -> tuple[list[str], list[int]]:
+    """The answers of `generate_answers` and the id of each answer's first generated token."""
     answers: list[str] = []
+    first_tokens: list[int] = []
+    tokenizer = handle.tokenizer
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=progress, disable=progress is None, leave=False):
         batch = prompts[start : start + batch_size]
         patches = [Patch(layer, vector, position=-1)] if vector is not None and layer is not None else []
-        generated = generate_greedy(
+        ids = generate_greedy_ids(
             handle, encode_prompts(handle, batch), patches, max_new_tokens=max_new_tokens
         )
-        answers.extend(first_line(text) for text in generated)
-    return answers
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        answers.extend(first_line(text) for text in texts)
+        first_tokens.extend(int(row[0]) for row in ids)
+    return answers, first_tokens
 
 
 def accuracy(

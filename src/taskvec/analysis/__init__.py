@@ -1,7 +1,9 @@
 """Analyses of task vectors: three-phase logit lens, similarity, 2-D maps, decoded tokens, conflict.
 
 Each analysis is a function of a model handle and tasks returning plain data (dataclasses with
-`as_dict()`, or dicts ready for JSON); `run_analyses` runs them all over a run directory.
+`as_dict()`, or dicts ready for JSON). `run_analyses` runs every registered analysis
+(`register_analysis` adds one) at a given layer over given vectors into an `AnalysisDocument`;
+`analysis_vectors` computes those vectors when there is no run to take them from.
 
     from taskvec.analysis import lens_phases
     phases = lens_phases(handle, load_task("country-capital"), max_prompts=20)
@@ -9,6 +11,8 @@ Each analysis is a function of a model handle and tasks returning plain data (da
 """
 
 from taskvec.analysis.conflict import ConflictCounts, shared_input_pairs, task_conflict
+from taskvec.analysis.context import Analysis, AnalysisContext
+from taskvec.analysis.document import ANALYSIS_FORMAT, AnalysisDocument, AnalysisLayer, AnalysisMeta
 from taskvec.analysis.embedding_map import (
     PromptPoints,
     collect_prompt_points,
@@ -17,26 +21,29 @@ from taskvec.analysis.embedding_map import (
     project_2d,
 )
 from taskvec.analysis.lens_phases import PHASES, LensPhases, PhaseCurves, lens_phases, phase_curves
-from taskvec.analysis.prompt_sets import SPECS, Spec
-from taskvec.analysis.run import QUICK, AnalysisSettings, run_analyses
-from taskvec.analysis.run_files import chosen_layer
-from taskvec.analysis.run_vectors import load_or_compute_vectors
+from taskvec.analysis.registry import register_analysis, registered_analyses, unregister_analysis
+from taskvec.analysis.run import analysis_vectors, run_analyses
+from taskvec.analysis.settings import QUICK, AnalysisSettings
 from taskvec.analysis.similarity import VectorKey, cosine_per_layer, similarity_analysis
 from taskvec.analysis.tokens import first_token_variants
 from taskvec.analysis.vector_tokens import decode_vector, decode_vectors
 
 __all__ = [
+    "ANALYSIS_FORMAT",
     "PHASES",
     "QUICK",
-    "SPECS",
+    "Analysis",
+    "AnalysisContext",
+    "AnalysisDocument",
+    "AnalysisLayer",
+    "AnalysisMeta",
     "AnalysisSettings",
     "ConflictCounts",
     "LensPhases",
     "PhaseCurves",
     "PromptPoints",
-    "Spec",
     "VectorKey",
-    "chosen_layer",
+    "analysis_vectors",
     "collect_prompt_points",
     "cosine_per_layer",
     "decode_vector",
@@ -44,12 +51,14 @@ __all__ = [
     "embedding_map",
     "first_token_variants",
     "lens_phases",
-    "load_or_compute_vectors",
     "neighbour_agreement",
     "phase_curves",
     "project_2d",
+    "register_analysis",
+    "registered_analyses",
     "run_analyses",
     "shared_input_pairs",
     "similarity_analysis",
     "task_conflict",
+    "unregister_analysis",
 ]

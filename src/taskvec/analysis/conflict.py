@@ -4,6 +4,9 @@ If a task vector carries the task, patching B's vector over the query's answer p
 turn an A prompt (A's demonstrations or A's instruction) into a B answer. Pairs share their inputs
 (country-capital vs country-currency, animal-latin vs animal-young, food-color vs food-flavor), so
 every query has an answer under both tasks. Counts without the patch are kept as the baseline.
+
+Answers are scored by the run's protocol (the paper's): one greedy token, prefix match; a token
+that starts both answers counts as "both".
 """
 
 from __future__ import annotations
@@ -11,16 +14,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import permutations
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from taskvec.analysis.prompt_sets import icl_prompts, instruction_prompt, query_items
-from taskvec.evaluation import generate_answers, is_correct
+from taskvec.analysis.prompt_sets import instruction_prompt, query_items, task_icl_prompts
+from taskvec.evaluation import generate_answers, is_correct, is_correct_by
 from taskvec.models import ModelHandle
 from taskvec.tasks import Item, Task
+from taskvec.vectors import VectorSpec, parse_spec
 
-ConflictContext = Literal["text-icl", "instruction"]
+# How task A is given to the model: its text demonstrations, or its instruction.
+CONFLICT_CONTEXTS = (VectorSpec.TEXT_ICL, VectorSpec.INSTRUCTION)
 OUTCOMES = ("a", "b", "both", "neither")
 
 
@@ -37,14 +42,16 @@ class ConflictCounts:
     patched: dict[str, int]  # A's prompt with B's vector at `layer`
     ambiguous_skipped: int  # queries whose A and B answers cannot be told apart
     examples: list[dict[str, str]] = field(default_factory=list)
+    max_new_tokens: int = 1  # tokens generated per answer
+    metric: str = "prefix"  # how an answer is matched (taskvec.evaluation.is_correct_by)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def winner(generated: str, answers_a: Sequence[str], answers_b: Sequence[str]) -> str:
+def winner(generated: str, answers_a: Sequence[str], answers_b: Sequence[str], metric: str = "prefix") -> str:
     """ "a", "b", "both" (a short answer that is a prefix of both) or "neither"."""
-    a, b = is_correct(generated, answers_a), is_correct(generated, answers_b)
+    a, b = is_correct_by(generated, answers_a, metric), is_correct_by(generated, answers_b, metric)
     return "both" if a and b else "a" if a else "b" if b else "neither"
 
 
@@ -78,25 +85,31 @@ def task_conflict(
     vector_b: torch.Tensor,
     layer: int,
     *,
-    context: ConflictContext = "text-icl",
+    context: VectorSpec | str = VectorSpec.TEXT_ICL,
     max_items: int = 50,
     shots: int = 5,
     seed: int = 0,
-    max_new_tokens: int = 4,
+    max_new_tokens: int = 1,
+    metric: str = "prefix",
     batch_size: int = 8,
     examples: int = 3,
 ) -> ConflictCounts:
     """Counts of A's answer vs B's answer for A-prompted queries, without and with B's vector.
 
     `vector_b` is [layers, hidden] (B's task vector); it replaces the residual at the query's final
-    ':' at `layer`, as in the paper's patching.
+    ':' at `layer`, as in the paper's patching. Answers are `max_new_tokens` greedy tokens scored
+    by `metric` ("prefix", "prefix_ignore_case" or "exact"); the defaults are the paper's.
     """
+    is_correct_by("", [], metric)  # an unknown metric fails here, before any generation
+    kind = parse_spec(context)
+    if kind not in CONFLICT_CONTEXTS:
+        raise ValueError(f"task A is given by text-icl or instruction prompts, not {kind.value!r}")
     pairs, ambiguous = shared_queries(task_a, task_b, max_items)
     queries = [a for a, _ in pairs]
-    if context == "instruction":
+    if kind is VectorSpec.INSTRUCTION:
         prompts = [instruction_prompt(task_a, query) for query in queries]
     else:
-        prompts = icl_prompts(task_a, queries, modality="text", shots=shots, seed=seed)
+        prompts = task_icl_prompts(task_a, queries, modality="text", shots=shots, seed=seed)
     plain = generate_answers(handle, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     patched = generate_answers(
         handle,
@@ -110,8 +123,8 @@ def task_conflict(
     patched_counts = dict.fromkeys(OUTCOMES, 0)
     shown: list[dict[str, str]] = []
     for (item_a, item_b), before, after in zip(pairs, plain, patched, strict=True):
-        baseline_counts[winner(before, item_a.answers(), item_b.answers())] += 1
-        patched_counts[winner(after, item_a.answers(), item_b.answers())] += 1
+        baseline_counts[winner(before, item_a.answers(), item_b.answers(), metric)] += 1
+        patched_counts[winner(after, item_a.answers(), item_b.answers(), metric)] += 1
         if len(shown) < examples:
             shown.append(
                 {
@@ -125,13 +138,15 @@ def task_conflict(
     return ConflictCounts(
         task_a=task_a.name,
         task_b=task_b.name,
-        context=context,
+        context=kind.value,
         layer=layer,
         items=len(pairs),
         baseline=baseline_counts,
         patched=patched_counts,
         ambiguous_skipped=ambiguous,
         examples=shown,
+        max_new_tokens=max_new_tokens,
+        metric=metric,
     )
 
 

@@ -8,8 +8,7 @@ share of points whose nearest neighbour (cosine) has the same task, and the same
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,18 +16,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from taskvec.analysis.prompt_sets import (
-    Spec,
-    batches,
-    demonstration_pool,
-    icl_prompts,
-    seeded_sample,
-    spec_modality,
-)
-from taskvec.engine import marker_position, record_residuals
+from taskvec.analysis.prompt_sets import demonstration_pool, seeded_sample, task_icl_prompts
 from taskvec.models import ModelHandle
-from taskvec.prompts import DEFAULT_TEMPLATE, Prompt, QATemplate, encode_prompts
+from taskvec.prompts import DEFAULT_TEMPLATE, Prompt, QATemplate
 from taskvec.tasks import Task
+from taskvec.vectors import VectorSpec, parse_spec, residuals_at_marker
 
 ProjectionMethod = Literal["tsne", "pca"]
 
@@ -43,41 +35,6 @@ class PromptPoints:
     embeddings: np.ndarray  # [n, hidden]
 
 
-@contextmanager
-def capture_input_embeddings(handle: ModelHandle, store: list[torch.Tensor]) -> Iterator[None]:
-    """Record what the first decoder layer receives: token embeddings with image features merged in."""
-
-    def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        store.append(hidden.detach().float().cpu())
-
-    registered = handle.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        registered.remove()
-
-
-def _image_token_id(handle: ModelHandle) -> int | None:
-    config = handle.model.config
-    for name in ("image_token_id", "image_token_index"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
-def _mean_embedding(
-    embedding: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, image_id: int | None
-) -> Any:
-    """Mean over the image tokens when there are any (image prompts), else over the prompt's tokens."""
-    keep = mask.bool()
-    if image_id is not None and bool((ids == image_id).any()):
-        keep = ids == image_id
-    return embedding[keep].mean(dim=0)
-
-
-@torch.no_grad()
 def prompt_points(
     handle: ModelHandle,
     prompts: Sequence[Prompt],
@@ -89,24 +46,16 @@ def prompt_points(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual at the answer marker `occurrence` (-2: the last demonstration's ':') at `layer`, and
     the mean input embedding, of each prompt: two [n, hidden] tensors."""
-    image_id = _image_token_id(handle)
-    residuals: list[torch.Tensor] = []
-    embeddings: list[torch.Tensor] = []
-    for batch in batches(prompts, batch_size):
-        inputs = encode_prompts(handle, batch)
-        ids = inputs["input_ids"]
-        positions = torch.tensor(
-            [[marker_position(handle.tokenizer, row, template.marker, occurrence)] for row in ids]
-        )
-        captured: list[torch.Tensor] = []
-        with capture_input_embeddings(handle, captured):
-            residuals.append(record_residuals(handle, inputs, positions, layers=[layer])[:, 0, 0])
-        mask = inputs.get("attention_mask", torch.ones_like(ids)).cpu()
-        embeddings.extend(
-            _mean_embedding(captured[0][row], ids[row].cpu(), mask[row], image_id)
-            for row in range(len(batch))
-        )
-    return torch.cat(residuals), torch.stack(embeddings)
+    residuals, embeddings = residuals_at_marker(
+        handle,
+        prompts,
+        occurrence=occurrence,
+        layers=[layer],
+        batch_size=batch_size,
+        input_embeddings=True,
+        template=template,
+    )
+    return residuals[:, 0], embeddings
 
 
 def collect_prompt_points(
@@ -114,7 +63,7 @@ def collect_prompt_points(
     tasks: Sequence[Task],
     layer: int,
     *,
-    specs: Sequence[Spec] = ("text-icl", "image-icl"),
+    specs: Sequence[VectorSpec | str] = (VectorSpec.TEXT_ICL, VectorSpec.IMAGE_ICL),
     prompts_per_task: int = 30,
     shots: int = 5,
     seed: int = 0,
@@ -126,17 +75,19 @@ def collect_prompt_points(
     tasks_column: list[str] = []
     specs_column: list[str] = []
     vectors, embeddings = [], []
-    jobs = [(task, spec) for task in tasks for spec in specs]
+    jobs = [(task, parse_spec(spec)) for task in tasks for spec in specs]
     for task, spec in tqdm(jobs, desc="prompt points", disable=not progress, leave=False):
+        if spec.demo_modality is None:
+            raise ValueError(f"the embedding map reads ICL prompts; {spec.value!r} has no demonstrations")
         queries = seeded_sample(demonstration_pool(task), prompts_per_task, seed)
-        prompts = icl_prompts(
-            task, queries, modality=spec_modality(spec), shots=shots, seed=seed, template=template
+        prompts = task_icl_prompts(
+            task, queries, modality=spec.demo_modality, shots=shots, seed=seed, template=template
         )
         residual, embedding = prompt_points(handle, prompts, layer, template=template, batch_size=batch_size)
         vectors.append(residual)
         embeddings.append(embedding)
         tasks_column += [task.name] * len(prompts)
-        specs_column += [spec] * len(prompts)
+        specs_column += [spec.value] * len(prompts)
     return PromptPoints(tasks_column, specs_column, torch.cat(vectors).numpy(), torch.cat(embeddings).numpy())
 
 

@@ -14,21 +14,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from taskvec.analysis.prompt_sets import (
-    SPECS,
-    Spec,
-    batches,
-    query_items,
-    spec_prompts,
-    unsupported_reason,
-)
+from taskvec.analysis.prompt_sets import query_items, spec_prompts, unsupported_reason
 from taskvec.analysis.tokens import TOKEN_RULE, WordReduce, word_set_ids, words_probability
-from taskvec.engine import logit_lens, marker_position, record_residuals
+from taskvec.engine import logit_lens
 from taskvec.models import ModelHandle
-from taskvec.prompts import DEFAULT_TEMPLATE, Prompt, QATemplate, encode_prompts
+from taskvec.prompts import DEFAULT_TEMPLATE, Prompt, QATemplate
 from taskvec.tasks import Task
+from taskvec.vectors import EXTRACTABLE_SPECS, VectorSpec, parse_spec, residuals_at_marker
 
 PHASES = ("input", "task", "answer")
 
@@ -89,16 +82,15 @@ def phase_curves(
     totals = {phase: torch.zeros(handle.num_layers) for phase in PHASES}
     relative = {phase: torch.zeros(handle.num_layers) for phase in PHASES}
     counted = dict.fromkeys(PHASES, 0)
-    done = 0
-    for batch in tqdm(batches(prompts, batch_size), desc=progress, disable=progress is None, leave=False):
-        inputs = encode_prompts(handle, batch)
-        positions = torch.tensor(
-            [[marker_position(tokenizer, row, template.marker, -1)] for row in inputs["input_ids"]]
-        )
-        residuals = record_residuals(handle, inputs, positions)[:, :, 0]  # [batch, layers, hidden]
-        probabilities = logit_lens(handle, residuals).softmax(dim=-1)  # [batch, layers, vocab]
-        for row in range(len(batch)):
-            index = done + row
+    # [prompts, layers, hidden] at the query's answer marker, where the answer is generated.
+    residuals = residuals_at_marker(
+        handle, prompts, occurrence=-1, batch_size=batch_size, progress=progress, template=template
+    )
+    for start in range(0, len(prompts), batch_size):
+        # The lens over the whole vocabulary is large: decode a batch of prompts at a time.
+        probabilities = logit_lens(handle, residuals[start : start + batch_size]).softmax(dim=-1)
+        for row in range(probabilities.shape[0]):
+            index = start + row
             per_phase = {
                 "input": words_probability(probabilities[row], word_set_ids(tokenizer, [input_words[index]])),
                 "task": words_probability(probabilities[row], task_ids, task_word_reduce),
@@ -109,7 +101,6 @@ def phase_curves(
                 if float(curve.sum()) > 0:
                     relative[phase] += curve / curve.sum()
                     counted[phase] += 1
-        done += len(batch)
     peak: dict[str, int | None] = {}
     relative_mean: dict[str, list[float]] = {}
     for phase in PHASES:
@@ -129,7 +120,7 @@ def lens_phases(
     handle: ModelHandle,
     task: Task,
     *,
-    specs: Sequence[Spec] = SPECS,
+    specs: Sequence[VectorSpec | str] = EXTRACTABLE_SPECS,
     max_prompts: int = 100,
     shots: int = 5,
     seed: int = 0,
@@ -148,13 +139,13 @@ def lens_phases(
     queries = query_items(task, max_prompts)
     curves: dict[str, PhaseCurves] = {}
     skipped: dict[str, str] = {}
-    for spec in specs:
+    for spec in map(parse_spec, specs):
         reason = unsupported_reason(handle, task, spec)
         if reason is not None:
-            skipped[spec] = reason
+            skipped[spec.value] = reason
             continue
         prompts = spec_prompts(task, spec, queries, shots=shots, seed=seed, style=style, template=template)
-        curves[spec] = phase_curves(
+        curves[spec.value] = phase_curves(
             handle,
             prompts,
             [item.input for item in queries],
@@ -163,7 +154,7 @@ def lens_phases(
             task_word_reduce=task_word_reduce,
             template=template,
             batch_size=batch_size,
-            progress=f"lens {task.name} {spec}" if progress else None,
+            progress=f"lens {task.name} {spec.value}" if progress else None,
         )
     return LensPhases(task.name, curves, skipped, task_word_reduce=task_word_reduce)
 
@@ -171,7 +162,7 @@ def lens_phases(
 def mean_peak_layers(lens: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     """Per spec and phase, the mean over tasks of the peak layer."""
     summary: dict[str, dict[str, float | None]] = {}
-    for spec in SPECS:
+    for spec in (kind.value for kind in EXTRACTABLE_SPECS):
         summary[spec] = {}
         for phase in PHASES:
             peaks = [

@@ -1,27 +1,19 @@
 """The prompts the analyses read: ICL prompts (text or image demonstrations) and instruction prompts.
 
 Queries come from the test split and demonstrations from the validation split, as in the
-experiments, so an analysis never shows the model the query among its own demonstrations.
+experiments, so an analysis never shows the model the query among its own demonstrations. ICL
+prompts are built by `taskvec.vectors.icl_prompts`, the function the vectors are extracted with.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Literal
 
 from taskvec.models import ModelHandle
 from taskvec.prompts import DEFAULT_TEMPLATE, Modality, Prompt, QATemplate, build_icl_prompt
 from taskvec.tasks import Item, Task
-from taskvec.vectors import sample_demonstrations
-
-Spec = Literal["text-icl", "image-icl", "instruction"]
-SPECS: tuple[Spec, ...] = ("text-icl", "image-icl", "instruction")
-
-
-def spec_modality(spec: Spec) -> Modality:
-    """The modality of an ICL spec's demonstrations (an instruction is text)."""
-    return "image" if spec == "image-icl" else "text"
+from taskvec.vectors import VectorSpec, icl_prompts, parse_spec
 
 
 def query_items(task: Task, limit: int | None = None) -> list[Item]:
@@ -36,15 +28,16 @@ def demonstration_pool(task: Task) -> list[Item]:
     return task.split("val") if "val" in task.splits else list(task.items)
 
 
-def unsupported_reason(handle: ModelHandle, task: Task, spec: Spec) -> str | None:
+def unsupported_reason(handle: ModelHandle, task: Task, spec: VectorSpec | str) -> str | None:
     """Why `spec` cannot be run for this model and task, or None when it can."""
-    if spec == "image-icl" and not handle.architecture.is_vision_language:
+    spec = parse_spec(spec)
+    if spec is VectorSpec.IMAGE_ICL and not handle.architecture.is_vision_language:
         return f"{handle.name} is a text-only model"
-    if spec == "image-icl" and not task.has_images:
+    if spec is VectorSpec.IMAGE_ICL and not task.has_images:
         return f"task {task.name} has no images"
-    if spec == "image-icl" and not handle.architecture.multi_image:
+    if spec is VectorSpec.IMAGE_ICL and not handle.architecture.multi_image:
         return f"{handle.architecture.family} takes one image per prompt"
-    if spec == "instruction" and not task.instruction:
+    if spec.uses_instruction and not task.instruction:
         return f"task {task.name} has no instruction"
     return None
 
@@ -62,7 +55,7 @@ def instruction_prompt(
     return Prompt(f"{task.instruction}\n{bare.text}", bare.images)
 
 
-def icl_prompts(
+def task_icl_prompts(
     task: Task,
     queries: Sequence[Item],
     *,
@@ -70,32 +63,27 @@ def icl_prompts(
     shots: int = 5,
     seed: int = 0,
     style: str | None = None,
-    query_modality: Modality | None = None,
     template: QATemplate = DEFAULT_TEMPLATE,
 ) -> list[Prompt]:
-    """One prompt per query: `shots` seeded demonstrations (never the query itself), then the query."""
-    pool = demonstration_pool(task)
-    rng = random.Random(seed)
-    prompts = []
-    for query in queries:
-        available = len([item for item in pool if item.input != query.input])
-        demonstrations = sample_demonstrations(pool, query, min(shots, available), rng)
-        prompts.append(
-            build_icl_prompt(
-                demonstrations,
-                query,
-                demo_modality=modality,
-                query_modality=query_modality or modality,
-                style=style,
-                template=template,
-            )
-        )
-    return prompts
+    """ICL prompts of `queries` with demonstrations from the task's demonstration pool.
+
+    Too small a pool is an error naming the task and the counts (`TooFewDemonstrationsError`).
+    """
+    return icl_prompts(
+        demonstration_pool(task),
+        queries,
+        shots=shots,
+        seed=seed,
+        modality=modality,
+        style=style,
+        template=template,
+        task=task.name,
+    )
 
 
 def spec_prompts(
     task: Task,
-    spec: Spec,
+    spec: VectorSpec | str,
     queries: Sequence[Item],
     *,
     shots: int = 5,
@@ -104,16 +92,13 @@ def spec_prompts(
     template: QATemplate = DEFAULT_TEMPLATE,
 ) -> list[Prompt]:
     """Prompts that specify the task by `spec`; image ICL asks about the query's image too."""
-    if spec == "instruction":
+    spec = parse_spec(spec)
+    if spec is VectorSpec.INSTRUCTION:
         return [instruction_prompt(task, query, template=template) for query in queries]
-    modality: Modality = "image" if spec == "image-icl" else "text"
-    return icl_prompts(
+    modality = spec.demo_modality or "text"
+    return task_icl_prompts(
         task, queries, modality=modality, shots=shots, seed=seed, style=style, template=template
     )
-
-
-def batches(prompts: Sequence[Prompt], size: int) -> list[Sequence[Prompt]]:
-    return [prompts[start : start + size] for start in range(0, len(prompts), size)]
 
 
 def seeded_sample(items: Sequence[Item], limit: int, seed: int) -> list[Item]:

@@ -14,19 +14,32 @@ from typing import Any
 
 import torch
 
+from taskvec.vectors import VectorSpec, parse_spec
+
+VECTOR_MODELS = ("vlm", "llm")
+
 
 @dataclass(frozen=True, order=True)
 class VectorKey:
-    """Which vector: model ("vlm" = the model analysed, "llm" = its base language model), task, spec."""
+    """Which vector: model ("vlm" = the model analysed, "llm" = its base language model), task, spec.
+
+    `spec` is the extractable spec the vector was read with (a base-LM vector is ("llm", task,
+    text-icl)); a spec's string value is accepted and stored as the VectorSpec.
+    """
 
     model: str
     task: str
-    spec: str
+    spec: VectorSpec
+
+    def __post_init__(self) -> None:
+        if self.model not in VECTOR_MODELS:
+            raise ValueError(f"vector model must be 'vlm' or 'llm', not {self.model!r}")
+        object.__setattr__(self, "spec", parse_spec(self.spec))
 
     @property
     def label(self) -> str:
         prefix = "" if self.model == "vlm" else f"{self.model}:"
-        return f"{prefix}{self.task} / {self.spec}"
+        return f"{prefix}{self.task} / {self.spec.value}"
 
 
 def _rounded(matrix: torch.Tensor) -> list[Any]:
@@ -59,7 +72,7 @@ def pair_summary(keys: list[VectorKey], matrix: torch.Tensor) -> dict[str, float
         value = float(matrix[i, j])
         if a.task == b.task and a.spec != b.spec:
             groups["within_task_cross_spec"].append(value)
-            if {a.spec, b.spec} == {"text-icl", "image-icl"}:
+            if {a.spec, b.spec} == {VectorSpec.TEXT_ICL, VectorSpec.IMAGE_ICL}:
                 groups["within_task_text_image"].append(value)
         elif a.task != b.task:
             groups["cross_task"].append(value)
@@ -85,7 +98,7 @@ def similarity_analysis(vectors: Mapping[VectorKey, torch.Tensor], layer: int) -
     return {
         "layer": layer,
         "labels": [key.label for key in keys],
-        "keys": [{"model": key.model, "task": key.task, "spec": key.spec} for key in keys],
+        "keys": [{"model": key.model, "task": key.task, "spec": key.spec.value} for key in keys],
         "matrix": _rounded(per_layer[layer]),
         "matrix_per_layer": _rounded(per_layer),
         "summary": pair_summary(vlm_keys, vlm_per_layer[layer]),
@@ -102,7 +115,7 @@ def llm_vs_vlm_cosine(vectors: Mapping[VectorKey, torch.Tensor], layer: int) -> 
     per_task: dict[str, list[float]] = {}
     for key, vector in vectors.items():
         partner = VectorKey("llm", key.task, key.spec)
-        if key.model != "vlm" or key.spec != "text-icl" or partner not in vectors:
+        if key.model != "vlm" or key.spec is not VectorSpec.TEXT_ICL or partner not in vectors:
             continue
         other = vectors[partner]
         if other.shape != vector.shape:

@@ -1,6 +1,6 @@
 """The engine: record residuals, patch, sweep layers, generate, logit lens. It knows nothing of tasks."""
 
-from taskvec.engine.generation import generate_greedy
+from taskvec.engine.generation import generate_greedy, generate_greedy_ids
 from taskvec.engine.lens import logit_lens, top_tokens
 from taskvec.engine.patching import Patch, PatchMode, patch_at
 from taskvec.engine.positions import AnswerMarkerNotFoundError, find_marker_positions, marker_position
@@ -14,6 +14,7 @@ __all__ = [
     "SweepMethod",
     "find_marker_positions",
     "generate_greedy",
+    "generate_greedy_ids",
     "logit_lens",
     "marker_position",
     "patch_at",

@@ -15,7 +15,16 @@ from taskvec.models.handle import ModelHandle
 def generate_greedy(
     handle: ModelHandle, inputs: dict[str, Any], patches: Sequence[Patch] = (), max_new_tokens: int = 5
 ) -> list[str]:
-    """Greedy continuations (decoded, special tokens dropped) of each prompt in the batch.
+    """Greedy continuations (decoded, special tokens dropped) of each prompt in the batch."""
+    new_tokens = generate_greedy_ids(handle, inputs, patches, max_new_tokens)
+    return list(handle.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+
+
+@torch.no_grad()
+def generate_greedy_ids(
+    handle: ModelHandle, inputs: dict[str, Any], patches: Sequence[Patch] = (), max_new_tokens: int = 5
+) -> torch.Tensor:
+    """The generated token ids [batch, new tokens] of each prompt in the batch.
 
     Patches apply to the prefill only (see patch_at): with the KV cache this equals the reference
     code's cache-free loop that re-applies the patch at every step.
@@ -34,5 +43,4 @@ def generate_greedy(
             top_k=None,
             temperature=None,
         )
-    new_tokens = output[:, inputs["input_ids"].shape[1] :]
-    return list(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return output[:, inputs["input_ids"].shape[1] :].cpu()

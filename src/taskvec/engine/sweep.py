@@ -187,6 +187,8 @@ def _last_token_positions(handle: ModelHandle, length: int, rows: int) -> torch.
     """Position ids of the last token for a hand-built decode step (no padding: see sweep_layers)."""
     if handle.architecture.position_style == "mrope":
         # Qwen2-VL numbers text after an image from the image's grid; the prefill stored the offset.
-        rope_deltas: torch.Tensor = resolve_attribute(handle.model, "model.rope_deltas")
+        path = handle.architecture.rope_deltas_path
+        assert path is not None, "the architecture table requires rope_deltas_path for mrope"
+        rope_deltas: torch.Tensor = resolve_attribute(handle.model, path)
         return (length - 1 + rope_deltas.reshape(1, -1, 1)[:, :1]).expand(3, rows, 1)
     return torch.full((rows, 1), length - 1, dtype=torch.long)

@@ -1,25 +1,39 @@
-"""Protocols of the paper: evaluation, layer choice, baselines, xPatch, LLM -> VLM, ensembling.
+"""Protocols of the paper: conditions, layer choice, floors, xPatch, LLM -> VLM, ensembling; typed results.
 
 from taskvec.experiments import RunConfig, run_experiments
 results = run_experiments(load_model("default-vlm"), RunConfig.quick_preset(), "taskvec-run",
                           llm=load_model("default"))
+print(results.table("paper").column("text-icl-xpatch").summary.interval)
 """
 
-from taskvec.experiments.conditions import Condition, plan_conditions
+from taskvec.experiments.conditions import (
+    CONDITIONS,
+    Condition,
+    TableSlot,
+    plan_conditions,
+    register_condition,
+    unregister_condition,
+)
 from taskvec.experiments.config import METRICS, RunConfig
 from taskvec.experiments.layer_choice import choose_layer
 from taskvec.experiments.paper_numbers import paper_numbers
-from taskvec.experiments.runner import run_analyses_and_report, run_experiments
+from taskvec.experiments.results import RunResults
+from taskvec.experiments.runner import run_analyses_of_run, run_experiments
 from taskvec.experiments.tables import format_tables
 
 __all__ = [
+    "CONDITIONS",
     "METRICS",
     "Condition",
     "RunConfig",
+    "RunResults",
+    "TableSlot",
     "choose_layer",
     "format_tables",
     "paper_numbers",
     "plan_conditions",
-    "run_analyses_and_report",
+    "register_condition",
+    "run_analyses_of_run",
     "run_experiments",
+    "unregister_condition",
 ]

@@ -1,18 +1,35 @@
-"""Baselines that need no model: what a constant answer scores.
+"""Floors that need no model: what a constant answer, or the input itself, scores.
 
 A vector patched at the last layers can simply write one frequent answer ("sweet" for every food's
-flavour); the majority answer of the validation split, given to every test query, is the floor such
-an answer reaches, so a patched condition is only evidence of a task vector where it beats this.
+flavour): the validation majority answer, given to every test query, is the floor such an answer
+reaches. The paper's prefix metric (either string may start with the other) also credits copying
+the input on some tasks ("chicken" counts for "chick"; 0.85 on Todd et al.'s present-past), so
+answering with the query's own input is the second floor. A condition is evidence of a task vector
+only where it beats both.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from taskvec.evaluation import is_correct_by
-from taskvec.tasks import Task
+from taskvec.experiments.intervals import Interval, bootstrap_interval
+from taskvec.tasks import Item, Task
+
+
+@dataclass
+class Floor:
+    """A model-free answer rule scored on the test split, per task and as the mean over tasks."""
+
+    name: str
+    label: str
+    metric: str
+    per_task: dict[str, float]
+    mean: float
+    interval: Interval
+    answers: dict[str, str] | None = None  # the constant answer per task, for the majority floor
 
 
 def majority_answer(task: Task) -> str:
@@ -23,18 +40,53 @@ def majority_answer(task: Task) -> str:
     return min(counts, key=lambda answer: (-counts[answer], answer))
 
 
-def majority_answer_baseline(tasks: Sequence[Task], *, metric: str, test_limit: int | None) -> dict[str, Any]:
-    """Test accuracy of answering every query with the task's validation majority answer."""
-    per_task: dict[str, float] = {}
-    answers: dict[str, str] = {}
+def _floor(
+    name: str,
+    label: str,
+    tasks: Sequence[Task],
+    answer_for: Callable[[Task, Item], str],
+    *,
+    metric: str,
+    test_limit: int | None,
+    samples: int,
+) -> Floor:
+    hits: dict[str, list[list[bool]]] = {}
     for task in tasks:
-        answer = majority_answer(task)
         items = task.split("test")[:test_limit]
-        hits = sum(is_correct_by(answer, item.answers(), metric) for item in items)
-        per_task[task.name], answers[task.name] = hits / len(items), answer
-    return {
-        "metric": metric,
-        "answers": answers,
-        "per_task": per_task,
-        "mean": sum(per_task.values()) / len(per_task),
-    }
+        hits[task.name] = [[is_correct_by(answer_for(task, item), item.answers(), metric) for item in items]]
+    per_task = {task: sum(rows[0]) / len(rows[0]) for task, rows in hits.items()}
+    return Floor(
+        name,
+        label,
+        metric,
+        per_task,
+        sum(per_task.values()) / len(per_task),
+        bootstrap_interval(hits, samples=samples),
+    )
+
+
+def model_free_floors(
+    tasks: Sequence[Task], *, metric: str, test_limit: int | None, samples: int = 1000
+) -> list[Floor]:
+    """The majority-answer floor and the copy-the-input floor, both scored by `metric`."""
+    answers = {task.name: majority_answer(task) for task in tasks}
+    majority = _floor(
+        "majority_answer",
+        "majority answer (the validation split's most frequent, for every query)",
+        tasks,
+        lambda task, _item: answers[task.name],
+        metric=metric,
+        test_limit=test_limit,
+        samples=samples,
+    )
+    majority.answers = answers
+    copy_input = _floor(
+        "copy_input",
+        "copy the input (the query's input as its answer)",
+        tasks,
+        lambda _task, item: item.input,
+        metric=metric,
+        test_limit=test_limit,
+        samples=samples,
+    )
+    return [majority, copy_input]

@@ -1,92 +1,80 @@
-"""`taskvec run`: options -> RunConfig, models loaded, experiments, tables printed, analyses, report.
+"""`taskvec run`: options -> RunConfig, models loaded, experiments, tables printed, analyses.
 
-Kept out of cli.py so the command line stays a thin parser and this logic is importable and testable.
+Kept out of cli.py so the command line stays a thin parser and this logic is importable and testable;
+the command line writes the report afterwards (the report is built on top of the experiments).
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from taskvec.experiments.config import RunConfig
-from taskvec.experiments.runner import load_run_tasks, run_analyses_and_report, run_experiments
+from taskvec.experiments.results import RunResults
+from taskvec.experiments.runner import load_run_tasks, run_analyses_of_run, run_experiments
 from taskvec.experiments.tables import format_tables
 from taskvec.models import ModelHandle, load_model
-from taskvec.models.loading import DEFAULT_VLM_NAMES
+from taskvec.models.loading import named_model
+from taskvec.options import DType, device_option, dtype_option, option, options_from_args
 
 
-def parse_styles(values: list[str] | None) -> dict[str, str] | None:
-    """["country=twemoji", "food-color=noto"] -> {"country": "twemoji", "food-color": "noto"}."""
-    if not values:
-        return None
-    styles = {}
-    for value in values:
-        name, separator, style = value.partition("=")
-        if not separator or not name or not style:
-            raise ValueError(f"--style takes TASK_OR_FAMILY=STYLE (e.g. country=twemoji), got {value!r}")
-        styles[name] = style
-    return styles
+@dataclass(frozen=True)
+class RunCommandOptions:
+    """The options of `taskvec run` that are not part of the `RunConfig`: models, output, runtime."""
+
+    model: str = option("default-vlm", "'default-vlm', 'default' (LM) or a checkpoint directory")
+    llm: str = option(
+        "default",
+        "base LM for LLM -> VLM: 'default' (the default LM under the default VLM, else none), "
+        "'none' or a checkpoint directory",
+    )
+    out: str = option("taskvec-run", "run directory (run again to resume)")
+    threads: int | None = option(None, "torch CPU threads (default: torch's own choice)")
+    device: str = device_option()
+    dtype: DType = dtype_option()  # noqa: RUF009 (a field declaration; its default is a str)
+    no_analyses: bool = option(False, "skip the analyses and the report")
+    quiet: bool = option(False, "no progress bars")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Options given on the command line override the defaults (or the --quick preset)."""
-    overrides: dict[str, Any] = {}
-    if args.tasks:
-        overrides["tasks"] = tuple(args.tasks)
-    if args.seeds is not None:
-        overrides["seeds"] = tuple(range(args.seeds))
-    if args.ensemble_examples:
-        overrides["ensemble_examples"] = tuple(args.ensemble_examples)
-    if args.sweep_seeds:
-        overrides["layer_sweep_seeds"] = None if args.sweep_seeds == "all" else int(args.sweep_seeds)
-    if args.ensemble_layer:
-        overrides["ensemble_layer_from"] = args.ensemble_layer
-    if args.layer is not None:
-        overrides["layer_choice"] = args.layer
-    styles = parse_styles(args.style)
-    if styles:
-        overrides["styles"] = styles
-    for option in (
-        "shots",
-        "val_limit",
-        "test_limit",
-        "max_new_tokens",
-        "batch_size",
-        "query_batch_size",
-        "metric",
-    ):
-        value = getattr(args, option)
-        if value is not None:
-            overrides[option] = value
-    return RunConfig.quick_preset(**overrides) if args.quick else RunConfig(**overrides)
+    overrides = options_from_args(RunConfig, args)
+    quick = overrides.pop("quick", False)
+    return RunConfig.quick_preset(**overrides) if quick else RunConfig(**overrides)
 
 
 def resolve_llm(model: str, llm: str, handle: ModelHandle, device: str, dtype: str) -> ModelHandle | None:
-    """--llm default: the default LM under the default VLM (its base model), else no base LM."""
+    """--llm default: the base LM a named model registers (the default VLM's is the default LM), else none."""
     if llm == "none" or not handle.architecture.is_vision_language:
         return None
     if llm == "default":
-        return load_model("default", device=device, dtype=dtype) if model in DEFAULT_VLM_NAMES else None
+        named = named_model(model)
+        base = named.base_lm if named is not None else None
+        return load_model(base, device=device, dtype=dtype) if base is not None else None
     return load_model(llm, device=device, dtype=dtype)
 
 
-def run_command(args: argparse.Namespace) -> int:
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+def run_command(args: argparse.Namespace) -> tuple[RunResults, Path, bool]:
+    """Run the experiments (and analyses), print the tables; the results, run directory and whether
+    the report is wanted."""
+    options = RunCommandOptions(**options_from_args(RunCommandOptions, args))
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
     config = config_from_args(args)
-    tasks = load_run_tasks(config)  # before the models load: a bad task fails in milliseconds
-    handle = load_model(args.model, device=args.device, dtype=args.dtype)
-    llm = resolve_llm(args.model, args.llm, handle, args.device, args.dtype)
-    out = Path(args.out)
-    results = run_experiments(handle, config, out, llm=llm, progress=not args.quiet)
+    load_run_tasks(config)  # before the models load: a bad task fails in milliseconds
+    handle = load_model(options.model, device=options.device, dtype=options.dtype)
+    llm = resolve_llm(options.model, options.llm, handle, options.device, options.dtype)
+    out = Path(options.out)
+    results = run_experiments(handle, config, out, llm=llm, progress=not options.quiet)
     print(format_tables(results))
-    for note in results["meta"]["notes"]:
+    for note in results.meta.notes:
         print(f"note: {note}")
-    if not args.no_analyses:
-        for note in run_analyses_and_report(handle, tasks, out, llm=llm, quick=config.quick):
-            print(f"note: {note}")
-    print(f"\nwrote {out / 'results.json'} and {out / 'summary.csv'} ({results['meta']['seconds']:.0f} s)")
-    return 0
+    if not options.no_analyses:
+        document = run_analyses_of_run(handle, results, out, llm=llm, progress=not options.quiet)
+        for step, message in document.errors.items():
+            print(f"note: analysis step {step} failed: {message}")
+    print(f"\nwrote {out / 'results.json'} and {out / 'summary.csv'} ({results.meta.seconds:.0f} s)")
+    return results, out, not options.no_analyses

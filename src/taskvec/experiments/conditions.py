@@ -1,34 +1,49 @@
-"""The paper's conditions as data: what is in the context, what is patched, what is asked.
+"""The paper's conditions as data: what is in the context, what is patched, what is asked, where it is shown.
 
-One table instead of one function per condition, so the runner treats every condition alike and a
+One registry instead of one function per condition: the runner treats every condition alike, a
 condition the model cannot run (image input on a text-only model, several images on a one-image
-model, vectors of a base LM that is missing or differently shaped) is skipped with a note.
+model, vectors of a base LM that is missing or differently shaped) is skipped with a note, and the
+tables, the CSV and the report place a condition by its `tables` slots, never by its name.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from taskvec.experiments.config import RunConfig
 from taskvec.models import ModelHandle
 from taskvec.prompts import Modality
 from taskvec.tasks import Task
+from taskvec.vectors import VectorSpec
 
-# Where a patched vector comes from: the run model's (vlm) or base LM's (llm) vectors, or the
-# ensemble curve's subset ("exemplar") and mean-with-instruction ("ensemble") vectors.
-VectorSource = Literal["text-icl", "image-icl", "llm-text-icl", "instruction", "exemplar", "ensemble"]
+ModelRole = Literal["vlm", "llm"]
+
+
+@dataclass(frozen=True)
+class TableSlot:
+    """A place of a condition in a result table: the table's id and the column (or curve series)."""
+
+    table: str
+    column: str
+    x: int | None = None  # a curve's x value (the ensemble curve's number of examples)
 
 
 @dataclass(frozen=True)
 class Condition:
     name: str
+    label: str  # what the tables and the report call it
     query: Modality  # the modality of the test query
     demos: Modality | None = None  # in-context demonstrations before the query, if any
-    vector: VectorSource | None = None  # patched at the query's last ':' if set
+    vector: VectorSpec | None = None  # patched at the query's answer marker if set
     instruction_prompt: bool = False  # the instruction is written before the query
     examples: int | None = None  # ensemble curve: demonstrations behind the exemplar vector
     seeded: bool = False  # depends on the sampled demonstrations, so it is run once per seed
+    # On a text-only model the condition still runs, asking text queries instead of images.
+    text_fallback: bool = False
+    tables: tuple[TableSlot, ...] = ()
+    # The analyses use the layer chosen for the run's patched condition of lowest rank.
+    analysis_layer_rank: int | None = None
 
     @property
     def patched(self) -> bool:
@@ -36,37 +51,153 @@ class Condition:
 
     @property
     def needs_images(self) -> bool:
-        return self.query == "image" or self.demos == "image" or self.vector == "image-icl"
+        return self.query == "image" or self.demos == "image" or self.vector == VectorSpec.IMAGE_ICL
 
     @property
     def needs_several_images(self) -> bool:
-        return self.demos == "image" or self.vector == "image-icl"
+        return self.demos == "image" or self.vector == VectorSpec.IMAGE_ICL
 
     @property
-    def model_role(self) -> Literal["vlm", "llm"]:
-        """Which model's vectors the condition patches (results.json's "model" field)."""
-        return "llm" if self.vector == "llm-text-icl" else "vlm"
+    def uses_instruction(self) -> bool:
+        return self.instruction_prompt or (self.vector is not None and self.vector.uses_instruction)
+
+    @property
+    def model_role(self) -> ModelRole:
+        """Which model's vectors the condition patches (the results' "model" field)."""
+        return "llm" if self.vector is not None and self.vector.from_base_lm else "vlm"
+
+    @property
+    def ignores_case(self) -> bool:
+        """The ensemble curve is scored as the reference scores its ensembling runs (lower case allowed)."""
+        return self.examples is not None
 
 
-def core_conditions(query: Modality) -> list[Condition]:
-    """Baselines, xPatch and the four directions; `query` is the modality of cross-modal queries."""
-    return [
-        Condition("no-context", "image"),
-        Condition("no-context-text", "text"),
-        Condition("image-icl", "image", demos="image", seeded=True),
-        Condition("text-icl", "text", demos="text", seeded=True),
-        Condition("text-icl-xbase", "image", demos="text", seeded=True),
-        Condition("image-icl-patch", "image", vector="image-icl", seeded=True),
-        Condition("text-icl-xpatch", "image", vector="text-icl", seeded=True),
-        Condition("text->text", "text", vector="text-icl", seeded=True),
-        Condition("image->text", "text", vector="image-icl", seeded=True),
-        Condition("llm-xpatch", "image", vector="llm-text-icl", seeded=True),
-        Condition("instruction-patch", query, vector="instruction"),
-        Condition("instruction-prompt", query, instruction_prompt=True),
-    ]
+def _paper(column: str) -> TableSlot:
+    return TableSlot("paper", column)
 
 
-def ensemble_conditions(counts: tuple[int, ...], query: Modality) -> list[Condition]:
+def _direction(column: str) -> TableSlot:
+    return TableSlot("directions", column)
+
+
+NO_CONTEXT = Condition("no-context", "no context (image query)", "image", tables=(_paper("no-context"),))
+NO_CONTEXT_TEXT = Condition("no-context-text", "no context (text query)", "text")
+IMAGE_ICL = Condition(
+    "image-icl", "image ICL", "image", demos="image", seeded=True, tables=(_paper("image-icl"),)
+)
+TEXT_ICL = Condition("text-icl", "text ICL (text query)", "text", demos="text", seeded=True)
+TEXT_ICL_XBASE = Condition(
+    "text-icl-xbase",
+    "text examples + image query (xBase)",
+    "image",
+    demos="text",
+    seeded=True,
+    tables=(_paper("text-icl-xbase"),),
+)
+IMAGE_TO_IMAGE = Condition(
+    "image->image",
+    "image-ICL vector -> image query",
+    "image",
+    vector=VectorSpec.IMAGE_ICL,
+    seeded=True,
+    tables=(_paper("image-icl-patch"), _direction("image->image")),
+    analysis_layer_rank=3,
+)
+TEXT_TO_IMAGE = Condition(
+    "text->image",
+    "text-ICL vector -> image query (xPatch)",
+    "image",
+    vector=VectorSpec.TEXT_ICL,
+    seeded=True,
+    tables=(_paper("text-icl-xpatch"), _direction("text->image"), TableSlot("llm_to_vlm", "vlm_vectors")),
+    analysis_layer_rank=1,
+)
+TEXT_TO_TEXT = Condition(
+    "text->text",
+    "text-ICL vector -> text query",
+    "text",
+    vector=VectorSpec.TEXT_ICL,
+    seeded=True,
+    tables=(_direction("text->text"),),
+    analysis_layer_rank=2,
+)
+IMAGE_TO_TEXT = Condition(
+    "image->text",
+    "image-ICL vector -> text query",
+    "text",
+    vector=VectorSpec.IMAGE_ICL,
+    seeded=True,
+    tables=(_direction("image->text"),),
+)
+LLM_TO_VLM = Condition(
+    "llm-xpatch",
+    "base-LM text-ICL vector -> image query",
+    "image",
+    vector=VectorSpec.LLM_TEXT_ICL,
+    seeded=True,
+    tables=(TableSlot("llm_to_vlm", "llm_vectors"),),
+    analysis_layer_rank=4,
+)
+INSTRUCTION_PATCH = Condition(
+    "instruction-patch",
+    "instruction vector patched",
+    "image",
+    vector=VectorSpec.INSTRUCTION,
+    text_fallback=True,
+    tables=(TableSlot("instruction", "instruction-patch"),),
+)
+INSTRUCTION_PROMPT = Condition(
+    "instruction-prompt",
+    "instruction written before the query",
+    "image",
+    instruction_prompt=True,
+    text_fallback=True,
+    tables=(TableSlot("instruction", "instruction-prompt"),),
+)
+
+# The registry: the run plans these in order (then the ensemble curve, built from the options).
+CONDITIONS: list[Condition] = [
+    NO_CONTEXT,
+    NO_CONTEXT_TEXT,
+    IMAGE_ICL,
+    TEXT_ICL,
+    TEXT_ICL_XBASE,
+    IMAGE_TO_IMAGE,
+    TEXT_TO_IMAGE,
+    TEXT_TO_TEXT,
+    IMAGE_TO_TEXT,
+    LLM_TO_VLM,
+    INSTRUCTION_PATCH,
+    INSTRUCTION_PROMPT,
+]
+
+
+def register_condition(condition: Condition) -> Condition:
+    """Add a condition to every later run (its name must be new)."""
+    if any(existing.name == condition.name for existing in CONDITIONS):
+        raise ValueError(f"a condition named {condition.name!r} is already registered")
+    CONDITIONS.append(condition)
+    return condition
+
+
+def unregister_condition(name: str) -> None:
+    CONDITIONS[:] = [condition for condition in CONDITIONS if condition.name != name]
+
+
+def _curve_point(name: str, label: str, n: int, vector: VectorSpec | None, series: str) -> Condition:
+    return Condition(
+        name,
+        label,
+        "image",
+        vector=vector,
+        examples=n,
+        seeded=vector is not None and n > 0,
+        text_fallback=True,
+        tables=(TableSlot("ensemble", series, n),),
+    )
+
+
+def ensemble_conditions(counts: tuple[int, ...]) -> list[Condition]:
     """The curve: exemplar-only vs (exemplar + instruction) / 2 for each number of examples.
 
     n=0 has no exemplar: the ensemble is the instruction vector alone and exemplar-only is the
@@ -75,11 +206,23 @@ def ensemble_conditions(counts: tuple[int, ...], query: Modality) -> list[Condit
     conditions = []
     for n in counts:
         if n == 0:
-            conditions.append(Condition("exemplar-0", query, examples=0))
-            conditions.append(Condition("ensemble-0", query, vector="instruction", examples=0))
-        else:
-            conditions.append(Condition(f"exemplar-{n}", query, vector="exemplar", examples=n, seeded=True))
-            conditions.append(Condition(f"ensemble-{n}", query, vector="ensemble", examples=n, seeded=True))
+            conditions.append(_curve_point("exemplar-0", "no vector (n=0)", 0, None, "exemplar"))
+            conditions.append(
+                _curve_point(
+                    "ensemble-0", "instruction vector alone (n=0)", 0, VectorSpec.INSTRUCTION, "ensemble"
+                )
+            )
+            continue
+        conditions.append(
+            _curve_point(
+                f"exemplar-{n}", f"exemplar vector of {n} examples", n, VectorSpec.EXEMPLAR_SUBSET, "exemplar"
+            )
+        )
+        conditions.append(
+            _curve_point(
+                f"ensemble-{n}", f"(exemplar of {n} + instruction) / 2", n, VectorSpec.ENSEMBLE, "ensemble"
+            )
+        )
     return conditions
 
 
@@ -88,7 +231,8 @@ def plan_conditions(
 ) -> tuple[list[Condition], list[str]]:
     """The conditions this model can run, and a note for each group it cannot."""
     notes: list[str] = []
-    images_ok = handle.architecture.is_vision_language
+    architecture = handle.architecture
+    images_ok = architecture.is_vision_language
     if not images_ok:
         notes.append(f"{handle.name} is a text-only model: image conditions skipped")
     missing = [task.name for task in tasks if not task.styles()]
@@ -97,34 +241,33 @@ def plan_conditions(
         notes.append(
             f"tasks without an image for every item ({', '.join(missing)}): image conditions skipped"
         )
-    several_ok = images_ok and handle.architecture.multi_image
+    several_ok = images_ok and architecture.multi_image
     if images_ok and not several_ok:
-        notes.append(f"{handle.architecture.family} takes one image per prompt: image-ICL conditions skipped")
+        notes.append(f"{architecture.family} takes one image per prompt: image-ICL conditions skipped")
     llm_ok = llm is not None and images_ok
     if llm is not None and images_ok:
         if (llm.num_layers, llm.hidden_size) != (handle.num_layers, handle.hidden_size):
             llm_ok = False
             notes.append(
                 f"base LM {llm.name} has {llm.num_layers} layers x {llm.hidden_size}, the model "
-                f"{handle.num_layers} x {handle.hidden_size}: llm-xpatch skipped"
+                f"{handle.num_layers} x {handle.hidden_size}: base-LM vector conditions skipped"
             )
     elif llm is None and images_ok:
-        notes.append("no base LM given: llm-xpatch skipped")
-    if any(not task.instruction for task in tasks):
+        notes.append("no base LM given: base-LM vector conditions skipped")
+    instructions_ok = all(task.instruction for task in tasks)
+    if not instructions_ok:
         notes.append("a task has no instruction: instruction and ensemble conditions skipped")
-    cross_query: Modality = "image" if images_ok else "text"
     planned = []
-    for condition in core_conditions(cross_query) + ensemble_conditions(
-        config.ensemble_examples, cross_query
-    ):
+    for condition in [*CONDITIONS, *ensemble_conditions(config.ensemble_examples)]:
+        if not images_ok and condition.text_fallback and condition.query == "image":
+            condition = replace(condition, query="text")
         if condition.needs_images and not images_ok:
             continue
         if condition.needs_several_images and not several_ok:
             continue
-        if condition.vector == "llm-text-icl" and not llm_ok:
+        if condition.model_role == "llm" and not llm_ok:
             continue
-        uses_instruction = condition.instruction_prompt or condition.vector in ("instruction", "ensemble")
-        if uses_instruction and any(not task.instruction for task in tasks):
+        if condition.uses_instruction and not instructions_ok:
             continue
         planned.append(condition)
     return planned, notes

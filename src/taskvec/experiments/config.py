@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
+from taskvec.options import option
 from taskvec.tasks import PAPER_TASKS
 
 MetricName = Literal["prefix", "prefix_ignore_case", "exact"]
@@ -19,43 +20,139 @@ METRICS: tuple[MetricName, ...] = ("prefix", "prefix_ignore_case", "exact")
 QUICK_TASKS = ("country-capital", "animal-latin")
 
 
+def _seed_count(text: str) -> tuple[int, ...]:
+    """`--seeds N`: seeds 0..N-1."""
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"expected a number of seeds (at least 1), got {text!r}")
+    return tuple(range(int(text)))
+
+
+def _seed_count_text(seeds: tuple[int, ...]) -> list[str]:
+    if seeds != tuple(range(len(seeds))):
+        raise ValueError(f"seeds {seeds} are not 0..N-1, the only seeds --seeds N can give")
+    return [str(len(seeds))]
+
+
+def _style_entry(text: str) -> tuple[str, str]:
+    """`--style country=twemoji` -> ("country", "twemoji")."""
+    name, separator, style = text.partition("=")
+    if not separator or not name or not style:
+        raise ValueError(f"expected TASK_OR_FAMILY=STYLE (e.g. country=twemoji), got {text!r}")
+    return name, style
+
+
+def _style_entries(styles: dict[str, str]) -> list[str]:
+    return [f"{name}={style}" for name, style in styles.items()]
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """Options of `run_experiments`; defaults follow the paper's reference code."""
+    """Options of `run_experiments`; defaults follow the paper's reference code.
 
-    tasks: tuple[str, ...] = PAPER_TASKS  # built-in names or task files
-    seeds: tuple[int, ...] = (0, 1, 2)  # each seed resamples the demonstrations
-    shots: int = 5  # demonstrations per prompt, for vectors and in-context baselines
-    # Validation queries used to build exemplar vectors and to choose layers (None: all 30).
-    val_limit: int | None = None
-    test_limit: int | None = None  # None: the whole test split (26-100 items per task)
-    # The reference generates one token (configs/base.yaml); the prefix metric is first-token anyway.
-    max_new_tokens: int = 1
-    batch_size: int = 8  # prompts per generation batch when they carry demonstrations
-    # Prompts per batch for a bare query (no context, patched, instruction): 1-2 dozen tokens each,
-    # so a batch of 8 leaves the per-forward overhead dominant (measured in bench/NOTES.md).
-    query_batch_size: int = 32
-    quick: bool = False
-    # "validation": one full layer sweep per patched condition on validation (paper); or a fixed layer.
-    layer_choice: Literal["validation"] | int = "validation"
-    # Examples per exemplar vector on the ensemble curve; 0 = instruction alone / no vector.
-    ensemble_examples: tuple[int, ...] = (0, 5, 10, 15, 20, 25, 30)
-    # Seeds whose vectors the validation sweeps use (None: all). The best layer is a property of the
-    # model and task, not of which demonstrations were sampled; sweeping every seed triples the
-    # run's largest cost (measured: 22 of ~40 minutes on the default VLM) for the same choice.
-    layer_sweep_seeds: int | None = 1
-    # Layer choice on the ensemble curve: "largest" sweeps only the largest n of each kind (exemplar,
-    # ensemble) and uses its layer for every n (a vector of fewer examples estimates the same mean,
-    # so its best layer is the same; the curve's sweeps would otherwise be ~70% of a run's time);
-    # "each" sweeps every point.
-    ensemble_layer_from: Literal["largest", "each"] = "largest"
-    # The reference scores its ensembling runs with allow_lower_case=true.
-    ensemble_ignore_case: bool = True
-    # Image style per task or per task family ("country", "animal", "food"); None: each task's first.
-    styles: dict[str, str] | None = None
-    # Metric of the tables and of layer choice (all three are stored per result).
-    metric: MetricName = "prefix"
-    examples_per_condition: int = 2  # example generations kept in results.json
+    Each field is also a `taskvec run` option (see `taskvec.options`): its flag and help are declared
+    here, next to its default.
+    """
+
+    tasks: tuple[str, ...] = option(PAPER_TASKS, "built-in task names or task files", metavar="TASK")
+    seeds: tuple[int, ...] = option(
+        (0, 1, 2),
+        "number of seeds, 0..N-1; each seed resamples the demonstrations",
+        parse=_seed_count,
+        show=_seed_count_text,
+        metavar="N",
+    )
+    shots: int = option(5, "demonstrations per prompt, for vectors and in-context baselines")
+    val_limit: int | None = option(
+        None, "validation queries used to build exemplar vectors and to choose layers", none_word="all"
+    )
+    test_limit: int | None = option(
+        None, "test queries per task ('all': the whole test split, 26-100 items per task)", none_word="all"
+    )
+    max_new_tokens: int = option(
+        1,
+        "tokens generated per answer; the paper's protocol generates one (its reference "
+        "configs/base.yaml), and the prefix metric reads the first token anyway",
+    )
+    batch_size: int = option(8, "prompts per generation batch when they carry demonstrations")
+    # 1-2 dozen tokens per bare prompt, so a batch of 8 leaves the per-forward overhead dominant
+    # (measured in bench/NOTES.md).
+    query_batch_size: int = option(
+        32, "prompts per generation batch for a bare query (no context, patched, instruction)"
+    )
+    quick: bool = option(
+        False, "2 tasks, 1 seed, few items: a smoke run in minutes on CPU (options given with it win)"
+    )
+    layer_choice: Literal["validation"] | int = option(
+        "validation",
+        "patch this layer in every condition, or 'validation': one full layer sweep per patched "
+        "condition on validation, as the paper",
+        flag="--layer",
+        metavar="L",
+    )
+    first_candidate_layer: int = option(
+        0,
+        "lowest layer the validation layer choice may pick (negative counts from the top, as in Python)",
+        metavar="L",
+    )
+    last_candidate_layer: int = option(
+        -2,
+        "highest layer the validation layer choice may pick, inclusive (negative counts from the top: "
+        "-1 is the last layer). The default stops before the last layer: replacing the last layer's "
+        "output at the last position leaves only the final norm and unembedding, so the answer cannot "
+        "depend on the query",
+        metavar="L",
+    )
+    ensemble_examples: tuple[int, ...] = option(
+        (0, 5, 10, 15, 20, 25, 30),
+        "examples per exemplar vector on the ensemble curve, multiples of --shots; 0 = instruction "
+        "alone / no vector",
+        metavar="N",
+    )
+    # The best layer is a property of the model and task, not of which demonstrations were sampled;
+    # sweeping every seed triples the run's largest cost (measured: 22 of ~40 minutes on the default
+    # VLM) for the same choice.
+    layer_sweep_seeds: int | None = option(
+        1,
+        "how many seeds' vectors the validation layer sweeps use (N or 'all'); the best layer depends "
+        "on the model and task, not on the sampled demonstrations",
+        flag="--sweep-seeds",
+        metavar="N",
+        none_word="all",
+    )
+    # A vector of fewer examples estimates the same mean, so its best layer is the same; the curve's
+    # sweeps would otherwise be ~70% of a run's time.
+    ensemble_layer_from: Literal["largest", "each"] = option(
+        "largest",
+        "layer choice on the ensemble curve: 'largest' sweeps only the largest n of each kind "
+        "(exemplar, ensemble) and uses its layer for every n; 'each' sweeps every point",
+        flag="--ensemble-layer",
+    )
+    ensemble_ignore_case: bool = option(
+        True, "score the ensemble curve ignoring case, as the reference's ensembling runs"
+    )
+    # `option` returns a dataclasses.field; the default itself is None (RUF009 sees only a call).
+    styles: dict[str, str] | None = option(  # noqa: RUF009
+        None,
+        "image style per task or per task family (country, animal, food), repeatable "
+        "(default: each task's first style)",
+        flag="--style",
+        parse=_style_entry,
+        show=_style_entries,
+        collect=dict,
+        metavar="TASK_OR_FAMILY=STYLE",
+    )
+    metric: MetricName = option(  # noqa: RUF009 (a field declaration; its default is a str)
+        "prefix", "metric of the tables and of layer choice (all are stored)"
+    )
+    examples_per_condition: int = option(2, "example generations kept in results.json per condition")
+    bootstrap_samples: int = option(
+        1000, "bootstrap resamples of the test items for the 95% intervals (at least 100)"
+    )
+    query_independent_share: float = option(
+        0.9,
+        "a patched condition whose answers equal the vector's own decoded answer at least this often "
+        "is treated as not depending on the query; in (0, 1]",
+    )
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -71,6 +168,12 @@ class RunConfig:
                 raise ValueError(f"{name} must be at least 1, got {limit}")
         if isinstance(self.layer_choice, str) and self.layer_choice != "validation":
             raise ValueError(f"layer_choice is 'validation' or a layer index, got {self.layer_choice!r}")
+        first, last = self.first_candidate_layer, self.last_candidate_layer
+        # Without the model's depth only same-sign bounds compare (0 and -2 may or may not overlap).
+        if (first >= 0) == (last >= 0) and first > last:
+            raise ValueError(
+                f"no candidate layers: first_candidate_layer {first} is above last_candidate_layer {last}"
+            )
         for count in self.ensemble_examples:
             if count < 0 or count % self.shots:
                 raise ValueError(
@@ -83,6 +186,14 @@ class RunConfig:
             raise ValueError(f"ensemble_layer_from is 'largest' or 'each', got {self.ensemble_layer_from!r}")
         if self.metric not in METRICS:
             raise ValueError(f"unknown metric {self.metric!r}; use one of {', '.join(METRICS)}")
+        if self.examples_per_condition < 0:
+            raise ValueError(f"examples_per_condition must be at least 0, got {self.examples_per_condition}")
+        if self.bootstrap_samples < 100:
+            raise ValueError(
+                f"bootstrap_samples must be at least 100 for a 95% interval, got {self.bootstrap_samples}"
+            )
+        if not 0 < self.query_independent_share <= 1:
+            raise ValueError(f"query_independent_share must be in (0, 1], got {self.query_independent_share}")
 
     @classmethod
     def quick_preset(cls, **overrides: Any) -> RunConfig:

@@ -1,14 +1,21 @@
-"""The demo job: one task on the default LM, no context vs in-context vs a patched task vector."""
+"""The demo job: one task on the default LM, no context vs in-context vs a patched task vector.
+
+Scored by the run's protocol (the paper's): greedy answers of `max_new_tokens` tokens (default 1),
+prefix match, so the demo's numbers compare with `taskvec run`'s.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from taskvec.evaluation import accuracy, generate_answers, sweep_accuracy
 from taskvec.models import ModelHandle
-from taskvec.prompts import build_query_prompt
+from taskvec.prompts import Prompt, build_query_prompt
 from taskvec.tasks import Task
-from taskvec.vectors import exemplar_vector, icl_prompts
+from taskvec.vectors import VectorSpec, extract_vector, icl_prompts
+
+DEMO_METRIC = "prefix"  # taskvec.evaluation.is_correct: one of generated and answer starts the other
 
 
 @dataclass
@@ -23,6 +30,8 @@ class DemoResult:
     patched: float
     best_layer: int
     validation_accuracy_per_layer: list[float]
+    max_new_tokens: int = 1
+    metric: str = DEMO_METRIC
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -35,12 +44,26 @@ def run_demo(
     shots: int = 5,
     seed: int = 0,
     limit: int | None = None,
+    max_new_tokens: int = 1,
     progress: bool = True,
 ) -> DemoResult:
-    """Extract a text-ICL vector on validation, choose its layer there, then score the test split."""
+    """Extract a text-ICL vector on validation, choose its layer there, then score the test split.
+
+    The layer sweep reads the first token under the patch; test answers are `max_new_tokens` greedy
+    tokens, prefix-matched (1 token: the run's protocol).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     validation, test = task.split("val"), task.split("test")[:limit]
     answers = [item.answers() for item in test]
-    vector = exemplar_vector(handle, task, shots=shots, seed=seed)
+    vector = extract_vector(
+        handle,
+        task,
+        VectorSpec.TEXT_ICL,
+        shots=shots,
+        seed=seed,
+        progress=f"{task.name} text vectors" if progress else None,
+    ).vector
     per_layer = sweep_accuracy(
         handle,
         [build_query_prompt(i) for i in validation],
@@ -50,30 +73,31 @@ def run_demo(
     )
     best_layer = max(range(len(per_layer)), key=lambda layer: (per_layer[layer], -layer))
     queries = [build_query_prompt(item) for item in test]
-    in_context = icl_prompts(validation, test, shots=shots, seed=seed)
+    in_context = icl_prompts(validation, test, shots=shots, seed=seed, task=task.name)
     label = "test: {}" if progress else None
+
+    def score(prompts: Sequence[Prompt], name: str, patched: bool = False) -> float:
+        generated = generate_answers(
+            handle,
+            prompts,
+            vector=vector.at(best_layer) if patched else None,
+            layer=best_layer if patched else None,
+            max_new_tokens=max_new_tokens,
+            progress=label and label.format(name),
+        )
+        return accuracy(generated, answers)
+
     return DemoResult(
         model=handle.name,
         task=task.name,
         shots=shots,
         seed=seed,
         test_items=len(test),
-        no_context=accuracy(
-            generate_answers(handle, queries, progress=label and label.format("no context")), answers
-        ),
-        in_context=accuracy(
-            generate_answers(handle, in_context, progress=label and label.format(f"{shots}-shot")), answers
-        ),
-        patched=accuracy(
-            generate_answers(
-                handle,
-                queries,
-                vector=vector.at(best_layer),
-                layer=best_layer,
-                progress=label and label.format("patched"),
-            ),
-            answers,
-        ),
+        no_context=score(queries, "no context"),
+        in_context=score(in_context, f"{shots}-shot"),
+        patched=score(queries, "patched", patched=True),
         best_layer=best_layer,
         validation_accuracy_per_layer=per_layer,
+        max_new_tokens=max_new_tokens,
+        metric=DEMO_METRIC,
     )

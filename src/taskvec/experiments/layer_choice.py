@@ -1,22 +1,40 @@
 """Layer choice on validation: one layer per patched condition, shared by every task (the paper's rule).
 
 The reference sweeps every layer on the validation split, averages accuracy over tasks and picks the
-best layer (np.argmax: the lowest on ties), then reports every test task at that layer.
+best layer (np.argmax: the lowest on ties), then reports every test task at that layer. The choice
+here is restricted to a candidate range: replacing the last layer's output at the last position
+leaves only the final norm and the unembedding, so there the answer is the vector's own decoded
+token whatever the query, and a task with one dominant answer would pick that layer for nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from taskvec.evaluation import layer_accuracy
 
 
-def choose_layer(mean_per_layer: Sequence[float]) -> int:
-    """Index of the best mean accuracy; ties go to the lowest layer."""
+def candidate_layers(first: int, last: int, num_layers: int) -> list[int]:
+    """Layers first..last inclusive; negative indices count from the top as in Python."""
+    for value in (first, last):
+        if not -num_layers <= value < num_layers:
+            raise ValueError(f"candidate layer {value} is out of range for a model of {num_layers} layers")
+    low, high = first % num_layers, last % num_layers
+    if low > high:
+        raise ValueError(
+            f"no candidate layers: the first ({first} = {low}) is above the last ({last} = {high}) "
+            f"of a model of {num_layers} layers"
+        )
+    return list(range(low, high + 1))
+
+
+def choose_layer(mean_per_layer: Sequence[float], candidates: Sequence[int] | None = None) -> int:
+    """Index of the best mean accuracy among the candidates (all layers by default); ties: the lowest."""
     if not mean_per_layer:
         raise ValueError("no layers to choose from")
-    return max(range(len(mean_per_layer)), key=lambda layer: (mean_per_layer[layer], -layer))
+    layers = list(range(len(mean_per_layer))) if candidates is None else list(candidates)
+    return max(layers, key=lambda layer: (mean_per_layer[layer], -layer))
 
 
 def mean_curve(curves: Sequence[Sequence[float]]) -> list[float]:
@@ -33,21 +51,16 @@ class LayerChoice:
     chosen: int
     validation_mean: list[float]  # per layer, mean over tasks of the per-task (mean over seeds) curve
     validation_per_task: dict[str, list[float]]
+    candidates: list[int] = field(default_factory=list)  # the layers the choice could take
     shared_from: str | None = None  # the condition whose sweep chose this layer, if not this one's
-
-    def as_dict(self) -> dict[str, object]:
-        choice: dict[str, object] = {
-            "chosen": self.chosen,
-            "validation_mean": self.validation_mean,
-            "validation_per_task": self.validation_per_task,
-        }
-        if self.shared_from is not None:
-            choice["shared_from"] = self.shared_from
-        return choice
+    fixed: bool = False  # given by the user (--layer), not chosen
 
 
 def choose_from_sweeps(
-    sweeps: Mapping[str, Sequence[Mapping[str, object]]], *, ignore_case: bool = False
+    sweeps: Mapping[str, Sequence[Mapping[str, object]]],
+    candidates: Sequence[int],
+    *,
+    ignore_case: bool = False,
 ) -> LayerChoice:
     """`sweeps[task]` holds that task's cached sweeps (one per seed): tokens [query][layer], expected."""
     per_task: dict[str, list[float]] = {}
@@ -58,11 +71,11 @@ def choose_from_sweeps(
         ]
         per_task[task] = mean_curve(curves)
     overall = mean_curve(list(per_task.values()))
-    return LayerChoice(choose_layer(overall), overall, per_task)
+    return LayerChoice(choose_layer(overall, candidates), overall, per_task, list(candidates))
 
 
 def fixed_layer(layer: int, num_layers: int) -> LayerChoice:
     """A layer given by the user instead of chosen (negative counts from the top, as in Python)."""
     if not -num_layers <= layer < num_layers:
         raise ValueError(f"layer {layer} is out of range for a model of {num_layers} layers")
-    return LayerChoice(layer % num_layers, [], {})
+    return LayerChoice(layer % num_layers, [], {}, [layer % num_layers], fixed=True)

@@ -44,11 +44,11 @@ PAPER_DIRECTIONS: dict[str, float] = {
 }
 
 # VLM's own text-ICL vectors -> the base LM's text-ICL vectors, both patched into image queries.
-PAPER_LLM_TO_VLM = {
+PAPER_LLM_TO_VLM: dict[str, dict[str, float | None]] = {
     "LLaVA-1.5-7B (from Vicuna)": {"vlm_vectors": 0.32, "llm_vectors": 0.37},
     "Idefics2-8B (from Mistral)": {"vlm_vectors": 0.51, "llm_vectors": 0.52},
-    "cosine_range": [0.89, 0.95],
 }
+PAPER_LLM_VLM_COSINE = (0.89, 0.95)
 
 PAPER_BEST_LAYERS = {"LLaVA-1.5-7B": [15, 32], "Idefics2-8B": [16, 32], "Mantis-Fuyu-8B": [23, 36]}
 
@@ -66,6 +66,7 @@ def paper_numbers() -> dict[str, Any]:
         "table": PAPER_TABLE,
         "directions": {"model": PAPER_DIRECTIONS_MODEL, **PAPER_DIRECTIONS},
         "llm_to_vlm": PAPER_LLM_TO_VLM,
+        "llm_vlm_cosine_range": list(PAPER_LLM_VLM_COSINE),
         "best_layers": PAPER_BEST_LAYERS,
         "efficiency": PAPER_EFFICIENCY,
     }

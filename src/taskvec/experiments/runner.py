@@ -1,36 +1,47 @@
 """run_experiments: the whole reproduction into one run directory (docs/RUN_LAYOUT.md).
 
-Order: vectors, a layer sweep on validation per patched condition, then the test split at the
-chosen layer. Every step is cached, so an interrupted run picks up where it stopped.
+Order: vectors, a layer sweep on validation per patched condition, the test split at the chosen
+layer, then the analyses at the run's layer with the run's vectors. Every step is cached under a
+key of what it depends on, so an interrupted run picks up where it stopped.
 """
 
 from __future__ import annotations
 
-import importlib
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm import tqdm
 
-import taskvec
-from taskvec.caching import StepCache, write_json_atomically
-from taskvec.experiments.baselines import majority_answer_baseline
+from taskvec.analysis import AnalysisDocument, VectorKey, run_analyses
+from taskvec.caching import StepCache
+from taskvec.experiments.baselines import Floor, model_free_floors
 from taskvec.experiments.conditions import Condition, plan_conditions
-from taskvec.experiments.config import RunConfig
-from taskvec.experiments.layer_choice import LayerChoice, choose_from_sweeps, fixed_layer
+from taskvec.experiments.config import METRICS, RunConfig
+from taskvec.experiments.layer_choice import LayerChoice, candidate_layers, choose_from_sweeps, fixed_layer
 from taskvec.experiments.paper_numbers import paper_numbers
+from taskvec.experiments.results import (
+    RESULTS_FORMAT,
+    ConditionResult,
+    Example,
+    RunMeta,
+    RunResults,
+    Summary,
+    VectorCosine,
+)
 from taskvec.experiments.steps import StepRunner
-from taskvec.experiments.tables import build_tables, score_rows, write_summary_csv
+from taskvec.experiments.tables import TABLE_DEFINITIONS, build_tables, score_rows, summarise, table_metric
 from taskvec.experiments.vector_store import VectorStore
 from taskvec.models import ModelHandle
 from taskvec.tasks import Task, load_task
+from taskvec.vectors import VectorSpec
+from taskvec.version import __version__
 
-RESULTS_FORMAT = 1
 PACKAGES = ("torch", "transformers", "safetensors", "tokenizers", "numpy", "pillow")
+Work = tuple[Condition, Task, int | None]
 
 
 def load_run_tasks(config: RunConfig) -> list[Task]:
@@ -78,36 +89,79 @@ def _seeds(condition: Condition, config: RunConfig) -> list[int | None]:
     return list(config.seeds) if condition.seeded else [None]
 
 
-def _layer_metric_ignores_case(condition: Condition, config: RunConfig) -> bool:
-    ensemble = condition.examples is not None and config.ensemble_ignore_case
-    return ensemble or config.metric == "prefix_ignore_case"
-
-
-def _cosine_per_layer(steps: StepRunner, tasks: list[Task], config: RunConfig) -> list[float] | None:
-    """Cosine per layer of the base LM's and the model's text-ICL vectors, mean over tasks and seeds."""
-    if steps.llm is None:
-        return None
-    curves = []
-    for task in tasks:
-        for seed in config.seeds:
-            vlm, _ = steps.store.get("vlm", steps.handle, task, "text-icl", seed)
-            llm, _ = steps.store.get("llm", steps.llm, task, "text-icl", seed)
-            curves.append(torch.nn.functional.cosine_similarity(vlm.vectors, llm.vectors, dim=-1))
-    return torch.stack(curves).mean(dim=0).tolist()
-
-
 def _borrowed_layer_choices(patched: list[Condition], config: RunConfig) -> dict[str, str]:
     """Ensemble-curve conditions that take their layer from the largest n of their kind (see
     `RunConfig.ensemble_layer_from`): {condition: condition whose sweep decides}."""
     if config.ensemble_layer_from == "each":
         return {}
     borrowed: dict[str, str] = {}
-    for kind in ("exemplar", "ensemble"):
-        curve = [c for c in patched if c.vector == kind and c.examples]
+    for spec in (VectorSpec.EXEMPLAR_SUBSET, VectorSpec.ENSEMBLE):
+        curve = [c for c in patched if c.vector is spec and c.examples]
         if curve:
             largest = max(curve, key=lambda c: c.examples or 0)
             borrowed.update({c.name: largest.name for c in curve if c is not largest})
     return borrowed
+
+
+def _choose_layers(
+    steps: StepRunner, conditions: list[Condition], work: list[Work], config: RunConfig, progress: bool
+) -> dict[str, LayerChoice]:
+    handle = steps.handle
+    patched = [c for c in conditions if c.patched]
+    if isinstance(config.layer_choice, int):
+        return {c.name: fixed_layer(config.layer_choice, handle.num_layers) for c in patched}
+    candidates = candidate_layers(
+        config.first_candidate_layer, config.last_candidate_layer, handle.num_layers
+    )
+    borrowed = _borrowed_layer_choices(patched, config)
+    swept = [c for c in patched if c.name not in borrowed]
+    sweeps: dict[str, dict[str, list[dict[str, object]]]] = {c.name: {} for c in swept}
+    sweep_seeds = config.seeds[: config.layer_sweep_seeds]
+    for condition, task, seed in tqdm(
+        [w for w in work if w[0] in swept and (w[2] is None or w[2] in sweep_seeds)],
+        desc="layer sweeps (validation)",
+        disable=not progress,
+    ):
+        sweeps[condition.name].setdefault(task.name, []).append(steps.sweep(condition, task, seed))
+    layers: dict[str, LayerChoice] = {}
+    for condition in swept:
+        ignore_case = condition.ignores_case and config.ensemble_ignore_case
+        ignore_case = ignore_case or config.metric == "prefix_ignore_case"
+        layers[condition.name] = choose_from_sweeps(
+            sweeps[condition.name], candidates, ignore_case=ignore_case
+        )
+    for name, source in borrowed.items():
+        chosen = layers[source]
+        layers[name] = LayerChoice(chosen.chosen, [], {}, chosen.candidates, shared_from=source)
+    return layers
+
+
+def _vector_cosine(
+    steps: StepRunner, tasks: list[Task], config: RunConfig, layer: int | None
+) -> VectorCosine | None:
+    """Cosine per layer of the base LM's and the model's text-ICL vectors, mean over tasks and seeds."""
+    if steps.llm is None:
+        return None
+    curves = []
+    for task in tasks:
+        for seed in config.seeds:
+            vlm, _ = steps.store.get("vlm", steps.handle, task, VectorSpec.TEXT_ICL, seed)
+            llm, _ = steps.store.get("llm", steps.llm, task, VectorSpec.TEXT_ICL, seed)
+            curves.append(torch.nn.functional.cosine_similarity(vlm.vectors, llm.vectors, dim=-1))
+    per_layer = [round(float(v), 4) for v in torch.stack(curves).mean(dim=0)]
+    return VectorCosine(per_layer, layer, per_layer[layer] if layer is not None else None)
+
+
+def _analysis_layer(
+    conditions: list[Condition], layers: dict[str, LayerChoice], num_layers: int
+) -> tuple[int, str]:
+    ranked = sorted(
+        (c for c in conditions if c.analysis_layer_rank is not None and c.name in layers),
+        key=lambda c: c.analysis_layer_rank or 0,
+    )
+    if ranked:
+        return layers[ranked[0].name].chosen, f"the layer chosen for {ranked[0].name}"
+    return num_layers // 2, "the middle layer (the run patched nothing)"
 
 
 def run_experiments(
@@ -117,7 +171,7 @@ def run_experiments(
     *,
     llm: ModelHandle | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> RunResults:
     """Run every condition the model supports; write results.json and summary.csv; return the results."""
     started, clock = datetime.now(UTC).isoformat(timespec="seconds"), time.perf_counter()
     out = Path(out_dir)
@@ -126,127 +180,159 @@ def run_experiments(
     conditions, notes = plan_conditions(handle, tasks, config, llm)
     cache = StepCache(out / "cache")
     store = VectorStore(out, config, cache, progress)
-    steps = StepRunner(
-        handle,
-        llm if any(c.vector == "llm-text-icl" for c in conditions) else None,
-        config,
-        cache,
-        store,
-        progress,
-    )
+    uses_llm = any(c.model_role == "llm" for c in conditions)
+    steps = StepRunner(handle, llm if uses_llm else None, config, cache, store, progress)
 
-    work = [(c, t, s) for c in conditions for t in tasks for s in _seeds(c, config)]
+    work: list[Work] = [(c, t, s) for c in conditions for t in tasks for s in _seeds(c, config)]
     for condition, task, seed in tqdm(
         [w for w in work if w[0].patched], desc="vectors", disable=not progress
     ):
         steps.vector_for(condition, task, seed)
+    layers = _choose_layers(steps, conditions, work, config, progress)
 
-    layers: dict[str, LayerChoice] = {}
-    patched = [c for c in conditions if c.patched]
-    if isinstance(config.layer_choice, int):
-        layers = {c.name: fixed_layer(config.layer_choice, handle.num_layers) for c in patched}
-    else:
-        borrowed = _borrowed_layer_choices(patched, config)
-        swept = [c for c in patched if c.name not in borrowed]
-        sweeps: dict[str, dict[str, list[dict[str, Any]]]] = {c.name: {} for c in swept}
-        sweep_seeds = config.seeds[: config.layer_sweep_seeds]
-        for condition, task, seed in tqdm(
-            [w for w in work if w[0] in swept and (w[2] is None or w[2] in sweep_seeds)],
-            desc="layer sweeps (validation)",
-            disable=not progress,
-        ):
-            sweeps[condition.name].setdefault(task.name, []).append(steps.sweep(condition, task, seed))
-        for condition in swept:
-            ignore_case = _layer_metric_ignores_case(condition, config)
-            layers[condition.name] = choose_from_sweeps(sweeps[condition.name], ignore_case=ignore_case)
-        for name, source in borrowed.items():
-            layers[name] = LayerChoice(layers[source].chosen, [], {}, shared_from=source)
-
-    rows: list[dict[str, Any]] = []
-    examples: list[dict[str, Any]] = []
+    rows: list[ConditionResult] = []
+    examples: list[Example] = []
     for condition, task, seed in tqdm(work, desc="test", disable=not progress):
         layer = layers[condition.name].chosen if condition.patched else None
         test = steps.test(condition, task, seed, layer)
-        rows.extend(score_rows(condition, task.name, seed, layer, test))
+        vector_token = steps.vector_token(condition, task, seed, layer) if layer is not None else None
+        rows += score_rows(
+            condition,
+            task.name,
+            seed,
+            layer,
+            test["generated"],
+            test["expected"],
+            first_tokens=test["first_tokens"],
+            vector_token=vector_token,
+            samples=config.bootstrap_samples,
+        )
         if task is tasks[0] and seed in (None, config.seeds[0]):
-            for index in range(min(config.examples_per_condition, len(test["generated"]))):
-                examples.append(
-                    {
-                        "task": task.name,
-                        "condition": condition.name,
-                        "seed": seed,
-                        "layer": layer,
-                        "input": test["inputs"][index],
-                        "image": test["images"][index],
-                        "expected": test["expected"][index][0],
-                        "generated": test["generated"][index],
-                    }
+            examples += [
+                Example(
+                    task.name,
+                    condition.name,
+                    seed,
+                    layer,
+                    test["inputs"][index],
+                    test["images"][index],
+                    test["expected"][index][0],
+                    test["generated"][index],
                 )
+                for index in range(min(config.examples_per_condition, len(test["generated"])))
+            ]
 
-    cosine = _cosine_per_layer(steps, tasks, config)
-    llm_layer = layers["llm-xpatch"].chosen if "llm-xpatch" in layers else None
-    ensemble_metric = "prefix_ignore_case" if config.ensemble_ignore_case else config.metric
-    results: dict[str, Any] = {
-        "format": RESULTS_FORMAT,
-        "meta": {
-            "model": handle.name,
-            "llm": steps.llm.name if steps.llm is not None else None,
-            "taskvec": taskvec.__version__,
-            "packages": _package_versions(),
-            "started": started,
-            "seconds": round(time.perf_counter() - clock, 2),
-            "quick": config.quick,
-            "config": config.as_dict(),
-            "num_layers": handle.num_layers,
-            "conditions": [c.name for c in conditions],
-            "notes": notes,
-            "steps": {"cached": cache.hits, "computed": cache.misses, "vectors_extracted": store.extracted},
-        },
-        "tasks": [task.name for task in tasks],
-        "layers": {name: choice.as_dict() for name, choice in layers.items()},
-        "results": rows,
-        "tables": build_tables(
-            rows,
-            metric=config.metric,
-            ensemble_metric=ensemble_metric,
-            ensemble_examples=config.ensemble_examples,
-            cosine_per_layer=cosine,
-            llm_layer=llm_layer,
+    floors: dict[str, list[Floor]] = {
+        metric: model_free_floors(
+            tasks, metric=metric, test_limit=config.test_limit, samples=config.bootstrap_samples
+        )
+        for metric in METRICS
+    }
+    summaries: dict[tuple[str, str], Summary] = {}
+    for condition in conditions:
+        for metric in METRICS:
+            summary = summarise(rows, condition, metric, samples=config.bootstrap_samples)
+            if summary is not None:
+                summaries[(condition.name, metric)] = summary
+    tables = build_tables(
+        conditions,
+        summaries,
+        floors,
+        metric=config.metric,
+        ensemble_ignore_case=config.ensemble_ignore_case,
+        max_new_tokens=config.max_new_tokens,
+    )
+    ensemble = next(d for d in TABLE_DEFINITIONS if d.id == "ensemble")
+    ensemble_metric = table_metric(ensemble, config.metric, config.ensemble_ignore_case)
+    llm_condition = next((c for c in conditions if c.model_role == "llm"), None)
+    analysis_layer, analysis_source = _analysis_layer(conditions, layers, handle.num_layers)
+    results = RunResults(
+        format=RESULTS_FORMAT,
+        meta=RunMeta(
+            model=handle.name,
+            llm=steps.llm.name if steps.llm is not None else None,
+            model_fingerprint=store.fingerprint(handle),
+            taskvec=__version__,
+            packages=_package_versions(),
+            started=started,
+            seconds=round(time.perf_counter() - clock, 2),
+            quick=config.quick,
+            num_layers=handle.num_layers,
+            conditions=[c.name for c in conditions],
+            notes=notes,
+            steps={"cached": cache.hits, "computed": cache.misses, "vectors_extracted": store.extracted},
         ),
-        "examples": examples,
-        "paper_numbers": paper_numbers(),
-    }
-    results["tables"]["baselines"] = {
-        "majority_answer": majority_answer_baseline(tasks, metric=config.metric, test_limit=config.test_limit)
-    }
-    write_json_atomically(out / "results.json", results)
-    write_summary_csv(rows, out / "summary.csv")
+        config=config,
+        tasks=[task.name for task in tasks],
+        layers=layers,
+        results=rows,
+        summaries=[
+            summaries[(c.name, ensemble_metric if c.ignores_case else config.metric)] for c in conditions
+        ],
+        tables=tables,
+        floors=floors[config.metric],
+        examples=examples,
+        analysis_layer=analysis_layer,
+        analysis_layer_source=analysis_source,
+        vector_cosine=_vector_cosine(
+            steps, tasks, config, layers[llm_condition.name].chosen if llm_condition else None
+        ),
+        paper_numbers=paper_numbers(),
+    )
+    results.write(out)
     return results
 
 
-def _optional(module_name: str, attribute: str) -> tuple[Any, str | None]:
-    """A function of an optional module, or None and why (the modules of issue 6 may be absent)."""
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        return None, f"{module_name} cannot be imported ({error})"
-    function = getattr(module, attribute, None)
-    return function, None if function is not None else f"{module_name} has no {attribute}"
+def run_vectors(
+    store: VectorStore,
+    handle: ModelHandle,
+    llm: ModelHandle | None,
+    tasks: Sequence[Task],
+    conditions: Sequence[Condition],
+    seeds: Sequence[int],
+) -> dict[VectorKey, torch.Tensor]:
+    """The run's extracted vectors by (model, task, spec), each the mean over the run's seeds."""
+    specs = {c.vector.source for c in conditions if c.vector is not None and c.model_role == "vlm"}
+    vectors: dict[VectorKey, torch.Tensor] = {}
+    for task in tasks:
+        for spec in sorted(specs):
+            seeded = [0] if spec is VectorSpec.INSTRUCTION else list(seeds)
+            stacked = torch.stack([store.get("vlm", handle, task, spec, seed)[0].vectors for seed in seeded])
+            vectors[VectorKey("vlm", task.name, spec)] = stacked.float().mean(dim=0)
+        if llm is not None and any(c.model_role == "llm" for c in conditions):
+            stacked = torch.stack(
+                [store.get("llm", llm, task, VectorSpec.TEXT_ICL, seed)[0].vectors for seed in seeds]
+            )
+            vectors[VectorKey("llm", task.name, VectorSpec.TEXT_ICL)] = stacked.float().mean(dim=0)
+    return vectors
 
 
-def run_analyses_and_report(
-    handle: ModelHandle, tasks: list[Task], out_dir: Path, *, llm: ModelHandle | None, quick: bool
-) -> list[str]:
-    """The analyses (issue 6), then the HTML report, when those modules provide them; returns notes."""
-    notes = []
-    run_analyses, missing = _optional("taskvec.analysis", "run_analyses")
-    if run_analyses is None:
-        notes.append(f"analyses skipped: {missing}")
-    else:
-        run_analyses(handle, tasks, out_dir, llm=llm, quick=quick, progress=True)
-    write_report, missing = _optional("taskvec.report", "write_report")
-    if write_report is None:
-        notes.append(f"report skipped: {missing}")
-    else:
-        write_report(out_dir)
-    return notes
+def run_analyses_of_run(
+    handle: ModelHandle,
+    results: RunResults,
+    out_dir: str | Path,
+    *,
+    llm: ModelHandle | None = None,
+    progress: bool = True,
+) -> AnalysisDocument:
+    """The analyses at the run's layer with the run's own vectors, cached with the run's steps."""
+    out = Path(out_dir)
+    config = results.config
+    tasks = load_run_tasks(config)
+    conditions, _ = plan_conditions(handle, tasks, config, llm)
+    cache = StepCache(out / "cache")
+    store = VectorStore(out, config, cache, progress)
+    vectors = run_vectors(store, handle, llm, tasks, conditions, config.seeds)
+    document = run_analyses(
+        handle,
+        tasks,
+        layer=results.analysis_layer,
+        layer_source=results.analysis_layer_source,
+        vectors=vectors,
+        cache=cache,
+        llm=llm,
+        quick=config.quick,
+        progress=progress,
+    )
+    document.write(out / "analysis.json")
+    return document

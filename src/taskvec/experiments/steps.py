@@ -13,14 +13,15 @@ from typing import Any
 import torch
 
 from taskvec.caching import StepCache, digest, task_fingerprint
-from taskvec.evaluation import generate_answers, sweep_first_tokens
+from taskvec.engine import logit_lens
+from taskvec.evaluation import generate_answers_and_first_tokens, sweep_first_tokens
 from taskvec.experiments.conditions import Condition
 from taskvec.experiments.config import RunConfig
 from taskvec.experiments.vector_store import VectorStore, ensemble_of, exemplar_subset_vector
 from taskvec.models import ModelHandle
 from taskvec.prompts import DEFAULT_TEMPLATE, Prompt, build_icl_prompt
 from taskvec.tasks import Item, Task
-from taskvec.vectors import sample_demonstrations
+from taskvec.vectors import VectorSpec, sample_demonstrations
 
 TEMPLATE_KEY = [DEFAULT_TEMPLATE.query, DEFAULT_TEMPLATE.answer, DEFAULT_TEMPLATE.marker]
 
@@ -39,26 +40,35 @@ class StepRunner:
         self, condition: Condition, task: Task, seed: int | None
     ) -> tuple[torch.Tensor, str] | None:
         """[layers, hidden] and its key, or None for an unpatched condition."""
-        source, run_seed = condition.vector, seed or 0
-        if source is None:
+        spec, run_seed = condition.vector, seed or 0
+        if spec is None:
             return None
-        if source in ("text-icl", "image-icl", "instruction"):
-            vector, key = self.store.get("vlm", self.handle, task, source, run_seed)
+        if spec.extractable:
+            vector, key = self.store.get("vlm", self.handle, task, spec, run_seed)
             return vector.vectors, key
-        if source == "llm-text-icl":
+        if spec is VectorSpec.LLM_TEXT_ICL:
             if self.llm is None:
-                raise ValueError("llm-xpatch needs the base LM")
-            vector, key = self.store.get("llm", self.llm, task, "text-icl", run_seed)
+                raise ValueError(f"condition {condition.name} patches base-LM vectors: no base LM given")
+            vector, key = self.store.get("llm", self.llm, task, VectorSpec.TEXT_ICL, run_seed)
             return vector.vectors, key
         examples = condition.examples or 0
-        per_prompt = self.store.per_prompt("vlm", self.handle, task, "text-icl", run_seed)
-        _, text_key = self.store.get("vlm", self.handle, task, "text-icl", run_seed)
+        per_prompt = self.store.per_prompt("vlm", self.handle, task, VectorSpec.TEXT_ICL, run_seed)
+        _, text_key = self.store.get("vlm", self.handle, task, VectorSpec.TEXT_ICL, run_seed)
         exemplar = exemplar_subset_vector(per_prompt, examples, self.config.shots, run_seed)
         subset_key = digest({"exemplar_of": text_key, "examples": examples, "seed": run_seed})
-        if source == "exemplar":
+        if spec is VectorSpec.EXEMPLAR_SUBSET:
             return exemplar, subset_key
-        instruction, instruction_key = self.store.get("vlm", self.handle, task, "instruction")
+        if spec is not VectorSpec.ENSEMBLE:
+            raise ValueError(f"condition {condition.name}: no rule to make a {spec.value} vector")
+        instruction, instruction_key = self.store.get("vlm", self.handle, task, VectorSpec.INSTRUCTION)
         return ensemble_of(exemplar, instruction.vectors), digest([subset_key, instruction_key])
+
+    def vector_token(self, condition: Condition, task: Task, seed: int | None, layer: int) -> int | None:
+        """The token the patched vector decodes to by itself (final norm + unembedding), or None."""
+        vector = self.vector_for(condition, task, seed)
+        if vector is None:
+            return None
+        return int(logit_lens(self.handle, vector[0][layer]).argmax())
 
     # ---- prompts -------------------------------------------------------------------------------
     def prompts(self, condition: Condition, task: Task, items: list[Item], seed: int | None) -> list[Prompt]:
@@ -140,11 +150,11 @@ class StepRunner:
         }
         key = self.cache.key(identity)
         cached = self.cache.load("test", task.name, key)
-        if cached is not None:
+        if cached is not None and "first_tokens" in cached:
             return cached
         prompts = self.prompts(condition, task, items, seed)
         label = f"test {condition.name} {task.name}" if self.progress else None
-        generated = generate_answers(
+        generated, first_tokens = generate_answers_and_first_tokens(
             self.handle,
             prompts,
             vector=vector[0][layer] if vector is not None and layer is not None else None,
@@ -161,6 +171,7 @@ class StepRunner:
             "prompts": [prompt.text for prompt in prompts[:2]],
             "expected": [list(item.answers()) for item in items],
             "generated": generated,
+            "first_tokens": first_tokens,
         }
         self.cache.store("test", task.name, key, result)
         return result

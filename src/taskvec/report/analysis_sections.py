@@ -211,8 +211,7 @@ def conflict_section(analysis: Mapping[str, Any]) -> str:
     return text
 
 
-def errors_section(analysis: Mapping[str, Any]) -> str:
-    errors = analysis.get("errors") or {}
+def errors_section(errors: Mapping[str, str]) -> str:
     return "".join(
         f'<div class="error">{escape(step)}: {escape(message)}</div>' for step, message in errors.items()
     )

@@ -35,6 +35,11 @@ img.thumb { width: 64px; height: auto; image-rendering: auto; }
 nav ul { columns: 2; font-size: 0.92em; }
 code { background: #f4f4f4; padding: 0 .25em; }
 details summary { cursor: pointer; color: #333; }
+.interval { color: #666; font-size: 0.88em; white-space: nowrap; }
+.verdict { font-weight: bold; white-space: nowrap; }
+.verdict.holds { color: #1b7f3b; }
+.verdict.does-not-hold { color: #b3261e; }
+.verdict.not-testable { color: #777; }
 """
 
 

@@ -1,16 +1,22 @@
-"""Report sections from results.json: result tables beside the paper's numbers, layer sweeps,
-LLM -> VLM, instruction and ensemble results, example generations with their images."""
+"""Report sections from the typed run results: claims, result tables beside the paper's numbers with
+intervals and floors, layer sweeps, LLM -> VLM cosine, the ensemble curve, example generations."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
+from taskvec.experiments.baselines import Floor
+from taskvec.experiments.intervals import Interval
+from taskvec.experiments.results import ResultTable, RunResults
+from taskvec.experiments.tables import protocol_line
 from taskvec.report import figures
-from taskvec.report.html import escape, figure_tag, mean_std, missing, note, number, table, thumbnail_uri
+from taskvec.report.claims import Claim
+from taskvec.report.html import escape, figure_tag, note, number, table, thumbnail_uri
 
 
 class FigureWriter:
@@ -28,204 +34,249 @@ class FigureWriter:
         return figure_tag(path, alt)
 
 
-def _numeric_rows(
-    value: Any, columns: set[str], path: tuple[str, ...] = ()
-) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Every mapping inside `value` keyed by some of `columns`, labelled by its path.
-
-    The paper's numbers are matched by column name wherever results.json nests them, so a table
-    shows each of the paper's rows (one per model) that speaks of the same columns as ours.
-    """
-    if not isinstance(value, Mapping):
-        return
-    shared = columns & set(value)
-    if shared and all(isinstance(value[key], int | float) or value[key] is None for key in shared):
-        label = path[-1] if path else "paper"
-        model = value.get("model")  # {"model": "Idefics2-8B", "text->text": 0.65, ...}
-        yield (f"{label} ({model})" if isinstance(model, str) else label), dict(value)
-        return
-    for key, child in value.items():
-        yield from _numeric_rows(child, columns, (*path, str(key)))
+def with_interval(value: float | None, interval: Interval | None) -> str:
+    if value is None:
+        return "–"
+    if interval is None:
+        return number(value)
+    return f"{number(value)} <span class='interval'>[{number(interval.low)}, {number(interval.high)}]</span>"
 
 
-def comparison_table(ours: Mapping[str, Any], paper_numbers: Any, label: str) -> str:
-    """Our means (± std over seeds) beside every matching row of the paper's numbers."""
-    columns = list(ours)
-    rows = [[escape(label), *(mean_std(ours[c]) for c in columns)]]
-    classes = [""]
-    for name, values in _numeric_rows(paper_numbers, set(columns)):
-        rows.append([f"paper: {escape(name)}", *(number(values.get(c)) for c in columns)])
-        classes.append("paper")
-    return table(["", *columns], rows, row_classes=classes)
-
-
-def per_task_table(ours: Mapping[str, Any]) -> str:
-    columns = [c for c in ours if isinstance(ours[c], Mapping) and ours[c].get("per_task")]
-    tasks = list(dict.fromkeys(task for c in columns for task in ours[c]["per_task"]))
-    if not tasks:
-        return ""
-    rows = [[escape(task), *(number(ours[c]["per_task"].get(task)) for c in columns)] for task in tasks]
-    return "<details><summary>per task</summary>" + table(["task", *columns], rows) + "</details>"
-
-
-def overview(results: Mapping[str, Any]) -> str:
-    meta = results.get("meta") or {}
+def overview(results: RunResults) -> str:
+    meta = results.meta
     rows = [
-        [escape(key), escape(meta[key])]
-        for key in ("model", "llm", "taskvec", "started", "seconds", "quick")
-        if key in meta
+        ["model", escape(meta.model)],
+        ["base LM", escape(meta.llm or "–")],
+        ["model fingerprint", escape(meta.model_fingerprint)],
+        ["taskvec", escape(meta.taskvec)],
+        ["started", escape(meta.started)],
+        ["seconds", number(meta.seconds, 0)],
+        ["tasks", escape(", ".join(results.tasks))],
+        ["seeds", escape(", ".join(map(str, results.config.seeds)))],
+        ["protocol", escape(protocol_line(results.config.metric, results.config.max_new_tokens))],
     ]
-    rows.append(["tasks", escape(", ".join(results.get("tasks") or [])) or "–"])
-    packages = meta.get("packages") or {}
     text = table(["", "value"], rows, text_columns=2)
-    if packages:
-        listed = ", ".join(f"{name} {version}" for name, version in packages.items())
-        text += note(f"packages: {listed}")
-    if meta.get("config"):
-        text += (
-            "<details><summary>configuration</summary><pre>"
-            + escape(_pretty(meta["config"]))
-            + "</pre></details>"
-        )
-    return text
+    if meta.packages:
+        text += note("packages: " + ", ".join(f"{name} {version}" for name, version in meta.packages.items()))
+    for message in meta.notes:
+        text += note(message)
+    config = json.dumps(results.to_json()["config"], indent=1)
+    return text + f"<details><summary>configuration</summary><pre>{escape(config)}</pre></details>"
 
 
-def _pretty(value: Any) -> str:
-    import json
-
-    return json.dumps(value, indent=1, default=str)
-
-
-def majority_floor_note(tables: Mapping[str, Any]) -> str:
-    """The no-model floor: a patched vector that only writes a frequent answer scores this much."""
-    majority = (tables.get("baselines") or {}).get("majority_answer")
-    if not majority:
-        return ""
-    per_task = ", ".join(
-        f"{task} {number(value)} ({majority['answers'].get(task, '?')!r})"
-        for task, value in majority["per_task"].items()
-    )
-    return note(
-        f"Floor without a model: answering every query with the validation majority answer scores "
-        f"{number(majority['mean'])} ({per_task})."
+def claims_section(claims: Sequence[Claim]) -> str:
+    rows = [
+        [
+            number(claim.number),
+            escape(claim.statement),
+            f'<span class="verdict {claim.verdict.replace(" ", "-")}">{escape(claim.verdict)}</span>',
+            "<br>".join(escape(line) for line in claim.evidence),
+        ]
+        for claim in claims
+    ]
+    return table(
+        ["", "claim of the paper", "verdict", "the numbers that bear on it"], rows, text_columns=4
+    ) + note(
+        "A result counts as above a reference only when its 95% bootstrap interval lies above the "
+        "reference's interval; a patched condition whose answers are mostly the vector's own decoded "
+        "token does not depend on the query and counts as no transfer."
     )
 
 
-def result_tables(results: Mapping[str, Any]) -> str:
-    tables = results.get("tables") or {}
-    paper_numbers = results.get("paper_numbers") or {}
-    model = (results.get("meta") or {}).get("model", "ours")
+def _floors_note(floors: Sequence[Floor]) -> str:
     parts = []
-    titles = (
-        ("paper", "Main table: test accuracy, mean over tasks (paper's table 1)"),
-        ("directions", "Transfer directions (vector source -> query)"),
-    )
-    for key, title in titles:
-        ours = tables.get(key)
-        parts.append(f"<h3>{escape(title)}</h3>")
-        if not ours:
-            parts.append(missing(f"tables.{key} in results.json"))
-            continue
-        parts.append(comparison_table(ours, paper_numbers, f"ours ({model})"))
-        if key == "paper":
-            parts.append(majority_floor_note(tables))
-        parts.append(per_task_table(ours))
-    instruction = tables.get("instruction")
-    parts.append("<h3>Instruction vectors</h3>")
-    if instruction:
-        parts.append(comparison_table(instruction, paper_numbers, f"ours ({model})"))
-        parts.append(per_task_table(instruction))
-    else:
-        parts.append(missing("tables.instruction in results.json"))
-    if not any(tables.get(key) for key in ("paper", "directions")) and paper_numbers:
+    for floor in floors:
+        per_task = ", ".join(f"{task} {number(value)}" for task, value in floor.per_task.items())
+        answers = f"; answers {floor.answers}" if floor.answers else ""
         parts.append(
-            note("The paper's numbers, for reference:") + "<pre>" + escape(_pretty(paper_numbers)) + "</pre>"
+            f"{floor.label}: {floor.mean:.2f} [{floor.interval.low:.2f}, {floor.interval.high:.2f}] "
+            f"({per_task}{answers})"
         )
+    return note("Floors without a model (" + floors[0].metric + "): " + " · ".join(parts)) if floors else ""
+
+
+def result_table(results: RunResults, result: ResultTable) -> str:
+    threshold = results.config.query_independent_share
+    parts = [note(f"{protocol_line(result.metric, result.max_new_tokens)}.")]
+    if result.curve:
+        parts.append(_curve_table(result))
+    else:
+        names = list(dict.fromkeys(column.column for column in result.columns))
+        cells = []
+        for name in names:
+            column = result.column(name)
+            assert column is not None
+            summary = column.summary
+            cell = with_interval(summary.mean, summary.interval)
+            if summary.seeds > 1:
+                cell += f" ± {number(summary.seed_std)}"
+            if summary.query_independent(threshold):
+                cell += " *"
+            cells.append(cell)
+        rows = [[escape(f"ours ({results.meta.model})"), *cells]]
+        classes = [""]
+        for model, values in result.paper.items():
+            rows.append([f"paper: {escape(model)}", *(number(values.get(name)) for name in names)])
+            classes.append("paper")
+        parts.append(table(["", *names], rows, row_classes=classes))
+        shares = [
+            [escape(name), number(c.summary.layer), number(c.summary.vector_answer_share)]
+            for name in names
+            if (c := result.column(name)) is not None and c.summary.vector_answer_share is not None
+        ]
+        if shares:
+            parts.append(
+                "<details><summary>patched layer and the share of answers that are the vector's own "
+                "decoded token</summary>"
+                + table(["column", "layer", "own-answer share"], shares)
+                + "</details>"
+            )
+        if any(c.summary.query_independent(threshold) for c in result.columns):
+            parts.append(
+                note(
+                    f"* at least {threshold:.0%} of the answers are the patched vector's own decoded "
+                    "token: they do not depend on the query."
+                )
+            )
+        tasks = results.tasks
+        per_task = [
+            [escape(task), *(number(result.column(n).summary.per_task.get(task)) for n in names)]  # type: ignore[union-attr]
+            for task in tasks
+        ]
+        parts.append(
+            "<details><summary>per task</summary>" + table(["task", *names], per_task) + "</details>"
+        )
+    parts.append(_floors_note(result.floors))
     return "\n".join(parts)
 
 
-def layer_section(results: Mapping[str, Any], writer: FigureWriter) -> str:
-    layers = results.get("layers") or {}
-    if not layers:
-        return missing("layers (validation sweeps) in results.json")
+def _curve_table(result: ResultTable) -> str:
+    series = list(dict.fromkeys(column.column for column in result.columns))
+    xs = sorted({column.x or 0 for column in result.columns})
+    rows = []
+    for x in xs:
+        row = [number(x)]
+        for name in series:
+            point = next((c for c in result.series(name) if (c.x or 0) == x), None)
+            row.append(with_interval(point.summary.mean, point.summary.interval) if point else "–")
+        rows.append(row)
+    return table(["examples", *series], rows, text_columns=0)
+
+
+def tables_section(results: RunResults) -> str:
+    parts = []
+    for result in results.tables:
+        if result.curve:
+            continue
+        parts.append(f"<h3 id='table-{escape(result.id)}'>{escape(result.title)}</h3>")
+        parts.append(result_table(results, result))
+    return "\n".join(parts)
+
+
+def all_conditions_section(results: RunResults) -> str:
     rows = [
         [
-            escape(name),
-            number(entry.get("chosen")),
-            number(_at(entry.get("validation_mean"), entry.get("chosen"))),
+            escape(s.condition),
+            escape(s.label),
+            escape(s.metric),
+            number(s.layer),
+            with_interval(s.mean, s.interval),
+            number(s.seed_std),
+            number(s.vector_answer_share),
+            *(number(s.per_task.get(task)) for task in results.tasks),
         ]
-        for name, entry in layers.items()
-        if isinstance(entry, Mapping)
+        for s in results.summaries
     ]
+    headers = [
+        "condition",
+        "what",
+        "metric",
+        "layer",
+        "mean [95%]",
+        "std over seeds",
+        "own answer",
+        *results.tasks,
+    ]
+    return table(headers, rows, text_columns=3)
+
+
+def layer_section(results: RunResults, writer: FigureWriter) -> str:
+    layers: Mapping[str, Any] = {
+        name: {"chosen": choice.chosen, "validation_mean": choice.validation_mean}
+        for name, choice in results.layers.items()
+    }
+    rows = []
+    for name, choice in results.layers.items():
+        at = choice.validation_mean[choice.chosen] if choice.validation_mean else None
+        how = (
+            "given (--layer)"
+            if choice.fixed
+            else f"as {choice.shared_from}"
+            if choice.shared_from
+            else "swept"
+        )
+        span = f"{choice.candidates[0]}-{choice.candidates[-1]}" if choice.candidates else "–"
+        rows.append([escape(name), number(choice.chosen), number(at), escape(span), escape(how)])
     figure = writer.add("layer_sweeps", figures.layer_sweeps(layers), "validation accuracy per patched layer")
-    return figure + table(["condition", "chosen layer", "validation accuracy there"], rows)
-
-
-def _at(values: Sequence[float] | None, index: Any) -> float | None:
-    if not values or not isinstance(index, int) or not 0 <= index < len(values):
-        return None
-    return values[index]
-
-
-def llm_to_vlm_section(results: Mapping[str, Any], writer: FigureWriter) -> str:
-    block = (results.get("tables") or {}).get("llm_to_vlm")
-    if not block:
-        return missing("tables.llm_to_vlm in results.json (no base language model in this run)")
-    means = {key: block[key] for key in ("vlm_vectors", "llm_vectors") if key in block}
-    text = comparison_table(means, results.get("paper_numbers") or {}, "ours") if means else ""
-    text += note(
-        f"cosine of LM and VLM vectors at the chosen layer: {number(block.get('cosine_at_chosen_layer'))}"
+    return (
+        figure
+        + table(["condition", "chosen layer", "validation accuracy there", "candidates", "how"], rows)
+        + note(f"The analyses use layer {results.analysis_layer} ({results.analysis_layer_source}).")
     )
-    cosines = block.get("cosine_per_layer") or []
-    text += writer.add(
+
+
+def llm_to_vlm_section(results: RunResults, writer: FigureWriter) -> str:
+    result = results.table("llm_to_vlm")
+    cosine = results.vector_cosine
+    if result is None or cosine is None:
+        return note("No base language model in this run: LLM -> VLM not measured.")
+    text = result_table(results, result)
+    text += note(f"Cosine of the base LM's and the model's text-ICL vectors at layer {cosine.layer}: "
+                 f"{number(cosine.at_layer)}.")  # fmt: skip
+    return text + writer.add(
         "llm_vlm_cosine",
         figures.per_layer_lines(
-            {"LM vs VLM text-ICL vector": cosines},
+            {"LM vs VLM text-ICL vector": cosine.per_layer},
             title="LLM -> VLM vector cosine",
             ylabel="cosine similarity",
+            chosen=cosine.layer,
         ),
         "cosine of LM and VLM vectors per layer",
     )
-    return text
 
 
-def ensemble_section(results: Mapping[str, Any], writer: FigureWriter) -> str:
-    ensemble = (results.get("tables") or {}).get("ensemble")
-    if not ensemble or not ensemble.get("examples"):
-        return missing("tables.ensemble in results.json")
-    examples = ensemble["examples"]
+def ensemble_section(results: RunResults, writer: FigureWriter) -> str:
+    result = results.table("ensemble")
+    if result is None:
+        return note("The ensemble curve did not run (no instruction, or no ensemble points).")
+    curve = {
+        "examples": [c.x for c in result.series("exemplar")],
+        "exemplar": [c.summary.mean for c in result.series("exemplar")],
+        "ensemble": [c.summary.mean for c in result.series("ensemble")],
+    }
+    figure = writer.add("ensemble", figures.ensemble_curve(curve), "ensemble curve")
+    return figure + result_table(results, result)
+
+
+def examples_section(results: RunResults, run_dir: Path) -> str:
     rows = [
-        [number(n), number(_at(ensemble.get("exemplar"), i)), number(_at(ensemble.get("ensemble"), i))]
-        for i, n in enumerate(examples)
+        [
+            escape(example.task),
+            escape(example.condition),
+            _image_cell(example.image, run_dir),
+            escape(example.input),
+            escape(example.expected),
+            escape(repr(example.generated)),
+        ]
+        for example in results.examples
     ]
-    figure = writer.add("ensemble", figures.ensemble_curve(ensemble), "ensemble curve")
-    return figure + table(["examples", "exemplar vector", "ensemble"], rows, text_columns=0)
+    return table(["task", "condition", "image", "input", "expected", "generated"], rows, text_columns=6)
 
 
-def examples_section(results: Mapping[str, Any], run_dir: Path) -> str:
-    examples = results.get("examples") or []
-    if not examples:
-        return missing("examples in results.json")
-    rows = []
-    for example in examples:
-        rows.append(
-            [
-                escape(example.get("task", "")),
-                escape(example.get("condition", "")),
-                _image_cell(example.get("image"), run_dir),
-                escape(example.get("input", "")),
-                escape(example.get("expected", "")),
-                escape(repr(example.get("generated", ""))),
-            ]
-        )
-    headers = ["task", "condition", "image", "input", "expected", "generated"]
-    return table(headers, rows, text_columns=6)
-
-
-def _image_cell(image: Any, run_dir: Path) -> str:
+def _image_cell(image: str | None, run_dir: Path) -> str:
     if not image:
         return ""
-    path = Path(str(image))
+    path = Path(image)
     candidates = [path] if path.is_absolute() else [run_dir / path, Path.cwd() / path]
     for candidate in candidates:
         if candidate.is_file() and (uri := thumbnail_uri(candidate)) is not None:

@@ -1,96 +1,188 @@
-"""`write_report`: results.json + analysis.json -> figures/*.png and one self-contained report.html."""
+"""`write_report`: results.json + analysis.json -> figures/*.png and one self-contained report.html.
+
+The sections are an explicit list: each reads the typed run results, the analyses' document, or
+both; `register_section` adds one (an analysis registered with `taskvec.analysis` adds its section
+here). A file that is absent or malformed is named at the top of the report and the sections that
+need it say they are missing.
+"""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 
+from taskvec.analysis import AnalysisDocument
+from taskvec.experiments.results import RunResults
 from taskvec.report import analysis_sections as analysis_parts
 from taskvec.report import results_sections as results_parts
-from taskvec.report.html import escape, missing, note, page
+from taskvec.report.claims import evaluate_claims
+from taskvec.report.html import missing, note, page
+from taskvec.typed_json import to_json
 
 
-def _read_json(path: Path, problems: list[str]) -> dict[str, Any]:
-    """The file's JSON object, or {} with the reason noted (absent, unreadable, not an object)."""
+@dataclass
+class ReportContext:
+    root: Path
+    results: RunResults | None
+    analysis: AnalysisDocument | None
+    writer: results_parts.FigureWriter
+
+    @property
+    def analysis_results(self) -> dict[str, Any]:
+        """Each analysis's result by name, plus the layer the analyses read."""
+        if self.analysis is None:
+            return {}
+        return {**self.analysis.results, "layer": to_json(self.analysis.layer)}
+
+
+@dataclass(frozen=True)
+class ReportSection:
+    anchor: str
+    heading: str
+    needs: str  # "results", "analysis" or "both"
+    build: Callable[[ReportContext], str]
+
+
+def _needs_results(build: Callable[[RunResults, ReportContext], str]) -> Callable[[ReportContext], str]:
+    def section(context: ReportContext) -> str:
+        assert context.results is not None
+        return build(context.results, context)
+
+    return section
+
+
+SECTIONS: list[ReportSection] = [
+    ReportSection(
+        "claims",
+        "The paper's claims on this run",
+        "both",
+        _needs_results(
+            lambda r, c: results_parts.claims_section(evaluate_claims(r, c.analysis_results or None))
+        ),
+    ),
+    ReportSection("overview", "Run", "results", _needs_results(lambda r, _c: results_parts.overview(r))),
+    ReportSection(
+        "tables",
+        "Results beside the paper",
+        "results",
+        _needs_results(lambda r, _c: results_parts.tables_section(r)),
+    ),
+    ReportSection(
+        "conditions",
+        "Every condition",
+        "results",
+        _needs_results(lambda r, _c: results_parts.all_conditions_section(r)),
+    ),
+    ReportSection(
+        "layers",
+        "Layer choice (validation sweeps)",
+        "results",
+        _needs_results(lambda r, c: results_parts.layer_section(r, c.writer)),
+    ),
+    ReportSection(
+        "llm-to-vlm",
+        "LLM -> VLM transfer",
+        "results",
+        _needs_results(lambda r, c: results_parts.llm_to_vlm_section(r, c.writer)),
+    ),
+    ReportSection(
+        "ensemble",
+        "Instruction + exemplar ensemble",
+        "results",
+        _needs_results(lambda r, c: results_parts.ensemble_section(r, c.writer)),
+    ),
+    ReportSection(
+        "lens",
+        "Three phases (logit lens)",
+        "analysis",
+        lambda c: analysis_parts.lens_section(c.analysis_results, c.writer),
+    ),
+    ReportSection(
+        "similarity",
+        "Similarity of task vectors",
+        "analysis",
+        lambda c: analysis_parts.similarity_section(c.analysis_results, c.writer),
+    ),
+    ReportSection(
+        "map",
+        "t-SNE of vectors and inputs",
+        "analysis",
+        lambda c: analysis_parts.embedding_map_section(c.analysis_results, c.writer),
+    ),
+    ReportSection(
+        "tokens",
+        "Decoded task vectors",
+        "analysis",
+        lambda c: analysis_parts.decoded_tokens_section(c.analysis_results),
+    ),
+    ReportSection(
+        "conflict", "Task conflict", "analysis", lambda c: analysis_parts.conflict_section(c.analysis_results)
+    ),
+    ReportSection(
+        "examples",
+        "Example generations",
+        "results",
+        _needs_results(lambda r, c: results_parts.examples_section(r, c.root)),
+    ),
+]
+
+
+def register_section(section: ReportSection, *, before: str | None = "examples") -> ReportSection:
+    """Add a section to every later report, before the section `before` (None: at the end)."""
+    if any(existing.anchor == section.anchor for existing in SECTIONS):
+        raise ValueError(f"a report section {section.anchor!r} is already registered")
+    anchors = [existing.anchor for existing in SECTIONS]
+    SECTIONS.insert(anchors.index(before) if before in anchors else len(SECTIONS), section)
+    return section
+
+
+def unregister_section(anchor: str) -> None:
+    SECTIONS[:] = [section for section in SECTIONS if section.anchor != anchor]
+
+
+def _load(path: Path, read: Callable[[Path], Any], problems: list[str]) -> Any:
     if not path.is_file():
         problems.append(f"{path.name} not found")
-        return {}
+        return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        problems.append(f"{path.name} cannot be read ({error})")
-        return {}
-    if not isinstance(data, dict):
-        problems.append(f"{path.name} is not a JSON object")
-        return {}
-    return data
-
-
-def _guarded(build: Callable[[], str]) -> str:
-    """A section that trips over an unexpected shape says so instead of losing the whole report."""
-    try:
-        return build()
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
-        reason = f"{type(error).__name__}: {error}"
-        return f'<div class="error">This section could not be drawn: {escape(reason)}</div>'
+        return read(path)
+    except ValueError as error:
+        problems.append(str(error))
+        return None
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Write `run_dir/report.html` (and `run_dir/figures/*.png`) from whatever results exist.
-
-    Either JSON file may be missing or partial: each section renders what it finds and says what
-    it lacks, so a report of an interrupted run is still worth opening.
-    """
+    """Write `run_dir/report.html` (and `run_dir/figures/*.png`) from the run's results and analyses."""
     root = Path(run_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"no run directory at {root}")
     problems: list[str] = []
-    results = _read_json(root / "results.json", problems)
-    analysis = _read_json(root / "analysis.json", problems)
-    writer = results_parts.FigureWriter(root / "figures")
-
-    builders: list[tuple[str, str, Callable[[], str]]] = [
-        ("overview", "Run", partial(results_parts.overview, results)),
-        ("tables", "Results beside the paper", partial(results_parts.result_tables, results)),
-        ("layers", "Layer choice (validation sweeps)", partial(results_parts.layer_section, results, writer)),
-        ("llm-to-vlm", "LLM -> VLM transfer", partial(results_parts.llm_to_vlm_section, results, writer)),
-        (
-            "ensemble",
-            "Instruction + exemplar ensemble",
-            partial(results_parts.ensemble_section, results, writer),
-        ),
-        ("lens", "Three phases (logit lens)", partial(analysis_parts.lens_section, analysis, writer)),
-        (
-            "similarity",
-            "Similarity of task vectors",
-            partial(analysis_parts.similarity_section, analysis, writer),
-        ),
-        (
-            "map",
-            "t-SNE of vectors and inputs",
-            partial(analysis_parts.embedding_map_section, analysis, writer),
-        ),
-        ("tokens", "Decoded task vectors", partial(analysis_parts.decoded_tokens_section, analysis)),
-        ("conflict", "Task conflict", partial(analysis_parts.conflict_section, analysis)),
-        ("examples", "Example generations", partial(results_parts.examples_section, results, root)),
-    ]
-    sections = [(anchor, heading, _guarded(build)) for anchor, heading, build in builders]
-    if not results:
-        sections[0] = ("overview", "Run", missing("results.json"))
-    errors = analysis_parts.errors_section(analysis)
-    if errors:
-        sections.append(("errors", "Analysis steps that failed", errors))
-    title = f"taskvec report: {(results.get('meta') or analysis.get('meta') or {}).get('model', root.name)}"
-    layer = analysis.get("layer") or {}
-    intro = note(
-        f"Written {datetime.now(UTC).isoformat(timespec='seconds')} from {root.name}/. "
-        + (f"Analyses at layer {layer.get('chosen')} ({layer.get('source')}). " if layer else "")
+    results = _load(root / "results.json", RunResults.read, problems)
+    analysis = _load(root / "analysis.json", AnalysisDocument.read, problems)
+    context = ReportContext(root, results, analysis, results_parts.FigureWriter(root / "figures"))
+    sections = []
+    for section in SECTIONS:
+        lacking = [
+            name
+            for name, value in (("results.json", results), ("analysis.json", analysis))
+            if value is None and section.needs in (name.split(".")[0], "both")
+        ]
+        if lacking and not (section.needs == "both" and results is not None):
+            sections.append((section.anchor, section.heading, missing(" and ".join(lacking))))
+            continue
+        sections.append((section.anchor, section.heading, section.build(context)))
+    if analysis is not None and analysis.errors:
+        sections.append(
+            ("errors", "Analysis steps that failed", analysis_parts.errors_section(analysis.errors))
+        )
+    model = (
+        results.meta.model if results is not None else analysis.meta.get("model") if analysis else root.name
     )
+    intro = note(f"Written {datetime.now(UTC).isoformat(timespec='seconds')} from {root.name}/.")
     intro += "".join(missing(problem) for problem in problems)
     target = root / "report.html"
-    target.write_text(page(title, sections, intro), encoding="utf-8")
+    target.write_text(page(f"taskvec report: {model}", sections, intro), encoding="utf-8")
     return target

@@ -1,18 +1,31 @@
 """Task vectors: extract from examples or instructions, average, save and load with metadata."""
 
-from taskvec.vectors.extract import exemplar_vector, icl_prompts, instruction_vector, sample_demonstrations
+from taskvec.vectors.extract import (
+    Extraction,
+    TooFewDemonstrationsError,
+    exemplar_vector,
+    extract_vector,
+    icl_prompts,
+    instruction_vector,
+    residuals_at_marker,
+    sample_demonstrations,
+)
 from taskvec.vectors.spec import EXTRACTABLE_SPECS, VectorSpec, parse_spec
 from taskvec.vectors.task_vector import TaskVector, load_task_vector, save_task_vector
 
 __all__ = [
     "EXTRACTABLE_SPECS",
+    "Extraction",
     "TaskVector",
+    "TooFewDemonstrationsError",
     "VectorSpec",
     "exemplar_vector",
+    "extract_vector",
     "icl_prompts",
     "instruction_vector",
     "load_task_vector",
     "parse_spec",
+    "residuals_at_marker",
     "sample_demonstrations",
     "save_task_vector",
 ]

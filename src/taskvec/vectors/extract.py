@@ -1,15 +1,23 @@
-"""Extract task vectors: exemplar (text or image ICL) and instruction vectors.
+"""Extract task vectors: one path from ICL prompts to a TaskVector, used by every caller.
+
+    prompts (`icl_prompts`) -> encoded batches -> residual at an answer marker (`residuals_at_marker`)
+    -> mean over prompts with its metadata (`extract_vector`)
 
 Exemplar vector (the paper's protocol): for each query of a split, a prompt of `shots`
 demonstrations drawn from the other items of that split, then the query; the residual is read at
 the last token of the last demonstration's answer marker (a position that has not seen the query)
-at every layer, and averaged over the prompts.
+at every layer, and averaged over the prompts. Instruction vector: the residual at the last token of
+the bare instruction. The run's vector store, the analyses, the command line and the VLM's
+acceptance measurements all read residuals here, so they agree on prompts, positions and batching.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, overload
 
 import torch
 from tqdm import tqdm
@@ -18,13 +26,28 @@ from taskvec.engine import marker_position, record_residuals
 from taskvec.models import ModelHandle
 from taskvec.prompts import DEFAULT_TEMPLATE, Modality, Prompt, QATemplate, build_icl_prompt, encode_prompts
 from taskvec.tasks import Item, Task
+from taskvec.vectors.spec import VectorSpec, parse_spec
 from taskvec.vectors.task_vector import TaskVector
 
+# The answer-marker occurrence an exemplar vector is read at: the last demonstration's, before the query.
+LAST_DEMONSTRATION = -2
 
-def sample_demonstrations(pool: Sequence[Item], query: Item, shots: int, rng: random.Random) -> list[Item]:
+
+class TooFewDemonstrationsError(ValueError):
+    """A prompt asks for more demonstrations than the pool holds besides its query."""
+
+
+def sample_demonstrations(
+    pool: Sequence[Item], query: Item, shots: int, rng: random.Random, *, task: str | None = None
+) -> list[Item]:
+    """`shots` items of `pool` other than the query (by input), drawn with `rng`."""
     candidates = [item for item in pool if item.input != query.input]
     if len(candidates) < shots:
-        raise ValueError(f"need {shots} demonstrations besides the query, the pool has {len(candidates)}")
+        owner = f"task {task!r}: " if task else ""
+        raise TooFewDemonstrationsError(
+            f"{owner}{shots}-shot prompts need {shots} demonstrations besides the query {query.input!r}, "
+            f"the pool of {len(pool)} items has {len(candidates)}; lower the shots or add items"
+        )
     return rng.sample(candidates, shots)
 
 
@@ -35,21 +58,25 @@ def icl_prompts(
     shots: int,
     seed: int,
     modality: Modality = "text",
+    query_modality: Modality | None = None,
     style: str | None = None,
     template: QATemplate = DEFAULT_TEMPLATE,
+    task: str | None = None,
 ) -> list[Prompt]:
     """One prompt per query: `shots` demonstrations from `pool` (never the query), then the query.
 
     One seeded stream for the whole list, so the same (pool, queries, seed) gives the same prompts
-    wherever they are built: the vectors, the in-context baselines and the analyses agree.
+    wherever they are built: the vectors, the in-context baselines and the analyses agree. The query
+    is shown in `query_modality` (default: the demonstrations' modality). Too small a pool raises
+    `TooFewDemonstrationsError` naming `task` and the counts, never a prompt with fewer shots.
     """
     rng = random.Random(seed)
     return [
         build_icl_prompt(
-            sample_demonstrations(pool, query, shots, rng),
+            sample_demonstrations(pool, query, shots, rng, task=task),
             query,
             demo_modality=modality,
-            query_modality=modality,
+            query_modality=query_modality or modality,
             style=style,
             template=template,
         )
@@ -58,31 +85,235 @@ def icl_prompts(
 
 
 def _batched(prompts: Sequence[Prompt], size: int) -> list[Sequence[Prompt]]:
+    if size < 1:
+        raise ValueError(f"batch size must be at least 1, got {size}")
     return [prompts[start : start + size] for start in range(0, len(prompts), size)]
 
 
-@torch.no_grad()
-def mean_residual_at_marker(
+@contextmanager
+def capture_input_embeddings(handle: ModelHandle, store: list[torch.Tensor]) -> Iterator[None]:
+    """Record what the first decoder layer receives: token embeddings with image features merged in."""
+
+    def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        store.append(hidden.detach().float().cpu())
+
+    registered = handle.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        registered.remove()
+
+
+def _image_token_id(handle: ModelHandle) -> int | None:
+    config = handle.model.config
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _mean_embedding(
+    embedding: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, image_id: int | None
+) -> torch.Tensor:
+    """Mean over the image tokens when there are any (image prompts), else over the prompt's tokens."""
+    keep = mask.bool()
+    if image_id is not None and bool((ids == image_id).any()):
+        keep = ids == image_id
+    return embedding[keep].mean(dim=0)
+
+
+@overload
+def residuals_at_marker(
     handle: ModelHandle,
     prompts: Sequence[Prompt],
     *,
     occurrence: int,
-    template: QATemplate = DEFAULT_TEMPLATE,
+    layers: Sequence[int] | None = ...,
+    batch_size: int = ...,
+    progress: str | None = ...,
+    input_embeddings: Literal[False] = ...,
+    template: QATemplate = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def residuals_at_marker(
+    handle: ModelHandle,
+    prompts: Sequence[Prompt],
+    *,
+    occurrence: int,
+    layers: Sequence[int] | None = ...,
+    batch_size: int = ...,
+    progress: str | None = ...,
+    input_embeddings: Literal[True],
+    template: QATemplate = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@torch.no_grad()
+def residuals_at_marker(
+    handle: ModelHandle,
+    prompts: Sequence[Prompt],
+    *,
+    occurrence: int,
+    layers: Sequence[int] | None = None,
     batch_size: int = 8,
     progress: str | None = None,
-) -> torch.Tensor:
-    """Mean over prompts of the residual at the given answer-marker occurrence: [layers, hidden]."""
-    total = torch.zeros(handle.num_layers, handle.hidden_size)
+    input_embeddings: bool = False,
+    template: QATemplate = DEFAULT_TEMPLATE,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Each prompt's residual at one answer-marker occurrence: [prompts, layers, hidden], float32, CPU.
+
+    `occurrence` counts the template's marker in the prompt: -1 the query's (where the answer is
+    generated and vectors are patched), -2 the last demonstration's (where exemplar vectors are read).
+    `layers` defaults to every layer. With `input_embeddings`, also each prompt's mean input embedding
+    [prompts, hidden] (what the first decoder layer receives, image features merged in; the mean
+    over the image tokens when the prompt has any), the raw-input side of the embedding map.
+    """
+    if not prompts:
+        raise ValueError("residuals_at_marker needs at least one prompt")
+    image_id = _image_token_id(handle) if input_embeddings else None
+    residuals: list[torch.Tensor] = []
+    embeddings: list[torch.Tensor] = []
     for batch in tqdm(_batched(prompts, batch_size), desc=progress, disable=progress is None, leave=False):
         inputs = encode_prompts(handle, batch)
+        ids = inputs["input_ids"]
         positions = torch.tensor(
-            [
-                [marker_position(handle.tokenizer, row, template.marker, occurrence)]
-                for row in inputs["input_ids"]
-            ]
+            [[marker_position(handle.tokenizer, row, template.marker, occurrence)] for row in ids]
         )
-        total += record_residuals(handle, inputs, positions)[:, :, 0].sum(dim=0)
-    return total / len(prompts)
+        captured: list[torch.Tensor] = []
+        if input_embeddings:
+            with capture_input_embeddings(handle, captured):
+                recorded = record_residuals(handle, inputs, positions, layers=layers)
+            mask = inputs.get("attention_mask", torch.ones_like(ids)).cpu()
+            embeddings.extend(
+                _mean_embedding(captured[0][row], ids[row].cpu(), mask[row], image_id)
+                for row in range(len(batch))
+            )
+        else:
+            recorded = record_residuals(handle, inputs, positions, layers=layers)
+        residuals.append(recorded[:, :, 0].float().cpu())
+    stacked = torch.cat(residuals)
+    return (stacked, torch.stack(embeddings)) if input_embeddings else stacked
+
+
+@dataclass
+class Extraction:
+    """An extracted vector and, for exemplar vectors, the per-prompt residuals it is the mean of.
+
+    `per_prompt` is [prompts, layers, hidden] (None for an instruction vector, read from one prompt);
+    the ensemble curve averages subsets of its rows.
+    """
+
+    vector: TaskVector
+    per_prompt: torch.Tensor | None
+
+
+def _exemplar_metadata(
+    handle: ModelHandle,
+    task: Task,
+    spec: VectorSpec,
+    *,
+    shots: int,
+    seed: int,
+    split: str,
+    prompts: int,
+    style: str | None,
+    template: QATemplate,
+) -> dict[str, Any]:
+    return {
+        "model": handle.name,
+        "task": task.name,
+        "spec": spec.value,
+        "shots": shots,
+        "seed": seed,
+        "split": split,
+        "prompts": prompts,
+        "style": style,
+        "position": f"last token of the last demonstration's {template.marker!r}",
+        "template": {"query": template.query, "answer": template.answer},
+    }
+
+
+@torch.no_grad()
+def _instruction_extraction(handle: ModelHandle, task: Task, text: str) -> Extraction:
+    """The residual at the last token of the bare instruction, every layer."""
+    if not text:
+        raise ValueError(f"task {task.name!r} has no instruction")
+    residuals = record_residuals(handle, handle.build_inputs([text]), -1)
+    metadata = {
+        "model": handle.name,
+        "task": task.name,
+        "spec": VectorSpec.INSTRUCTION.value,
+        "instruction": text,
+        "position": "last token of the instruction",
+    }
+    return Extraction(TaskVector(residuals[0, :, 0], metadata), None)
+
+
+def extract_vector(
+    handle: ModelHandle,
+    task: Task,
+    spec: VectorSpec | str,
+    *,
+    shots: int = 5,
+    seed: int = 0,
+    split: str = "val",
+    limit: int | None = None,
+    style: str | None = None,
+    batch_size: int = 8,
+    progress: str | None = None,
+    template: QATemplate = DEFAULT_TEMPLATE,
+) -> Extraction:
+    """The task vector of `task` specified by `spec` (text ICL, image ICL or the instruction).
+
+    Exemplar specs build one prompt per query of `split` (the first `limit` queries; all by default),
+    each of `shots` demonstrations drawn from the whole split other than the query, seeded by `seed`,
+    and average the residuals at the last demonstration's answer marker. `style` picks the image
+    style of image ICL (default: the item's first). Instruction vectors ignore the ICL options.
+    """
+    kind = parse_spec(spec)
+    if not kind.extractable:
+        raise ValueError(
+            f"{kind.value!r} vectors are made from other vectors, not extracted; extract one of "
+            + ", ".join(s.value for s in VectorSpec if s.extractable)
+        )
+    if kind is VectorSpec.INSTRUCTION:
+        return _instruction_extraction(handle, task, task.instruction)
+    modality = kind.demo_modality or "text"
+    pool = task.split(split)
+    prompts = icl_prompts(
+        pool,
+        pool[:limit],
+        shots=shots,
+        seed=seed,
+        modality=modality,
+        style=style,
+        template=template,
+        task=task.name,
+    )
+    per_prompt = residuals_at_marker(
+        handle,
+        prompts,
+        occurrence=LAST_DEMONSTRATION,
+        batch_size=batch_size,
+        progress=progress,
+        template=template,
+    )
+    metadata = _exemplar_metadata(
+        handle,
+        task,
+        kind,
+        shots=shots,
+        seed=seed,
+        split=split,
+        prompts=len(prompts),
+        style=style,
+        template=template,
+    )
+    return Extraction(TaskVector(per_prompt.mean(dim=0), metadata), per_prompt)
 
 
 def exemplar_vector(
@@ -97,45 +328,23 @@ def exemplar_vector(
     template: QATemplate = DEFAULT_TEMPLATE,
     batch_size: int = 8,
 ) -> TaskVector:
-    pool = task.split(split)
-    prompts = icl_prompts(
-        pool, pool, shots=shots, seed=seed, modality=modality, style=style, template=template
-    )
-    vectors = mean_residual_at_marker(
+    """The text- or image-ICL vector of `task` over every query of `split` (see `extract_vector`)."""
+    spec = VectorSpec.IMAGE_ICL if modality == "image" else VectorSpec.TEXT_ICL
+    return extract_vector(
         handle,
-        prompts,
-        occurrence=-2,
-        template=template,
+        task,
+        spec,
+        shots=shots,
+        seed=seed,
+        split=split,
+        style=style,
         batch_size=batch_size,
         progress=f"{task.name} {modality} vectors",
-    )
-    metadata = {
-        "model": handle.name,
-        "task": task.name,
-        "spec": f"{modality}-icl",
-        "shots": shots,
-        "seed": seed,
-        "split": split,
-        "prompts": len(prompts),
-        "style": style,
-        "position": f"last token of the last demonstration's {template.marker!r}",
-        "template": {"query": template.query, "answer": template.answer},
-    }
-    return TaskVector(vectors, metadata)
+        template=template,
+    ).vector
 
 
-@torch.no_grad()
 def instruction_vector(handle: ModelHandle, task: Task, instruction: str | None = None) -> TaskVector:
-    """The residual at the last token of the bare instruction, every layer."""
+    """The residual at the last token of the bare instruction (the task's own unless one is given)."""
     text = instruction if instruction is not None else task.instruction
-    if not text:
-        raise ValueError(f"task {task.name!r} has no instruction")
-    residuals = record_residuals(handle, handle.build_inputs([text]), -1)
-    metadata = {
-        "model": handle.name,
-        "task": task.name,
-        "spec": "instruction",
-        "instruction": text,
-        "position": "last token of the instruction",
-    }
-    return TaskVector(residuals[0, :, 0], metadata)
+    return _instruction_extraction(handle, task, text).vector

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import taskvec
+from taskvec.version import __version__
 
 
 @dataclass
@@ -27,7 +27,7 @@ def save_task_vector(vector: TaskVector, path: str | Path) -> Path:
     """Safetensors with the metadata as JSON in the header (never pickle)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"taskvec_version": taskvec.__version__, **vector.metadata}
+    metadata = {"taskvec_version": __version__, **vector.metadata}
     save_file(
         {"vectors": vector.vectors.contiguous().float()},
         str(target),

@@ -1,4 +1,4 @@
-"""The default VLM's acceptance measurements (issue 4), written into its model card.
+"""The default VLM's acceptance measurements, written into its model card.
 
 - recognition: the naming prompt on every picture, accuracy per family and style (held-out marked);
 - text-only in-context learning on the six paper tasks, VLM vs the base LM it was built on (LoRA must
@@ -19,7 +19,7 @@ from taskvec.evaluation import accuracy, generate_answers
 from taskvec.models.handle import ModelHandle
 from taskvec.prompts import Modality, build_query_prompt
 from taskvec.tasks import Task
-from taskvec.vectors.extract import icl_prompts, mean_residual_at_marker
+from taskvec.vectors import VectorSpec, extract_vector, icl_prompts
 from taskvec.vlm.data import EntityImage
 from taskvec.vlm.evaluation import name_pictures
 
@@ -55,7 +55,9 @@ def icl_accuracy(
     if shots == 0:
         prompts = [build_query_prompt(item, modality=modality) for item in test]
     else:
-        prompts = icl_prompts(task.split("val"), test, shots=shots, seed=seed, modality=modality)
+        prompts = icl_prompts(
+            task.split("val"), test, shots=shots, seed=seed, modality=modality, task=task.name
+        )
     return accuracy(generate_answers(handle, prompts), [item.answers() for item in test])
 
 
@@ -63,13 +65,14 @@ def icl_accuracy(
 def residual_cosine_per_layer(
     base: ModelHandle, vlm: ModelHandle, tasks: Sequence[Task], *, shots: int = 5, seed: int = 0
 ) -> list[float]:
-    """Per layer, the cosine of the two models' mean residuals at the last demonstration's marker
-    (text ICL on each task's val prompts), averaged over tasks."""
+    """Per layer, the cosine of the two models' text-ICL vectors (the mean residual at the last
+    demonstration's marker over each task's val prompts), averaged over tasks."""
     totals = torch.zeros(base.num_layers)
     for task in tasks:
-        pool = task.split("val")
-        prompts = icl_prompts(pool, pool, shots=shots, seed=seed)
-        means = [mean_residual_at_marker(handle, prompts, occurrence=-2) for handle in (base, vlm)]
+        means = [
+            extract_vector(handle, task, VectorSpec.TEXT_ICL, shots=shots, seed=seed).vector.vectors
+            for handle in (base, vlm)
+        ]
         totals += torch.nn.functional.cosine_similarity(means[0], means[1], dim=-1)
     return (totals / len(tasks)).tolist()
 

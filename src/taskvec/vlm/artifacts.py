@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlavaForConditionalGeneration
 
+from taskvec.models.architectures import architecture_for_class
 from taskvec.vlm.architecture import IMAGE_TOKEN, VisionTowerShape, assemble_llava
 from taskvec.vlm.processor import build_processor
 
@@ -28,18 +29,23 @@ PARTS_FORMAT = 1
 VISION_FILE = "vision.safetensors"
 LORA_FILE = "lora.safetensors"
 CARD_FILE = "vlm.json"
-_VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
 
 
 class PartsError(ValueError):
     """A parts directory that does not fit the model it is applied to."""
 
 
+def _vision_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of the vision tower and projector, from the architecture table."""
+    return tuple(f"{path}." for path in architecture_for_class(type(model).__name__).vision_paths)
+
+
 def vision_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    prefixes = _vision_prefixes(model)
     return {
         name: tensor.detach().clone().contiguous()
         for name, tensor in model.state_dict().items()
-        if name.startswith(_VISION_PREFIXES)
+        if name.startswith(prefixes)
     }
 
 
@@ -102,7 +108,8 @@ def apply_parts(model: torch.nn.Module, directory: Path) -> None:
     vision = load_file(str(directory / VISION_FILE))
     state = model.state_dict()
     unexpected = [name for name in vision if name not in state]
-    missing = [name for name in state if name.startswith(_VISION_PREFIXES) and name not in vision]
+    prefixes = _vision_prefixes(model)
+    missing = [name for name in state if name.startswith(prefixes) and name not in vision]
     if unexpected or missing:
         raise PartsError(f"vision tensors do not fit: unexpected {unexpected[:3]}, missing {missing[:3]}")
     for name, value in vision.items():

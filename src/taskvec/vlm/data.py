@@ -189,7 +189,7 @@ class IclTask:
 
 
 # Tasks computed from the entity's name alone (no fact to recall), one of each per family. With only
-# one fact task per family, session 3's model answered the food-category of any food whatever the
+# one fact task per family, a VLM trained here answered the food-category of any food whatever the
 # demonstrations asked (food-color text ICL .39 -> .03): several tasks over the same inputs make the
 # demonstrations, not the family, decide the answer.
 FORMAT_TASKS: dict[str, Callable[[str], str]] = {

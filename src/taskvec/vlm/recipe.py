@@ -19,7 +19,7 @@ import torch
 
 from taskvec.models.default_lm import DEFAULT_LM_NAME
 from taskvec.models.handle import ModelHandle
-from taskvec.models.loading import load_model, parse_dtype
+from taskvec.models.loading import NamedModel, load_model, parse_dtype, register_named_model
 from taskvec.vlm.architecture import assemble_llava, count_parameters
 from taskvec.vlm.artifacts import CARD_FILE, build_vlm, save_parts
 from taskvec.vlm.data import entity_images, split_by_style
@@ -136,3 +136,13 @@ def load_default_vlm(*, device: str = "cpu", dtype: str | torch.dtype = "fp32") 
             "train them with `taskvec train-vlm --ship` (about 90 minutes on 2 CPU cores)"
         )
     return load_vlm_from_parts(SHIPPED_PARTS_DIR, device=device, dtype=dtype)
+
+
+DEFAULT_VLM = register_named_model(
+    NamedModel(
+        ("default-vlm", DEFAULT_VLM_NAME),
+        load_default_vlm,
+        base_lm="default",
+        description="the LLaVA taskvec trained on Gemma-3-270M (shipped parts, see its model card)",
+    )
+)

@@ -10,8 +10,8 @@
    image demonstrations of tasks that are not the evaluation tasks (`data.InstructMix`). Text steps
    add a KL term toward the base LM (adapters off) at the answer positions. Without the in-context
    part, 600 question steps cut the VLM's text ICL on the six tasks from the base LM's 0.31 to 0.13
-   and left image ICL at the no-context level (session 2's model); with it but one fact task per
-   family and no KL term, text ICL was 0.16 (session 3's model).
+   and left image ICL at the no-context level; with it but one fact task per family and no KL
+   term, text ICL was 0.16 (docs/VLM_NOTES.md has the measurements).
 
 A checkpoint (safetensors of the trained tensors and the optimizer's moments, JSON for the rest; no
 pickle) is written every `checkpoint_every` steps and at the end of each stage; the end of a stage is
@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from taskvec.models.architectures import architecture_for_class
 from taskvec.models.handle import resolve_attribute
 from taskvec.vlm.architecture import VisionTowerShape
 from taskvec.vlm.batches import TrainingBatch, answer_logits, answer_loss, collate, distillation_loss
@@ -123,28 +124,48 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: int, seed: int) -> None:
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        inject_adapter_in_model(config, resolve_attribute(model, "model.language_model"))
+        inject_adapter_in_model(config, resolve_attribute(model, _text_model_path(model)))
 
 
 def has_lora(model: torch.nn.Module) -> bool:
     return any("lora_" in name for name, _ in model.named_parameters())
 
 
+def _text_model_path(model: torch.nn.Module) -> str:
+    path = architecture_for_class(type(model).__name__).text_model_path
+    if path is None:
+        raise ValueError(f"the architecture table has no text model path for {type(model).__name__}")
+    return path
+
+
+def _vision_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
+    """Parameter-name prefixes of the vision tower and projector, from the architecture table."""
+    return tuple(f"{path}." for path in architecture_for_class(type(model).__name__).vision_paths)
+
+
+def _projector_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
+    path = architecture_for_class(type(model).__name__).projector_path
+    return () if path is None else (f"{path}.",)
+
+
 def trainable_names(model: torch.nn.Module, stage: str) -> list[str]:
+    vision, projector = _vision_prefixes(model), _projector_prefixes(model)
+
     def wanted(name: str) -> bool:
         if stage in ("align", "caption"):
-            return name.startswith(("model.vision_tower.", "model.multi_modal_projector."))
-        return "lora_" in name or name.startswith("model.multi_modal_projector.")
+            return name.startswith(vision)
+        return "lora_" in name or name.startswith(projector)
 
     return [name for name, _ in model.named_parameters() if wanted(name)]
 
 
 def trained_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor training may change: vision tower, projector, LoRA adapters (if injected)."""
+    vision = _vision_prefixes(model)
     return {
         name: parameter.detach().clone().contiguous()
         for name, parameter in model.named_parameters()
-        if name.startswith(("model.vision_tower.", "model.multi_modal_projector.")) or "lora_" in name
+        if name.startswith(vision) or "lora_" in name
     }
 
 

@@ -1,0 +1,60 @@
+"""Dependencies point one way: no import cycles between taskvec's parts, no hidden imports of its own."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import taskvec
+
+SOURCE = Path(taskvec.__file__).resolve().parent
+
+
+def _part(module: str) -> str:
+    """taskvec.experiments.runner -> experiments; taskvec.caching -> caching."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "taskvec"
+
+
+def _imports() -> dict[str, set[str]]:
+    """Every part's imports of other parts, function-level imports included."""
+    graph: dict[str, set[str]] = {}
+    for path in SOURCE.rglob("*.py"):
+        module = ".".join(("taskvec", *path.relative_to(SOURCE).with_suffix("").parts))
+        part = _part(module.removesuffix(".__init__"))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            for name in names:
+                if name.startswith("taskvec") and _part(name) != part:
+                    graph.setdefault(part, set()).add(_part(name))
+    return graph
+
+
+def test_parts_of_the_package_import_each_other_without_cycles() -> None:
+    graph = _imports()
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for target in graph.get(start, set()):
+            if target == goal or (target not in seen and reaches(target, goal, seen | {target})):
+                return True
+        return False
+
+    cycles = sorted(part for part in graph if reaches(part, part, {part}))
+    assert cycles == [], f"import cycles through {cycles}"
+    assert "vlm" not in graph.get("models", set()), "models must not import the default VLM's package"
+    assert not graph.get("engine", set()) - {"models"}, "the engine knows nothing of tasks"
+    assert "models" not in graph.get("tasks", set()), "tasks know nothing of models"
+
+
+def test_no_module_imports_the_project_by_a_string() -> None:
+    offenders = [
+        str(path.relative_to(SOURCE))
+        for path in SOURCE.rglob("*.py")
+        if "import_module(" in path.read_text(encoding="utf-8")
+        or "__import__(" in path.read_text(encoding="utf-8")
+    ]
+    assert offenders == []
