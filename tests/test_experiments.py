@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import html
 import json
 from pathlib import Path
@@ -193,7 +194,7 @@ def test_a_rerun_resumes_from_the_run_directory(finished_run: Run, monkeypatch: 
         raise AssertionError("a finished step was recomputed")
 
     for module, name in (
-        (steps_module, "generate_answers_and_first_tokens"),
+        (steps_module, "generate_answers"),
         (steps_module, "sweep_first_tokens"),
         (vector_store_module, "extract_vector"),
     ):
@@ -207,14 +208,11 @@ def test_a_rerun_resumes_from_the_run_directory(finished_run: Run, monkeypatch: 
 def test_a_registered_condition_reaches_results_csv_and_report(tmp_path: Path) -> None:
     from taskvec.report import write_report
 
-    condition = Condition(
-        "text->image-x2",
-        "text-ICL vector, doubled, -> image query",
-        "image",
-        vector=VectorSpec.TEXT_ICL,
-        seeded=True,
-        tables=(TableSlot("directions", "text->image (dummy)"),),
+    slot = TableSlot("directions", "text->image (dummy)")
+    copy = Condition(
+        "text->image-x2", "a registered copy of text->image", "image", vector=VectorSpec.TEXT_ICL
     )
+    condition = dataclasses.replace(copy, seeded=True, tables=(slot,))
     register_condition(condition)
     try:
         config = tiny_config(write_task_file(tmp_path / "task"), seeds=(0,), ensemble_examples=(0,))

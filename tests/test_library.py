@@ -127,10 +127,12 @@ def test_residuals_at_marker_reads_chosen_layers_and_mean_input_embeddings() -> 
     handle = tiny_handle("llama")
     task = tiny_task()
     prompts = icl_prompts(task.split("val"), task.split("val")[:3], shots=2, seed=0)
-    every = residuals_at_marker(handle, prompts, occurrence=-1, batch_size=2)
+    every = residuals_at_marker(handle, prompts, occurrence=-1, batch_size=2).residuals
     assert every.shape == (3, handle.num_layers, handle.hidden_size)
-    one, embeddings = residuals_at_marker(handle, prompts, occurrence=-1, layers=[1], input_embeddings=True)
-    torch.testing.assert_close(one[:, 0], every[:, 1], atol=1e-5, rtol=1e-4)
+    read = residuals_at_marker(handle, prompts, occurrence=-1, layers=[1], input_embeddings=True)
+    embeddings = read.input_embeddings
+    assert embeddings is not None
+    torch.testing.assert_close(read.residuals[:, 0], every[:, 1], atol=1e-5, rtol=1e-4)
     inputs = handle.build_inputs([prompts[0].text])
     token_embeddings = handle.model.get_input_embeddings()(inputs["input_ids"])[0]
     torch.testing.assert_close(embeddings[0], token_embeddings.mean(dim=0), atol=1e-5, rtol=1e-4)

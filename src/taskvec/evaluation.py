@@ -49,32 +49,13 @@ def generate_answers(
     max_new_tokens: int = 4,
     batch_size: int = 8,
     progress: str | None = None,
+    first_tokens: list[int] | None = None,
 ) -> list[str]:
-    """Greedy answers (first line), with `vector` replacing the last position at `layer` if given."""
-    return generate_answers_and_first_tokens(
-        handle,
-        prompts,
-        vector=vector,
-        layer=layer,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        progress=progress,
-    )[0]
+    """Greedy answers (first line), with `vector` replacing the last position at `layer` if given.
 
-
-def generate_answers_and_first_tokens(
-    handle: ModelHandle,
-    prompts: Sequence[Prompt],
-    *,
-    vector: torch.Tensor | None = None,
-    layer: int | None = None,
-    max_new_tokens: int = 4,
-    batch_size: int = 8,
-    progress: str | None = None,
-) -> tuple[list[str], list[int]]:
-    """The answers of `generate_answers` and the id of each answer's first generated token."""
+    `first_tokens`, when given, receives the id of each answer's first generated token.
+    """
     answers: list[str] = []
-    first_tokens: list[int] = []
     tokenizer = handle.tokenizer
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=progress, disable=progress is None, leave=False):
@@ -83,10 +64,10 @@ def generate_answers_and_first_tokens(
         ids = generate_greedy_ids(
             handle, encode_prompts(handle, batch), patches, max_new_tokens=max_new_tokens
         )
-        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-        answers.extend(first_line(text) for text in texts)
-        first_tokens.extend(int(row[0]) for row in ids)
-    return answers, first_tokens
+        answers.extend(first_line(text) for text in tokenizer.batch_decode(ids, skip_special_tokens=True))
+        if first_tokens is not None:
+            first_tokens.extend(int(row[0]) for row in ids)
+    return answers
 
 
 def accuracy(

@@ -136,20 +136,11 @@ class AnalysisContext:
         self.cache.store(CACHE_KIND, step, key, {"step": step, "result": result})
         return result
 
-    def attempt(
-        self,
-        step: str,
-        compute: Callable[[], Any],
-        *,
-        tasks: Sequence[Task] | None = None,
-        layer: bool = True,
-        vectors: Iterable[VectorKey] | None = None,
-        llm: bool = True,
-    ) -> Any | None:
-        """`cached`, but a failure is recorded under `errors[step]` and gives None: one part of an
-        analysis (a task's lens, a pair's conflict) failing keeps the other parts."""
+    def attempt(self, step: str, compute: Callable[[], Any], **scope: Any) -> Any | None:
+        """`cached` (with the same keyword scope), but a failure is recorded under `errors[step]` and
+        gives None: one part of an analysis (a task's lens, a pair's conflict) failing keeps the others."""
         try:
-            return self.cached(step, compute, tasks=tasks, layer=layer, vectors=vectors, llm=llm)
+            return self.cached(step, compute, **scope)
         except Exception as error:  # one failed part must not lose the others
             self.errors[step] = f"{type(error).__name__}: {error}"
             return None

@@ -46,7 +46,7 @@ def prompt_points(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual at the answer marker `occurrence` (-2: the last demonstration's ':') at `layer`, and
     the mean input embedding, of each prompt: two [n, hidden] tensors."""
-    residuals, embeddings = residuals_at_marker(
+    read = residuals_at_marker(
         handle,
         prompts,
         occurrence=occurrence,
@@ -55,7 +55,8 @@ def prompt_points(
         input_embeddings=True,
         template=template,
     )
-    return residuals[:, 0], embeddings
+    assert read.input_embeddings is not None
+    return read.residuals[:, 0], read.input_embeddings
 
 
 def collect_prompt_points(

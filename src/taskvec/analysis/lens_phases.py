@@ -85,7 +85,7 @@ def phase_curves(
     # [prompts, layers, hidden] at the query's answer marker, where the answer is generated.
     residuals = residuals_at_marker(
         handle, prompts, occurrence=-1, batch_size=batch_size, progress=progress, template=template
-    )
+    ).residuals
     for start in range(0, len(prompts), batch_size):
         # The lens over the whole vocabulary is large: decode a batch of prompts at a time.
         probabilities = logit_lens(handle, residuals[start : start + batch_size]).softmax(dim=-1)

@@ -94,49 +94,29 @@ TEXT_ICL_XBASE = Condition(
     seeded=True,
     tables=(_paper("text-icl-xbase"),),
 )
-IMAGE_TO_IMAGE = Condition(
-    "image->image",
-    "image-ICL vector -> image query",
-    "image",
-    vector=VectorSpec.IMAGE_ICL,
-    seeded=True,
-    tables=(_paper("image-icl-patch"), _direction("image->image")),
-    analysis_layer_rank=3,
+
+
+def _patched(
+    name: str, vector: VectorSpec, query: Modality, tables: tuple[TableSlot, ...], rank: int | None = None
+) -> Condition:
+    label = f"{vector.label} vector -> {query} query"
+    return Condition(name, label, query, vector=vector, seeded=True, tables=tables, analysis_layer_rank=rank)
+
+
+IMAGE_TO_IMAGE = _patched(
+    "image->image", VectorSpec.IMAGE_ICL, "image", (_paper("image-icl-patch"), _direction("image->image")), 3
 )
-TEXT_TO_IMAGE = Condition(
+TEXT_TO_IMAGE = _patched(
     "text->image",
-    "text-ICL vector -> image query (xPatch)",
+    VectorSpec.TEXT_ICL,
     "image",
-    vector=VectorSpec.TEXT_ICL,
-    seeded=True,
-    tables=(_paper("text-icl-xpatch"), _direction("text->image"), TableSlot("llm_to_vlm", "vlm_vectors")),
-    analysis_layer_rank=1,
+    (_paper("text-icl-xpatch"), _direction("text->image"), TableSlot("llm_to_vlm", "vlm_vectors")),
+    1,
 )
-TEXT_TO_TEXT = Condition(
-    "text->text",
-    "text-ICL vector -> text query",
-    "text",
-    vector=VectorSpec.TEXT_ICL,
-    seeded=True,
-    tables=(_direction("text->text"),),
-    analysis_layer_rank=2,
-)
-IMAGE_TO_TEXT = Condition(
-    "image->text",
-    "image-ICL vector -> text query",
-    "text",
-    vector=VectorSpec.IMAGE_ICL,
-    seeded=True,
-    tables=(_direction("image->text"),),
-)
-LLM_TO_VLM = Condition(
-    "llm-xpatch",
-    "base-LM text-ICL vector -> image query",
-    "image",
-    vector=VectorSpec.LLM_TEXT_ICL,
-    seeded=True,
-    tables=(TableSlot("llm_to_vlm", "llm_vectors"),),
-    analysis_layer_rank=4,
+TEXT_TO_TEXT = _patched("text->text", VectorSpec.TEXT_ICL, "text", (_direction("text->text"),), 2)
+IMAGE_TO_TEXT = _patched("image->text", VectorSpec.IMAGE_ICL, "text", (_direction("image->text"),))
+LLM_TO_VLM = _patched(
+    "llm-xpatch", VectorSpec.LLM_TEXT_ICL, "image", (TableSlot("llm_to_vlm", "llm_vectors"),), 4
 )
 INSTRUCTION_PATCH = Condition(
     "instruction-patch",

@@ -14,7 +14,7 @@ import torch
 
 from taskvec.caching import StepCache, digest, task_fingerprint
 from taskvec.engine import logit_lens
-from taskvec.evaluation import generate_answers_and_first_tokens, sweep_first_tokens
+from taskvec.evaluation import generate_answers, sweep_first_tokens
 from taskvec.experiments.conditions import Condition
 from taskvec.experiments.config import RunConfig
 from taskvec.experiments.vector_store import VectorStore, ensemble_of, exemplar_subset_vector
@@ -154,7 +154,8 @@ class StepRunner:
             return cached
         prompts = self.prompts(condition, task, items, seed)
         label = f"test {condition.name} {task.name}" if self.progress else None
-        generated, first_tokens = generate_answers_and_first_tokens(
+        first_tokens: list[int] = []
+        generated = generate_answers(
             self.handle,
             prompts,
             vector=vector[0][layer] if vector is not None and layer is not None else None,
@@ -162,6 +163,7 @@ class StepRunner:
             max_new_tokens=self.config.max_new_tokens,
             batch_size=self.config.batch_size if condition.demos else self.config.query_batch_size,
             progress=label,
+            first_tokens=first_tokens,
         )
         style = self.config.style_for(task.name)
         result = {

@@ -2,6 +2,7 @@
 
 from taskvec.vectors.extract import (
     Extraction,
+    MarkerResiduals,
     TooFewDemonstrationsError,
     exemplar_vector,
     extract_vector,
@@ -16,6 +17,7 @@ from taskvec.vectors.task_vector import TaskVector, load_task_vector, save_task_
 __all__ = [
     "EXTRACTABLE_SPECS",
     "Extraction",
+    "MarkerResiduals",
     "TaskVector",
     "TooFewDemonstrationsError",
     "VectorSpec",

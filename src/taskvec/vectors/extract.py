@@ -17,7 +17,7 @@ import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, overload
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -124,32 +124,13 @@ def _mean_embedding(
     return embedding[keep].mean(dim=0)
 
 
-@overload
-def residuals_at_marker(
-    handle: ModelHandle,
-    prompts: Sequence[Prompt],
-    *,
-    occurrence: int,
-    layers: Sequence[int] | None = ...,
-    batch_size: int = ...,
-    progress: str | None = ...,
-    input_embeddings: Literal[False] = ...,
-    template: QATemplate = ...,
-) -> torch.Tensor: ...
+@dataclass
+class MarkerResiduals:
+    """Residuals at an answer marker, [prompts, layers, hidden], and optionally each prompt's mean
+    input embedding, [prompts, hidden]."""
 
-
-@overload
-def residuals_at_marker(
-    handle: ModelHandle,
-    prompts: Sequence[Prompt],
-    *,
-    occurrence: int,
-    layers: Sequence[int] | None = ...,
-    batch_size: int = ...,
-    progress: str | None = ...,
-    input_embeddings: Literal[True],
-    template: QATemplate = ...,
-) -> tuple[torch.Tensor, torch.Tensor]: ...
+    residuals: torch.Tensor
+    input_embeddings: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -163,7 +144,7 @@ def residuals_at_marker(
     progress: str | None = None,
     input_embeddings: bool = False,
     template: QATemplate = DEFAULT_TEMPLATE,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> MarkerResiduals:
     """Each prompt's residual at one answer-marker occurrence: [prompts, layers, hidden], float32, CPU.
 
     `occurrence` counts the template's marker in the prompt: -1 the query's (where the answer is
@@ -195,8 +176,7 @@ def residuals_at_marker(
         else:
             recorded = record_residuals(handle, inputs, positions, layers=layers)
         residuals.append(recorded[:, :, 0].float().cpu())
-    stacked = torch.cat(residuals)
-    return (stacked, torch.stack(embeddings)) if input_embeddings else stacked
+    return MarkerResiduals(torch.cat(residuals), torch.stack(embeddings) if input_embeddings else None)
 
 
 @dataclass
@@ -301,7 +281,7 @@ def extract_vector(
         batch_size=batch_size,
         progress=progress,
         template=template,
-    )
+    ).residuals
     metadata = _exemplar_metadata(
         handle,
         task,
