@@ -33,6 +33,7 @@ from taskvec.experiments import vector_store as vector_store_module
 from taskvec.experiments.baselines import majority_answer, model_free_floors
 from taskvec.experiments.intervals import bootstrap_interval
 from taskvec.experiments.layer_choice import candidate_layers
+from taskvec.experiments.paper_numbers import PAPER_COLUMNS
 from taskvec.experiments.vector_store import ensemble_of, exemplar_subset_vector
 from taskvec.prompts import build_query_prompt
 from taskvec.tasks import Item, Task, load_task
@@ -103,9 +104,7 @@ def test_tables_place_conditions_by_their_slots_beside_the_paper(finished_run: R
     ]
     paper, directions = results.table("paper"), results.table("directions")
     assert paper is not None and directions is not None
-    assert [c.column for c in paper.columns] == [
-        "no-context", "image-icl", "text-icl-xbase", "image-icl-patch", "text-icl-xpatch",
-    ]  # fmt: skip
+    assert tuple(c.column for c in paper.columns) == PAPER_COLUMNS  # in the paper's order
     assert {c.column for c in directions.columns} == {
         "text->text",
         "text->image",

@@ -295,5 +295,5 @@ class ModelOptions:
 
     model: str = option("default", "'default' (LM), 'default-vlm' or a local checkpoint directory")
     device: str = device_option()
-    dtype: DType = dtype_option()  # noqa: RUF009 (a field declaration; its default is a str)
+    dtype: DType = dtype_option()
     json: bool = option(False, "machine-readable output")

@@ -72,7 +72,7 @@ def model_free_floors(
     answers = {task.name: majority_answer(task) for task in tasks}
     majority = _floor(
         "majority_answer",
-        "majority answer (the validation split's most frequent, for every query)",
+        "majority answer",
         tasks,
         lambda task, _item: answers[task.name],
         metric=metric,
@@ -82,7 +82,7 @@ def model_free_floors(
     majority.answers = answers
     copy_input = _floor(
         "copy_input",
-        "copy the input (the query's input as its answer)",
+        "copy the input",
         tasks,
         lambda _task, item: item.input,
         metric=metric,

@@ -34,7 +34,7 @@ class RunCommandOptions:
     out: str = option("taskvec-run", "run directory (run again to resume)")
     threads: int | None = option(None, "torch CPU threads (default: torch's own choice)")
     device: str = device_option()
-    dtype: DType = dtype_option()  # noqa: RUF009 (a field declaration; its default is a str)
+    dtype: DType = dtype_option()
     no_analyses: bool = option(False, "skip the analyses and the report")
     quiet: bool = option(False, "no progress bars")
 

@@ -130,8 +130,7 @@ class RunConfig:
     ensemble_ignore_case: bool = option(
         True, "score the ensemble curve ignoring case, as the reference's ensembling runs"
     )
-    # `option` returns a dataclasses.field; the default itself is None (RUF009 sees only a call).
-    styles: dict[str, str] | None = option(  # noqa: RUF009
+    styles: dict[str, str] | None = option(
         None,
         "image style per task or per task family (country, animal, food), repeatable "
         "(default: each task's first style)",
@@ -141,9 +140,7 @@ class RunConfig:
         collect=dict,
         metavar="TASK_OR_FAMILY=STYLE",
     )
-    metric: MetricName = option(  # noqa: RUF009 (a field declaration; its default is a str)
-        "prefix", "metric of the tables and of layer choice (all are stored)"
-    )
+    metric: MetricName = option("prefix", "metric of the tables and of layer choice (all are stored)")
     examples_per_condition: int = option(2, "example generations kept in results.json per condition")
     bootstrap_samples: int = option(
         1000, "bootstrap resamples of the test items for the 95% intervals (at least 100)"

@@ -17,6 +17,7 @@ from taskvec.experiments.conditions import Condition
 from taskvec.experiments.config import METRICS
 from taskvec.experiments.intervals import Interval, bootstrap_interval
 from taskvec.experiments.paper_numbers import (
+    PAPER_COLUMNS,
     PAPER_DIRECTIONS,
     PAPER_DIRECTIONS_MODEL,
     PAPER_LLM_TO_VLM,
@@ -37,6 +38,7 @@ class TableDefinition:
     ignore_case: bool = False
     # The table is shown only when this column ran (LLM -> VLM needs the base LM's vectors).
     requires_column: str | None = None
+    column_order: tuple[str, ...] = ()  # these columns first, in this order (the paper's)
 
 
 TABLE_DEFINITIONS: tuple[TableDefinition, ...] = (
@@ -45,12 +47,14 @@ TABLE_DEFINITIONS: tuple[TableDefinition, ...] = (
         "Main table: test accuracy, mean over tasks (the paper's table 1)",
         PAPER_TABLE,
         "Table 1",
+        column_order=PAPER_COLUMNS,
     ),
     TableDefinition(
         "directions",
         "Transfer directions (vector source -> query)",
         {PAPER_DIRECTIONS_MODEL: dict(PAPER_DIRECTIONS)},
         "the directions figure",
+        column_order=tuple(PAPER_DIRECTIONS),
     ),
     TableDefinition(
         "llm_to_vlm",
@@ -165,6 +169,8 @@ def build_tables(
         ]
         if not columns:
             continue
+        order = {name: index for index, name in enumerate(definition.column_order)}
+        columns.sort(key=lambda column: order.get(column.column, len(order)))
         if definition.requires_column and not any(c.column == definition.requires_column for c in columns):
             continue
         tables.append(

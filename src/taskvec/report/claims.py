@@ -94,13 +94,24 @@ def _similarity_claim(analysis: Mapping[str, Any] | None, evidence: list[str]) -
         f"different tasks {other:.3f}"
     )
     if mapped:
-        vectors = (mapped.get("vectors") or {}).get("same_task_neighbour")
-        inputs = (mapped.get("embeddings") or {}).get("same_task_neighbour")
-        if vectors is not None and inputs is not None:
+        vectors, inputs = mapped.get("vectors") or {}, mapped.get("embeddings") or {}
+        found = [
+            vectors.get("same_task_neighbour"),
+            inputs.get("same_task_neighbour"),
+            vectors.get("same_spec_neighbour"),
+            inputs.get("same_spec_neighbour"),
+        ]
+        shares = [float(share) for share in found if share is not None]
+        if len(shares) == len(found):
+            vector_task, input_task, vector_spec, input_spec = shares
             evidence.append(
-                f"nearest neighbour of the same task: task vectors {vectors:.2f}, raw inputs {inputs:.2f}"
+                f"nearest neighbour of the same task: task vectors {vector_task:.2f}, raw inputs "
+                f"{input_task:.2f}; of the same modality: task vectors {vector_spec:.2f}, raw inputs "
+                f"{input_spec:.2f}"
             )
-            ok = ok and vectors > inputs
+            # Vectors group by task at least as often as raw inputs do, raw inputs by modality at
+            # least as often as vectors do.
+            ok = ok and vector_task >= input_task and input_spec >= vector_spec
     return "holds" if ok else "does not hold"
 
 
