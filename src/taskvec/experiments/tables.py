@@ -211,7 +211,7 @@ def _grid(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
 
 def protocol_line(metric: str, max_new_tokens: int) -> str:
     tokens = "1 generated token" if max_new_tokens == 1 else f"{max_new_tokens} generated tokens"
-    return f"metric {metric}, {tokens}; [95% bootstrap interval over test items]"
+    return f"metric {metric}, {tokens}; [95% bootstrap interval over test items] ±std over seeds"
 
 
 def floors_line(floors: Sequence[Floor]) -> str:
@@ -241,6 +241,8 @@ def format_table(table: ResultTable, model: str, threshold: float) -> str:
             column = table.column(name)
             assert column is not None
             cell = interval_cell(column.summary.mean, column.summary.interval)
+            if column.summary.seeds > 1:
+                cell += f" ±{column.summary.seed_std:.2f}"
             if column.summary.query_independent(threshold):
                 cell += " *"
             cells.append(cell)
