@@ -231,15 +231,13 @@ def format_table(table: ResultTable, model: str, threshold: float) -> str:
             body.append([name, *(interval_cell(by_x[x].mean) if x in by_x else "-" for x in xs)])
         grid = _grid(["n", *map(str, xs)], body)
     else:
-        names = list(dict.fromkeys(column.column for column in table.columns))
+        names = [column.column for column in table.columns]
         body = [
             [model_name, *(interval_cell(values.get(n)) for n in names)]
             for model_name, values in table.paper.items()
         ]
         cells = []
-        for name in names:
-            column = table.column(name)
-            assert column is not None
+        for column in table.columns:
             cell = interval_cell(column.summary.mean, column.summary.interval)
             if column.summary.seeds > 1:
                 cell += f" ±{column.summary.seed_std:.2f}"

@@ -17,6 +17,7 @@ from taskvec.experiments.tables import protocol_line
 from taskvec.report import figures
 from taskvec.report.claims import Claim
 from taskvec.report.html import escape, figure_tag, note, number, table, thumbnail_uri
+from taskvec.typed_json import to_json
 
 
 class FigureWriter:
@@ -60,7 +61,7 @@ def overview(results: RunResults) -> str:
         text += note("packages: " + ", ".join(f"{name} {version}" for name, version in meta.packages.items()))
     for message in meta.notes:
         text += note(message)
-    config = json.dumps(results.to_json()["config"], indent=1)
+    config = json.dumps(to_json(results.config), indent=1)
     return text + f"<details><summary>configuration</summary><pre>{escape(config)}</pre></details>"
 
 
@@ -101,11 +102,10 @@ def result_table(results: RunResults, result: ResultTable) -> str:
     if result.curve:
         parts.append(_curve_table(result))
     else:
-        names = list(dict.fromkeys(column.column for column in result.columns))
+        columns = result.columns
+        names = [column.column for column in columns]
         cells = []
-        for name in names:
-            column = result.column(name)
-            assert column is not None
+        for column in columns:
             summary = column.summary
             cell = with_interval(summary.mean, summary.interval)
             if summary.seeds > 1:
@@ -120,9 +120,9 @@ def result_table(results: RunResults, result: ResultTable) -> str:
             classes.append("paper")
         parts.append(table(["", *names], rows, row_classes=classes))
         shares = [
-            [escape(name), number(c.summary.layer), number(c.summary.vector_answer_share)]
-            for name in names
-            if (c := result.column(name)) is not None and c.summary.vector_answer_share is not None
+            [escape(c.column), number(c.summary.layer), number(c.summary.vector_answer_share)]
+            for c in columns
+            if c.summary.vector_answer_share is not None
         ]
         if shares:
             parts.append(
@@ -138,10 +138,8 @@ def result_table(results: RunResults, result: ResultTable) -> str:
                     "token: they do not depend on the query."
                 )
             )
-        tasks = results.tasks
         per_task = [
-            [escape(task), *(number(result.column(n).summary.per_task.get(task)) for n in names)]  # type: ignore[union-attr]
-            for task in tasks
+            [escape(task), *(number(c.summary.per_task.get(task)) for c in columns)] for task in results.tasks
         ]
         parts.append(
             "<details><summary>per task</summary>" + table(["task", *names], per_task) + "</details>"
