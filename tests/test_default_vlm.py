@@ -61,8 +61,9 @@ def test_default_vlm_names_held_out_style_pictures(default_vlm: ModelHandle) -> 
 FLOORS = {"countries": 0.75, "animals": 0.15, "foods": 0.15}
 
 
-# The paper tasks whose text ICL the session-3 VLM lost (0.03 / 0.07 against the base LM's 0.39 / 0.50):
-# its instruct stage had taught one answer per food (the category) whatever the demonstrations said.
+# The paper tasks whose text ICL an instruct stage with one fact task per family destroys (0.03 / 0.07
+# against the base LM's 0.39 / 0.50): it teaches one answer per food (the category) whatever the
+# demonstrations say (docs/VLM_NOTES.md).
 DRIFT_PRONE_TASKS = ("food-color", "food-flavor")
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import random_image, tiny_handle
+from run_fixtures import PAIRS as FIXTURE_PAIRS
 from tiny_models import build_tiny
 
 from taskvec.engine import AnswerMarkerNotFoundError, find_marker_positions, marker_position, record_residuals
@@ -35,16 +36,7 @@ from taskvec.vectors import (
     save_task_vector,
 )
 
-PAIRS = [
-    ("France", "Paris"),
-    ("Japan", "Tokyo"),
-    ("Italy", "Rome"),
-    ("Spain", "Madrid"),
-    ("Egypt", "Cairo"),
-    ("Peru", "Lima"),
-    ("Germany", "Berlin"),
-    ("Kenya", "Nairobi"),
-]
+PAIRS = FIXTURE_PAIRS[:8]  # eight countries of the tiny vocabulary
 
 
 def tiny_task(image_dir: Path | None = None) -> Task:

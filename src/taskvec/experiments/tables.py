@@ -209,6 +209,10 @@ def _grid(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _summary_cell(summary: Summary) -> str:
+    return interval_cell(summary.mean, summary.interval)
+
+
 def protocol_line(metric: str, max_new_tokens: int) -> str:
     tokens = "1 generated token" if max_new_tokens == 1 else f"{max_new_tokens} generated tokens"
     return f"metric {metric}, {tokens}; [95% bootstrap interval over test items] ±std over seeds"
@@ -228,7 +232,7 @@ def format_table(table: ResultTable, model: str, threshold: float) -> str:
         body = []
         for name in series:
             by_x = {column.x or 0: column.summary for column in table.series(name)}
-            body.append([name, *(interval_cell(by_x[x].mean) if x in by_x else "-" for x in xs)])
+            body.append([name, *(_summary_cell(by_x[x]) if x in by_x else "-" for x in xs)])
         grid = _grid(["n", *map(str, xs)], body)
     else:
         names = [column.column for column in table.columns]
