@@ -20,7 +20,6 @@ from datetime import UTC, datetime
 import torch
 from tqdm import tqdm
 
-import taskvec
 from taskvec.analysis.context import AnalysisContext, as_json
 from taskvec.analysis.document import AnalysisDocument, AnalysisLayer, AnalysisMeta
 from taskvec.analysis.prompt_sets import unsupported_reason
@@ -31,6 +30,7 @@ from taskvec.caching import StepCache
 from taskvec.models import ModelHandle
 from taskvec.tasks import Task
 from taskvec.vectors import EXTRACTABLE_SPECS, VectorSpec, extract_vector
+from taskvec.version import __version__
 
 
 def _check_vectors(
@@ -110,7 +110,7 @@ def run_analyses(
         meta=AnalysisMeta(
             model=handle.name,
             llm=llm.name if llm is not None else None,
-            taskvec=taskvec.__version__,
+            taskvec=__version__,
             model_fingerprint=context.fingerprint(handle),
             llm_fingerprint=context.fingerprint(llm) if llm is not None else None,
             settings=config.as_dict(),
