@@ -176,12 +176,18 @@ def test_saved_vectors_follow_the_protocol_and_test_answers_are_patched_at_the_c
 
 def test_patching_the_last_layer_gives_the_vectors_own_answer_whatever_the_query(tmp_path: Path) -> None:
     config = tiny_config(
-        write_task_file(tmp_path / "task"), seeds=(0,), first_candidate_layer=-1, last_candidate_layer=-1
+        write_task_file(tmp_path / "task"),
+        seeds=(0,),
+        first_candidate_layer=-1,
+        last_candidate_layer=-1,
+        max_new_tokens=1,
     )
     vlm = tiny_handle("llava")
     results = run_experiments(vlm, config, tmp_path / "out", progress=False)
     patched = [s for s in results.summaries if s.vector_answer_share is not None]
     assert patched and all(s.layer == 2 and s.vector_answer_share == 1.0 for s in patched)
+    # Every answer is the vector's own token, so answering that token everywhere scores the same.
+    assert all(s.vector_answer_accuracy == pytest.approx(s.mean) for s in patched)
     assert all(s.query_independent(config.query_independent_share) for s in patched)
     assert "*" in format_tables(results)
 

@@ -34,6 +34,7 @@ SUMMARY_FIELDS = (
     "n",
     "layer",
     "vector_answer_share",
+    "vector_answer_accuracy",
     "max_new_tokens",
 )
 
@@ -53,6 +54,8 @@ class ConditionResult:
     interval: Interval
     hits: str  # "1" / "0" per test item, in the split's order: any aggregate can be re-bootstrapped
     vector_answer_share: float | None = None
+    # The accuracy of answering every query with the patched vector's own decoded token.
+    vector_answer_accuracy: float | None = None
 
     def hit_list(self) -> list[bool]:
         return [flag == "1" for flag in self.hits]
@@ -73,6 +76,7 @@ class Summary:
     items: int  # test items per seed, summed over tasks
     layer: int | None = None
     vector_answer_share: float | None = None
+    vector_answer_accuracy: float | None = None
 
     def query_independent(self, threshold: float) -> bool:
         """Whether the answers are mostly the vector's own decoded answer, whatever the query."""
@@ -216,6 +220,7 @@ def write_summary_csv(results: RunResults, path: Path) -> None:
                 "n": row.n,
                 "layer": row.layer,
                 "vector_answer_share": row.vector_answer_share,
+                "vector_answer_accuracy": row.vector_answer_accuracy,
                 "max_new_tokens": results.config.max_new_tokens,
             }
             writer.writerow({key: "" if value is None else value for key, value in values.items()})

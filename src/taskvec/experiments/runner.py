@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from taskvec.analysis import AnalysisDocument, VectorKey, run_analyses
 from taskvec.caching import StepCache
+from taskvec.evaluation import first_line
 from taskvec.experiments.baselines import Floor, model_free_floors
 from taskvec.experiments.conditions import Condition, plan_conditions
 from taskvec.experiments.config import METRICS, RunConfig
@@ -196,6 +197,10 @@ def run_experiments(
         layer = layers[condition.name].chosen if condition.patched else None
         test = steps.test(condition, task, seed, layer)
         vector_token = steps.vector_token(condition, task, seed, layer) if layer is not None else None
+        vector_answer = None
+        if vector_token is not None:
+            # Decoded as the answers are (special tokens dropped, first line).
+            vector_answer = first_line(handle.tokenizer.decode([vector_token], skip_special_tokens=True))
         rows += score_rows(
             condition,
             task.name,
@@ -205,6 +210,7 @@ def run_experiments(
             test["expected"],
             first_tokens=test["first_tokens"],
             vector_token=vector_token,
+            vector_answer=vector_answer,
             samples=config.bootstrap_samples,
         )
         if task is tasks[0] and seed in (None, config.seeds[0]):

@@ -83,16 +83,23 @@ def score_rows(
     *,
     first_tokens: Sequence[int],
     vector_token: int | None,
+    vector_answer: str | None,
     samples: int,
 ) -> list[ConditionResult]:
-    """One row per metric for a finished test step; `vector_token` is the patched vector's own
-    decoded token, compared with each answer's first generated token."""
+    """One row per metric for a finished test step.
+
+    `vector_token` is the patched vector's own decoded token, compared with each answer's first
+    generated token; `vector_answer` is that token as text, scored as if it answered every query.
+    """
     share = None
     if vector_token is not None:
         share = sum(token == vector_token for token in first_tokens) / len(first_tokens)
     rows = []
     for metric in METRICS:
         hits = [is_correct_by(g, e, metric) for g, e in zip(generated, expected, strict=True)]
+        own = None
+        if vector_answer is not None:
+            own = sum(is_correct_by(vector_answer, e, metric) for e in expected) / len(expected)
         rows.append(
             ConditionResult(
                 condition=condition.name,
@@ -106,6 +113,7 @@ def score_rows(
                 interval=bootstrap_interval({task: [hits]}, samples=samples),
                 hits="".join("1" if hit else "0" for hit in hits),
                 vector_answer_share=share,
+                vector_answer_accuracy=own,
             )
         )
     return rows
@@ -125,6 +133,7 @@ def summarise(
         per_seed.setdefault(row.seed, {})[row.task] = row.accuracy
     seed_means = [statistics.fmean(values.values()) for values in per_seed.values()]
     shares = [row.vector_answer_share for row in chosen if row.vector_answer_share is not None]
+    own = [row.vector_answer_accuracy for row in chosen if row.vector_answer_accuracy is not None]
     return Summary(
         condition=condition.name,
         label=condition.label,
@@ -137,6 +146,7 @@ def summarise(
         items=sum(len(runs[0]) for runs in hits.values()),
         layer=chosen[0].layer,
         vector_answer_share=statistics.fmean(shares) if shares else None,
+        vector_answer_accuracy=statistics.fmean(own) if own else None,
     )
 
 
@@ -287,11 +297,12 @@ def per_task_table(results: RunResults) -> str:
                 *(interval_cell(summary.per_task.get(task)) for task in results.tasks),
                 interval_cell(summary.mean, summary.interval),
                 "-" if share is None else f"{share:.2f}",
+                interval_cell(summary.vector_answer_accuracy),
             ]
         )
-    header = ["condition", "layer", *results.tasks, "mean [95%]", "own answer"]
+    header = ["condition", "layer", *results.tasks, "mean [95%]", "own share", "own everywhere"]
     return (
         f"Per task ({protocol_line(results.config.metric, results.config.max_new_tokens)}; "
-        "ensemble points ignore case; own answer = share of answers equal to the vector's decoded token)\n"
-        + _grid(header, body)
+        "ensemble points ignore case; own share = share of answers equal to the vector's decoded token, "
+        "own everywhere = accuracy of that token given to every query)\n" + _grid(header, body)
     )

@@ -50,6 +50,7 @@ class _Judge:
         return above
 
     def depends_on_query(self, summary: Summary, evidence: list[str]) -> bool:
+        """The answers are not mostly the vector's own token, and beat answering that token everywhere."""
         share = summary.vector_answer_share
         if share is None:
             return True
@@ -58,7 +59,15 @@ class _Judge:
             f"{summary.label}: {share:.0%} of answers are the vector's own decoded token"
             + (" (does not depend on the query: no transfer)" if independent else "")
         )
-        return not independent
+        own = summary.vector_answer_accuracy
+        if own is None:
+            return not independent
+        above = summary.interval.low > own
+        evidence.append(
+            f"answering every query with the vector's own token would score {own:.2f}: "
+            f"{summary.label} {'is' if above else 'is not'} above it"
+        )
+        return above and not independent
 
     def transfer(
         self, patched: known.Condition, references: list[known.Condition], evidence: list[str]

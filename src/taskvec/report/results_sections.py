@@ -120,7 +120,12 @@ def result_table(results: RunResults, result: ResultTable) -> str:
             classes.append("paper")
         parts.append(table(["", *names], rows, row_classes=classes))
         shares = [
-            [escape(c.column), number(c.summary.layer), number(c.summary.vector_answer_share)]
+            [
+                escape(c.column),
+                number(c.summary.layer),
+                number(c.summary.vector_answer_share),
+                number(c.summary.vector_answer_accuracy),
+            ]
             for c in columns
             if c.summary.vector_answer_share is not None
         ]
@@ -128,7 +133,7 @@ def result_table(results: RunResults, result: ResultTable) -> str:
             parts.append(
                 "<details><summary>patched layer and the share of answers that are the vector's own "
                 "decoded token</summary>"
-                + table(["column", "layer", "own-answer share"], shares)
+                + table(["column", "layer", "own-answer share", "own answer for every query"], shares)
                 + "</details>"
             )
         if any(c.summary.query_independent(threshold) for c in result.columns):
@@ -181,6 +186,7 @@ def all_conditions_section(results: RunResults) -> str:
             with_interval(s.mean, s.interval),
             number(s.seed_std),
             number(s.vector_answer_share),
+            number(s.vector_answer_accuracy),
             *(number(s.per_task.get(task)) for task in results.tasks),
         ]
         for s in results.summaries
@@ -192,7 +198,8 @@ def all_conditions_section(results: RunResults) -> str:
         "layer",
         "mean [95%]",
         "std over seeds",
-        "own answer",
+        "own-answer share",
+        "own answer for every query",
         *results.tasks,
     ]
     return table(headers, rows, text_columns=3)
