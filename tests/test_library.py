@@ -240,8 +240,9 @@ def test_local_checkpoint_directories_load_by_path(tmp_path: Path) -> None:
     tiny = build_tiny("llava")
     tiny.model.save_pretrained(tmp_path)
     tiny.processor.save_pretrained(tmp_path)
-    handle = load_model(tmp_path)
+    handle = load_model(tmp_path, image_width=0)
     assert handle.architecture.family == "llava" and handle.num_layers == tiny_handle("llava").num_layers
+    assert handle.image_settings.width is None and load_model(tmp_path).image_settings.width == 224
     inputs = handle.build_inputs(["Q:<image>\nA:"], [[random_image(0)]])
     reference = tiny_handle("llava").build_inputs(["Q:<image>\nA:"], [[random_image(0)]])
     with torch.no_grad():
@@ -249,9 +250,11 @@ def test_local_checkpoint_directories_load_by_path(tmp_path: Path) -> None:
 
 
 def test_load_model_errors_name_the_problem(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+    with pytest.raises(FileNotFoundError, match=r"'org/some-hub-model' is not in the Hugging Face cache"):
         load_model("org/some-hub-model")
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"]}))
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory, a hub id"):
+        load_model("no/such/directory")
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"], "model_type": "mamba"}))
     with pytest.raises(UnsupportedArchitectureError, match="MambaForCausalLM"):
         load_model(tmp_path)
 

@@ -13,6 +13,7 @@ import pytest
 from taskvec.cli import build_parser, main
 from taskvec.experiments.command import RunCommandOptions, config_from_args
 from taskvec.experiments.config import QUICK_TASKS, RunConfig
+from taskvec.models.load_options import LoadOptions
 from taskvec.options import (
     CliOption,
     ModelOptions,
@@ -26,6 +27,7 @@ from taskvec.options import (
 # A value other than the default for every RunConfig field (valid with the other fields at default).
 NON_DEFAULTS: dict[str, Any] = {
     "tasks": ("country-capital", "food-color"),
+    "strict": True,
     "seeds": (0, 1),
     "shots": 1,
     "val_limit": 4,
@@ -101,7 +103,7 @@ def test_custom_flags_parse_as_documented() -> None:
     assert parsed_config("--sweep-seeds", "2").layer_sweep_seeds == 2
 
 
-@pytest.mark.parametrize("cls", [RunConfig, RunCommandOptions, ModelOptions])
+@pytest.mark.parametrize("cls", [RunConfig, RunCommandOptions, ModelOptions, LoadOptions])
 def test_help_shows_the_dataclass_default(cls: type) -> None:
     parser = argparse.ArgumentParser()
     add_options(parser, cls)
@@ -132,10 +134,14 @@ def test_quick_preset_with_explicit_options() -> None:
 def test_command_options_keep_their_defaults() -> None:
     args = run_args()
     assert (args.model, args.llm, args.out, args.threads) == ("default-vlm", "default", "taskvec-run", None)
-    assert (args.device, args.dtype, args.no_analyses, args.quiet) == ("cpu", "fp32", False, False)
+    assert (args.no_analyses, args.quiet) == (False, False)
     assert RunCommandOptions(**options_from_args(RunCommandOptions, args)) == RunCommandOptions()
+    assert LoadOptions(**options_from_args(LoadOptions, args)) == LoadOptions()
     demo = build_parser().parse_args(["demo"])
-    assert (demo.model, demo.device, demo.dtype, demo.json) == ("default", "cpu", "fp32", False)
+    assert (demo.model, demo.json) == ("default", False)
+    assert LoadOptions(**options_from_args(LoadOptions, demo)) == LoadOptions()
+    given = build_parser().parse_args(["lens", "--task", "t", "--device", "cpu", "--quantization", "4bit"])
+    assert LoadOptions(**options_from_args(LoadOptions, given)) == LoadOptions(device="cpu", quantization="4bit")
     assert build_parser().parse_args(["sweep", "--vector", "v", "--task", "t", "--json"]).json is True
 
 

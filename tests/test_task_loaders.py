@@ -1,4 +1,5 @@
-"""External task files: every format round-trips, every kind of bad file fails with a clear message."""
+"""External task files: every format round-trips, repeated inputs merge (or are refused when strict),
+every kind of bad file fails with a clear message."""
 
 from __future__ import annotations
 
@@ -8,8 +9,15 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from tiny_models import build_tiny
 
-from taskvec.tasks import Task, TaskFileError, load_task
+from taskvec.cli import build_parser, main
+from taskvec.evaluation import is_correct
+from taskvec.experiments.command import config_from_args
+from taskvec.experiments.runner import load_run_tasks
+from taskvec.tasks import DuplicateInputWarning, Task, TaskFileError, load_task
+
+FUNCTION_VECTORS = Path(__file__).parent / "fixtures" / "function_vectors"
 
 ROWS = [
     {"input": "France", "output": "Paris"},
@@ -210,26 +218,130 @@ def test_empty_task(tmp_path: Path, name: str, content: str) -> None:
         load_task(path)
 
 
-def test_duplicate_inputs_name_both_items(tmp_path: Path) -> None:
+def test_repeated_input_merges_its_outputs_into_accepted_answers_with_one_warning(tmp_path: Path) -> None:
+    path = tmp_path / "dups.json"
+    path.write_text(json.dumps([*ROWS, {"input": "Japan", "output": "Edo"}, ROWS[0]]))
+    with pytest.warns(DuplicateInputWarning) as caught:
+        task = load_task(path)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert message.startswith(f"{path}: 2 inputs given more than once: ")
+    assert "'Japan' at item [2] ('Tokyo') and item [4] ('Edo')" in message
+    assert "'France' at item [0] ('Paris') and item [5] ('Paris')" in message
+    assert "strict=True" in message and "--strict" in message
+    assert answers(task) == {**EXPECTED, "Japan": ("Tokyo", "Edo")}  # identical rows kept once
+    japan = next(item for item in task.items if item.input == "Japan")
+    assert is_correct("Edo", japan.answers()) and is_correct("Tokyo", japan.answers())
+    assert sorted(i for indices in task.splits.values() for i in indices) == list(range(len(ROWS)))
+
+
+def test_strict_loading_refuses_repeated_inputs_naming_them(tmp_path: Path) -> None:
     path = tmp_path / "dups.json"
     path.write_text(json.dumps([*ROWS, {"input": "Japan", "output": "Edo"}]))
-    with pytest.raises(
-        TaskFileError,
-        match=r"item \[4\] \(input 'Japan'\): duplicate input 'Japan' "
-        r"\(first at .*item \[2\].*aliases",
-    ):
+    message = (
+        r"dups\.json: 1 input given more than once: 'Japan' at item \[2\] \('Tokyo'\) and item \[4\] "
+        r"\('Edo'\); give each input once, with further answers as aliases"
+    )
+    with pytest.raises(TaskFileError, match=message):
+        load_task(path, strict=True)
+
+
+def test_repeats_of_aliases_merge_in_order_and_lines_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "dups.jsonl"
+    rows = [*ROWS, {"input": "Ukraine ", "output": "Kiev", "aliases": ["Kyjiw"]}]
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    with pytest.warns(DuplicateInputWarning, match=r"'Ukraine' at line 2 \('Kyiv', 'Kiev'\) and line 5"):
+        task = load_task(path)
+    assert answers(task)["Ukraine"] == ("Kyiv", "Kiev", "Kyjiw")
+
+
+def test_many_repeats_are_summarised_in_one_warning(tmp_path: Path) -> None:
+    path = tmp_path / "many.csv"
+    path.write_text("input,output\n" + "".join(f"w{i},a\nw{i},b\n" for i in range(8)))
+    with pytest.warns(DuplicateInputWarning) as caught:
+        task = load_task(path)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "8 inputs given more than once: 'w0' at line 2 ('a') and line 3 ('b');" in message
+    assert "'w4'" in message and "'w5'" not in message and "; and 3 more;" in message
+    assert len(task) == 8 and all(item.answers() == ("a", "b") for item in task.items)
+
+
+def test_repeated_input_with_another_image_is_refused(tmp_path: Path) -> None:
+    rows = [{**row, "image": write_png(tmp_path / f"{row['input']}.png")} for row in ROWS]
+    rows.append({"input": "Japan", "output": "Edo", "image": write_png(tmp_path / "edo.png", "blue")})
+    path = tmp_path / "pictures.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    message = r"line 5 \(input 'Japan'\): repeats the input of line 3 with another image \('edo\.png'"
+    with pytest.raises(TaskFileError, match=message):
         load_task(path)
 
 
-def test_duplicate_across_paper_split_files(tmp_path: Path) -> None:
+def test_repeat_across_paper_split_files_keeps_the_first_split(tmp_path: Path) -> None:
     annotations = paper_layout(tmp_path)
     test_file = annotations.with_name("country-capital_test.json")
     rows = json.loads(test_file.read_text())
     rows.append({"input": "France", "image": "images/France.png", "output": "Paris"})
     test_file.write_text(json.dumps(rows))
-    message = r"country-capital_test\.json: item \[2\] \(input 'France'\): duplicate"
-    with pytest.raises(TaskFileError, match=message):
-        load_task(annotations)
+    with pytest.warns(DuplicateInputWarning, match=r"'France' at item \[0\] \('Paris'\) and "
+                      r"country-capital_test\.json item \[2\] \('Paris'\)"):  # fmt: skip
+        task = load_task(annotations)
+    assert [i.input for i in task.split("val")] == ["France", "Ukraine"]
+    assert [i.input for i in task.split("test")] == ["Japan", "Peru"]
+    with pytest.raises(TaskFileError, match=r"country-capital_test\.json item \[2\]"):
+        load_task(annotations, strict=True)
+
+
+def test_todd_et_al_landmark_country_repeats_an_input() -> None:
+    # An unchanged excerpt of their file (MIT; tests/fixtures/function_vectors/SOURCE.md): their items
+    # 368 and 461, both "Asian Highway Network", are its items [3] and [10].
+    path = FUNCTION_VECTORS / "landmark-country.json"
+    with pytest.warns(DuplicateInputWarning) as caught:
+        task = load_task(path)
+    repeat = "'Asian Highway Network' at item [3] ('India') and item [10] ('Turkey')"
+    assert len(caught) == 1 and f"1 input given more than once: {repeat}" in str(caught[0].message)
+    assert len(task) == 13 and answers(task)["Asian Highway Network"] == ("India", "Turkey")
+    with pytest.raises(TaskFileError, match=r"'Asian Highway Network' at item \[3\]"):
+        load_task(path, strict=True)
+
+
+def test_strict_flag_on_every_command_that_loads_task_files(tmp_path: Path) -> None:
+    parser = build_parser()
+    for argv in (
+        ["demo"],
+        ["extract", "--task", "t", "--out", "v"],
+        ["sweep", "--vector", "v", "--task", "t"],
+        ["lens", "--task", "t"],
+        ["report", "dir"],
+    ):
+        assert parser.parse_args([*argv, "--strict"]).strict is True, argv
+        assert parser.parse_args(argv).strict is False, argv
+    path = tmp_path / "country-capital.json"
+    path.write_text(json.dumps([*ROWS, {"input": "Japan", "output": "Edo"}]))
+    config = config_from_args(parser.parse_args(["run", "--tasks", str(path), "--strict"]))
+    assert config.strict
+    with pytest.raises(TaskFileError, match="'Japan' at item"):
+        load_run_tasks(config)
+
+
+def test_cli_shows_the_warning_as_one_line_and_strict_refuses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tiny = build_tiny("gpt2")
+    tiny.model.save_pretrained(tmp_path / "model")
+    tiny.processor.save_pretrained(tmp_path / "model")
+    path = tmp_path / "capitals.json"
+    path.write_text(json.dumps([*ROWS, {"input": "Japan", "output": "Edo"}]))
+    argv = ["extract", "--model", str(tmp_path / "model"), "--task", str(path), "--shots", "1"]
+    assert main([*argv, "--out", str(tmp_path / "v.safetensors"), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["task"] == "capitals"
+    warned = [line for line in captured.err.splitlines() if line.startswith("taskvec: warning:")]
+    assert len(warned) == 1 and "'Japan' at item [2] ('Tokyo') and item [4] ('Edo')" in warned[0]
+    assert main([*argv, "--out", str(tmp_path / "w.safetensors"), "--strict"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("taskvec: error: ") and error.count("\n") == 1 and "'Japan' at item [2]" in error
+    assert not (tmp_path / "w.safetensors").exists()
 
 
 def test_partial_split_column(tmp_path: Path) -> None:

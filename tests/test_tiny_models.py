@@ -247,7 +247,7 @@ def test_final_norm_and_unembedding_reproduce_logits(family: str) -> None:
     finally:
         handle.remove()
     cap = getattr(text_config(tiny), "final_logit_softcapping", None)
-    assert (cap is not None) == (family in ("gemma3_text", "gemma2"))
+    assert (cap is not None) == (family in ("gemma3_text", "gemma2", "gemma4"))
     if cap is not None:
         logits = cap * torch.tanh(logits / cap)
     torch.testing.assert_close(out.hidden_states[-1], normed, atol=ATOL, rtol=0)
@@ -298,7 +298,7 @@ def test_decode_step_on_repeated_cache_matches_full_forward(family: str) -> None
         torch.testing.assert_close(step[row], full, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["gemma3_text", "gemma3", "gemma2"])
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma3", "gemma2", "gemma4"])
 def test_gemma_uses_sliding_window_cache(family: str) -> None:
     tiny = build_tiny(family)
     config = text_config(tiny)
@@ -309,8 +309,14 @@ def test_gemma_uses_sliding_window_cache(family: str) -> None:
     with torch.no_grad():
         cache = tiny.model(**inputs, use_cache=True).past_key_values
     kinds = [type(layer).__name__ for layer in cache.layers]
-    for kind, layer_type in zip(kinds, config.layer_types, strict=True):
-        assert ("Sliding" in kind) == (layer_type == "sliding_attention")
+    first_shared = config.num_hidden_layers - getattr(config, "num_kv_shared_layers", 0)
+    assert first_shared >= 2
+    for index, (kind, layer_type) in enumerate(zip(kinds, config.layer_types, strict=True)):
+        if index >= first_shared:
+            # Gemma4's KV-shared layers read an earlier layer's cache and keep none of their own.
+            assert kind == "DummyLayer"
+        else:
+            assert ("Sliding" in kind) == (layer_type == "sliding_attention")
 
 
 @pytest.mark.parametrize("family", VLM_FAMILIES)

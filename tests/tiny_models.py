@@ -14,16 +14,22 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
+import math
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import PIL.Image
 import torch
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import BatchFeature, PreTrainedTokenizerFast
-from transformers.processing_utils import ProcessorMixin
+from transformers.image_processing_backends import PilBackend
+from transformers.image_utils import PILImageResampling, SizeDict
+from transformers.processing_utils import ImagesKwargs, ProcessorMixin
 
 from taskvec.models import ARCHITECTURES, IMAGE_PLACEHOLDER, Architecture, architecture_for_class
 
@@ -55,6 +61,25 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<end_of_image>",
     "<image_soft_token>",
     *(f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)),
+    "<|image|>",
+    "<|image>",
+    "<image|>",
+    "<|video|>",
+    "<|audio|>",
+    "<|audio>",
+    "<audio|>",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "[IMG]",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+    "<|image_start|>",
+    "<|image_end|>",
+    "<|patch|>",
+    "<|tile_x_separator|>",
+    "<|tile_y_separator|>",
+    "<|python_tag|>",
 )
 
 WORDS: tuple[str, ...] = (
@@ -415,22 +440,27 @@ def _idefics3_like(family: str, seed: int) -> TinyModel:
 
 
 def _qwen_vl(family: str, seed: int) -> TinyModel:
-    """Native resolution: images are resized to multiples of 8px (64..1024 pixels), one
-    <|image_pad|> per 2x2 merged 4px patches, so token counts depend on image size. pixel_values is
-    2-D (all patches of all images, C*T*P*P) with image_grid_thw; mm_token_type_ids is required with
-    images (ValueError otherwise). 3D M-RoPE: the prefill stores per-row model.model.rope_deltas; a
-    manual decode step must pass position_ids of shape (3, B, 1) = attention_mask.sum(-1) - 1 +
-    rope_deltas (with a full-length attention_mask and no position_ids, transformers 5.23 builds
-    positions for the whole mask and crashes). No video processor (needs torchvision). Several
-    images per prompt work."""
+    """Native resolution with the checkpoints' patch geometry (14px patches, 16px on Qwen3-VL, 2x2
+    merged per <|image_pad|>): images are resized to multiples of 28px (32px) within the processor's
+    pixel bounds, 56x56 (64x64) at least, so a 24px image has 4 tokens and token counts depend on
+    image size; the table's image defaults pin images to ~224x224 pixels (64 tokens, 49 on Qwen3-VL).
+    pixel_values is 2-D (all patches of all images, C*T*P*P) with image_grid_thw; mm_token_type_ids
+    is required with images (ValueError otherwise). 3D M-RoPE: the prefill stores per-row
+    model.model.rope_deltas; a manual decode step must pass position_ids of shape (3, B, 1) =
+    attention_mask.sum(-1) - 1 + rope_deltas (with a full-length attention_mask and no position_ids,
+    transformers 5.23 builds positions for the whole mask and crashes). Qwen3-VL: interleaved M-RoPE
+    sections, q/k RMSNorm, and DeepStack (vision features of tower layer 0 are added to the output
+    of decoder layer 0 at image positions). No video processor (needs torchvision). Several images
+    per prompt work."""
     tokenizer = build_tokenizer(
         {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}, add_bos=False
     )
+    patch = 16 if family == "qwen3_vl" else 14
     image_processor = transformers.Qwen2VLImageProcessorPil(
-        patch_size=4,
+        patch_size=patch,
         merge_size=2,
         temporal_patch_size=2,
-        size={"shortest_edge": 8 * 8, "longest_edge": 32 * 32},
+        size={"shortest_edge": (4 * patch) ** 2, "longest_edge": 28 * 28 * 1280},
     )
     ids = {
         "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
@@ -438,54 +468,307 @@ def _qwen_vl(family: str, seed: int) -> TinyModel:
         "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
         "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
     }
+    processor_class, config_class, model_class = {
+        "qwen2_vl": (
+            transformers.Qwen2VLProcessor,
+            transformers.Qwen2VLConfig,
+            transformers.Qwen2VLForConditionalGeneration,
+        ),
+        "qwen2_5_vl": (
+            transformers.Qwen2_5_VLProcessor,
+            transformers.Qwen2_5_VLConfig,
+            transformers.Qwen2_5_VLForConditionalGeneration,
+        ),
+        "qwen3_vl": (
+            transformers.Qwen3VLProcessor,
+            transformers.Qwen3VLConfig,
+            transformers.Qwen3VLForConditionalGeneration,
+        ),
+    }[family]
+    with _without_video_processor():
+        processor = processor_class(image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
+    geometry = {"patch_size": patch, "spatial_merge_size": 2, "temporal_patch_size": 2, "num_heads": 4}
+    text_overrides: dict[str, Any] = {}
     if family == "qwen2_vl":
-        with _without_video_processor():
-            processor = transformers.Qwen2VLProcessor(
-                image_processor=image_processor, tokenizer=tokenizer, video_processor=None
-            )
         hidden, layers, mrope = 32, 3, [2, 1, 1]
-        vision: dict[str, Any] = {
-            "depth": 2,
-            "embed_dim": 32,
-            "hidden_size": hidden,
-            "mlp_ratio": 2,
-            "num_heads": 4,
-            "patch_size": 4,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        }
-        config_class, model_class = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
-    else:
-        with _without_video_processor():
-            processor = transformers.Qwen2_5_VLProcessor(
-                image_processor=image_processor, tokenizer=tokenizer, video_processor=None
-            )
+        vision: dict[str, Any] = {**geometry, "depth": 2, "embed_dim": 32, "hidden_size": hidden, "mlp_ratio": 2}
+    elif family == "qwen2_5_vl":
         hidden, layers, mrope = 48, 4, [2, 2, 2]
         vision = {
+            **geometry,
             "depth": 2,
             "hidden_size": 32,
             "intermediate_size": 64,
             "out_hidden_size": hidden,
-            "num_heads": 4,
-            "patch_size": 4,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 16,
+            # 112px windows (the checkpoints'): 2x2 merged patches per window.
+            "window_size": 112,
             "fullatt_block_indexes": [1],
         }
-        config_class, model_class = (
-            transformers.Qwen2_5_VLConfig,
-            transformers.Qwen2_5_VLForConditionalGeneration,
-        )
+    else:
+        hidden, layers, mrope = 32, 2, [4, 2, 2]
+        text_overrides = {"head_dim": 16}
+        vision = {
+            **geometry,
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "out_hidden_size": hidden,
+            "num_position_embeddings": 16,
+            "deepstack_visual_indexes": [0],
+        }
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}
+    if family == "qwen3_vl":
+        rope["mrope_interleaved"] = True
     text = _text(
-        f"{family}_text",
-        layers,
-        hidden=hidden,
-        vocab_size=len(tokenizer),
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+        f"{family}_text", layers, hidden=hidden, vocab_size=len(tokenizer), rope_parameters=rope, **text_overrides
     )
     config = config_class(text_config=text, vision_config=vision, **ids)
     return TinyModel(_init(model_class, config, seed, tokenizer), processor, tokenizer)
+
+
+def _build_internvl(seed: int) -> TinyModel:
+    """InternVL3: Qwen2 text, InternViT tower (CLS dropped), pixel shuffle 0.5 -> 4 <IMG_CONTEXT> per
+    16px tile, wrapped in <img>...</img>. The processor crops each image into a grid of up to 4
+    tiles chosen by its aspect ratio and size, plus a thumbnail tile when there are several, so token
+    counts depend on the image (16x16: 1 tile; 24x24: 2x2 + 1; 40x12: 3x1 + 1). pixel_values is 4-D
+    (all tiles of all images). Several images per prompt work."""
+    tokenizer = build_tokenizer(
+        {
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
+        add_bos=False,
+    )
+    image_processor = transformers.GotOcr2ImageProcessorPil(
+        size={"height": 16, "width": 16}, crop_to_patches=True, min_patches=1, max_patches=4
+    )
+    with _without_video_processor():
+        processor = transformers.InternVLProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, video_processor=None, image_seq_length=4
+        )
+    config = transformers.InternVLConfig(
+        text_config=_text("qwen2", 3, vocab_size=len(tokenizer)),
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 16,
+            "patch_size": 4,
+        },
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=4,
+        downsample_ratio=0.5,
+    )
+    model = _init(transformers.InternVLForConditionalGeneration, config, seed, tokenizer)
+    return TinyModel(model, processor, tokenizer)
+
+
+@contextlib.contextmanager
+def _pixtral_processor_class() -> Iterator[type]:
+    """transformers.PixtralProcessor is a placeholder without torchvision: its module imports a resize
+    helper (used only to count tokens for vLLM) from the torchvision image processor's module. The PIL
+    image processor's module defines the same helper, so it stands in for that one import."""
+    torchvision_module = "transformers.models.pixtral.image_processing_pixtral"
+    from transformers.models.pixtral import image_processing_pil_pixtral
+
+    previous = sys.modules.get(torchvision_module)
+    sys.modules[torchvision_module] = image_processing_pil_pixtral
+    try:
+        yield importlib.import_module("transformers.models.pixtral.processing_pixtral").PixtralProcessor
+    finally:
+        if previous is None:
+            del sys.modules[torchvision_module]
+        else:
+            sys.modules[torchvision_module] = previous
+
+
+def _build_mistral3(seed: int) -> TinyModel:
+    """Mistral 3 (Small 3.1): Mistral text, Pixtral tower (2-D rope over 4px patches) whose features
+    the projector merges 2x2 (Mistral3PatchMerger). The processor keeps each image's aspect ratio
+    within longest_edge=32 pixels in multiples of 8, and writes a row of [IMG] per 8px of width, each
+    row ending in [IMG_BREAK] and the last in [IMG_END]; image_sizes must be passed along. Several
+    images per prompt work."""
+    tokenizer = build_tokenizer(add_bos=True)
+    image_processor = transformers.PixtralImageProcessorPil(size={"longest_edge": 32}, patch_size=4)
+    with _pixtral_processor_class() as processor_class:
+        processor = processor_class(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=4, spatial_merge_size=2
+        )
+    config = transformers.Mistral3Config(
+        text_config=_text("mistral", 2, hidden=48, vocab_size=len(tokenizer), sliding_window=None),
+        vision_config={
+            "model_type": "pixtral",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "head_dim": 8,
+            "image_size": 32,
+            "patch_size": 4,
+        },
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=2,
+        vision_feature_layer=-1,
+    )
+    model = _init(transformers.Mistral3ForConditionalGeneration, config, seed, tokenizer)
+    return TinyModel(model, processor, tokenizer)
+
+
+class _Llama4ImagesKwargs(ImagesKwargs, total=False):
+    max_patches: int
+    resize_to_max_canvas: bool
+
+
+class _Llama4ImageProcessorPil(PilBackend):
+    """Llama4ImageProcessor, which transformers ships for torchvision only, ported step for step to
+    PIL/NumPy: pick the tile canvas (up to `max_patches` tiles) that needs the least upscaling (or the
+    least downscaling), resize without distortion, never upscaling past one tile, pad with zeros to the
+    canvas, split it into tiles and, with several tiles, add the whole image squashed into one. The
+    original rescales and normalises in bfloat16; here it is float32."""
+
+    valid_kwargs = _Llama4ImagesKwargs
+    resample = PILImageResampling.BILINEAR
+    image_mean = [0.5, 0.5, 0.5]
+    image_std = [0.5, 0.5, 0.5]
+    size = {"height": 336, "width": 336}
+    do_resize = True
+    do_rescale = True
+    do_normalize = True
+    do_convert_rgb = True
+    max_patches = 16
+    resize_to_max_canvas = False
+    model_input_names = ["pixel_values", "aspect_ratios"]
+
+    def _preprocess(  # type: ignore[override]
+        self,
+        images: list[np.ndarray],
+        size: SizeDict,
+        resample: PILImageResampling,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
+        image_mean: list[float],
+        image_std: list[float],
+        max_patches: int,
+        resize_to_max_canvas: bool,
+        return_tensors: str | None,
+        **kwargs: Any,
+    ) -> BatchFeature:
+        tile = int(size.height)
+        canvases = _llama4_canvases(max_patches, tile)
+
+        def finish(image: np.ndarray) -> np.ndarray:
+            if do_rescale:
+                image = self.rescale(image, rescale_factor)
+            return self.normalize(image, image_mean, image_std) if do_normalize else image
+
+        tiles, aspect_ratios = [], []
+        for image in images:
+            height, width = image.shape[-2:]
+            canvas_height, canvas_width = _llama4_best_canvas((height, width), canvases, resize_to_max_canvas)
+            limit = (canvas_height, canvas_width)
+            if not resize_to_max_canvas:
+                limit = (min(max(height, tile), canvas_height), min(max(width, tile), canvas_width))
+            new_height, new_width = _max_size_without_distortion((height, width), limit)
+            resized = self.resize(image, SizeDict(height=max(new_height, 1), width=max(new_width, 1)), resample)
+            padded = np.pad(resized, ((0, 0), (0, canvas_height - new_height), (0, canvas_width - new_width)))
+            rows, columns = canvas_height // tile, canvas_width // tile
+            channels = padded.shape[0]
+            image_tiles = (
+                finish(padded)
+                .reshape(channels, rows, tile, columns, tile)
+                .transpose(1, 3, 0, 2, 4)
+                .reshape(rows * columns, channels, tile, tile)
+            )
+            if rows * columns > 1:
+                whole = finish(self.resize(image, SizeDict(height=tile, width=tile), resample))
+                image_tiles = np.concatenate([image_tiles, whole[None]])
+            tiles.append(image_tiles)
+            aspect_ratios.append((rows, columns))
+        data = {"pixel_values": np.concatenate(tiles), "aspect_ratios": np.array(aspect_ratios)}
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+
+def _llama4_canvases(max_tiles: int, tile: int) -> list[tuple[int, int]]:
+    """Every (rows, columns) grid of at most `max_tiles` tiles, in pixels, ordered as transformers'
+    find_supported_resolutions orders them (it decides ties)."""
+    by_ratio: dict[float, list[tuple[int, int]]] = {}
+    for count in range(max_tiles, 0, -1):
+        for rows in sorted(d for d in range(1, count + 1) if count % d == 0):
+            by_ratio.setdefault(rows / (count // rows), []).append((rows, count // rows))
+    return [(rows * tile, columns * tile) for grids in by_ratio.values() for rows, columns in grids]
+
+
+def _llama4_best_canvas(
+    size: tuple[int, int], canvases: list[tuple[int, int]], largest: bool
+) -> tuple[int, int]:
+    scales = [min(canvas_height / size[0], canvas_width / size[1]) for canvas_height, canvas_width in canvases]
+    upscaling = [scale for scale in scales if scale >= 1]
+    if upscaling:
+        chosen_scale = max(upscaling) if largest else min(upscaling)
+    else:
+        chosen_scale = max(scale for scale in scales if scale < 1)
+    chosen = [canvas for canvas, scale in zip(canvases, scales, strict=True) if scale == chosen_scale]
+    return min(chosen, key=lambda canvas: canvas[0] * canvas[1])
+
+
+def _max_size_without_distortion(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    scale_height, scale_width = target[0] / size[0], target[1] / size[1]
+    if scale_width < scale_height:
+        return min(math.floor(size[0] * scale_width), target[0]), target[1]
+    return target[0], min(math.floor(size[1] * scale_height), target[1])
+
+
+def _build_llama4(seed: int) -> TinyModel:
+    """Llama 4: the text model (language_model.model) has 4 layers with qk L2-norm, the 4th without
+    rope (NoPE, with attention temperature tuning past 8192 tokens), chunked attention (8192-token
+    chunks) on the rope layers, and every second layer a mixture of 2 experts (top-1) plus a shared
+    expert. Vision: 16px tiles of 4px patches, pixel shuffle 0.5 -> 4 <|patch|> per tile. The
+    processor tiles each image onto a canvas of up to 4 tiles (plus a global tile when there are
+    several), written '<|image_start|>' + tile rows + '<|image|>' + global patches + '<|image_end|>';
+    pixel_values is 4-D (all tiles) and aspect_ratios must not reach the model (the processor drops
+    it). The table's image token is the processor's '<|image|>' placeholder. Several images per
+    prompt work."""
+    tokenizer = build_tokenizer(add_bos=True)
+    image_processor = _Llama4ImageProcessorPil(size={"height": 16, "width": 16}, max_patches=4)
+    processor = transformers.Llama4Processor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=4, pixel_shuffle_ratio=0.5
+    )
+    text = _text(
+        "llama4_text",
+        4,
+        vocab_size=len(tokenizer),
+        head_dim=8,
+        intermediate_size=32,
+        intermediate_size_mlp=64,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=2,
+    )
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 128,  # the pixel-shuffled features: 4 x hidden_size
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 16,
+        "patch_size": 4,
+        "pixel_shuffle_ratio": 0.5,
+        "projector_input_dim": 32,
+        "projector_output_dim": 32,
+        "vision_output_dim": 32,
+    }
+    config = transformers.Llama4Config(
+        text_config=text,
+        vision_config=vision,
+        boi_token_index=tokenizer.convert_tokens_to_ids("<|image_start|>"),
+        eoi_token_index=tokenizer.convert_tokens_to_ids("<|image_end|>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<|patch|>"),
+    )
+    model = _init(transformers.Llama4ForConditionalGeneration, config, seed, tokenizer)
+    return TinyModel(model, processor, tokenizer)
 
 
 def _build_fuyu(seed: int) -> TinyModel:
@@ -558,6 +841,78 @@ def _gemma3_text(layers: int, vocab_size: int, layer_types: list[str], **overrid
         hidden_activation="gelu_pytorch_tanh",
         **overrides,
     )
+
+
+def _build_gemma4(seed: int) -> TinyModel:
+    """Gemma4 text: 4 layers (sliding_window=8, sliding and full alternating, head_dim 8 on both),
+    per-layer input embeddings (PLE), and the last 2 layers reuse the keys and values of the last
+    earlier layer of their type (num_kv_shared_layers=2); final logits soft-capped at 30. Vision:
+    4px patches pooled 3x3 into soft tokens; the processor resizes each image (aspect ratio kept) to
+    the budget of max_soft_tokens=70 (its smallest setting), so a square image has 64 soft tokens,
+    expanded as '<|image>' + '<|image|>' * n + '<image|>'. mm_token_type_ids (1 on image tokens) must
+    be passed with pixel_values and image_position_ids: each image's tokens attend to each other
+    bidirectionally. The processor needs an audio feature extractor and the tokenizer's audio tokens
+    even without audio. No video processor (needs torchvision). Several images per prompt work."""
+    tokenizer = build_tokenizer(
+        {
+            "image_token": "<|image|>",
+            "boi_token": "<|image>",
+            "eoi_token": "<image|>",
+            "audio_token": "<|audio|>",
+            "boa_token": "<|audio>",
+            "eoa_token": "<audio|>",
+        },
+        add_bos=True,
+    )
+    image_processor = transformers.Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
+    with _without_video_processor():
+        processor = transformers.Gemma4Processor(
+            feature_extractor=transformers.Gemma4AudioFeatureExtractor(),
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            image_seq_length=70,
+        )
+    text = _text(
+        "gemma4_text",
+        4,
+        vocab_size=len(tokenizer),
+        head_dim=8,
+        global_head_dim=8,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        num_kv_shared_layers=2,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=len(tokenizer),
+        use_bidirectional_attention="vision",
+        final_logit_softcapping=30.0,
+    )
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "head_dim": 8,
+        "patch_size": 4,
+        "pooling_kernel_size": 3,
+        "position_embedding_size": 64,
+    }
+    config = transformers.Gemma4Config(
+        text_config=text,
+        vision_config=vision,
+        audio_config=None,
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"),
+        boi_token_id=tokenizer.convert_tokens_to_ids("<|image>"),
+        eoi_token_id=tokenizer.convert_tokens_to_ids("<image|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video|>"),
+        audio_token_id=tokenizer.convert_tokens_to_ids("<|audio|>"),
+    )
+    model = _init(transformers.Gemma4ForConditionalGeneration, config, seed, tokenizer)
+    # The patch position table starts as ones (checkpoints overwrite it): every patch would get the
+    # same position embedding.
+    _reinit(model.model.vision_tower.patch_embedder.position_embedding_table, seed, 0.02)
+    return TinyModel(model, processor, tokenizer)
 
 
 def _build_paligemma(seed: int) -> TinyModel:
@@ -686,8 +1041,13 @@ BUILDERS: dict[str, Callable[[int], TinyModel]] = {
     "smolvlm": functools.partial(_idefics3_like, "smolvlm"),
     "qwen2_vl": functools.partial(_qwen_vl, "qwen2_vl"),
     "qwen2_5_vl": functools.partial(_qwen_vl, "qwen2_5_vl"),
+    "qwen3_vl": functools.partial(_qwen_vl, "qwen3_vl"),
+    "internvl": _build_internvl,
+    "mistral3": _build_mistral3,
+    "llama4": _build_llama4,
     "fuyu": _build_fuyu,
     "gemma3": _build_gemma3,
+    "gemma4": _build_gemma4,
     "paligemma": _build_paligemma,
     **{
         family: functools.partial(_build_lm, family)

@@ -31,12 +31,20 @@ def digest(value: Any, length: int = 16) -> str:
 
 @torch.no_grad()
 def model_fingerprint(handle: ModelHandle) -> str:
-    """Name, shape and a sample of the weights: two models that differ in any trained part differ here.
+    """Name, shape, image settings and a sample of the weights: two models that differ in any trained
+    part differ here.
 
     Hashing every weight of a 270M model costs seconds; the first and last few thousand values of
     every parameter tensor are enough to tell checkpoints apart.
     """
     hasher = hashlib.sha256(f"{handle.name}|{type(handle.model).__name__}|{handle.num_layers}".encode())
+    # Settings that change results without changing a weight: how images are prepared, the kernel.
+    settings = {
+        "images": handle.image_settings.as_record(),
+        "attention": handle.metadata.get("loading", {}).get("attn_implementation"),
+    }
+    if settings != {"images": {"width": None, "processor_kwargs": {}}, "attention": None}:
+        hasher.update(digest(settings).encode())
     for name, parameter in handle.model.named_parameters():
         flat = parameter.detach().reshape(-1)
         sample = torch.cat([flat[:2048], flat[-2048:]]).float().cpu().numpy().tobytes()

@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def _command_models(args: argparse.Namespace) -> int:
@@ -49,8 +50,8 @@ def _command_demo(args: argparse.Namespace) -> int:
     from taskvec.models import load_model
     from taskvec.tasks import load_task
 
-    task = load_task(args.task)  # before the model: a bad task name fails in milliseconds
-    handle = load_model(args.model, device=args.device, dtype=args.dtype)
+    task = load_task(args.task, strict=args.strict)  # before the model: a bad task fails in milliseconds
+    handle = load_model(args.model, _load_options(args))
     result = run_demo(
         handle,
         task,
@@ -90,8 +91,8 @@ def _command_extract(args: argparse.Namespace) -> int:
     from taskvec.vectors import extract_vector, parse_spec, save_task_vector
 
     spec = parse_spec(args.spec)
-    task = load_task(args.task)
-    handle = load_model(args.model, device=args.device, dtype=args.dtype)
+    task = load_task(args.task, strict=args.strict)
+    handle = load_model(args.model, _load_options(args))
     extraction = extract_vector(
         handle,
         task,
@@ -116,15 +117,18 @@ def _command_patch(args: argparse.Namespace) -> int:
     from taskvec.models import load_model
     from taskvec.prompts import DEFAULT_TEMPLATE
     from taskvec.vectors import load_task_vector
+    from taskvec.vectors.task_vector import check_layers, check_vector_fits
 
     vector = load_task_vector(args.vector)
+    check_layers(vector, [args.layer], args.vector)  # before the model: a bad layer fails in milliseconds
     if args.image is not None:
         with Image.open(args.image) as image:
             images = [[image.convert("RGB")]]
         prompt = DEFAULT_TEMPLATE.query.format(input="<image>")
     else:
         images, prompt = None, DEFAULT_TEMPLATE.query.format(input=args.text)
-    handle = load_model(args.model, device=args.device, dtype=args.dtype)
+    handle = load_model(args.model, _load_options(args))
+    check_vector_fits(vector, handle, args.vector, layers=[args.layer])
     inputs = handle.build_inputs([prompt], images)
     patch = Patch(args.layer, vector.at(args.layer), position=-1, mode=args.mode, scale=args.scale)
     result = {
@@ -148,10 +152,12 @@ def _command_sweep(args: argparse.Namespace) -> int:
     from taskvec.prompts import build_query_prompt
     from taskvec.tasks import load_task
     from taskvec.vectors import load_task_vector
+    from taskvec.vectors.task_vector import check_vector_fits
 
     vector = load_task_vector(args.vector)
-    items = load_task(args.task).split(args.split)[: args.limit]
-    handle = load_model(args.model, device=args.device, dtype=args.dtype)
+    items = load_task(args.task, strict=args.strict).split(args.split)[: args.limit]
+    handle = load_model(args.model, _load_options(args))
+    check_vector_fits(vector, handle, args.vector)
     prompts = [build_query_prompt(item, modality=args.modality, style=args.style) for item in items]
     per_layer = sweep_accuracy(
         handle, prompts, [item.answers() for item in items], vector.vectors, progress="layer sweep"
@@ -172,8 +178,8 @@ def _command_lens(args: argparse.Namespace) -> int:
     from taskvec.tasks import load_task
     from taskvec.vectors import EXTRACTABLE_SPECS, parse_spec
 
-    task = load_task(args.task)
-    handle = load_model(args.model, device=args.device, dtype=args.dtype)
+    task = load_task(args.task, strict=args.strict)
+    handle = load_model(args.model, _load_options(args))
     specs = EXTRACTABLE_SPECS if args.spec == "all" else (parse_spec(args.spec),)
     result = lens_phases(
         handle,
@@ -210,12 +216,12 @@ def _analyse_run_directory(args: argparse.Namespace, run_dir: Path) -> None:
     from taskvec.models import load_model
     from taskvec.tasks import PAPER_TASKS, load_task
 
-    handle = load_model(args.model, device=args.device, dtype=args.dtype)
-    llm = load_model(args.llm, device=args.device, dtype=args.dtype) if args.llm else None
+    handle = load_model(args.model, _load_options(args))
+    llm = load_model(args.llm, _load_options(args, for_llm=True)) if args.llm else None
     if (run_dir / "results.json").is_file() and not args.tasks:
         run_analyses_of_run(handle, RunResults.read(run_dir / "results.json"), run_dir, llm=llm)
         return
-    tasks = [load_task(name) for name in args.tasks or PAPER_TASKS]
+    tasks = [load_task(name, strict=args.strict) for name in args.tasks or PAPER_TASKS]
     settings = QUICK if args.quick else AnalysisSettings()
     vectors = analysis_vectors(handle, tasks, llm=llm, settings=settings, progress=True)
     layer = handle.num_layers // 2
@@ -240,7 +246,13 @@ def _command_report(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no run directory at {run_dir}")
     if args.analyse:
         _analyse_run_directory(args, run_dir)
-    print(write_report(run_dir))
+    report = write_report(run_dir)
+    if args.json:
+        analysis = run_dir / "analysis.json"
+        written = {"report": str(report), "analysis": str(analysis) if analysis.is_file() else None}
+        print(json.dumps(written))
+    else:
+        print(report)
     return 0
 
 
@@ -263,16 +275,26 @@ def _command_train_vlm(args: argparse.Namespace) -> int:
         restart_after=args.restart_after,
     )
     if not record["finished"]:
-        print(f"stopped at the time limit; checkpoint in {out / 'checkpoint'}; run again to resume")
+        if args.json:
+            print(json.dumps({"finished": False, "checkpoint": str(out / "checkpoint")}))
+        else:
+            print(f"stopped at the time limit; checkpoint in {out / 'checkpoint'}; run again to resume")
         return 0
     write_model_card(out / "parts")
-    print(json.dumps(record.get("recognition", {}), indent=1))
     if args.ship:
         # Replace, not merge: the old model's acceptance.json must not describe the new parts.
         shutil.rmtree(SHIPPED_PARTS_DIR, ignore_errors=True)
         shutil.copytree(out / "parts", SHIPPED_PARTS_DIR)
+    recognition = record.get("recognition", {})
+    if args.json:
+        shipped = str(SHIPPED_PARTS_DIR) if args.ship else None
+        trained = {"finished": True, "parts": str(out / "parts"), "shipped_to": shipped}
+        print(json.dumps({**trained, "recognition": recognition}))
+    elif args.ship:
+        print(json.dumps(recognition, indent=1))
         print(f"shipped the parts to {SHIPPED_PARTS_DIR}; measure them: python scripts/evaluate_vlm.py")
     else:
+        print(json.dumps(recognition, indent=1))
         print(f"parts in {out / 'parts'}; load them with taskvec.vlm.recipe.load_vlm_from_parts")
     return 0
 
@@ -285,18 +307,43 @@ def _command_export_vlm(args: argparse.Namespace) -> int:
 
     handle = load_model("default-vlm")
     directory = export_checkpoint(handle.model, handle.processor, Path(args.out))
-    print(f"wrote a LlavaForConditionalGeneration checkpoint to {directory}")
+    if args.json:
+        print(json.dumps({"out": str(directory), "model_class": type(handle.model).__name__}))
+    else:
+        print(f"wrote a LlavaForConditionalGeneration checkpoint to {directory}")
     return 0
 
 
 def _command_run(args: argparse.Namespace) -> int:
+    import contextlib
+
     from taskvec.experiments.command import run_command
     from taskvec.report import write_report
+    from taskvec.typed_json import to_json
 
-    _, out, report = run_command(args)
-    if report:
-        print(f"wrote {write_report(out)}")
+    # With --json the printed tables and notes go to stderr, so stdout holds the JSON document alone.
+    printed = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    with printed:
+        results, out, report = run_command(args)
+        written = write_report(out) if report else None
+    if args.json:
+        paths = {"results": out / "results.json", "summary_csv": out / "summary.csv", "report": written}
+        document = {"run_dir": str(out), **{k: str(v) if v else None for k, v in paths.items()}}
+        summaries = to_json(results.summaries)
+        print(json.dumps({**document, "seconds": results.meta.seconds, "summaries": summaries}))
+    elif written is not None:
+        print(f"wrote {written}")
     return 0
+
+
+def _add_json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _add_strict_option(parser: argparse.ArgumentParser) -> None:
+    from taskvec.tasks import STRICT_HELP
+
+    parser.add_argument("--strict", action="store_true", help=STRICT_HELP)
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -306,14 +353,34 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     from taskvec.options import add_options
 
     add_options(parser, RunCommandOptions, fill_defaults=True)
+    _add_load_options(parser)
     add_options(parser.add_argument_group("experiment options (defaults: the paper's protocol)"), RunConfig)
 
 
+def _add_load_options(parser: argparse.ArgumentParser) -> None:
+    from taskvec.models.load_options import LoadOptions
+    from taskvec.options import add_options
+
+    add_options(parser.add_argument_group("model loading (taskvec.models.LoadOptions)"), LoadOptions)
+
+
+def _load_options(args: argparse.Namespace, for_llm: bool = False) -> Any:
+    """The LoadOptions given on the command line; an LLM takes the placement options only."""
+    import dataclasses
+
+    from taskvec.models.load_options import LoadOptions
+    from taskvec.options import options_from_args
+
+    options = LoadOptions(**options_from_args(LoadOptions, args))
+    return dataclasses.replace(options, revision=None, processor_kwargs=None) if for_llm else options
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    """--model, --device, --dtype and --json, declared in taskvec.options.ModelOptions."""
+    """--model and --json (taskvec.options.ModelOptions), and how the model loads (LoadOptions)."""
     from taskvec.options import ModelOptions, add_options
 
     add_options(parser, ModelOptions, fill_defaults=True)
+    _add_load_options(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="no context vs in-context vs patched task vector on one task")
     _add_model_options(demo)
     demo.add_argument("--task", default="country-capital", help="a built-in task name or a task file")
+    _add_strict_option(demo)
     demo.add_argument("--shots", type=int, default=5)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--limit", type=int, default=None, help="score only the first N test items")
@@ -348,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract = commands.add_parser("extract", help="extract a task vector (all layers) to a .safetensors file")
     _add_model_options(extract)
     extract.add_argument("--task", required=True, help="a built-in task name or a task file")
+    _add_strict_option(extract)
     extract.add_argument("--spec", default="text-icl", choices=spec_names)
     extract.add_argument("--shots", type=int, default=5)
     extract.add_argument("--seed", type=int, default=0)
@@ -373,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(sweep)
     sweep.add_argument("--vector", required=True, help="a .safetensors task vector")
     sweep.add_argument("--task", required=True, help="a built-in task name or a task file")
+    _add_strict_option(sweep)
     sweep.add_argument("--split", default="val")
     sweep.add_argument("--modality", default="text", choices=["text", "image"], help="the query's input")
     sweep.add_argument("--style", default=None, help="image style for image queries")
@@ -382,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     lens = commands.add_parser("lens", help="input / task / answer probability per layer (three-phase lens)")
     _add_model_options(lens)
     lens.add_argument("--task", required=True, help="a built-in task name or a task file")
+    _add_strict_option(lens)
     lens.add_argument("--spec", default="text-icl", choices=[*spec_names, "all"])
     lens.add_argument("--prompts", type=int, default=100, help="test queries to average over")
     lens.add_argument("--shots", type=int, default=5)
@@ -396,9 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--model", default="default-vlm", help="model to analyse with --analyse")
     report.add_argument("--llm", default=None, help="base LM to compare with --analyse (default: none)")
     report.add_argument("--tasks", nargs="+", help="tasks to analyse (default: those of results.json)")
+    _add_strict_option(report)
+    _add_json_option(report)
     report.add_argument("--quick", action="store_true", help="few prompts per analysis")
-    report.add_argument("--device", default="cpu")
-    report.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    _add_load_options(report)
     report.set_defaults(run=_command_report)
 
     train_vlm = commands.add_parser(
@@ -411,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-limit-minutes", type=float, default=88.0, help="stop with a checkpoint after this long"
     )
     train_vlm.add_argument("--ship", action="store_true", help="copy the parts into the package as default")
+    _add_json_option(train_vlm)
     train_vlm.add_argument(
         "--restart-after",
         choices=("align", "caption"),
@@ -420,22 +493,54 @@ def build_parser() -> argparse.ArgumentParser:
 
     export_vlm = commands.add_parser("export-vlm", help="write the default VLM as a plain HF checkpoint")
     export_vlm.add_argument("out", help="output directory")
+    _add_json_option(export_vlm)
     export_vlm.set_defaults(run=_command_export_vlm)
 
     run = commands.add_parser("run", help="the whole reproduction: vectors, layer choice, every condition")
     _add_run_options(run)
+    _add_json_option(run)
     run.set_defaults(run=_command_run)
     return parser
 
 
+def _show_taskvec_warnings_as_lines() -> None:
+    """taskvec's warnings about the user's input (a task file's repeated inputs) as one line on
+    stderr, shown even where warning filters would hide them; other warnings as Python shows them."""
+    import warnings
+
+    from taskvec.tasks import DuplicateInputWarning
+
+    show_as_python_does = warnings.showwarning
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: Any = None,
+        line: Any = None,
+    ) -> None:
+        if issubclass(category, DuplicateInputWarning):
+            print(f"taskvec: warning: {message}", file=sys.stderr)
+        else:
+            show_as_python_does(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    warnings.simplefilter("default", DuplicateInputWarning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.run(args))
-    except (ValueError, FileNotFoundError, LookupError) as error:
-        # Bad input (unknown architecture, malformed task file, missing image...) reads as one line.
-        print(f"taskvec: error: {error}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        _show_taskvec_warnings_as_lines()
+        try:
+            return int(args.run(args))
+        except (ValueError, FileNotFoundError, LookupError) as error:
+            # Bad input (unknown architecture, malformed task file, missing image...) reads as one line.
+            print(f"taskvec: error: {error}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -276,24 +276,10 @@ def option_flags(cls: type) -> dict[str, str]:
     return {argument.name: argument.flag for argument in _arguments(cls)}
 
 
-DType = Literal["fp32", "bf16", "fp16"]
-
-
-def device_option() -> str:
-    """--device, shared by every command that loads a model."""
-    return option("cpu", "torch device for the model(s)")
-
-
-def dtype_option() -> DType:
-    """--dtype, shared by every command that loads a model."""
-    return option("fp32", "dtype of the model weights")
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
-    """The options every single-model command shares (demo, extract, patch, sweep, lens)."""
+    """The options every single-model command shares (demo, extract, patch, sweep, lens); how the
+    model loads (device, dtype, quantization, ...) is `taskvec.models.LoadOptions`."""
 
-    model: str = option("default", "'default' (LM), 'default-vlm' or a local checkpoint directory")
-    device: str = device_option()
-    dtype: DType = dtype_option()
+    model: str = option("default", "'default' (LM), 'default-vlm', a checkpoint directory or a hub id (org/name)")
     json: bool = option(False, "machine-readable output")

@@ -21,6 +21,7 @@ import torch
 from taskvec.analysis.settings import AnalysisSettings
 from taskvec.analysis.similarity import VectorKey
 from taskvec.caching import StepCache, model_fingerprint, task_fingerprint
+from taskvec.engine.devices import to_cpu_float32
 from taskvec.models import ModelHandle
 from taskvec.tasks import Task
 
@@ -53,7 +54,7 @@ def as_json(value: Any) -> Any:
 
 def tensor_digest(tensor: torch.Tensor) -> str:
     """A hash of a tensor's shape and float32 values."""
-    values = tensor.detach().float().cpu().contiguous()
+    values = to_cpu_float32(tensor).contiguous()
     hasher = hashlib.sha256(str(tuple(values.shape)).encode())
     hasher.update(values.numpy().tobytes())
     return hasher.hexdigest()[:16]

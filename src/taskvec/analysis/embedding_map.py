@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from taskvec.analysis.prompt_sets import demonstration_pool, seeded_sample, task_icl_prompts
+from taskvec.engine.devices import to_cpu_float32
 from taskvec.models import ModelHandle
 from taskvec.prompts import DEFAULT_TEMPLATE, Prompt, QATemplate
 from taskvec.tasks import Task
@@ -31,8 +32,8 @@ class PromptPoints:
 
     tasks: list[str]
     specs: list[str]
-    vectors: np.ndarray  # [n, hidden]
-    embeddings: np.ndarray  # [n, hidden]
+    vectors: np.ndarray  # [n, hidden], float32
+    embeddings: np.ndarray  # [n, hidden], float32
 
 
 def prompt_points(
@@ -89,7 +90,12 @@ def collect_prompt_points(
         embeddings.append(embedding)
         tasks_column += [task.name] * len(prompts)
         specs_column += [spec.value] * len(prompts)
-    return PromptPoints(tasks_column, specs_column, torch.cat(vectors).numpy(), torch.cat(embeddings).numpy())
+    return PromptPoints(
+        tasks_column,
+        specs_column,
+        to_cpu_float32(torch.cat(vectors)).numpy(),
+        to_cpu_float32(torch.cat(embeddings)).numpy(),
+    )
 
 
 def project_2d(points: np.ndarray, method: ProjectionMethod = "tsne", seed: int = 0) -> np.ndarray:

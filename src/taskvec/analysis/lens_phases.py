@@ -18,6 +18,7 @@ import torch
 from taskvec.analysis.prompt_sets import query_items, spec_prompts, unsupported_reason
 from taskvec.analysis.tokens import TOKEN_RULE, WordReduce, word_set_ids, words_probability
 from taskvec.engine import logit_lens
+from taskvec.engine.devices import to_cpu_float32
 from taskvec.models import ModelHandle
 from taskvec.prompts import DEFAULT_TEMPLATE, Prompt, QATemplate
 from taskvec.tasks import Task
@@ -61,6 +62,56 @@ class LensPhases:
         }
 
 
+def _batch_curves(
+    handle: ModelHandle,
+    residuals: torch.Tensor,
+    input_words: Sequence[str],
+    answer_words: Sequence[Sequence[str]],
+    task_ids: Sequence[Sequence[int]],
+    task_word_reduce: WordReduce,
+) -> dict[str, torch.Tensor]:
+    """Each phase's per-layer probability of a batch of prompts: [prompts, layers], float32, CPU.
+
+    The lens runs wherever the model's unembedding is; only the small curves are copied back, once
+    per phase, so the whole-vocabulary distributions never leave the accelerator.
+    """
+    tokenizer = handle.tokenizer
+    probabilities = logit_lens(handle, residuals).softmax(dim=-1)
+    rows: dict[str, list[torch.Tensor]] = {phase: [] for phase in PHASES}
+    for index, distribution in enumerate(probabilities):
+        input_ids = word_set_ids(tokenizer, [input_words[index]])
+        rows["input"].append(words_probability(distribution, input_ids))
+        rows["task"].append(words_probability(distribution, task_ids, task_word_reduce))
+        rows["answer"].append(words_probability(distribution, word_set_ids(tokenizer, answer_words[index])))
+    return {phase: to_cpu_float32(torch.stack(curves)) for phase, curves in rows.items()}
+
+
+@dataclass
+class _PhaseSums:
+    """Running sums over prompts of one phase's curves, on the CPU in float32 whatever the model's
+    device and dtype: absolute probabilities, and curves divided by their sum over layers."""
+
+    layers: int
+    total: torch.Tensor = field(init=False)
+    relative: torch.Tensor = field(init=False)
+    counted: int = 0  # prompts whose curve is not all zero (some word of the phase has a token)
+
+    def __post_init__(self) -> None:
+        self.total = torch.zeros(self.layers, dtype=torch.float32)
+        self.relative = torch.zeros(self.layers, dtype=torch.float32)
+
+    def add(self, curves: torch.Tensor) -> None:
+        """Add [prompts, layers] curves."""
+        self.total += curves.sum(dim=0)
+        sums = curves.sum(dim=1, keepdim=True)
+        present = sums.squeeze(1) > 0
+        self.relative += (curves[present] / sums[present]).sum(dim=0)
+        self.counted += int(present.sum())
+
+    def relative_mean(self) -> torch.Tensor:
+        return self.relative / max(self.counted, 1)
+
+
 @torch.no_grad()
 def phase_curves(
     handle: ModelHandle,
@@ -77,42 +128,34 @@ def phase_curves(
     """Lens curves of any prompts: prompt i's input word, answer words (any of them) and the task words."""
     if not prompts:
         raise ValueError("phase_curves needs at least one prompt")
-    tokenizer = handle.tokenizer
-    task_ids = word_set_ids(tokenizer, task_words, capitalised=True)
-    totals = {phase: torch.zeros(handle.num_layers) for phase in PHASES}
-    relative = {phase: torch.zeros(handle.num_layers) for phase in PHASES}
-    counted = dict.fromkeys(PHASES, 0)
+    task_ids = word_set_ids(handle.tokenizer, task_words, capitalised=True)
+    sums = {phase: _PhaseSums(handle.num_layers) for phase in PHASES}
     # [prompts, layers, hidden] at the query's answer marker, where the answer is generated.
     residuals = residuals_at_marker(
         handle, prompts, occurrence=-1, batch_size=batch_size, progress=progress, template=template
     ).residuals
     for start in range(0, len(prompts), batch_size):
         # The lens over the whole vocabulary is large: decode a batch of prompts at a time.
-        probabilities = logit_lens(handle, residuals[start : start + batch_size]).softmax(dim=-1)
-        for row in range(probabilities.shape[0]):
-            index = start + row
-            per_phase = {
-                "input": words_probability(probabilities[row], word_set_ids(tokenizer, [input_words[index]])),
-                "task": words_probability(probabilities[row], task_ids, task_word_reduce),
-                "answer": words_probability(probabilities[row], word_set_ids(tokenizer, answer_words[index])),
-            }
-            for phase, curve in per_phase.items():
-                totals[phase] += curve
-                if float(curve.sum()) > 0:
-                    relative[phase] += curve / curve.sum()
-                    counted[phase] += 1
-    peak: dict[str, int | None] = {}
-    relative_mean: dict[str, list[float]] = {}
-    for phase in PHASES:
-        mean = relative[phase] / max(counted[phase], 1)
-        relative_mean[phase] = mean.tolist()
-        peak[phase] = int(mean.argmax()) if counted[phase] else None
+        stop = start + batch_size
+        curves = _batch_curves(
+            handle,
+            residuals[start:stop],
+            input_words[start:stop],
+            answer_words[start:stop],
+            task_ids,
+            task_word_reduce,
+        )
+        for phase, phase_sums in sums.items():
+            phase_sums.add(curves[phase])
+    relative = {phase: phase_sums.relative_mean() for phase, phase_sums in sums.items()}
     return PhaseCurves(
         prompts=len(prompts),
-        probability={phase: (totals[phase] / len(prompts)).tolist() for phase in PHASES},
-        relative=relative_mean,
-        peak_layer=peak,
-        prompts_without_token={phase: len(prompts) - counted[phase] for phase in PHASES},
+        probability={phase: (sums[phase].total / len(prompts)).tolist() for phase in PHASES},
+        relative={phase: curve.tolist() for phase, curve in relative.items()},
+        peak_layer={
+            phase: int(relative[phase].argmax()) if sums[phase].counted else None for phase in PHASES
+        },
+        prompts_without_token={phase: len(prompts) - sums[phase].counted for phase in PHASES},
     )
 
 

@@ -27,6 +27,7 @@ from taskvec.analysis.registry import registered_analyses
 from taskvec.analysis.settings import QUICK, AnalysisSettings
 from taskvec.analysis.similarity import VectorKey
 from taskvec.caching import StepCache
+from taskvec.engine.devices import to_cpu_float32
 from taskvec.models import ModelHandle
 from taskvec.tasks import Task
 from taskvec.vectors import EXTRACTABLE_SPECS, VectorSpec, extract_vector
@@ -139,7 +140,8 @@ def analysis_vectors(
     The model's text-ICL, image-ICL and instruction vectors, and the base LM's text-ICL vectors
     (LLM -> VLM transfers text-derived vectors), by `taskvec.vectors.extract_vector` on the
     validation split with the settings' shots and seed; `settings.vector_prompts` keeps only the
-    first N validation queries (None: all, the paper's protocol).
+    first N validation queries (None: all, the paper's protocol). Vectors are float32 on the CPU
+    whatever the models' devices and dtypes.
     """
     config = settings or AnalysisSettings()
     jobs: list[tuple[str, ModelHandle, Sequence[VectorSpec]]] = [("vlm", handle, EXTRACTABLE_SPECS)]
@@ -160,5 +162,5 @@ def analysis_vectors(
                     limit=config.vector_prompts,
                     progress=f"{model} {spec.value} {task.name}" if progress else None,
                 )
-                vectors[VectorKey(model, task.name, spec)] = extraction.vector.vectors.float()
+                vectors[VectorKey(model, task.name, spec)] = to_cpu_float32(extraction.vector.vectors)
     return vectors

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from taskvec.engine.devices import to_cpu_float32
 from taskvec.vectors import VectorSpec, parse_spec
 
 VECTOR_MODELS = ("vlm", "llm")
@@ -49,13 +50,14 @@ def _rounded(matrix: torch.Tensor) -> list[Any]:
 
 def cosine_per_layer(vectors: torch.Tensor) -> torch.Tensor:
     """[n, layers, hidden] -> [layers, n, n] cosine similarities."""
-    unit = torch.nn.functional.normalize(vectors.float(), dim=-1)
+    unit = torch.nn.functional.normalize(to_cpu_float32(vectors), dim=-1)
     return torch.einsum("ilh,jlh->lij", unit, unit)
 
 
 def centered_cosine(vectors: torch.Tensor) -> torch.Tensor:
     """[n, hidden] -> [n, n] cosine after subtracting the vectors' mean."""
-    unit = torch.nn.functional.normalize(vectors.float() - vectors.float().mean(0), dim=-1)
+    values = to_cpu_float32(vectors)
+    unit = torch.nn.functional.normalize(values - values.mean(0), dim=-1)
     return unit @ unit.T
 
 
@@ -90,7 +92,8 @@ def similarity_analysis(vectors: Mapping[VectorKey, torch.Tensor], layer: int) -
     if not vectors:
         raise ValueError("no vectors to compare")
     keys = sorted(vectors)
-    stacked = torch.stack([vectors[key].float() for key in keys])
+    # Vectors may come from models on different devices and in different dtypes.
+    stacked = torch.stack([to_cpu_float32(vectors[key]) for key in keys])
     per_layer = cosine_per_layer(stacked)
     vlm_rows = [index for index, key in enumerate(keys) if key.model == "vlm"]
     vlm_keys = [keys[index] for index in vlm_rows]
@@ -120,7 +123,7 @@ def llm_vs_vlm_cosine(vectors: Mapping[VectorKey, torch.Tensor], layer: int) -> 
         other = vectors[partner]
         if other.shape != vector.shape:
             continue  # a base LM of another width has no comparable residual stream
-        cosine = torch.nn.functional.cosine_similarity(vector.float(), other.float(), dim=-1)
+        cosine = torch.nn.functional.cosine_similarity(to_cpu_float32(vector), to_cpu_float32(other), dim=-1)
         per_task[key.task] = [round(float(v), 4) for v in cosine]
     if not per_task:
         return None

@@ -50,9 +50,13 @@ def word_set_ids(tokenizer: Any, words: Iterable[str], *, capitalised: bool = Fa
 
 
 def word_probability(probabilities: torch.Tensor, variant_ids: Sequence[int]) -> torch.Tensor:
-    """Probability of one word in [..., vocab] distributions: max over its token variants."""
+    """Probability of one word in [..., vocab] distributions: max over its token variants.
+
+    A word without a token has probability 0, on the distributions' device and in their dtype, so
+    it stacks with other words' probabilities wherever the lens ran.
+    """
     if not variant_ids:
-        return torch.zeros(probabilities.shape[:-1])
+        return probabilities.new_zeros(probabilities.shape[:-1])
     return probabilities[..., list(variant_ids)].amax(dim=-1)
 
 
@@ -66,6 +70,6 @@ def words_probability(
     """
     per_word = [word_probability(probabilities, ids) for ids in words if ids]
     if not per_word:
-        return torch.zeros(probabilities.shape[:-1])
+        return probabilities.new_zeros(probabilities.shape[:-1])
     stacked = torch.stack(per_word, dim=-1)
     return stacked.amax(dim=-1) if reduce == "max" else stacked.sum(dim=-1)

@@ -32,6 +32,11 @@ class Patch:
     rows: Sequence[int] | None = None
 
     def apply(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The layer output `hidden` [batch, length, hidden] with this patch applied (a new tensor).
+
+        The vector moves to the layer output's device and dtype: with a device map each layer runs
+        on its own device, and a bf16 model must not turn its residual stream into float32.
+        """
         batch, length, _ = hidden.shape
         rows = torch.arange(batch) if self.rows is None else torch.as_tensor(list(self.rows))
         if isinstance(self.position, int):
@@ -41,7 +46,10 @@ class Patch:
         positions = torch.where(positions < 0, positions + length, positions)
         if bool(((positions < 0) | (positions >= length)).any()):
             raise IndexError(f"patch position {self.position} outside a sequence of {length} tokens")
-        vector = self.vector.to(device=hidden.device, dtype=hidden.dtype) * self.scale
+        rows, positions = rows.to(hidden.device), positions.to(hidden.device)
+        # Scaled before rounding to the model's dtype, so a bf16 model sees one rounding, not two.
+        scaled = self.vector.to(device=hidden.device, dtype=torch.float32) * self.scale
+        vector = scaled.to(hidden.dtype)
         vector = vector.expand(len(rows), -1) if vector.dim() == 1 else vector
         patched = hidden.clone()
         if self.mode == "replace":

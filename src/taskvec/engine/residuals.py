@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from taskvec.engine.devices import to_cpu_float32
 from taskvec.engine.layer_outputs import hidden_from_output
 from taskvec.engine.patching import Patch, patch_at
 from taskvec.engine.truncated_forward import StopForward
@@ -21,7 +22,7 @@ def record_residuals(
     layers: Sequence[int] | None = None,
     patches: Sequence[Patch] = (),
 ) -> torch.Tensor:
-    """Residuals after each decoder layer: [batch, len(layers), n_positions, hidden] in float32.
+    """Residuals after each decoder layer: [batch, len(layers), n_positions, hidden], float32, CPU.
 
     `positions` is one index for all rows, a list for all rows, or a [batch, n] tensor of per-row
     indices (negative counts from the end). Layers above the highest requested one are not run.
@@ -39,7 +40,9 @@ def record_residuals(
             length = hidden.shape[1]
             absolute = torch.where(per_row < 0, per_row + length, per_row).to(hidden.device)
             rows = torch.arange(batch, device=hidden.device).unsqueeze(1)
-            recorded[layer_index] = hidden[rows, absolute].float().cpu()
+            # Kept on the layer's device until the pass ends: a copy to the CPU here would make
+            # every layer wait for the accelerator to catch up.
+            recorded[layer_index] = hidden[rows, absolute].detach()
             if layer_index == top:
                 raise StopForward  # layers above are not needed
 
@@ -55,4 +58,5 @@ def record_residuals(
         finally:
             for registered in hooks:
                 registered.remove()
-    return torch.stack([recorded[i] for i in wanted], dim=1)
+    # With a device map the layers' outputs sit on different devices: each is copied on its own.
+    return torch.stack([to_cpu_float32(recorded[i]) for i in wanted], dim=1)

@@ -14,21 +14,39 @@ from typing import Any, Literal
 
 import torch
 
+from taskvec.engine.decode_positions import last_token_position_ids
 from taskvec.engine.layer_outputs import last_logits_only
 from taskvec.engine.lens import logit_lens
 from taskvec.engine.patching import Patch, PatchMode, patch_at
 from taskvec.engine.truncated_forward import run_to_last_layer
-from taskvec.models.handle import ModelHandle, resolve_attribute
+from taskvec.models.handle import ModelHandle
 
 SweepMethod = Literal["auto", "one_pass", "batched", "naive"]
 
 
-def _is_sequence_aligned(value: Any, input_ids: torch.Tensor) -> bool:
+def _is_token_aligned(value: Any, input_ids: torch.Tensor) -> bool:
     # Token-aligned side inputs (attention_mask, token_type_ids, mm_token_type_ids, Fuyu's
-    # image_patches_indices) are integer tensors shaped exactly like input_ids; pixels are floats.
+    # image_patches_indices, Mllama's [batch, tokens, images, tiles] cross_attention_mask) are
+    # integer tensors that start with input_ids' [batch, tokens]; pixels are floats, and per-image
+    # integer tensors (grids, sizes, aspect ratios) list fewer images than the prompt has tokens.
     return (
-        isinstance(value, torch.Tensor) and value.shape == input_ids.shape and not value.is_floating_point()
+        isinstance(value, torch.Tensor)
+        and value.dim() >= 2
+        and value.shape[:2] == input_ids.shape
+        and not value.is_floating_point()
     )
+
+
+def _token_columns(inputs: dict[str, Any], columns: slice) -> dict[str, Any]:
+    """The inputs with every token-aligned tensor cut to `columns` of the sequence."""
+    input_ids = inputs["input_ids"]
+
+    def cut(key: str, value: Any) -> Any:
+        if key == "position_ids" and isinstance(value, torch.Tensor):
+            return value[..., columns]  # [batch, tokens], or mrope's [3, batch, tokens]
+        return value[:, columns] if _is_token_aligned(value, input_ids) else value
+
+    return {key: cut(key, value) for key, value in inputs.items()}
 
 
 def _without_left_padding(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -38,11 +56,7 @@ def _without_left_padding(inputs: dict[str, Any]) -> dict[str, Any]:
     mask = inputs.get("attention_mask")
     if mask is None or bool(mask.all()):
         return inputs
-    start = int(mask[0].nonzero()[0])
-    return {
-        key: value[:, start:] if _is_sequence_aligned(value, input_ids) else value
-        for key, value in inputs.items()
-    }
+    return _token_columns(inputs, slice(int(mask[0].nonzero()[0]), None))
 
 
 def _repeat_batch(inputs: dict[str, Any], repeats: int) -> dict[str, Any]:
@@ -91,12 +105,13 @@ def sweep_layers(
     chosen = list(range(handle.num_layers)) if layers is None else [i % handle.num_layers for i in layers]
     per_layer = _vector_per_layer(vectors, chosen, handle.num_layers)
     if method == "auto":
-        method = "batched" if handle.architecture.bidirectional_prompt else "one_pass"
+        method = "one_pass" if _one_pass_reason_against(handle) is None else "batched"
     if method == "one_pass":
-        if handle.architecture.bidirectional_prompt:
+        reason = _one_pass_reason_against(handle)
+        if reason is not None:
             raise ValueError(
-                f"{handle.architecture.family} attends bidirectionally within the prompt, so the "
-                "one-pass sweep does not apply; use method='batched' or 'auto'"
+                f"{handle.architecture.family} {reason}, so the one-pass sweep does not apply; "
+                "use method='batched' or 'auto'"
             )
         return _sweep_one_pass(handle, inputs, chosen, per_layer, mode, scale)
     if method == "batched":
@@ -104,6 +119,16 @@ def sweep_layers(
     if method == "naive":
         return _sweep_naive(handle, inputs, chosen, per_layer, mode, scale)
     raise ValueError(f"unknown sweep method {method!r}; use auto, one_pass, batched or naive")
+
+
+def _one_pass_reason_against(handle: ModelHandle) -> str | None:
+    """Why the one-pass sweep would not equal a full forward on this family, or None if it does."""
+    architecture = handle.architecture
+    if architecture.bidirectional_prompt:
+        return "attends bidirectionally within the prompt"
+    if not architecture.cached_step:
+        return "has no exact decode step on a cached prefix (cached_step=False in the table)"
+    return None
 
 
 def _sweep_naive(
@@ -149,23 +174,18 @@ def _sweep_one_pass(
     length = input_ids.shape[1]
     if length < 2:
         return _sweep_batched(handle, inputs, layers, vectors, mode, scale)
-    prefix = {
-        key: value[:, :-1] if _is_sequence_aligned(value, input_ids) else value
-        for key, value in inputs.items()
-    }
-    _, cache = run_to_last_layer(handle, {**prefix, "use_cache": True})
+    _, cache = run_to_last_layer(handle, {**_token_columns(inputs, slice(None, -1)), "use_cache": True})
     if cache is None:
         raise RuntimeError(f"{handle.architecture.model_class} passed no KV cache to its decoder layers")
     rows = len(layers)
     cache.batch_repeat_interleave(rows)
     step_inputs = {
+        **_decode_step_extras(inputs, rows),
         "input_ids": input_ids[:, -1:].expand(rows, -1),
         "attention_mask": torch.ones(rows, length, dtype=torch.long, device=input_ids.device),
-        "past_key_values": cache,
-        "cache_position": torch.tensor([length - 1], device=input_ids.device),
-        "position_ids": _last_token_positions(handle, length, rows).to(input_ids.device),
+        "position_ids": last_token_position_ids(handle, inputs, rows),
+        "cache": cache,
         "use_cache": True,
-        **_decode_step_extras(inputs, rows),
     }
     with patch_at(handle, _row_patches(layers, vectors, mode, scale)):
         last_residuals, _ = run_to_last_layer(handle, step_inputs)
@@ -176,19 +196,9 @@ def _decode_step_extras(inputs: dict[str, Any], rows: int) -> dict[str, Any]:
     """The last token's column of token-aligned side inputs (e.g. token_type_ids), one per row."""
     input_ids = inputs["input_ids"]
     skip = {"input_ids", "attention_mask", "position_ids"}
-    return {
-        key: value[:, -1:].expand(rows, -1)
+    last_columns = {
+        key: value[:, -1:]
         for key, value in inputs.items()
-        if key not in skip and _is_sequence_aligned(value, input_ids)
+        if key not in skip and _is_token_aligned(value, input_ids)
     }
-
-
-def _last_token_positions(handle: ModelHandle, length: int, rows: int) -> torch.Tensor:
-    """Position ids of the last token for a hand-built decode step (no padding: see sweep_layers)."""
-    if handle.architecture.position_style == "mrope":
-        # Qwen2-VL numbers text after an image from the image's grid; the prefill stored the offset.
-        path = handle.architecture.rope_deltas_path
-        assert path is not None, "the architecture table requires rope_deltas_path for mrope"
-        rope_deltas: torch.Tensor = resolve_attribute(handle.model, path)
-        return (length - 1 + rope_deltas.reshape(1, -1, 1)[:, :1]).expand(3, rows, 1)
-    return torch.full((rows, 1), length - 1, dtype=torch.long)
+    return {key: column.expand(rows, *column.shape[1:]) for key, column in last_columns.items()}

@@ -7,6 +7,7 @@ the command line writes the report afterwards (the report is built on top of the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,23 +19,25 @@ from taskvec.experiments.runner import load_run_tasks, run_analyses_of_run, run_
 from taskvec.experiments.tables import format_tables
 from taskvec.models import ModelHandle, load_model
 from taskvec.models.loading import named_model
-from taskvec.options import DType, device_option, dtype_option, option, options_from_args
+from taskvec.models.load_options import LoadOptions
+from taskvec.options import option, options_from_args
 
 
 @dataclass(frozen=True)
 class RunCommandOptions:
     """The options of `taskvec run` that are not part of the `RunConfig`: models, output, runtime."""
 
-    model: str = option("default-vlm", "'default-vlm', 'default' (LM) or a checkpoint directory")
+    model: str = option(
+        "default-vlm", "'default-vlm', 'default' (LM), a checkpoint directory or a hub id (org/name)"
+    )
     llm: str = option(
         "default",
         "base LM for LLM -> VLM: 'default' (the default LM under the default VLM, else none), "
-        "'none' or a checkpoint directory",
+        "'none', a checkpoint directory or a hub id",
     )
+    llm_revision: str | None = option(None, "hub revision of --llm: a branch, tag or commit")
     out: str = option("taskvec-run", "run directory (run again to resume)")
     threads: int | None = option(None, "torch CPU threads (default: torch's own choice)")
-    device: str = device_option()
-    dtype: DType = dtype_option()
     no_analyses: bool = option(False, "skip the analyses and the report")
     quiet: bool = option(False, "no progress bars")
 
@@ -46,15 +49,19 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig.quick_preset(**overrides) if quick else RunConfig(**overrides)
 
 
-def resolve_llm(model: str, llm: str, handle: ModelHandle, device: str, dtype: str) -> ModelHandle | None:
-    """--llm default: the base LM a named model registers (the default VLM's is the default LM), else none."""
+def resolve_llm(
+    model: str, llm: str, handle: ModelHandle, loading: LoadOptions, llm_revision: str | None = None
+) -> ModelHandle | None:
+    """--llm default: the base LM a named model registers (the default VLM's is the default LM), else
+    none. The LLM loads with the VLM's placement options and its own revision."""
     if llm == "none" or not handle.architecture.is_vision_language:
         return None
+    llm_loading = dataclasses.replace(loading, revision=llm_revision, processor_kwargs=None)
     if llm == "default":
         named = named_model(model)
         base = named.base_lm if named is not None else None
-        return load_model(base, device=device, dtype=dtype) if base is not None else None
-    return load_model(llm, device=device, dtype=dtype)
+        return load_model(base, llm_loading) if base is not None else None
+    return load_model(llm, llm_loading)
 
 
 def run_command(args: argparse.Namespace) -> tuple[RunResults, Path, bool]:
@@ -65,8 +72,9 @@ def run_command(args: argparse.Namespace) -> tuple[RunResults, Path, bool]:
         torch.set_num_threads(options.threads)
     config = config_from_args(args)
     load_run_tasks(config)  # before the models load: a bad task fails in milliseconds
-    handle = load_model(options.model, device=options.device, dtype=options.dtype)
-    llm = resolve_llm(options.model, options.llm, handle, options.device, options.dtype)
+    loading = LoadOptions(**options_from_args(LoadOptions, args))
+    handle = load_model(options.model, loading)
+    llm = resolve_llm(options.model, options.llm, handle, loading, options.llm_revision)
     out = Path(options.out)
     results = run_experiments(handle, config, out, llm=llm, progress=not options.quiet)
     print(format_tables(results))

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from taskvec.options import option
-from taskvec.tasks import PAPER_TASKS
+from taskvec.tasks import PAPER_TASKS, STRICT_HELP
 
 MetricName = Literal["prefix", "prefix_ignore_case", "exact"]
 METRICS: tuple[MetricName, ...] = ("prefix", "prefix_ignore_case", "exact")
@@ -54,6 +54,7 @@ class RunConfig:
     """
 
     tasks: tuple[str, ...] = option(PAPER_TASKS, "built-in task names or task files", metavar="TASK")
+    strict: bool = option(False, STRICT_HELP)
     seeds: tuple[int, ...] = option(
         (0, 1, 2),
         "number of seeds, 0..N-1; each seed resamples the demonstrations",

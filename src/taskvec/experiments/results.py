@@ -147,6 +147,9 @@ class RunMeta:
     conditions: list[str]
     notes: list[str]
     steps: dict[str, int]
+    # Source (repo id, commit or path), loading options, pad token and image settings of each model.
+    model_settings: dict[str, Any] = field(default_factory=dict)
+    llm_settings: dict[str, Any] | None = None
 
 
 @dataclass

@@ -47,7 +47,7 @@ Work = tuple[Condition, Task, int | None]
 
 def load_run_tasks(config: RunConfig) -> list[Task]:
     """The configured tasks, checked to have enough validation items and a test split."""
-    tasks = [load_task(name) for name in config.tasks]
+    tasks = [load_task(name, strict=config.strict) for name in config.tasks]
     names = [task.name for task in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"tasks repeat a name: {', '.join(names)}")
@@ -267,6 +267,8 @@ def run_experiments(
             conditions=[c.name for c in conditions],
             notes=notes,
             steps={"cached": cache.hits, "computed": cache.misses, "vectors_extracted": store.extracted},
+            model_settings=handle.settings_record(),
+            llm_settings=steps.llm.settings_record() if steps.llm is not None else None,
         ),
         config=config,
         tasks=[task.name for task in tasks],

@@ -13,7 +13,8 @@ from typing import Literal
 
 # How a model numbers positions, which a hand-built decode step must reproduce:
 # "rotary"/"absolute" take one index per token (absolute ones must skip left padding);
-# "mrope" (Qwen2-VL) takes 3 indices per token offset by the rope deltas the prefill stored.
+# "mrope" (Qwen2-VL) takes 3 indices per token, which text after an image continues from the image's
+# grid; only the model's rope index method over the whole prompt numbers them exactly.
 PositionStyle = Literal["rotary", "absolute", "mrope"]
 
 # How a processor wants a batch's images: "per_prompt" one list of images per prompt (most
@@ -50,12 +51,24 @@ class Architecture:
     image_batching: ImageBatching = "per_prompt"
     # Extra keyword arguments the processor needs whenever it is given images.
     processor_kwargs: tuple[tuple[str, object], ...] = ()
-    # Where a mrope model keeps the per-row position offsets its last prefill computed.
+    # Where a mrope model keeps the per-row position offsets of its last forward with images (stale
+    # after any other prompt: hand-built decode steps number positions with rope_index_path instead).
     rope_deltas_path: str | None = None
+    # A mrope model's method numbering a whole prompt's positions from its input_ids and image grids
+    # (Qwen's get_rope_index), returning (position_ids [3, batch, length], deltas).
+    rope_index_path: str | None = None
+    # False when a hand-built decode step on a prefix's KV cache cannot reproduce a full forward
+    # exactly (e.g. images entering through cross-attention); sweeps then use the batched path.
+    cached_step: bool = True
+    # Processor keyword arguments that make image handling match the paper (e.g. Idefics2 without
+    # image splitting); a user's processor_kwargs override them.
+    image_defaults: tuple[tuple[str, object], ...] = ()
+    # Activations exceed fp16's range (Gemma's scaled embeddings and norms): fp16 is refused.
+    fp16_overflows: bool = False
 
     def __post_init__(self) -> None:
-        if self.position_style == "mrope" and self.rope_deltas_path is None:
-            raise ValueError(f"{self.family}: a mrope architecture needs rope_deltas_path")
+        if self.position_style == "mrope" and self.rope_index_path is None:
+            raise ValueError(f"{self.family}: a mrope architecture needs rope_index_path")
 
     @property
     def is_vision_language(self) -> bool:
@@ -77,6 +90,7 @@ def _vlm(
     image_token: str,
     text_model: str = "model.language_model",
     norm_name: str = "norm",
+    unembed: str = "lm_head",
     vision_tower: str | None = "model.vision_tower",
     projector: str | None = "model.multi_modal_projector",
     multi_image: bool = True,
@@ -86,13 +100,16 @@ def _vlm(
     image_batching: ImageBatching = "per_prompt",
     processor_kwargs: tuple[tuple[str, object], ...] = (),
     rope_deltas_path: str | None = None,
+    rope_index_path: str | None = None,
+    cached_step: bool = True,
+    image_defaults: tuple[tuple[str, object], ...] = (),
 ) -> Architecture:
     return Architecture(
         family,
         model_class,
         f"{text_model}.layers",
         f"{text_model}.{norm_name}",
-        "lm_head",
+        unembed,
         image_token,
         multi_image,
         notes,
@@ -104,6 +121,9 @@ def _vlm(
         image_batching=image_batching,
         processor_kwargs=processor_kwargs,
         rope_deltas_path=rope_deltas_path,
+        rope_index_path=rope_index_path,
+        cached_step=cached_step,
+        image_defaults=image_defaults,
     )
 
 
@@ -120,9 +140,17 @@ def _idefics(family: str, model_class: str) -> Architecture:
 
 
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+# Qwen's processors resize each image to any pixel count within [shortest_edge, longest_edge] (the
+# checkpoints allow up to ~1M pixels, so a large photo costs >1k tokens); pinning both to 224x224
+# gives every image about as many tokens as a 224x224 one: 64 on Qwen2-VL and Qwen2.5-VL (28-pixel
+# merged patches), 49 on Qwen3-VL (32-pixel).
+QWEN_PIXELS = 224 * 224
+QWEN_IMAGE_DEFAULTS: tuple[tuple[str, object], ...] = (
+    ("size", {"shortest_edge": QWEN_PIXELS, "longest_edge": QWEN_PIXELS}),
+)
 
 
-def _qwen_vl(family: str, model_class: str) -> Architecture:
+def _qwen_vl(family: str, model_class: str, notes: str = "") -> Architecture:
     """Qwen2-VL-style: the `visual` tower ends in its own `merger`, which projects into the LM."""
     return _vlm(
         family,
@@ -130,8 +158,11 @@ def _qwen_vl(family: str, model_class: str) -> Architecture:
         QWEN_IMAGE,
         vision_tower="model.visual",
         projector="model.visual.merger",
+        notes=notes,
         position_style="mrope",
         rope_deltas_path="model.rope_deltas",
+        rope_index_path="model.get_rope_index",
+        image_defaults=QWEN_IMAGE_DEFAULTS,
     )
 
 
@@ -144,6 +175,30 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _idefics("smolvlm", "SmolVLMForConditionalGeneration"),
     _qwen_vl("qwen2_vl", "Qwen2VLForConditionalGeneration"),
     _qwen_vl("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
+    _qwen_vl(
+        "qwen3_vl",
+        "Qwen3VLForConditionalGeneration",
+        notes="DeepStack adds vision features to the first decoder layers' outputs at image positions "
+        "after the layers' forward hooks: recorded residuals (like transformers' hidden_states) omit them",
+    ),
+    _vlm("internvl", "InternVLForConditionalGeneration", "<IMG_CONTEXT>"),
+    _vlm(
+        "mistral3",
+        "Mistral3ForConditionalGeneration",
+        "[IMG]",
+        notes="its processor (PixtralProcessor) needs torchvision",
+    ),
+    _vlm(
+        "llama4",
+        "Llama4ForConditionalGeneration",
+        "<|image|>",
+        # No inner `model`: the text model is a whole Llama4ForCausalLM, with its own lm_head.
+        text_model="language_model.model",
+        unembed="language_model.lm_head",
+        vision_tower="vision_model",
+        projector="multi_modal_projector",
+        notes="its image processor (Llama4ImageProcessor) needs torchvision",
+    ),
     _vlm(
         "fuyu",
         "FuyuForCausalLM",
@@ -158,6 +213,15 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         processor_kwargs=(("return_legacy_image_output", False),),
     ),
     _vlm("gemma3", "Gemma3ForConditionalGeneration", "<start_of_image>"),
+    _vlm(
+        "gemma4",
+        "Gemma4ForConditionalGeneration",
+        "<|image|>",
+        # The soft tokens go through `embed_vision` (a norm and one linear map) into the text model.
+        projector="model.embed_vision",
+        notes="images enter as soft tokens that attend to each other bidirectionally; the last "
+        "decoder layers may reuse earlier layers' keys and values (num_kv_shared_layers)",
+    ),
     _vlm(
         "paligemma",
         "PaliGemmaForConditionalGeneration",

