@@ -254,7 +254,9 @@ def test_load_model_errors_name_the_problem(tmp_path: Path) -> None:
         load_model("org/some-hub-model")
     with pytest.raises(FileNotFoundError, match="not a checkpoint directory, a hub id"):
         load_model("no/such/directory")
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"], "model_type": "mamba"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["MambaForCausalLM"], "model_type": "mamba"})
+    )
     with pytest.raises(UnsupportedArchitectureError, match="MambaForCausalLM"):
         load_model(tmp_path)
 

@@ -16,10 +16,11 @@ import torch
 import transformers
 from conftest import random_image
 from run_fixtures import write_task_file
-from tiny_models import build_tiny, build_tokenizer
+from tiny_models import build_tiny, build_tokenizer, build_vipllava
 
 from taskvec.engine import record_residuals, sweep_layers
 from taskvec.models import ModelHandle, load_model
+from taskvec.models.convention import ConventionArchitectureWarning
 from taskvec.models.handle import prepare_tokenizer
 from taskvec.models.load_options import LoadOptions, parse_processor_kwargs
 from taskvec.models.loading import from_pretrained_kwargs, is_placed_by_loader, resolved
@@ -237,3 +238,43 @@ def test_images_are_resized_to_width_224_unless_asked_otherwise(tmp_path: Path) 
     for malformed in ("[1]", "{max_pixels: 1}"):
         with pytest.raises(ValueError, match="must be a JSON object"):
             parse_processor_kwargs(malformed)
+
+
+def test_fp16_is_refused_for_families_that_overflow_in_it(tmp_path: Path) -> None:
+    directory = save_tiny("gemma3_text", tmp_path / "gemma")
+    with pytest.raises(ValueError, match=r"gemma3_text overflows in fp16 .* use --dtype bf16"):
+        load_model(directory, dtype="fp16")
+    assert load_model(directory, dtype="bf16").dtype == torch.bfloat16
+
+
+def image_tokens(handle: ModelHandle) -> int:
+    inputs = handle.build_inputs(["Q:<image>\nA:"], [[random_image(0, size=64)]])
+    image_token_id = handle.tokenizer.convert_tokens_to_ids("<image>")
+    return int((inputs["input_ids"] == image_token_id).sum())
+
+
+def test_idefics2_loads_without_image_splitting_unless_the_user_asks(tmp_path: Path) -> None:
+    directory = save_tiny("idefics2", tmp_path / "idefics2")
+    default = load_model(directory)
+    assert default.image_settings.as_record()["image_processor"] == {"do_image_splitting": False}
+    split = load_model(directory, processor_kwargs='{"do_image_splitting": true}')
+    # The checkpoint's processor splits each image into 4 tiles plus the whole image.
+    assert image_tokens(split) == 5 * image_tokens(default)
+    assert default.settings_record()["images"]["image_processor"] == {"do_image_splitting": False}
+    # Each handle's own setting holds on every call, whichever loaded last.
+    assert image_tokens(default) * 5 == image_tokens(split)
+
+
+def test_a_model_outside_the_table_loads_by_convention_with_a_warning(tmp_path: Path) -> None:
+    tiny = build_vipllava()
+    tiny.model.save_pretrained(tmp_path / "vipllava")
+    tiny.processor.save_pretrained(tmp_path / "vipllava")
+    with pytest.warns(ConventionArchitectureWarning, match="by convention, not in the table"):
+        handle = load_model(tmp_path / "vipllava", image_width=0)
+    assert handle.architecture.family == "vipllava"
+    inputs = handle.build_inputs(["Q:<image>\nA:"], [[random_image(0)]])
+    with torch.no_grad():
+        reference = tiny.model(**inputs, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(
+        record_residuals(handle, inputs)[:, 0], reference[1][:, -1:], atol=1e-5, rtol=1e-4
+    )

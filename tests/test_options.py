@@ -141,7 +141,9 @@ def test_command_options_keep_their_defaults() -> None:
     assert (demo.model, demo.json) == ("default", False)
     assert LoadOptions(**options_from_args(LoadOptions, demo)) == LoadOptions()
     given = build_parser().parse_args(["lens", "--task", "t", "--device", "cpu", "--quantization", "4bit"])
-    assert LoadOptions(**options_from_args(LoadOptions, given)) == LoadOptions(device="cpu", quantization="4bit")
+    assert LoadOptions(**options_from_args(LoadOptions, given)) == LoadOptions(
+        device="cpu", quantization="4bit"
+    )
     assert build_parser().parse_args(["sweep", "--vector", "v", "--task", "t", "--json"]).json is True
 
 

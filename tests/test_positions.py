@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -152,10 +153,21 @@ def test_decode_step_positions_after_an_image_prompt(family: str, with_images: b
     assert_decode_step_numbered_like_a_full_forward(handle, prompt(handle, with_images))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@torch.no_grad()
-def test_auto_sweeps_one_pass_only_where_the_table_allows_it(family: str) -> None:
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_decode_step_positions_with_two_images_of_different_sizes(family: str) -> None:
+    """Text after a second image continues from both images' grids; Mllama's last token sees only
+    some of the images' tiles (the last row of cross_attention_mask)."""
     handle = tiny_handle(family)
+    skip_unless_one_pass(handle)
+    if not handle.architecture.multi_image:
+        pytest.skip(f"{family} takes one image per prompt")
+    inputs = handle.build_inputs(
+        ["Q:<image>\nA:Paris\n\nQ:<image>\nA:"], [[random_image(3, 40), random_image(4, 16)]]
+    )
+    assert_decode_step_numbered_like_a_full_forward(handle, inputs)
+
+
+def assert_auto_sweeps_as_the_table_says(handle: ModelHandle) -> None:
     inputs = text_prompt(handle)
     forwards = 0
 
@@ -176,6 +188,19 @@ def test_auto_sweeps_one_pass_only_where_the_table_allows_it(family: str) -> Non
     torch.testing.assert_close(auto, batched, atol=0.0, rtol=0.0)
     with pytest.raises(ValueError, match="one-pass sweep does not apply"):
         sweep_layers(handle, inputs, layer_vectors(handle), method="one_pass")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_auto_sweeps_one_pass_only_where_the_table_allows_it(family: str) -> None:
+    assert_auto_sweeps_as_the_table_says(tiny_handle(family))
+
+
+@torch.no_grad()
+def test_a_family_without_an_exact_cached_step_sweeps_batched() -> None:
+    shared = tiny_handle("llama")
+    handle = ModelHandle(shared.model, shared.processor, replace(shared.architecture, cached_step=False))
+    assert_auto_sweeps_as_the_table_says(handle)
 
 
 @pytest.mark.parametrize(("family", "with_images"), CASES, ids=CASE_IDS)

@@ -41,7 +41,10 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+# Exactly three new tokens: a random model may well predict eos first.
+THREE_GREEDY_TOKENS: dict[str, Any] = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False}
+
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "cross_attention_mask")
 
 
 def image(seed: int, size: tuple[int, int] = (24, 24)) -> PIL.Image.Image:
@@ -197,7 +200,7 @@ def test_forward_hidden_states_and_generate(family: str) -> None:
     num_layers = len(resolve(tiny.model, tiny.architecture.layers_path))
     with torch.no_grad():
         out = tiny.model(**inputs, output_hidden_states=True)
-        generated = tiny.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        generated = tiny.model.generate(**inputs, **THREE_GREEDY_TOKENS)
     length = inputs["input_ids"].shape[1]
     assert out.logits.shape[:2] == (1, length)
     assert torch.isfinite(out.logits).all()
@@ -220,7 +223,7 @@ def test_left_padded_batch_matches_single_prompts(family: str) -> None:
             single = make_inputs(tiny, [prompt], None if images is None else [images[row]])
             expected = tiny.model(**single).logits[0, -1]
             torch.testing.assert_close(logits[row], expected, atol=ATOL, rtol=0)
-        generated = tiny.model.generate(**batch, max_new_tokens=3, do_sample=False)
+        generated = tiny.model.generate(**batch, **THREE_GREEDY_TOKENS)
     assert generated.shape == (2, batch["input_ids"].shape[1] + 3)
 
 
@@ -267,7 +270,8 @@ def test_gpt2_left_padding_needs_position_ids() -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_decode_step_on_repeated_cache_matches_full_forward(family: str) -> None:
     """Prefill all but the last token, repeat the cache for 3 rows, then run the last token with
-    explicit position_ids and cache_position: the recipe of the engine's one-pass layer sweep."""
+    explicit position_ids and cache_position: the recipe of the engine's one-pass layer sweep. Mllama
+    also needs the last token's row of cross_attention_mask (see test_mllama_decode_step_...)."""
     tiny = build_tiny(family)
     prompts, images = two_prompts(tiny)
     inputs = make_inputs(tiny, prompts[1:], None if images is None else images[1:])
@@ -285,6 +289,7 @@ def test_decode_step_on_repeated_cache_matches_full_forward(family: str) -> None
             past_key_values=cache,
             cache_position=torch.tensor([length - 1]),
             use_cache=True,
+            **last_cross_attention_row(inputs, rows),
         ).logits[:, -1]
     if tiny.architecture.bidirectional_prompt:
         # Prefix-LM: the earlier prompt tokens see the last one in a full forward, never when it
@@ -296,6 +301,44 @@ def test_decode_step_on_repeated_cache_matches_full_forward(family: str) -> None
             full = tiny.model(**{**inputs, "token_type_ids": token_types}).logits[0, -1]
     for row in range(rows):
         torch.testing.assert_close(step[row], full, atol=ATOL, rtol=0)
+
+
+def last_cross_attention_row(inputs: BatchFeature, rows: int) -> dict[str, torch.Tensor]:
+    """Mllama's cross_attention_mask (batch, tokens, images, tiles) for the last token only."""
+    if "cross_attention_mask" not in inputs:
+        return {}
+    return {"cross_attention_mask": inputs["cross_attention_mask"][:, -1:].repeat_interleave(rows, dim=0)}
+
+
+def test_mllama_decode_step_needs_the_last_cross_attention_row() -> None:
+    """What a hand-built decode step of Mllama needs: given only the token-shaped inputs, the last
+    token attends to every tile of every image, even tiles that are padding and images that its
+    cross_attention_mask hides; with that mask's last row it is exact again."""
+    tiny = build_tiny("mllama")
+    inputs = make_inputs(tiny, [f"Q:{IMAGE}\nA:Paris\n\nQ:{IMAGE}\nA:"], [[image(3), image(4, (16, 16))]])
+    # The last token sees one tile: the single tile of the second image.
+    assert inputs["cross_attention_mask"][0, -1].tolist() == [[0, 0, 0, 0], [1, 0, 0, 0]]
+    length = inputs["input_ids"].shape[1]
+    prefix = {k: v[:, :-1] if k in SEQUENCE_KEYS else v for k, v in inputs.items()}
+
+    def decode_step(extra: dict[str, torch.Tensor]) -> torch.Tensor:
+        cache = tiny.model(**prefix, use_cache=True).past_key_values
+        return tiny.model(
+            input_ids=inputs["input_ids"][:, -1:],
+            attention_mask=inputs["attention_mask"],
+            position_ids=torch.tensor([[length - 1]]),
+            past_key_values=cache,
+            cache_position=torch.tensor([length - 1]),
+            use_cache=True,
+            **extra,
+        ).logits[0, -1]
+
+    with torch.no_grad():
+        full = tiny.model(**inputs).logits[0, -1]
+        without_row = decode_step({})
+        with_row = decode_step(last_cross_attention_row(inputs, 1))
+    assert not torch.allclose(without_row, full, atol=ATOL)
+    torch.testing.assert_close(with_row, full, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["gemma3_text", "gemma3", "gemma2", "gemma4"])
@@ -340,7 +383,7 @@ def test_two_images_in_one_prompt(family: str) -> None:
     with torch.no_grad():
         out = tiny.model(**inputs, output_hidden_states=True)
         other = tiny.model(**other_second_image).logits[0, -1]
-        generated = tiny.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        generated = tiny.model.generate(**inputs, **THREE_GREEDY_TOKENS)
     assert torch.isfinite(out.logits).all()
     assert not torch.allclose(out.logits[0, -1], other, atol=ATOL), "the second image must be used"
     assert generated.shape == (1, inputs["input_ids"].shape[1] + 3)

@@ -8,6 +8,9 @@ outputs, 3D rope positions, sliding-window caches...) in milliseconds.
 The families are the entries of taskvec's architecture table, and a builder supplies only the model,
 its processor and tokenizer: where the layers live, the image token and how the processor takes
 images are read from the table entry of the model's class, so the tests check the table itself.
+A few models outside the table are built too: Llama 4, whose layout the table keeps aside
+(architectures.LLAMA4_LAYOUT) and whose torchvision-only image processor gets a PIL port here, and
+real classes without an entry, for the common-layout resolution of models/convention.py.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import math
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import PIL.Image
@@ -32,6 +35,7 @@ from transformers.image_utils import PILImageResampling, SizeDict
 from transformers.processing_utils import ImagesKwargs, ProcessorMixin
 
 from taskvec.models import ARCHITECTURES, IMAGE_PLACEHOLDER, Architecture, architecture_for_class
+from taskvec.models.architectures import LLAMA4_LAYOUT
 
 FAMILIES: tuple[str, ...] = tuple(entry.family for entry in ARCHITECTURES)
 VLM_FAMILIES: tuple[str, ...] = tuple(entry.family for entry in ARCHITECTURES if entry.is_vision_language)
@@ -145,10 +149,12 @@ class TinyModel:
     model: torch.nn.Module
     processor: Any  # the tokenizer itself for text-only models
     tokenizer: PreTrainedTokenizerFast
+    # Only for a model kept out of the table: the layout to use instead of the table's entry.
+    layout: Architecture | None = None
 
     @property
     def architecture(self) -> Architecture:
-        return architecture_for_class(type(self.model).__name__)
+        return self.layout or architecture_for_class(type(self.model).__name__)
 
     @property
     def family(self) -> str:
@@ -358,12 +364,15 @@ def _build_llava_onevision(seed: int) -> TinyModel:
 
 
 def _build_idefics2(seed: int) -> TinyModel:
-    """Mistral text; perceiver resampler -> 4 <image> tokens per image, wrapped in
-    <fake_token_around_image>. pixel_values is 5-D (sample, image, C, H, W) padded across the batch,
-    with pixel_attention_mask. Several images per prompt work."""
+    """Mistral text; perceiver resampler -> 4 <image> tokens per sub-image, wrapped in
+    <fake_token_around_image>. As in the checkpoint's processor, each image is split into 4 crops
+    plus the whole (5 sub-images, 20 tokens); the processor counts the tokens from its image
+    processor's do_image_splitting, whatever the call says (see the table's image_processor_defaults).
+    pixel_values is 5-D (sample, sub-image, C, H, W) padded across the batch, with
+    pixel_attention_mask. Several images per prompt work."""
     tokenizer = build_tokenizer(add_bos=True)
     image_processor = transformers.Idefics2ImageProcessorPil(
-        size={"shortest_edge": 16, "longest_edge": 16}, do_image_splitting=False
+        size={"shortest_edge": 16, "longest_edge": 16}, do_image_splitting=True
     )
     processor = transformers.Idefics2Processor(
         image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4
@@ -486,12 +495,20 @@ def _qwen_vl(family: str, seed: int) -> TinyModel:
         ),
     }[family]
     with _without_video_processor():
-        processor = processor_class(image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
+        processor = processor_class(
+            image_processor=image_processor, tokenizer=tokenizer, video_processor=None
+        )
     geometry = {"patch_size": patch, "spatial_merge_size": 2, "temporal_patch_size": 2, "num_heads": 4}
     text_overrides: dict[str, Any] = {}
     if family == "qwen2_vl":
         hidden, layers, mrope = 32, 3, [2, 1, 1]
-        vision: dict[str, Any] = {**geometry, "depth": 2, "embed_dim": 32, "hidden_size": hidden, "mlp_ratio": 2}
+        vision: dict[str, Any] = {
+            **geometry,
+            "depth": 2,
+            "embed_dim": 32,
+            "hidden_size": hidden,
+            "mlp_ratio": 2,
+        }
     elif family == "qwen2_5_vl":
         hidden, layers, mrope = 48, 4, [2, 2, 2]
         vision = {
@@ -520,7 +537,12 @@ def _qwen_vl(family: str, seed: int) -> TinyModel:
     if family == "qwen3_vl":
         rope["mrope_interleaved"] = True
     text = _text(
-        f"{family}_text", layers, hidden=hidden, vocab_size=len(tokenizer), rope_parameters=rope, **text_overrides
+        f"{family}_text",
+        layers,
+        hidden=hidden,
+        vocab_size=len(tokenizer),
+        rope_parameters=rope,
+        **text_overrides,
     )
     config = config_class(text_config=text, vision_config=vision, **ids)
     return TinyModel(_init(model_class, config, seed, tokenizer), processor, tokenizer)
@@ -631,16 +653,16 @@ class _Llama4ImageProcessorPil(PilBackend):
 
     valid_kwargs = _Llama4ImagesKwargs
     resample = PILImageResampling.BILINEAR
-    image_mean = [0.5, 0.5, 0.5]
-    image_std = [0.5, 0.5, 0.5]
-    size = {"height": 336, "width": 336}
+    image_mean: ClassVar[list[float]] = [0.5, 0.5, 0.5]
+    image_std: ClassVar[list[float]] = [0.5, 0.5, 0.5]
+    size: ClassVar[dict[str, int]] = {"height": 336, "width": 336}
     do_resize = True
     do_rescale = True
     do_normalize = True
     do_convert_rgb = True
     max_patches = 16
     resize_to_max_canvas = False
-    model_input_names = ["pixel_values", "aspect_ratios"]
+    model_input_names: ClassVar[list[str]] = ["pixel_values", "aspect_ratios"]
 
     def _preprocess(  # type: ignore[override]
         self,
@@ -673,7 +695,9 @@ class _Llama4ImageProcessorPil(PilBackend):
             if not resize_to_max_canvas:
                 limit = (min(max(height, tile), canvas_height), min(max(width, tile), canvas_width))
             new_height, new_width = _max_size_without_distortion((height, width), limit)
-            resized = self.resize(image, SizeDict(height=max(new_height, 1), width=max(new_width, 1)), resample)
+            resized = self.resize(
+                image, SizeDict(height=max(new_height, 1), width=max(new_width, 1)), resample
+            )
             padded = np.pad(resized, ((0, 0), (0, canvas_height - new_height), (0, canvas_width - new_width)))
             rows, columns = canvas_height // tile, canvas_width // tile
             channels = padded.shape[0]
@@ -705,7 +729,9 @@ def _llama4_canvases(max_tiles: int, tile: int) -> list[tuple[int, int]]:
 def _llama4_best_canvas(
     size: tuple[int, int], canvases: list[tuple[int, int]], largest: bool
 ) -> tuple[int, int]:
-    scales = [min(canvas_height / size[0], canvas_width / size[1]) for canvas_height, canvas_width in canvases]
+    scales = [
+        min(canvas_height / size[0], canvas_width / size[1]) for canvas_height, canvas_width in canvases
+    ]
     upscaling = [scale for scale in scales if scale >= 1]
     if upscaling:
         chosen_scale = max(upscaling) if largest else min(upscaling)
@@ -768,6 +794,47 @@ def _build_llama4(seed: int) -> TinyModel:
         image_token_index=tokenizer.convert_tokens_to_ids("<|patch|>"),
     )
     model = _init(transformers.Llama4ForConditionalGeneration, config, seed, tokenizer)
+    return TinyModel(model, processor, tokenizer, layout=LLAMA4_LAYOUT)
+
+
+def _build_mllama(seed: int) -> TinyModel:
+    """Mllama (Llama 3.2 Vision): images never enter the token sequence. Each <|image|> stays one
+    token, and text tokens from it on attend to that image's tiles through the cross-attention
+    decoder layer (layer 1 of 3, model.language_model.cross_attention_layers); a forward without
+    images skips that layer altogether (no hook fires on it, and hidden_states has one entry fewer).
+    The processor tiles each image onto up to 4 16px tiles (aspect-ratio ids and masks come along)
+    and derives cross_attention_mask (batch, tokens, images, tiles); a decode step needs its last
+    row, cached cross-attention keys and values stand in for the images. The processor writes the
+    bos itself (after leading <|image|> tokens). Vision: a local encoder (2 layers, features of layer
+    0 kept) and a global one (1 layer). Several images per prompt work."""
+    tokenizer = build_tokenizer({"image_token": "<|image|>"}, add_bos=False)
+    image_processor = transformers.MllamaImageProcessorPil(
+        size={"height": 16, "width": 16}, max_image_tiles=4
+    )
+    processor = transformers.MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    text = _text("mllama_text_model", 3, vocab_size=len(tokenizer), cross_attention_layers=[1])
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_global_layers": 1,
+        "attention_heads": 4,
+        "image_size": 16,
+        "patch_size": 4,
+        "max_num_tiles": 4,
+        "intermediate_layers_indices": [0],
+        "vision_output_dim": 64,  # the last layer's features and those of layer 0, concatenated
+    }
+    config = transformers.MllamaConfig(
+        text_config=text, vision_config=vision, image_token_index=tokenizer.convert_tokens_to_ids("<|image|>")
+    )
+    model = _init(transformers.MllamaForConditionalGeneration, config, seed, tokenizer)
+    # The cross-attention layer's tanh gates start closed (checkpoints open them): images would have
+    # no effect at all on a random model.
+    cross_attention_layer = model.model.language_model.layers[1]
+    with torch.no_grad():
+        cross_attention_layer.cross_attn_attn_gate.fill_(1.0)
+        cross_attention_layer.cross_attn_mlp_gate.fill_(1.0)
     return TinyModel(model, processor, tokenizer)
 
 
@@ -864,7 +931,9 @@ def _build_gemma4(seed: int) -> TinyModel:
         },
         add_bos=True,
     )
-    image_processor = transformers.Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
+    image_processor = transformers.Gemma4ImageProcessorPil(
+        patch_size=4, max_soft_tokens=70, pooling_kernel_size=3
+    )
     with _without_video_processor():
         processor = transformers.Gemma4Processor(
             feature_extractor=transformers.Gemma4AudioFeatureExtractor(),
@@ -954,9 +1023,10 @@ def _build_lm(family: str, seed: int) -> TinyModel:
     gemma, gemma2, gemma3_text: embeddings scaled by sqrt(hidden); RMSNorm uses (1 + weight); tied
     embeddings.
     qwen3: RMSNorm on queries and keys; head_dim is its own setting (128 unless set).
-    qwen2, qwen3: no bos added.
+    qwen3_moe: qwen3 attention; every layer's MLP is a mixture of 4 experts (top-2).
+    qwen2, qwen3, qwen3_moe: no bos added.
     """
-    add_bos = family not in ("qwen2", "qwen3", "gpt2")
+    add_bos = family not in ("qwen2", "qwen3", "qwen3_moe", "gpt2")
     tokenizer = build_tokenizer(add_bos=add_bos)
     vocab = len(tokenizer)
     if family == "gpt2":
@@ -1003,6 +1073,20 @@ def _build_lm(family: str, seed: int) -> TinyModel:
     elif family == "qwen3":
         config = transformers.Qwen3Config(**_text("qwen3", 3, hidden=32, vocab_size=vocab, head_dim=8))
         model_class = transformers.Qwen3ForCausalLM
+    elif family == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(
+            **_text(
+                "qwen3_moe",
+                2,
+                vocab_size=vocab,
+                head_dim=8,
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=16,
+                decoder_sparse_step=1,
+            )
+        )
+        model_class = transformers.Qwen3MoeForCausalLM
     else:
         config_class, model_class, layers, hidden = {
             "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, 4, 32),
@@ -1044,16 +1128,87 @@ BUILDERS: dict[str, Callable[[int], TinyModel]] = {
     "qwen3_vl": functools.partial(_qwen_vl, "qwen3_vl"),
     "internvl": _build_internvl,
     "mistral3": _build_mistral3,
-    "llama4": _build_llama4,
+    "mllama": _build_mllama,
     "fuyu": _build_fuyu,
     "gemma3": _build_gemma3,
     "gemma4": _build_gemma4,
     "paligemma": _build_paligemma,
     **{
         family: functools.partial(_build_lm, family)
-        for family in ("gemma3_text", "gemma", "gemma2", "llama", "mistral", "qwen2", "qwen3", "gpt2")
+        for family in (
+            "gemma3_text",
+            "gemma",
+            "gemma2",
+            "llama",
+            "mistral",
+            "qwen2",
+            "qwen3",
+            "qwen3_moe",
+            "gpt2",
+        )
     },
 }
+
+
+# Families whose layout is known but which are not in the table (see architectures.LLAMA4_LAYOUT).
+OUTSIDE_TABLE_BUILDERS: dict[str, Callable[[int], TinyModel]] = {"llama4": _build_llama4}
+
+
+# ------------------------------------------------------------------------- models outside the table
+# Real transformers classes that have no table entry, for models/convention.py: whether they follow
+# transformers' common layout is what the tests ask, so these TinyModels have no architecture.
+
+
+def build_vipllava(seed: int = 0) -> TinyModel:
+    """VipLlava: LLaVA's layout (model.vision_tower, model.multi_modal_projector,
+    model.language_model, lm_head) and LlavaProcessor; the projector normalises and maps the
+    concatenated features of two CLIP layers (CLS dropped): 16 <image> tokens per image."""
+    tokenizer = build_tokenizer({"image_token": "<image>"}, add_bos=True)
+    image_processor = transformers.CLIPImageProcessorPil(
+        size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
+    )
+    processor = transformers.LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    config = transformers.VipLlavaConfig(
+        text_config=_text("llama", 2, vocab_size=len(tokenizer)),
+        vision_config=_clip_vision(),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=16,
+        vision_feature_layers=[-2, -1],
+    )
+    return TinyModel(
+        _init(transformers.VipLlavaForConditionalGeneration, config, seed, tokenizer), processor, tokenizer
+    )
+
+
+def build_phi3(seed: int = 0) -> TinyModel:
+    """Phi3ForCausalLM: the common causal-LM layout (model.layers, model.norm, lm_head), rotary."""
+    tokenizer = build_tokenizer(add_bos=True)
+    config = transformers.Phi3Config(**_text("phi3", 2, vocab_size=len(tokenizer)))
+    return TinyModel(_init(transformers.Phi3ForCausalLM, config, seed, tokenizer), tokenizer, tokenizer)
+
+
+def build_opt(seed: int = 0) -> TinyModel:
+    """OPTForCausalLM: its decoder stack is model.decoder.layers, with learned absolute positions."""
+    tokenizer = build_tokenizer(add_bos=True)
+    config = transformers.OPTConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    return TinyModel(_init(transformers.OPTForCausalLM, config, seed, tokenizer), tokenizer, tokenizer)
 
 
 @functools.cache

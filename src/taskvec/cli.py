@@ -14,27 +14,40 @@ def _command_models(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from taskvec.models import ARCHITECTURES
+    from taskvec.models.image_settings import image_settings_for
     from taskvec.models.loading import named_models
 
     if args.json:
         named = [
-            {"names": list(m.names), "base_lm": m.base_lm, "description": m.description}
+            {
+                "names": list(m.names),
+                "base_lm": m.base_lm,
+                "description": m.description,
+                "image_width": m.image_width,
+            }
             for m in named_models()
         ]
-        print(
-            json.dumps(
-                {"architectures": [asdict(entry) for entry in ARCHITECTURES], "named": named}, indent=1
-            )
-        )
+        architectures = [
+            {**asdict(entry), "image_settings": image_settings_for(entry).as_record()}
+            for entry in ARCHITECTURES
+        ]
+        print(json.dumps({"architectures": architectures, "named": named}, indent=1))
         return 0
-    print(f"{'family':16s} {'model class':40s} {'images':7s} layers path")
+    print(f"{'family':16s} {'model class':42s} {'images':7s} {'sweep':9s} image settings (default width 224)")
     for entry in ARCHITECTURES:
         images = "yes" if entry.is_vision_language else "-"
-        print(f"{entry.family:16s} {entry.model_class:40s} {images:7s} {entry.layers_path}")
+        sweep = "one-pass" if entry.cached_step and not entry.bidirectional_prompt else "batched"
+        defaults = (*entry.image_defaults, *entry.image_processor_defaults)
+        settings = ", ".join(f"{key}={value!r}" for key, value in defaults) or "-"
+        shown = settings if entry.is_vision_language else ""
+        print(f"{entry.family:16s} {entry.model_class:42s} {images:7s} {sweep:9s} {shown}")
     print()
     for model in named_models():
         print(f"{model.names[0]!r}: {model.description}")
-    print("Any local checkpoint directory of the classes above loads by path.")
+    print(
+        "Checkpoints of the classes above load by directory or hub id (org/name, --revision); other"
+        " image-text models load if they follow transformers' common layout (with a warning)."
+    )
     return 0
 
 
@@ -537,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _show_taskvec_warnings_as_lines()
         try:
             return int(args.run(args))
-        except (ValueError, FileNotFoundError, LookupError) as error:
+        except (ValueError, OSError, LookupError) as error:
             # Bad input (unknown architecture, malformed task file, missing image...) reads as one line.
             print(f"taskvec: error: {error}", file=sys.stderr)
             return 2

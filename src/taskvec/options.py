@@ -281,5 +281,7 @@ class ModelOptions:
     """The options every single-model command shares (demo, extract, patch, sweep, lens); how the
     model loads (device, dtype, quantization, ...) is `taskvec.models.LoadOptions`."""
 
-    model: str = option("default", "'default' (LM), 'default-vlm', a checkpoint directory or a hub id (org/name)")
+    model: str = option(
+        "default", "'default' (LM), 'default-vlm', a checkpoint directory or a hub id (org/name)"
+    )
     json: bool = option(False, "machine-readable output")

@@ -26,6 +26,8 @@ def record_residuals(
 
     `positions` is one index for all rows, a list for all rows, or a [batch, n] tensor of per-row
     indices (negative counts from the end). Layers above the highest requested one are not run.
+    A layer the model's forward skips (Mllama's cross-attention layers on a prompt without images)
+    leaves the residual stream as it was: its residual is that of the closest layer below it.
     """
     wanted = list(range(handle.num_layers)) if layers is None else [i % handle.num_layers for i in layers]
     batch = inputs["input_ids"].shape[0]
@@ -50,7 +52,7 @@ def record_residuals(
 
     # Patch hooks are registered first so that a patched layer records its patched output.
     with patch_at(handle, patches):
-        hooks = [handle.layers[i].register_forward_hook(make_hook(i)) for i in set(wanted)]
+        hooks = [handle.layers[i].register_forward_hook(make_hook(i)) for i in range(top + 1)]
         try:
             handle.model(**inputs, use_cache=False)
         except StopForward:
@@ -59,4 +61,11 @@ def record_residuals(
             for registered in hooks:
                 registered.remove()
     # With a device map the layers' outputs sit on different devices: each is copied on its own.
-    return torch.stack([to_cpu_float32(recorded[i]) for i in wanted], dim=1)
+    return torch.stack([to_cpu_float32(_residual_after(recorded, i)) for i in wanted], dim=1)
+
+
+def _residual_after(recorded: dict[int, torch.Tensor], layer: int) -> torch.Tensor:
+    ran = [index for index in recorded if index <= layer]
+    if not ran:
+        raise ValueError(f"the forward pass ran none of decoder layers 0..{layer}: no residual to record")
+    return recorded[max(ran)]

@@ -18,8 +18,8 @@ from taskvec.experiments.results import RunResults
 from taskvec.experiments.runner import load_run_tasks, run_analyses_of_run, run_experiments
 from taskvec.experiments.tables import format_tables
 from taskvec.models import ModelHandle, load_model
-from taskvec.models.loading import named_model
 from taskvec.models.load_options import LoadOptions
+from taskvec.models.loading import named_model
 from taskvec.options import option, options_from_args
 
 

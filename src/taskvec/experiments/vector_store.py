@@ -18,7 +18,14 @@ from taskvec.experiments.config import RunConfig
 from taskvec.models import ModelHandle
 from taskvec.prompts import DEFAULT_TEMPLATE
 from taskvec.tasks import Task
-from taskvec.vectors import TaskVector, VectorSpec, extract_vector, load_task_vector, parse_spec
+from taskvec.vectors import (
+    TaskVector,
+    VectorFileError,
+    VectorSpec,
+    extract_vector,
+    load_task_vector,
+    parse_spec,
+)
 from taskvec.vectors.task_vector import save_task_vector
 
 # Which model of the run a vector is read from: the model under study, or its base language model.
@@ -124,12 +131,11 @@ class VectorStore:
         key = self.cache.key(self.identity(handle, task, kind, seed))
         path = self.vector_path(role, task, kind, seed)
         needs_residuals = kind is not VectorSpec.INSTRUCTION
-        if (
-            path.is_file()
-            and load_task_vector(path).metadata.get("cache_key") == key
-            and (not needs_residuals or self.residuals_path(role, task, kind, seed, key).is_file())
+        cached = _cached_vector(path, key)
+        if cached is not None and (
+            not needs_residuals or self.residuals_path(role, task, kind, seed, key).is_file()
         ):
-            vector = load_task_vector(path)
+            vector = cached
         else:
             vector = self._extract(role, handle, task, kind, seed, key)
         self._memory[memo] = (vector, key)
@@ -167,3 +173,15 @@ class VectorStore:
         vector.metadata.update({"cache_key": key, "role": role, "seed": seed})
         save_task_vector(vector, self.vector_path(role, task, spec, seed))
         return vector
+
+
+def _cached_vector(path: Path, key: str) -> TaskVector | None:
+    """The vector file of this step, if it exists, reads and was made for it; a torn or stale file
+    (a run killed mid-write, an old key) is extracted again."""
+    if not path.is_file():
+        return None
+    try:
+        vector = load_task_vector(path)
+    except VectorFileError:
+        return None
+    return vector if vector.metadata.get("cache_key") == key else None

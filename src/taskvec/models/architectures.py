@@ -8,7 +8,7 @@ size: on Qwen2-VL the vision tower's ModuleList is longer than the text model's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 # How a model numbers positions, which a hand-built decode step must reproduce:
@@ -60,9 +60,13 @@ class Architecture:
     # False when a hand-built decode step on a prefix's KV cache cannot reproduce a full forward
     # exactly (e.g. images entering through cross-attention); sweeps then use the batched path.
     cached_step: bool = True
-    # Processor keyword arguments that make image handling match the paper (e.g. Idefics2 without
+    # Processor keyword arguments that make image handling match the paper (e.g. SmolVLM without
     # image splitting); a user's processor_kwargs override them.
     image_defaults: tuple[tuple[str, object], ...] = ()
+    # The same, for settings a processor reads only from its image processor's attributes, so they
+    # must be set there once the processor is loaded: Idefics2Processor counts an image's tokens from
+    # `image_processor.do_image_splitting`, and a call argument would change the pixels only.
+    image_processor_defaults: tuple[tuple[str, object], ...] = ()
     # Activations exceed fp16's range (Gemma's scaled embeddings and norms): fp16 is refused.
     fp16_overflows: bool = False
 
@@ -80,8 +84,16 @@ class Architecture:
         return tuple(path for path in (self.vision_tower_path, self.projector_path) if path is not None)
 
 
-def _causal_lm(family: str, model_class: str) -> Architecture:
-    return Architecture(family, model_class, "model.layers", "model.norm", "lm_head", text_model_path="model")
+def _causal_lm(family: str, model_class: str, fp16_overflows: bool = False) -> Architecture:
+    return Architecture(
+        family,
+        model_class,
+        "model.layers",
+        "model.norm",
+        "lm_head",
+        text_model_path="model",
+        fp16_overflows=fp16_overflows,
+    )
 
 
 def _vlm(
@@ -127,9 +139,15 @@ def _vlm(
     )
 
 
-def _idefics(family: str, model_class: str) -> Architecture:
+# The checkpoints' processors split each image into tiles plus the whole image; the paper's code
+# turns that off for Idefics2 (64 tokens per image instead of 320). Idefics3 and SmolVLM take the
+# same option (the whole image at their `max_image_size` instead of a grid of tiles plus it).
+WITHOUT_IMAGE_SPLITTING: tuple[tuple[str, object], ...] = (("do_image_splitting", False),)
+
+
+def _idefics(family: str, model_class: str, image_splitting_by_attribute: bool = False) -> Architecture:
     """Idefics-style: a `vision_model` tower, then a `connector` (perceiver or pixel shuffle)."""
-    return _vlm(
+    architecture = _vlm(
         family,
         model_class,
         "<image>",
@@ -137,6 +155,9 @@ def _idefics(family: str, model_class: str) -> Architecture:
         vision_tower="model.vision_model",
         projector="model.connector",
     )
+    if image_splitting_by_attribute:
+        return replace(architecture, image_processor_defaults=WITHOUT_IMAGE_SPLITTING)
+    return replace(architecture, image_defaults=WITHOUT_IMAGE_SPLITTING)
 
 
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -166,11 +187,35 @@ def _qwen_vl(family: str, model_class: str, notes: str = "") -> Architecture:
     )
 
 
+# Llama 4's layout, kept out of the table because transformers 5.24 cannot run the model: every
+# Llama4ForConditionalGeneration.forward raises AttributeError, reading `image_outputs` from its text
+# model's output (MoeCausalLMOutputWithPast has no such field; modeling_llama4.py, the return
+# statement of Llama4ForConditionalGeneration.forward). tests/test_families.py checks this layout on
+# a tiny model and fails once a transformers release runs it: the entry then belongs in the table.
+LLAMA4_LAYOUT = _vlm(
+    "llama4",
+    "Llama4ForConditionalGeneration",
+    "<|image|>",
+    # No inner `model`: the text model is a whole Llama4ForCausalLM, with its own lm_head.
+    text_model="language_model.model",
+    unembed="language_model.lm_head",
+    vision_tower="vision_model",
+    projector="multi_modal_projector",
+    notes="its image processor (Llama4ImageProcessor) needs torchvision",
+)
+
 ARCHITECTURES: tuple[Architecture, ...] = (
     _vlm("llava", "LlavaForConditionalGeneration", "<image>"),
-    _vlm("llava_next", "LlavaNextForConditionalGeneration", "<image>"),
+    _vlm(
+        "llava_next",
+        "LlavaNextForConditionalGeneration",
+        "<image>",
+        notes="anyres tiling gives ~1.2k tokens per 224px image (1176 for 224x224 with LLaVA-1.6's "
+        "pinpoints) and no processor keyword lowers it: the model derives the tile grid from "
+        "config.image_grid_pinpoints, so a processor given other pinpoints sends tiles it misreads",
+    ),
     _vlm("llava_onevision", "LlavaOnevisionForConditionalGeneration", "<image>"),
-    _idefics("idefics2", "Idefics2ForConditionalGeneration"),
+    _idefics("idefics2", "Idefics2ForConditionalGeneration", image_splitting_by_attribute=True),
     _idefics("idefics3", "Idefics3ForConditionalGeneration"),
     _idefics("smolvlm", "SmolVLMForConditionalGeneration"),
     _qwen_vl("qwen2_vl", "Qwen2VLForConditionalGeneration"),
@@ -189,15 +234,12 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         notes="its processor (PixtralProcessor) needs torchvision",
     ),
     _vlm(
-        "llama4",
-        "Llama4ForConditionalGeneration",
+        "mllama",
+        "MllamaForConditionalGeneration",
         "<|image|>",
-        # No inner `model`: the text model is a whole Llama4ForCausalLM, with its own lm_head.
-        text_model="language_model.model",
-        unembed="language_model.lm_head",
-        vision_tower="vision_model",
-        projector="multi_modal_projector",
-        notes="its image processor (Llama4ImageProcessor) needs torchvision",
+        vision_tower="model.vision_model",
+        notes="images enter through cross-attention decoder layers, which a forward without images "
+        "skips; a decode step needs the last row of cross_attention_mask",
     ),
     _vlm(
         "fuyu",
@@ -212,30 +254,38 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         image_batching="single",
         processor_kwargs=(("return_legacy_image_output", False),),
     ),
-    _vlm("gemma3", "Gemma3ForConditionalGeneration", "<start_of_image>"),
-    _vlm(
-        "gemma4",
-        "Gemma4ForConditionalGeneration",
-        "<|image|>",
-        # The soft tokens go through `embed_vision` (a norm and one linear map) into the text model.
-        projector="model.embed_vision",
-        notes="images enter as soft tokens that attend to each other bidirectionally; the last "
-        "decoder layers may reuse earlier layers' keys and values (num_kv_shared_layers)",
+    replace(_vlm("gemma3", "Gemma3ForConditionalGeneration", "<start_of_image>"), fp16_overflows=True),
+    replace(
+        _vlm(
+            "gemma4",
+            "Gemma4ForConditionalGeneration",
+            "<|image|>",
+            # The soft tokens go through `embed_vision` (a norm and one linear map) into the text model.
+            projector="model.embed_vision",
+            notes="images enter as soft tokens that attend to each other bidirectionally; the last "
+            "decoder layers may reuse earlier layers' keys and values (num_kv_shared_layers)",
+        ),
+        fp16_overflows=True,
     ),
-    _vlm(
-        "paligemma",
-        "PaliGemmaForConditionalGeneration",
-        "<image>",
-        bidirectional_prompt=True,
-        notes="a prefix LM: prompt tokens attend to the whole prompt, so sweeps use the batched path",
+    replace(
+        _vlm(
+            "paligemma",
+            "PaliGemmaForConditionalGeneration",
+            "<image>",
+            bidirectional_prompt=True,
+            notes="a prefix LM: prompt tokens attend to the whole prompt, so sweeps use the batched path",
+        ),
+        # PaliGemma 2 (the same class) is built on Gemma 2.
+        fp16_overflows=True,
     ),
-    _causal_lm("gemma3_text", "Gemma3ForCausalLM"),
+    _causal_lm("gemma3_text", "Gemma3ForCausalLM", fp16_overflows=True),
     _causal_lm("gemma", "GemmaForCausalLM"),
-    _causal_lm("gemma2", "Gemma2ForCausalLM"),
+    _causal_lm("gemma2", "Gemma2ForCausalLM", fp16_overflows=True),
     _causal_lm("llama", "LlamaForCausalLM"),
     _causal_lm("mistral", "MistralForCausalLM"),
     _causal_lm("qwen2", "Qwen2ForCausalLM"),
     _causal_lm("qwen3", "Qwen3ForCausalLM"),
+    _causal_lm("qwen3_moe", "Qwen3MoeForCausalLM"),
     Architecture(
         "gpt2",
         "GPT2LMHeadModel",

@@ -16,7 +16,12 @@ from typing import Any
 
 import torch
 
-from taskvec.models.architectures import Architecture, UnsupportedArchitectureError, architecture_for_class
+from taskvec.models.architectures import (
+    Architecture,
+    UnsupportedArchitectureError,
+    architecture_for_class,
+    supported_classes,
+)
 
 TEXT_MODEL = "model.language_model"
 CAUSAL_LM_TEXT_MODEL = "model"
@@ -51,15 +56,17 @@ def resolve_architecture(model: torch.nn.Module, processor: Any) -> Architecture
 
 
 def architecture_by_convention(model: torch.nn.Module, processor: Any) -> Architecture:
-    model_class = type(model).__name__
+    """The entry transformers' common layout gives the model; raises UnsupportedArchitectureError."""
     if _module_at(model, TEXT_MODEL) is not None:
         return _image_text_architecture(model, processor)
-    if model_class.endswith("ForCausalLM") and _module_at(model, f"{CAUSAL_LM_TEXT_MODEL}.layers") is not None:
+    is_causal_lm = type(model).__name__.endswith("ForCausalLM")
+    if is_causal_lm and _module_at(model, f"{CAUSAL_LM_TEXT_MODEL}.layers") is not None:
         return _causal_lm_architecture(model)
+    causal_lm_problem = f"no {CAUSAL_LM_TEXT_MODEL}.layers" if is_causal_lm else "not a *ForCausalLM"
     raise UnsupportedArchitectureError(
-        f"unsupported architecture {model_class!r}: not in the table, and it follows neither of "
-        f"transformers' common layouts (no {TEXT_MODEL} for an image-text model; a *ForCausalLM "
-        f"with {CAUSAL_LM_TEXT_MODEL}.layers for a text model)"
+        f"unsupported architecture {type(model).__name__!r}: not in the table, and it follows neither "
+        f"of transformers' common layouts: no {TEXT_MODEL} (image-text layout); "
+        f"{causal_lm_problem} (causal-LM layout); {_table_classes()}"
     )
 
 
@@ -134,8 +141,12 @@ def _raise_if_any(model: torch.nn.Module, problems: list[str]) -> None:
     if problems:
         raise UnsupportedArchitectureError(
             f"unsupported architecture {type(model).__name__!r}: not in the table, and it does not "
-            f"follow transformers' common layout: {'; '.join(problems)}"
+            f"follow transformers' common layout: {'; '.join(problems)}; {_table_classes()}"
         )
+
+
+def _table_classes() -> str:
+    return f"the table's classes: {', '.join(supported_classes())}"
 
 
 def _module_at(root: torch.nn.Module, dotted_path: str) -> torch.nn.Module | None:
@@ -159,4 +170,6 @@ def _family(model: torch.nn.Module) -> str:
 
 def _attends_bidirectionally(model: torch.nn.Module) -> bool:
     # PaliGemma-style prefix LMs set this on their text config: prompt tokens see later prompt tokens.
-    return bool(getattr(_text_config(model), "use_bidirectional_attention", False))
+    # Gemma 4's "vision" makes only each image's own tokens see each other, which keeps text causal.
+    setting = getattr(_text_config(model), "use_bidirectional_attention", None)
+    return setting is True or setting == "all"

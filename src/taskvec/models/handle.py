@@ -207,6 +207,7 @@ class ModelHandle:
             if any(len(row) != 1 for row in rgb):
                 raise MissingImageError(f"{self.architecture.family}: {self.architecture.notes}")
             batched = [row[0] for row in rgb]
+        self.image_settings.apply_to(self.processor)
         return self.processor(
             text=texts,
             images=batched,

@@ -199,7 +199,7 @@ def is_placed_by_loader(model: torch.nn.Module) -> bool:
 
 
 def _load_processor(source: CheckpointSource, options: LoadOptions, is_vision_language: bool) -> Any:
-    common = {"trust_remote_code": options.trust_remote_code}
+    common: dict[str, Any] = {"trust_remote_code": options.trust_remote_code}
     if source.pinned_revision is not None:
         common["revision"] = source.pinned_revision
     loader = transformers.AutoProcessor if is_vision_language else transformers.AutoTokenizer

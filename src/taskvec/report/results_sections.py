@@ -49,6 +49,7 @@ def overview(results: RunResults) -> str:
         ["model", escape(meta.model)],
         ["base LM", escape(meta.llm or "–")],
         ["model fingerprint", escape(meta.model_fingerprint)],
+        ["loaded as", escape(loaded_as(meta.model_settings))],
         ["taskvec", escape(meta.taskvec)],
         ["started", escape(meta.started)],
         ["seconds", number(meta.seconds, 0)],
@@ -62,7 +63,29 @@ def overview(results: RunResults) -> str:
     for message in meta.notes:
         text += note(message)
     config = json.dumps(to_json(results.config), indent=1)
-    return text + f"<details><summary>configuration</summary><pre>{escape(config)}</pre></details>"
+    text += f"<details><summary>configuration</summary><pre>{escape(config)}</pre></details>"
+    models = json.dumps({"model": meta.model_settings, "base LM": meta.llm_settings}, indent=1)
+    return text + f"<details><summary>model loading</summary><pre>{escape(models)}</pre></details>"
+
+
+def loaded_as(settings: dict[str, Any]) -> str:
+    """One line: which snapshot, on what, in which dtype, how images were prepared."""
+    if not settings:
+        return "–"
+    source = settings.get("source", {})
+    where = f"{source['repo_id']} @ {source['commit'][:12]}" if "commit" in source else source.get("path", "")
+    loading = settings.get("loading", {})
+    parts = [where, settings.get("family", ""), loading.get("device", ""), loading.get("dtype", "")]
+    if loading.get("quantization"):
+        parts.append(loading["quantization"])
+    if loading.get("device_map"):
+        parts.append(f"device map {loading['device_map']}")
+    images = settings.get("images", {})
+    if images.get("width"):
+        parts.append(f"images width {images['width']}")
+    if images.get("processor_kwargs"):
+        parts.append(f"processor {json.dumps(images['processor_kwargs'])}")
+    return ", ".join(part for part in parts if part)
 
 
 def claims_section(claims: Sequence[Claim]) -> str:

@@ -12,15 +12,27 @@ from taskvec.vectors.extract import (
     sample_demonstrations,
 )
 from taskvec.vectors.spec import EXTRACTABLE_SPECS, VectorSpec, parse_spec
-from taskvec.vectors.task_vector import TaskVector, load_task_vector, save_task_vector
+from taskvec.vectors.task_vector import (
+    MissingVectorFileError,
+    TaskVector,
+    VectorFileError,
+    check_layers,
+    check_vector_fits,
+    load_task_vector,
+    save_task_vector,
+)
 
 __all__ = [
     "EXTRACTABLE_SPECS",
     "Extraction",
     "MarkerResiduals",
+    "MissingVectorFileError",
     "TaskVector",
     "TooFewDemonstrationsError",
+    "VectorFileError",
     "VectorSpec",
+    "check_layers",
+    "check_vector_fits",
     "exemplar_vector",
     "extract_vector",
     "icl_prompts",

@@ -131,9 +131,9 @@ def load_vlm_from_parts(
 
 def load_default_vlm(options: LoadOptions) -> ModelHandle:
     """The default VLM shipped with taskvec (`load_model("default-vlm")`), on one device."""
-    for name, value in (("device_map", options.device_map), ("quantization", options.quantization)):
+    for flag, value in (("--device-map", options.device_map), ("--quantization", options.quantization)):
         if value is not None:
-            raise ValueError(f"the default VLM loads whole on one device; --{name.replace('_', '-')} applies to checkpoints")
+            raise ValueError(f"the default VLM loads whole on one device; {flag} applies to checkpoints")
     if not (SHIPPED_PARTS_DIR / CARD_FILE).is_file():
         raise DefaultVLMMissingError(
             f"the default VLM's trained parts are missing from {SHIPPED_PARTS_DIR}; "
