@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models of every family wrapped in taskvec handles."""
+"""Shared fixtures and helpers: tiny random models of every family wrapped in taskvec handles, in
+any dtype, and the comparisons of engine and analysis results across dtypes and devices."""
 
 from __future__ import annotations
 

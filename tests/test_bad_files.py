@@ -211,3 +211,16 @@ def test_patch_refuses_a_layer_out_of_range(
     assert one_line_error(capsys) == f"taskvec: error: {expected}"
     assert main([*patch_argv(model_dir, path, layer=-1), "--json"]) == 0
     assert set(json.loads(capsys.readouterr().out)) >= {"patched", "unpatched"}
+
+
+def test_a_patch_of_the_wrong_width_names_both_widths_in_the_library_too() -> None:
+    from taskvec.engine import Patch, generate_greedy
+    from taskvec.engine.patching import PatchShapeError
+
+    handle = tiny_handle("llama")
+    inputs = handle.build_inputs(["Q:France\nA:"])
+    wrong = torch.zeros(handle.hidden_size + 8)
+    with pytest.raises(
+        PatchShapeError, match=f"{handle.hidden_size + 8} values .* {handle.hidden_size} wide"
+    ):
+        generate_greedy(handle, inputs, [Patch(1, wrong)])

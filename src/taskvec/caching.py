@@ -46,6 +46,10 @@ def model_fingerprint(handle: ModelHandle) -> str:
     if settings != {"images": {"width": None, "processor_kwargs": {}}, "attention": None}:
         hasher.update(digest(settings).encode())
     for name, parameter in handle.model.named_parameters():
+        if parameter.is_meta:
+            # Offloaded by a device map: its values live on disk or in CPU memory behind a hook.
+            hasher.update(f"{name}{tuple(parameter.shape)}{parameter.dtype}".encode())
+            continue
         flat = parameter.detach().reshape(-1)
         sample = torch.cat([flat[:2048], flat[-2048:]]).float().cpu().numpy().tobytes()
         hasher.update(name.encode())

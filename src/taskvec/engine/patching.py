@@ -15,6 +15,10 @@ from taskvec.models.handle import ModelHandle
 PatchMode = Literal["replace", "add"]
 
 
+class PatchShapeError(ValueError):
+    """A patch vector's width is not the model's hidden size."""
+
+
 @dataclass(frozen=True)
 class Patch:
     """One intervention on the output of decoder layer `layer`.
@@ -37,7 +41,12 @@ class Patch:
         The vector moves to the layer output's device and dtype: with a device map each layer runs
         on its own device, and a bf16 model must not turn its residual stream into float32.
         """
-        batch, length, _ = hidden.shape
+        batch, length, width = hidden.shape
+        if self.vector.shape[-1] != width:
+            raise PatchShapeError(
+                f"a patch vector of {self.vector.shape[-1]} values cannot go into layer {self.layer}, "
+                f"whose residual stream is {width} wide (a vector of another model?)"
+            )
         rows = torch.arange(batch) if self.rows is None else torch.as_tensor(list(self.rows))
         if isinstance(self.position, int):
             positions = torch.full((len(rows),), self.position)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 
 from taskvec.engine.decode_positions import last_token_position_ids
+from taskvec.engine.devices import to_cpu_float32
 from taskvec.engine.layer_outputs import last_logits_only
 from taskvec.engine.lens import logit_lens
 from taskvec.engine.patching import Patch, PatchMode, patch_at
@@ -96,7 +97,8 @@ def sweep_layers(
     scale: float = 1.0,
     method: SweepMethod = "auto",
 ) -> torch.Tensor:
-    """Logits [len(layers), vocab] at the last position of one prompt, patched at each layer.
+    """Logits [len(layers), vocab] (float32, on the CPU) at the last position of one prompt,
+    patched at each layer.
 
     `vectors` is one vector for every layer ([hidden]) or one per model layer ([num_layers, hidden]),
     as extracted task vectors are.
@@ -113,11 +115,11 @@ def sweep_layers(
                 f"{handle.architecture.family} {reason}, so the one-pass sweep does not apply; "
                 "use method='batched' or 'auto'"
             )
-        return _sweep_one_pass(handle, inputs, chosen, per_layer, mode, scale)
+        return to_cpu_float32(_sweep_one_pass(handle, inputs, chosen, per_layer, mode, scale))
     if method == "batched":
-        return _sweep_batched(handle, inputs, chosen, per_layer, mode, scale)
+        return to_cpu_float32(_sweep_batched(handle, inputs, chosen, per_layer, mode, scale))
     if method == "naive":
-        return _sweep_naive(handle, inputs, chosen, per_layer, mode, scale)
+        return to_cpu_float32(_sweep_naive(handle, inputs, chosen, per_layer, mode, scale))
     raise ValueError(f"unknown sweep method {method!r}; use auto, one_pass, batched or naive")
 
 

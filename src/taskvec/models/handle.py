@@ -11,6 +11,7 @@ from PIL import Image
 
 from taskvec.models.architectures import Architecture
 from taskvec.models.convention import resolve_architecture
+from taskvec.models.devices import compute_dtype, execution_device
 from taskvec.models.image_settings import ImageSettings, image_settings_for
 
 # Prompts throughout taskvec mark an image with this text; the handle rewrites it into whatever the
@@ -133,17 +134,17 @@ class ModelHandle:
 
     @property
     def device(self) -> torch.device:
-        """Where inputs go: the token embedding's device (with a device map, the first GPU's)."""
-        return self._embedding_weight().device
+        """Where inputs go: where the token embedding computes (with a device map, its GPU, even
+        when its weights are offloaded between calls)."""
+        return execution_device(self._embeddings()) or torch.device("cpu")
 
     @property
     def dtype(self) -> torch.dtype:
         """The dtype activations run in; a quantized model's first weights may be packed integers."""
-        return self._embedding_weight().dtype
+        return compute_dtype(self._embeddings()) or torch.float32
 
-    def _embedding_weight(self) -> torch.Tensor:
-        embeddings = self.model.get_input_embeddings()  # type: ignore[operator]
-        return embeddings.weight
+    def _embeddings(self) -> torch.nn.Module:
+        return self.model.get_input_embeddings()  # type: ignore[operator]
 
     @property
     def context_length(self) -> int | None:
