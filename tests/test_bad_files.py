@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import tiny_handle
 from safetensors.torch import save_file
-from tiny_models import build_tiny
+from tiny_models import save_tiny_checkpoint
 
 from taskvec.cli import main
 from taskvec.vectors import TaskVector, load_task_vector, save_task_vector
@@ -27,11 +27,7 @@ LAYERS, HIDDEN = 3, 32
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tiny = build_tiny("llava")
-    directory = tmp_path_factory.mktemp("models") / "tiny-llava"
-    tiny.model.save_pretrained(directory)
-    tiny.processor.save_pretrained(directory)
-    return directory
+    return save_tiny_checkpoint("llava", tmp_path_factory.mktemp("models") / "tiny-llava")
 
 
 def write_vector(path: Path, layers: int = LAYERS, hidden: int = HIDDEN, model: str = "tiny-llava") -> Path:

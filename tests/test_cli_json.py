@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from run_fixtures import write_task_file
-from tiny_models import build_tiny
+from tiny_models import save_tiny_checkpoint
 
 import taskvec.models
 import taskvec.vlm.card
@@ -60,11 +60,7 @@ def test_models_and_tasks_print_json(capsys: pytest.CaptureFixture[str]) -> None
 
 @pytest.fixture(scope="module")
 def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tiny = build_tiny("llava")
-    directory = tmp_path_factory.mktemp("models") / "tiny-llava"
-    tiny.model.save_pretrained(directory)
-    tiny.processor.save_pretrained(directory)
-    return directory
+    return save_tiny_checkpoint("llava", tmp_path_factory.mktemp("models") / "tiny-llava")
 
 
 def test_demo_prints_json_on_a_tiny_model(

@@ -22,6 +22,7 @@ import math
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -274,20 +275,26 @@ def _siglip_vision(image_size: int = 16, patch_size: int = 4, layers: int = 2) -
     }
 
 
-def _build_llava(seed: int) -> TinyModel:
-    """CLIP tower (16px images, 4px patches, feature layer -2, CLS dropped): 16 <image> tokens per
-    image. Several images per prompt work."""
+def _llava_processor() -> transformers.LlavaProcessor:
+    """CLIP preprocessing at 16 px, 4 px patches: 16 <image> tokens per image (CLS dropped)."""
     tokenizer = build_tokenizer({"image_token": "<image>"}, add_bos=True)
     image_processor = transformers.CLIPImageProcessorPil(
         size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
     )
-    processor = transformers.LlavaProcessor(
+    return transformers.LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=4,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
+
+
+def _build_llava(seed: int) -> TinyModel:
+    """CLIP tower (16px images, 4px patches, feature layer -2, CLS dropped): 16 <image> tokens per
+    image. Several images per prompt work."""
+    processor = _llava_processor()
+    tokenizer = processor.tokenizer
     config = transformers.LlavaConfig(
         text_config=_text("llama", 3, vocab_size=len(tokenizer)),
         vision_config=_clip_vision(),
@@ -1163,17 +1170,8 @@ def build_vipllava(seed: int = 0) -> TinyModel:
     """VipLlava: LLaVA's layout (model.vision_tower, model.multi_modal_projector,
     model.language_model, lm_head) and LlavaProcessor; the projector normalises and maps the
     concatenated features of two CLIP layers (CLS dropped): 16 <image> tokens per image."""
-    tokenizer = build_tokenizer({"image_token": "<image>"}, add_bos=True)
-    image_processor = transformers.CLIPImageProcessorPil(
-        size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
-    )
-    processor = transformers.LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=4,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
+    processor = _llava_processor()
+    tokenizer = processor.tokenizer
     config = transformers.VipLlavaConfig(
         text_config=_text("llama", 2, vocab_size=len(tokenizer)),
         vision_config=_clip_vision(),
@@ -1216,6 +1214,14 @@ def build_tiny(family: str, seed: int = 0) -> TinyModel:
     if family not in BUILDERS:
         raise ValueError(f"no tiny builder for family {family!r}; builders: {sorted(BUILDERS)}")
     return BUILDERS[family](seed)
+
+
+def save_tiny_checkpoint(family: str, directory: Path) -> Path:
+    """The tiny model of `family` saved as a Hugging Face checkpoint directory (weights, processor)."""
+    tiny = build_tiny(family)
+    tiny.model.save_pretrained(directory)
+    tiny.processor.save_pretrained(directory)
+    return directory
 
 
 def make_inputs(

@@ -51,14 +51,11 @@ class Architecture:
     image_batching: ImageBatching = "per_prompt"
     # Extra keyword arguments the processor needs whenever it is given images.
     processor_kwargs: tuple[tuple[str, object], ...] = ()
-    # Where a mrope model keeps the per-row position offsets of its last forward with images (stale
-    # after any other prompt: hand-built decode steps number positions with rope_index_path instead).
-    rope_deltas_path: str | None = None
     # A mrope model's method numbering a whole prompt's positions from its input_ids and image grids
     # (Qwen's get_rope_index), returning (position_ids [3, batch, length], deltas).
     rope_index_path: str | None = None
     # False when a hand-built decode step on a prefix's KV cache cannot reproduce a full forward
-    # exactly (e.g. images entering through cross-attention); sweeps then use the batched path.
+    # exactly; sweeps then use the batched path. (Every entry's step is exact today, tests/test_positions.py.)
     cached_step: bool = True
     # Processor keyword arguments that make image handling match the paper (e.g. SmolVLM without
     # image splitting); a user's processor_kwargs override them.
@@ -111,7 +108,6 @@ def _vlm(
     bidirectional_prompt: bool = False,
     image_batching: ImageBatching = "per_prompt",
     processor_kwargs: tuple[tuple[str, object], ...] = (),
-    rope_deltas_path: str | None = None,
     rope_index_path: str | None = None,
     cached_step: bool = True,
     image_defaults: tuple[tuple[str, object], ...] = (),
@@ -132,7 +128,6 @@ def _vlm(
         projector_path=projector,
         image_batching=image_batching,
         processor_kwargs=processor_kwargs,
-        rope_deltas_path=rope_deltas_path,
         rope_index_path=rope_index_path,
         cached_step=cached_step,
         image_defaults=image_defaults,
@@ -181,7 +176,6 @@ def _qwen_vl(family: str, model_class: str, notes: str = "") -> Architecture:
         projector="model.visual.merger",
         notes=notes,
         position_style="mrope",
-        rope_deltas_path="model.rope_deltas",
         rope_index_path="model.get_rope_index",
         image_defaults=QWEN_IMAGE_DEFAULTS,
     )
