@@ -278,3 +278,11 @@ def test_a_model_outside_the_table_loads_by_convention_with_a_warning(tmp_path: 
     torch.testing.assert_close(
         record_residuals(handle, inputs)[:, 0], reference[1][:, -1:], atol=1e-5, rtol=1e-4
     )
+
+
+def test_a_checkpoint_whose_processor_does_not_load_gets_one_line(tmp_path: Path) -> None:
+    tiny = build_tiny("llava")
+    tiny.model.save_pretrained(tmp_path / "weights-only")
+    with pytest.raises(ValueError, match=r"weights-only: its processor does not load \(") as raised:
+        load_model(tmp_path / "weights-only")
+    assert "\n" not in str(raised.value)

@@ -208,7 +208,10 @@ def _load_processor(source: CheckpointSource, options: LoadOptions, is_vision_la
     except (OSError, ValueError, KeyError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         kind = "processor" if is_vision_language else "tokenizer"
-        raise ValueError(f"{source.name}: its {kind} does not load ({first_line})") from None
+        # Qwen2-VL-family and Pixtral processors build torchvision-only image or video processors.
+        needs_torchvision = "torchvision" in str(error).lower()
+        hint = "; install torchvision for your torch: pip install -e '.[vision]'" if needs_torchvision else ""
+        raise ValueError(f"{source.name}: its {kind} does not load ({first_line}){hint}") from None
 
 
 def _table_entry(class_name: str) -> Architecture | None:
