@@ -5,6 +5,9 @@ earlier position above it. So one clean pass over the prompt minus its last toke
 that every patched variant shares; each variant then recomputes just one token. The "batched" path
 runs the whole prompt once per layer as one batch (row i patched at layer i), and "naive" is the
 plain loop of one full forward pass per layer that the others are tested against.
+
+Each decode row needs its own copy of the shared cache, so the one-pass rows run in chunks that
+keep those copies within a memory budget (`taskvec.engine.sweep_memory`).
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
+from transformers.cache_utils import Cache
 
 from taskvec.engine.decode_positions import last_token_position_ids
 from taskvec.engine.devices import to_cpu_float32
 from taskvec.engine.layer_outputs import last_logits_only
 from taskvec.engine.lens import logit_lens
 from taskvec.engine.patching import Patch, PatchMode, patch_at
+from taskvec.engine.sweep_memory import chunk_size, repeated_copy
 from taskvec.engine.truncated_forward import run_to_last_layer
 from taskvec.models.handle import ModelHandle
 
@@ -96,12 +101,17 @@ def sweep_layers(
     mode: PatchMode = "replace",
     scale: float = 1.0,
     method: SweepMethod = "auto",
+    memory_budget: int | None = None,
 ) -> torch.Tensor:
     """Logits [len(layers), vocab] (float32, on the CPU) at the last position of one prompt,
     patched at each layer.
 
     `vectors` is one vector for every layer ([hidden]) or one per model layer ([num_layers, hidden]),
-    as extracted task vectors are.
+    as extracted task vectors are. `memory_budget` (bytes) bounds the one-pass sweep's copies of the
+    prompt's KV cache, one per layer decoded at a time (at least one layer at a time however small);
+    None allows half the free memory of the GPU the cache is on, or all layers at once on the CPU.
+    The budget moves the logits only by rounding: a matrix product rounds differently for different
+    numbers of rows.
     """
     inputs = _without_left_padding(inputs)
     chosen = list(range(handle.num_layers)) if layers is None else [i % handle.num_layers for i in layers]
@@ -115,7 +125,7 @@ def sweep_layers(
                 f"{handle.architecture.family} {reason}, so the one-pass sweep does not apply; "
                 "use method='batched' or 'auto'"
             )
-        return to_cpu_float32(_sweep_one_pass(handle, inputs, chosen, per_layer, mode, scale))
+        return to_cpu_float32(_sweep_one_pass(handle, inputs, chosen, per_layer, mode, scale, memory_budget))
     if method == "batched":
         return to_cpu_float32(_sweep_batched(handle, inputs, chosen, per_layer, mode, scale))
     if method == "naive":
@@ -171,27 +181,61 @@ def _sweep_one_pass(
     vectors: list[torch.Tensor],
     mode: PatchMode,
     scale: float,
+    memory_budget: int | None,
 ) -> torch.Tensor:
     input_ids = inputs["input_ids"]
-    length = input_ids.shape[1]
-    if length < 2:
+    if input_ids.shape[1] < 2:
         return _sweep_batched(handle, inputs, layers, vectors, mode, scale)
     _, cache = run_to_last_layer(handle, {**_token_columns(inputs, slice(None, -1)), "use_cache": True})
     if cache is None:
         raise RuntimeError(f"{handle.architecture.model_class} passed no KV cache to its decoder layers")
     rows = len(layers)
-    cache.batch_repeat_interleave(rows)
+    size = chunk_size(cache, rows, memory_budget)
+    positions = last_token_position_ids(handle, inputs, rows)
+    last_residuals = []
+    for start in range(0, rows, size):
+        stop = min(start + size, rows)
+        if stop < rows:
+            chunk_cache = repeated_copy(cache, stop - start)
+        else:  # nothing needs the prefix after the last chunk, so it repeats the cache itself
+            cache.batch_repeat_interleave(stop - start)
+            chunk_cache = cache
+        last_residuals.append(
+            _decode_rows(
+                handle,
+                inputs,
+                chunk_cache,
+                positions[..., start:stop, :],
+                _row_patches(layers[start:stop], vectors[start:stop], mode, scale),
+            )
+        )
+        del chunk_cache  # frees this chunk's copies before the next chunk makes its own
+    # One lens for all rows: it reads the whole unembedding, the largest matrix of many models.
+    return logit_lens(handle, torch.cat(last_residuals))
+
+
+def _decode_rows(
+    handle: ModelHandle,
+    inputs: dict[str, Any],
+    cache: Cache,
+    position_ids: torch.Tensor,
+    patches: list[Patch],
+) -> torch.Tensor:
+    """The last decoder layer's output [rows, hidden] at the prompt's last token, decoded once per
+    row of the repeated cache, row i under patches[i]."""
+    input_ids = inputs["input_ids"]
+    rows = len(patches)
     step_inputs = {
         **_decode_step_extras(inputs, rows),
         "input_ids": input_ids[:, -1:].expand(rows, -1),
-        "attention_mask": torch.ones(rows, length, dtype=torch.long, device=input_ids.device),
-        "position_ids": last_token_position_ids(handle, inputs, rows),
+        "attention_mask": torch.ones(rows, input_ids.shape[1], dtype=torch.long, device=input_ids.device),
+        "position_ids": position_ids,
         "cache": cache,
         "use_cache": True,
     }
-    with patch_at(handle, _row_patches(layers, vectors, mode, scale)):
+    with patch_at(handle, patches):
         last_residuals, _ = run_to_last_layer(handle, step_inputs)
-    return logit_lens(handle, last_residuals)
+    return last_residuals
 
 
 def _decode_step_extras(inputs: dict[str, Any], rows: int) -> dict[str, Any]:
