@@ -79,6 +79,7 @@ def touch_weights(handle: Any) -> None:
 
 def measure(setting: str, target_tokens: int, repeats: int, logits_path: Path) -> dict[str, float]:
     import torch
+    from safetensors.torch import save_file
 
     from taskvec.engine import sweep_layers
     from taskvec.engine.sweep_memory import rows_per_chunk
@@ -100,7 +101,7 @@ def measure(setting: str, target_tokens: int, repeats: int, logits_path: Path) -
         logits = sweep_layers(handle, inputs, vectors, method="one_pass", memory_budget=budget)
         times.append(time.perf_counter() - start)
     peak_kib = resident_kib("VmHWM")
-    torch.save(logits, logits_path)
+    save_file({"logits": logits.contiguous()}, str(logits_path))
     return {
         "seconds": min(times[1:]),
         "tokens": int(inputs["input_ids"].shape[1]),
@@ -138,13 +139,14 @@ def main() -> None:
         return
 
     import torch
+    from safetensors.torch import load_file
 
     with tempfile.TemporaryDirectory() as scratch:
-        paths = {setting: Path(scratch) / f"{setting}.pt" for setting in SETTINGS}
+        paths = {setting: Path(scratch) / f"{setting}.safetensors" for setting in SETTINGS}
         results = {
             setting: run_child(setting, args.tokens, args.repeats, paths[setting]) for setting in SETTINGS
         }
-        logits = {setting: torch.load(path) for setting, path in paths.items()}
+        logits = {setting: load_file(str(path))["logits"] for setting, path in paths.items()}
     whole, quarter = results["unchunked"], results["quarter"]
     print(
         f"prompt of {whole['tokens']:.0f} tokens, {whole['rows']:.0f} layers swept, "

@@ -100,6 +100,13 @@ def resolved(options: LoadOptions) -> LoadOptions:
     return options
 
 
+def image_width(options: LoadOptions, default: int | None = PAPER_IMAGE_WIDTH) -> int | None:
+    """The width images are resized to: the option if given (0: never resize), else the default."""
+    if options.image_width is None:
+        return default
+    return options.image_width or None
+
+
 def check_dtype(architecture: Architecture, dtype: str) -> None:
     if dtype == "fp16" and architecture.fp16_overflows:
         raise ValueError(
@@ -124,7 +131,7 @@ def load_model(
             )
         handle = named.load(options)
         check_dtype(handle.architecture, options.dtype)
-        width = named.image_width if options.image_width is None else options.image_width or None
+        width = image_width(options, named.image_width)
         handle.image_settings = image_settings_for(handle.architecture, options.processor_overrides(), width)
         handle.metadata["loading"] = options.as_record()
         return handle
@@ -198,10 +205,16 @@ def is_placed_by_loader(model: torch.nn.Module) -> bool:
     return getattr(model, "hf_device_map", None) is not None or bool(getattr(model, "is_quantized", False))
 
 
-def _load_processor(source: CheckpointSource, options: LoadOptions, is_vision_language: bool) -> Any:
-    common: dict[str, Any] = {"trust_remote_code": options.trust_remote_code}
+def _hub_kwargs(source: CheckpointSource, options: LoadOptions) -> dict[str, Any]:
+    """What every from_pretrained of one checkpoint shares: its snapshot and the remote-code switch."""
+    kwargs: dict[str, Any] = {"trust_remote_code": options.trust_remote_code}
     if source.pinned_revision is not None:
-        common["revision"] = source.pinned_revision
+        kwargs["revision"] = source.pinned_revision
+    return kwargs
+
+
+def _load_processor(source: CheckpointSource, options: LoadOptions, is_vision_language: bool) -> Any:
+    common = _hub_kwargs(source, options)
     loader = transformers.AutoProcessor if is_vision_language else transformers.AutoTokenizer
     try:
         return loader.from_pretrained(source.reference, **common)
@@ -232,7 +245,7 @@ def load_checkpoint(source: CheckpointSource | Path, options: LoadOptions | None
     class_name = str(class_names[0])
     entry = _table_entry(class_name)
     if entry is not None:
-        check_dtype(entry, options.dtype)
+        check_dtype(entry, options.dtype)  # before the processor loads: a refused dtype fails at once
         model_class = _model_class(class_name, options.trust_remote_code, entry.is_vision_language)
         processor = _load_processor(source, options, entry.is_vision_language)
     else:
@@ -245,13 +258,12 @@ def load_checkpoint(source: CheckpointSource | Path, options: LoadOptions | None
     if "device_map" not in kwargs and not is_placed_by_loader(model):
         model.to(options.device)
     model.eval()
-    width = PAPER_IMAGE_WIDTH if options.image_width is None else options.image_width or None
     handle = ModelHandle.wrap(
         model,
         processor,
         name=source.name,
         architecture=entry,
-        image_settings=image_settings_for(entry, options.processor_overrides(), width),
+        image_settings=image_settings_for(entry, options.processor_overrides(), image_width(options)),
     )
     handle.metadata.update({"source": source.as_record(), "loading": options.as_record()})
     return handle
@@ -273,11 +285,8 @@ def _by_convention(
 ) -> tuple[Architecture, Any]:
     """An entry from transformers' common layout, checked on a weightless copy of the model (meta
     device: no memory, no reads) before any weight or the processor loads."""
-    config_kwargs: dict[str, Any] = {"trust_remote_code": options.trust_remote_code}
-    if source.pinned_revision is not None:
-        config_kwargs["revision"] = source.pinned_revision
     try:
-        config = transformers.AutoConfig.from_pretrained(source.reference, **config_kwargs)
+        config = transformers.AutoConfig.from_pretrained(source.reference, **_hub_kwargs(source, options))
     except (OSError, ValueError, KeyError) as error:
         raise ValueError(
             f"{source.name}: its config.json does not load ({str(error).splitlines()[0]})"
