@@ -266,7 +266,7 @@ def test_gpt2_left_padding_needs_position_ids() -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_decode_step_on_repeated_cache_matches_full_forward(family: str) -> None:
     """Prefill all but the last token, repeat the cache for 3 rows, then run the last token with
-    explicit position_ids and cache_position: the recipe of the engine's one-pass layer sweep. Mllama
+    explicit position_ids: the recipe of the engine's one-pass layer sweep. Mllama
     also needs the last token's row of cross_attention_mask (see test_mllama_decode_step_...)."""
     tiny = build_tiny(family)
     prompts, images = two_prompts(tiny)
@@ -275,15 +275,14 @@ def test_decode_step_on_repeated_cache_matches_full_forward(family: str) -> None
     prefix = {k: v[:, :-1] if k in SEQUENCE_KEYS else v for k, v in inputs.items()}
     with torch.no_grad():
         full = tiny.model(**inputs).logits[0, -1]
-        cache = tiny.model(**prefix, use_cache=True).past_key_values
+        cache = tiny.model(**prefix, use_cache=True).cache
         cache.batch_repeat_interleave(rows)
         mask = inputs["attention_mask"].repeat(rows, 1)
         step = tiny.model(
             input_ids=inputs["input_ids"][:, -1:].repeat(rows, 1),
             attention_mask=mask,
             position_ids=decode_position_ids(tiny, mask),
-            past_key_values=cache,
-            cache_position=torch.tensor([length - 1]),
+            cache=cache,
             use_cache=True,
             **last_cross_attention_row(inputs, rows),
         ).logits[:, -1]
@@ -318,13 +317,12 @@ def test_mllama_decode_step_needs_the_last_cross_attention_row() -> None:
     prefix = {k: v[:, :-1] if k in SEQUENCE_KEYS else v for k, v in inputs.items()}
 
     def decode_step(extra: dict[str, torch.Tensor]) -> torch.Tensor:
-        cache = tiny.model(**prefix, use_cache=True).past_key_values
+        cache = tiny.model(**prefix, use_cache=True).cache
         return tiny.model(
             input_ids=inputs["input_ids"][:, -1:],
             attention_mask=inputs["attention_mask"],
             position_ids=torch.tensor([[length - 1]]),
-            past_key_values=cache,
-            cache_position=torch.tensor([length - 1]),
+            cache=cache,
             use_cache=True,
             **extra,
         ).logits[0, -1]
@@ -346,7 +344,7 @@ def test_gemma_uses_sliding_window_cache(family: str) -> None:
     inputs = make_inputs(tiny, ["The capital city of the country Q:France\nA:Paris\n\nQ:Japan\nA:"])
     assert inputs["input_ids"].shape[1] > 2 * config.sliding_window
     with torch.no_grad():
-        cache = tiny.model(**inputs, use_cache=True).past_key_values
+        cache = tiny.model(**inputs, use_cache=True).cache
     kinds = [type(layer).__name__ for layer in cache.layers]
     first_shared = config.num_hidden_layers - getattr(config, "num_kv_shared_layers", 0)
     assert first_shared >= 2
