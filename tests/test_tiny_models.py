@@ -271,7 +271,7 @@ def test_decode_step_on_repeated_cache_matches_full_forward(family: str) -> None
     tiny = build_tiny(family)
     prompts, images = two_prompts(tiny)
     inputs = make_inputs(tiny, prompts[1:], None if images is None else images[1:])
-    rows, length = 3, inputs["input_ids"].shape[1]
+    rows = 3
     prefix = {k: v[:, :-1] if k in SEQUENCE_KEYS else v for k, v in inputs.items()}
     with torch.no_grad():
         full = tiny.model(**inputs).logits[0, -1]
