@@ -21,19 +21,34 @@ from taskvec.models.handle import ModelHandle, resolve_attribute
 MODALITY_TYPES = "mm_token_type_ids"
 
 
+def prompt_position_ids(handle: ModelHandle, inputs: dict[str, Any]) -> torch.Tensor:
+    """The position ids a full forward gives every token of a left-padded batch of prompts: [batch,
+    tokens], or [3, batch, tokens] under mrope.
+
+    Each prompt is numbered as if it were alone (from 0 at its first real token), as generation
+    numbers them; a plain forward of a padded batch would instead count the padding.
+    """
+    given = inputs.get("position_ids")
+    if given is not None:
+        return given
+    if handle.architecture.position_style == "mrope":
+        return _mrope_position_ids(handle, inputs)
+    input_ids = inputs["input_ids"]
+    first = handle.architecture.first_position
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        numbers = torch.arange(input_ids.shape[1], device=input_ids.device) + first
+        return numbers.expand(input_ids.shape[0], -1)
+    # Padding gets position 1, as generation gives it: masked out, its number never matters.
+    return (mask.long().cumsum(-1) - 1 + first).masked_fill(mask == 0, 1)
+
+
 def last_token_position_ids(handle: ModelHandle, inputs: dict[str, Any], rows: int) -> torch.Tensor:
     """The last token's position ids, one copy per row: [rows, 1], or [3, rows, 1] under mrope.
 
     `inputs` are one whole prompt without left padding, as the full forward would get them.
     """
-    given = inputs.get("position_ids")
-    if given is not None:
-        return _one_per_row(given[..., -1:], rows)
-    if handle.architecture.position_style == "mrope":
-        return _one_per_row(_mrope_position_ids(handle, inputs)[..., -1:], rows)
-    input_ids = inputs["input_ids"]
-    # Without position ids the model numbers tokens 0..length-1 (rotary and absolute alike).
-    return torch.full((rows, 1), input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device)
+    return _one_per_row(prompt_position_ids(handle, inputs)[..., -1:], rows)
 
 
 def _one_per_row(last_column: torch.Tensor, rows: int) -> torch.Tensor:
@@ -42,7 +57,7 @@ def _one_per_row(last_column: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _mrope_position_ids(handle: ModelHandle, inputs: dict[str, Any]) -> torch.Tensor:
-    """The whole prompt's [3, 1, length] position ids, numbered by the model's own rope index."""
+    """The prompts' [3, batch, length] position ids, numbered by the model's own rope index."""
     path = handle.architecture.rope_index_path
     if path is None:
         raise ValueError(f"{handle.architecture.family} uses mrope but the table gives no rope_index_path")

@@ -1,9 +1,9 @@
-"""How many of the one-pass sweep's decode rows share one copy of the prefix's KV cache.
+"""How many decode rows of a shared prefix pass run at once, each with its own copy of its prompt's cache.
 
-Every decode row of the one-pass sweep needs its own copy of the prefix's cache (its patched token
-writes its own keys and values above the prefix). All rows at once cost the prefix's cache times
-the number of swept layers: tens of GiB for a many-shot LLaVA prompt. So the rows run in chunks,
-each from a fresh repeated copy of the prefix, sized to a memory budget.
+Every decode row needs its own copy of its prompt's KV cache (its patched tokens write their own
+keys and values above the prefix). All rows at once cost the prefix's cache times the number of
+rows: tens of GiB for a layer sweep of a many-shot LLaVA prompt. So the rows run in chunks, each
+from a fresh copy of the rows it needs, sized to a memory budget.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from transformers.cache_utils import Cache
 # Of the free memory on a GPU the cache lives on, what the copies of one chunk may take by default:
 # the decode step's activations and the allocator's fragmentation need the rest.
 DEFAULT_FREE_MEMORY_FRACTION = 0.5
+# A cache on the CPU gets a fixed budget, not a share of free RAM, so that which rows share a decode
+# step (and so how a matrix product rounds) does not depend on what else the machine runs.
+DEFAULT_CPU_BUDGET = 2 * 2**30
 
 
 def rows_per_chunk(row_bytes: int, rows: int, budget: int | None) -> int:
@@ -62,20 +65,24 @@ def cache_bytes(cache: Cache) -> int:
     return sum(cache_bytes_by_device(cache).values())
 
 
-def chunk_size(cache: Cache, rows: int, budget: int | None) -> int:
-    """Rows per chunk for repeating the one-row `cache` `rows` times within `budget` bytes.
+def chunk_size(cache: Cache, rows: int, budget: int | None, cache_rows: int = 1) -> int:
+    """Rows per chunk for decoding `rows` rows, each from a copy of one of the `cache_rows` rows of
+    `cache`, within `budget` bytes.
 
     Without a budget: on each CUDA device the cache sits on, a fraction of that device's free
-    memory (the tightest device decides); a cache wholly on the CPU runs all rows at once.
+    memory (the tightest device decides); a cache wholly on the CPU gets `DEFAULT_CPU_BUDGET`.
     """
     if budget is not None:
-        return rows_per_chunk(cache_bytes(cache), rows, budget)
+        return rows_per_chunk(cache_bytes(cache) // cache_rows, rows, budget)
+    by_device = cache_bytes_by_device(cache)
     sizes = [
-        rows_per_chunk(row_bytes, rows, default_budget(device))
-        for device, row_bytes in cache_bytes_by_device(cache).items()
+        rows_per_chunk(row_bytes // cache_rows, rows, default_budget(device))
+        for device, row_bytes in by_device.items()
         if device.type == "cuda"
     ]
-    return min(sizes, default=rows)
+    if sizes:
+        return min(sizes)
+    return rows_per_chunk(sum(by_device.values()) // cache_rows, rows, DEFAULT_CPU_BUDGET)
 
 
 def default_budget(device: torch.device) -> int:
@@ -85,17 +92,34 @@ def default_budget(device: torch.device) -> int:
 
 
 def repeated_copy(cache: Cache, repeats: int) -> Cache:
-    """A copy of the one-row `cache` with every row repeated `repeats` times; `cache` is unchanged.
+    """A copy of the one-row `cache` with every row repeated `repeats` times; `cache` is unchanged."""
+    return _copy_with(cache, lambda duplicate: duplicate.batch_repeat_interleave(repeats))
 
-    The copy starts out sharing the prefix's tensors, so the only new memory is the repeated rows
-    `batch_repeat_interleave` allocates, not a whole extra copy of the prefix first.
-    """
+
+def selected_copy(cache: Cache, rows: torch.Tensor) -> Cache:
+    """A copy of `cache` holding its batch rows `rows` (repeats allowed, in that order); `cache` is
+    unchanged."""
+    return _copy_with(cache, lambda duplicate: select_cache_rows(duplicate, rows))
+
+
+def select_cache_rows(cache: Cache, rows: torch.Tensor) -> None:
+    """Keep `cache`'s batch rows `rows` (in place), indexed on each layer's own device."""
+    for layer in _cache_layers(cache):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor) and tensor.dim() > 0:
+                setattr(layer, name, tensor.index_select(0, rows.to(tensor.device)))
+
+
+def _copy_with(cache: Cache, reshape: Any) -> Cache:
+    # The copy starts out sharing the prefix's tensors, so the only new memory is the rows the
+    # reshape allocates, not a whole extra copy of the prefix first.
     prefix_tensors = {
         id(tensor): tensor for layer in _cache_layers(cache) for _, tensor in _layer_tensors(layer)
     }
     duplicate = copy.deepcopy(cache, memo=dict(prefix_tensors))
-    duplicate.batch_repeat_interleave(repeats)
-    # A tensor the repeat left in place (a sliding window's size, say) would still be the prefix's
+    reshape(duplicate)
+    # A tensor the reshape left in place (a sliding window's size, say) would still be the prefix's
     # own, and a decode step writing into it would change what every later chunk starts from.
     for layer in _cache_layers(duplicate):
         for name, tensor in list(_layer_tensors(layer)):

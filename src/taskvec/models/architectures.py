@@ -66,6 +66,8 @@ class Architecture:
     image_processor_defaults: tuple[tuple[str, object], ...] = ()
     # Activations exceed fp16's range (Gemma's scaled embeddings and norms): fp16 is refused.
     fp16_overflows: bool = False
+    # The position id of a prompt's first token: PaliGemma's forward and generation number from 1.
+    first_position: int = 0
 
     def __post_init__(self) -> None:
         if self.position_style == "mrope" and self.rope_index_path is None:
@@ -271,6 +273,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         ),
         # PaliGemma 2 (the same class) is built on Gemma 2.
         fp16_overflows=True,
+        first_position=1,
     ),
     _causal_lm("gemma3_text", "Gemma3ForCausalLM", fp16_overflows=True),
     _causal_lm("gemma", "GemmaForCausalLM"),
