@@ -200,7 +200,8 @@ def test_a_rerun_resumes_from_the_run_directory(finished_run: Run, monkeypatch: 
 
     for module, name in (
         (steps_module, "generate_answers"),
-        (steps_module, "sweep_first_tokens"),
+        (steps_module, "generate_patched_answers"),
+        (steps_module, "sweep_first_tokens_of_vectors"),
         (vector_store_module, "extract_vector"),
     ):
         monkeypatch.setattr(module, name, must_not_run)
@@ -442,3 +443,45 @@ def test_generated_answers_do_not_depend_on_the_batch_size() -> None:
     together = generate_answers(handle, prompts, vector=vector, layer=1, max_new_tokens=3, batch_size=5)
     assert together == one
     assert generate_answers(handle, prompts, max_new_tokens=3, batch_size=5) != one  # the patch acts
+
+
+def test_patched_conditions_asking_the_same_queries_share_one_pass_and_equal_their_steps_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from taskvec.experiments.conditions import plan_conditions as plan
+    from taskvec.experiments.steps import StepRunner
+    from taskvec.experiments.vector_store import VectorStore
+
+    config = tiny_config(write_task_file(tmp_path / "task"), seeds=(0, 1))
+    vlm = tiny_handle("llava")
+    task = load_task(config.tasks[0])
+    conditions, _ = plan(vlm, [task], config, None)
+    bare = [c for c in conditions if c.patched and c.demos is None and not c.instruction_prompt]
+    by_query = {query: [c for c in bare if c.query == query] for query in ("text", "image")}
+    assert all(len(group) >= 2 for group in by_query.values()), "the test needs conditions to share"
+    work = [(c, seed, 1) for c in bare for seed in config.seeds]
+
+    def runner(directory: Path) -> StepRunner:
+        cache = StepCache(directory / "cache")
+        return StepRunner(vlm, None, config, cache, VectorStore(directory, config, cache, False), False)
+
+    passes: list[int] = []
+    shared_pass = steps_module.generate_patched_answers
+
+    def counted(*args: object, **kwargs: object) -> object:
+        passes.append(len(args[2]))  # type: ignore[arg-type]
+        return shared_pass(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(steps_module, "generate_patched_answers", counted)
+    together = runner(tmp_path / "together").tests(task, work)
+    assert sorted(passes) == sorted(2 * len(group) for group in by_query.values()), "one pass per query set"
+    alone = [
+        runner(tmp_path / f"alone-{i}").test(c, task, seed, layer) for i, (c, seed, layer) in enumerate(work)
+    ]
+    for shared, single in zip(together, alone, strict=True):
+        assert shared["generated"] == single["generated"] and shared["first_tokens"] == single["first_tokens"]
+    sweep_work = [(c, seed) for c in bare for seed in config.seeds]
+    swept = runner(tmp_path / "together").sweeps(task, sweep_work)
+    for (condition, seed), shared in zip(sweep_work, swept, strict=True):
+        single = runner(tmp_path / f"sweep-{condition.name}-{seed}").sweep(condition, task, seed)
+        assert shared["tokens"] == single["tokens"]

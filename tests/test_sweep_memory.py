@@ -60,9 +60,17 @@ def test_repeated_copy_leaves_the_prefix_unchanged() -> None:
         assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
 
 
-def test_a_cache_on_the_cpu_runs_all_rows_in_one_chunk_by_default() -> None:
+def test_a_cache_on_the_cpu_gets_a_fixed_budget_by_default() -> None:
     assert chunk_size(two_layer_cache(), 18, None) == 18
     assert chunk_size(two_layer_cache(), 18, cache_bytes(two_layer_cache()) * 5) == 5
+    row = cache_bytes(two_layer_cache())
+    assert chunk_size(two_layer_cache(), 10**9, None) == sweep_memory.DEFAULT_CPU_BUDGET // row
+
+
+def test_a_cache_of_several_prompts_counts_one_prompts_row_per_decode_row() -> None:
+    cache = two_layer_cache()
+    cache.batch_repeat_interleave(4)
+    assert chunk_size(cache, 18, cache_bytes(two_layer_cache()) * 5, cache_rows=4) == 5
 
 
 def test_a_cache_on_gpus_takes_half_the_free_memory_of_the_tightest_by_default(

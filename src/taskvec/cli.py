@@ -72,6 +72,7 @@ def _command_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         limit=args.limit,
         max_new_tokens=args.max_new_tokens,
+        template=args.template,
     )
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
@@ -116,6 +117,7 @@ def _command_extract(args: argparse.Namespace) -> int:
         limit=args.limit,
         style=args.style,
         progress=None if args.json else f"{task.name} {spec.value} vector",
+        template=args.template,
     )
     vector = extraction.vector
     path = save_task_vector(vector, args.out)
@@ -127,25 +129,28 @@ def _command_patch(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from taskvec.engine import Patch, generate_greedy
-    from taskvec.models import load_model
-    from taskvec.prompts import DEFAULT_TEMPLATE
+    from taskvec.models import IMAGE_PLACEHOLDER, load_model
+    from taskvec.prompts import Prompt, as_template, encode_prompts, model_texts, query_marker_columns
     from taskvec.vectors import load_task_vector
     from taskvec.vectors.task_vector import check_layers, check_vector_fits
 
     vector = load_task_vector(args.vector)
     check_layers(vector, [args.layer], args.vector)  # before the model: a bad layer fails in milliseconds
+    template = as_template(args.template)
     if args.image is not None:
         with Image.open(args.image) as image:
-            images = [[image.convert("RGB")]]
-        prompt = DEFAULT_TEMPLATE.query.format(input="<image>")
+            images: tuple[Image.Image, ...] = (image.convert("RGB"),)
+        query = Prompt(template.query.format(input=IMAGE_PLACEHOLDER), images, chat=template.chat)
     else:
-        images, prompt = None, DEFAULT_TEMPLATE.query.format(input=args.text)
+        query = Prompt(template.query.format(input=args.text), chat=template.chat)
     handle = load_model(args.model, _load_options(args))
     check_vector_fits(vector, handle, args.vector, layers=[args.layer])
-    inputs = handle.build_inputs([prompt], images)
-    patch = Patch(args.layer, vector.at(args.layer), position=-1, mode=args.mode, scale=args.scale)
+    inputs = encode_prompts(handle, [query])
+    # At the query's answer marker: the last token under qa, before the chat template's own tokens.
+    column = query_marker_columns(handle, inputs, template.marker)
+    patch = Patch(args.layer, vector.at(args.layer), position=column, mode=args.mode, scale=args.scale)
     result = {
-        "prompt": prompt,
+        "prompt": model_texts(handle, [query])[0],
         "layer": args.layer,
         "mode": args.mode,
         "unpatched": generate_greedy(handle, inputs, max_new_tokens=args.max_new_tokens)[0],
@@ -171,9 +176,17 @@ def _command_sweep(args: argparse.Namespace) -> int:
     items = load_task(args.task, strict=args.strict).split(args.split)[: args.limit]
     handle = load_model(args.model, _load_options(args))
     check_vector_fits(vector, handle, args.vector)
-    prompts = [build_query_prompt(item, modality=args.modality, style=args.style) for item in items]
+    prompts = [
+        build_query_prompt(item, modality=args.modality, style=args.style, template=args.template)
+        for item in items
+    ]
     per_layer = sweep_accuracy(
-        handle, prompts, [item.answers() for item in items], vector.vectors, progress="layer sweep"
+        handle,
+        prompts,
+        [item.answers() for item in items],
+        vector.vectors,
+        progress="layer sweep",
+        memory_budget=args.sweep_memory,
     )
     if args.json:
         print(
@@ -203,6 +216,7 @@ def _command_lens(args: argparse.Namespace) -> int:
         seed=args.seed,
         style=args.style,
         task_word_reduce=args.task_word_reduce,
+        template=args.template,
         progress=not args.json,
     )
     if args.json:
@@ -353,6 +367,14 @@ def _add_json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _add_template_option(parser: argparse.ArgumentParser) -> None:
+    from taskvec.prompts import TEMPLATE_HELP, TEMPLATE_NAMES
+
+    parser.add_argument(
+        "--template", default="qa", choices=TEMPLATE_NAMES, help=f"{TEMPLATE_HELP} (default: qa)"
+    )
+
+
 def _add_strict_option(parser: argparse.ArgumentParser) -> None:
     from taskvec.tasks import STRICT_HELP
 
@@ -397,6 +419,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from taskvec.byte_sizes import byte_size_argument
+    from taskvec.engine.sweep_memory import SWEEP_MEMORY_HELP
+
     parser = argparse.ArgumentParser(prog="taskvec", description="Task vectors in VLMs and language models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -412,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(demo)
     demo.add_argument("--task", default="country-capital", help="a built-in task name or a task file")
     _add_strict_option(demo)
+    _add_template_option(demo)
     demo.add_argument("--shots", type=int, default=5)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--limit", type=int, default=None, help="score only the first N test items")
@@ -430,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(extract)
     extract.add_argument("--task", required=True, help="a built-in task name or a task file")
     _add_strict_option(extract)
+    _add_template_option(extract)
     extract.add_argument("--spec", default="text-icl", choices=spec_names)
     extract.add_argument("--shots", type=int, default=5)
     extract.add_argument("--seed", type=int, default=0)
@@ -449,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     patch.add_argument("--mode", default="replace", choices=["replace", "add"])
     patch.add_argument("--scale", type=float, default=1.0)
     patch.add_argument("--max-new-tokens", type=int, default=5)
+    _add_template_option(patch)
     patch.set_defaults(run=_command_patch)
 
     sweep = commands.add_parser("sweep", help="first-token accuracy per layer with a vector patched in")
@@ -456,16 +484,25 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--vector", required=True, help="a .safetensors task vector")
     sweep.add_argument("--task", required=True, help="a built-in task name or a task file")
     _add_strict_option(sweep)
+    _add_template_option(sweep)
     sweep.add_argument("--split", default="val")
     sweep.add_argument("--modality", default="text", choices=["text", "image"], help="the query's input")
     sweep.add_argument("--style", default=None, help="image style for image queries")
     sweep.add_argument("--limit", type=int, default=None, help="only the first N items")
+    sweep.add_argument(
+        "--sweep-memory",
+        type=byte_size_argument,
+        default=None,
+        metavar="BYTES",
+        help=SWEEP_MEMORY_HELP,
+    )
     sweep.set_defaults(run=_command_sweep)
 
     lens = commands.add_parser("lens", help="input / task / answer probability per layer (three-phase lens)")
     _add_model_options(lens)
     lens.add_argument("--task", required=True, help="a built-in task name or a task file")
     _add_strict_option(lens)
+    _add_template_option(lens)
     lens.add_argument("--spec", default="text-icl", choices=[*spec_names, "all"])
     lens.add_argument("--prompts", type=int, default=100, help="test queries to average over")
     lens.add_argument("--shots", type=int, default=5)

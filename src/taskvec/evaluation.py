@@ -3,13 +3,35 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from taskvec.engine import Patch, generate_greedy_ids, sweep_layers
+from taskvec.engine import RowPatch, generate_greedy_ids, patched_greedy_ids
 from taskvec.models import ModelHandle
-from taskvec.prompts import Prompt, encode_prompts
+from taskvec.prompts import DEFAULT_TEMPLATE, Prompt, encode_prompts, query_marker_columns
+
+# Bare queries are 1-2 dozen tokens, so a batch of 32 leaves the per-forward overhead small
+# (bench/NOTES.md); the decode rows (queries x patches) are bounded by the memory budget instead.
+SWEEP_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class LayerPatch:
+    """One patched condition of a batch of queries: `vector` [hidden] replacing the residual at the
+    query's answer marker after decoder layer `layer`."""
+
+    vector: torch.Tensor
+    layer: int
+
+
+@dataclass
+class Answers:
+    """Greedy answers (first line of the decoded text) and the id of each answer's first token."""
+
+    texts: list[str]
+    first_tokens: list[int]
 
 
 def is_correct(generated: str, answers: Sequence[str], *, ignore_case: bool = False) -> bool:
@@ -50,23 +72,83 @@ def generate_answers(
     batch_size: int = 8,
     progress: str | None = None,
     first_tokens: list[int] | None = None,
+    marker: str = DEFAULT_TEMPLATE.marker,
+    memory_budget: int | None = None,
 ) -> list[str]:
-    """Greedy answers (first line), with `vector` replacing the last position at `layer` if given.
+    """Greedy answers (first line), with `vector` replacing the query's answer marker at `layer` if given.
 
     `first_tokens`, when given, receives the id of each answer's first generated token.
     """
-    answers: list[str] = []
-    tokenizer = handle.tokenizer
+    if vector is not None and layer is not None:
+        (answers,) = generate_patched_answers(
+            handle,
+            prompts,
+            [LayerPatch(vector, layer)],
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=progress,
+            marker=marker,
+            memory_budget=memory_budget,
+        )
+    else:
+        answers = _generate_unpatched(handle, prompts, max_new_tokens, batch_size, progress)
+    if first_tokens is not None:
+        first_tokens.extend(answers.first_tokens)
+    return answers.texts
+
+
+def _generate_unpatched(
+    handle: ModelHandle, prompts: Sequence[Prompt], max_new_tokens: int, batch_size: int, progress: str | None
+) -> Answers:
+    answers = Answers([], [])
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=progress, disable=progress is None, leave=False):
+        ids = generate_greedy_ids(
+            handle, encode_prompts(handle, prompts[start : start + batch_size]), max_new_tokens=max_new_tokens
+        )
+        _extend(handle, answers, ids)
+    return answers
+
+
+def _extend(handle: ModelHandle, answers: Answers, ids: torch.Tensor) -> None:
+    texts = handle.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    answers.texts.extend(first_line(text) for text in texts)
+    answers.first_tokens.extend(int(row[0]) for row in ids)
+
+
+def generate_patched_answers(
+    handle: ModelHandle,
+    prompts: Sequence[Prompt],
+    patches: Sequence[LayerPatch],
+    *,
+    max_new_tokens: int = 1,
+    batch_size: int = SWEEP_BATCH_SIZE,
+    progress: str | None = None,
+    marker: str = DEFAULT_TEMPLATE.marker,
+    memory_budget: int | None = None,
+) -> list[Answers]:
+    """Greedy answers of every prompt under each patch in turn ([patch]), all patches of a batch of
+    prompts sharing one pass over the prompts (`taskvec.engine.patched_greedy_ids`)."""
+    answers = [Answers([], []) for _ in patches]
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=progress, disable=progress is None, leave=False):
         batch = prompts[start : start + batch_size]
-        patches = [Patch(layer, vector, position=-1)] if vector is not None and layer is not None else []
-        ids = generate_greedy_ids(
-            handle, encode_prompts(handle, batch), patches, max_new_tokens=max_new_tokens
+        inputs = encode_prompts(handle, batch)
+        rows = [
+            RowPatch(query, patch.layer % handle.num_layers, patch.vector)
+            for patch in patches
+            for query in range(len(batch))
+        ]
+        ids = patched_greedy_ids(
+            handle,
+            inputs,
+            rows,
+            max_new_tokens=max_new_tokens,
+            patch_columns=query_marker_columns(handle, inputs, marker),
+            memory_budget=memory_budget,
         )
-        answers.extend(first_line(text) for text in tokenizer.batch_decode(ids, skip_special_tokens=True))
-        if first_tokens is not None:
-            first_tokens.extend(int(row[0]) for row in ids)
+        for index, patch_answers in enumerate(answers):
+            _extend(handle, patch_answers, ids[index * len(batch) : (index + 1) * len(batch)])
     return answers
 
 
@@ -85,15 +167,63 @@ def sweep_first_tokens(
     vectors: torch.Tensor,
     *,
     progress: str | None = None,
+    batch_size: int = SWEEP_BATCH_SIZE,
+    marker: str = DEFAULT_TEMPLATE.marker,
+    memory_budget: int | None = None,
 ) -> list[list[str]]:
-    """[prompt][layer]: the greedy first token with the layer's vector patched at the last position.
+    """[prompt][layer]: the greedy first token with the layer's vector patched at the query's marker.
 
     Kept as text so any metric can score it later without another sweep.
     """
-    tokens: list[list[str]] = []
-    for prompt in tqdm(prompts, desc=progress, disable=progress is None, leave=False):
-        logits = sweep_layers(handle, encode_prompts(handle, [prompt]), vectors)
-        tokens.append(list(handle.tokenizer.batch_decode(logits.argmax(dim=-1)[:, None])))
+    (tokens,) = sweep_first_tokens_of_vectors(
+        handle,
+        prompts,
+        [vectors],
+        progress=progress,
+        batch_size=batch_size,
+        marker=marker,
+        memory_budget=memory_budget,
+    )
+    return tokens
+
+
+def sweep_first_tokens_of_vectors(
+    handle: ModelHandle,
+    prompts: Sequence[Prompt],
+    vector_sets: Sequence[torch.Tensor],
+    *,
+    progress: str | None = None,
+    batch_size: int = SWEEP_BATCH_SIZE,
+    marker: str = DEFAULT_TEMPLATE.marker,
+    memory_budget: int | None = None,
+) -> list[list[list[str]]]:
+    """[set][prompt][layer]: layer sweeps of several vector sets ([layers, hidden] each) over the same
+    prompts, every layer of every set of a batch of prompts sharing one pass over the prompts."""
+    layers = handle.num_layers
+    for vectors in vector_sets:
+        if vectors.dim() != 2 or vectors.shape[0] != layers:
+            raise ValueError(
+                f"a sweep needs one vector per layer ({layers}), got shape {list(vectors.shape)}"
+            )
+    patches = [LayerPatch(vectors[layer], layer) for vectors in vector_sets for layer in range(layers)]
+    answers = generate_patched_answers(
+        handle,
+        prompts,
+        patches,
+        max_new_tokens=1,
+        batch_size=batch_size,
+        progress=progress,
+        marker=marker,
+        memory_budget=memory_budget,
+    )
+    tokens: list[list[list[str]]] = []
+    for index in range(len(vector_sets)):
+        per_layer = [answers[index * layers + layer].first_tokens for layer in range(layers)]
+        # Decoded one token at a time, special tokens kept, as a sweep has always reported them.
+        decoded = [
+            handle.tokenizer.batch_decode([[token] for token in layer_tokens]) for layer_tokens in per_layer
+        ]
+        tokens.append([[decoded[layer][query] for layer in range(layers)] for query in range(len(prompts))])
     return tokens
 
 
@@ -105,13 +235,17 @@ def sweep_accuracy(
     *,
     ignore_case: bool = False,
     progress: str | None = None,
+    marker: str = DEFAULT_TEMPLATE.marker,
+    memory_budget: int | None = None,
 ) -> list[float]:
-    """First-token accuracy per layer with the layer's vector patched at the last position.
+    """First-token accuracy per layer with the layer's vector patched at the query's marker.
 
     The paper's prefix metric is effectively first-token; this reads the argmax token of the
     one-pass sweep, so a whole split costs about one forward pass per prompt.
     """
-    tokens = sweep_first_tokens(handle, prompts, vectors, progress=progress)
+    tokens = sweep_first_tokens(
+        handle, prompts, vectors, progress=progress, marker=marker, memory_budget=memory_budget
+    )
     return layer_accuracy(tokens, answers, ignore_case=ignore_case)
 
 

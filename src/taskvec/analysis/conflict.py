@@ -21,6 +21,7 @@ import torch
 from taskvec.analysis.prompt_sets import instruction_prompt, query_items, task_icl_prompts
 from taskvec.evaluation import generate_answers, is_correct, is_correct_by
 from taskvec.models import ModelHandle
+from taskvec.prompts import DEFAULT_TEMPLATE, QATemplate, TemplateName, as_template, with_template
 from taskvec.tasks import Item, Task
 from taskvec.vectors import VectorSpec, parse_spec
 
@@ -93,6 +94,7 @@ def task_conflict(
     metric: str = "prefix",
     batch_size: int = 8,
     examples: int = 3,
+    template: QATemplate | TemplateName = DEFAULT_TEMPLATE,
 ) -> ConflictCounts:
     """Counts of A's answer vs B's answer for A-prompted queries, without and with B's vector.
 
@@ -110,6 +112,7 @@ def task_conflict(
         prompts = [instruction_prompt(task_a, query) for query in queries]
     else:
         prompts = task_icl_prompts(task_a, queries, modality="text", shots=shots, seed=seed)
+    prompts = [with_template(prompt, template) for prompt in prompts]
     plain = generate_answers(handle, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     patched = generate_answers(
         handle,
@@ -118,6 +121,7 @@ def task_conflict(
         layer=layer,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        marker=as_template(template).marker,
     )
     baseline_counts = dict.fromkeys(OUTCOMES, 0)
     patched_counts = dict.fromkeys(OUTCOMES, 0)

@@ -5,6 +5,11 @@ layers to a word naming the task ("capital") and late layers to the answer ("Par
 task was given by text examples, image examples or an instruction. Each prompt's probability curve
 is divided by its sum over layers, so the three phases are comparable in shape even though the
 answer is far more probable than the task word in absolute terms; curves are then averaged.
+
+Position rule: the lens reads the prompt's last token, the one whose next-token prediction is the
+answer. Under the qa template that is the query's answer marker (`A:`, found in the tokens as the
+marker's last occurrence); under the chat template the end of the user turn and the assistant header
+follow the marker, and the answer is produced at the header's last token, so that is where it reads.
 """
 
 from __future__ import annotations
@@ -20,9 +25,19 @@ from taskvec.analysis.tokens import TOKEN_RULE, WordReduce, word_set_ids, words_
 from taskvec.engine import logit_lens
 from taskvec.engine.devices import to_cpu_float32
 from taskvec.models import ModelHandle
-from taskvec.prompts import DEFAULT_TEMPLATE, Prompt, QATemplate
+from taskvec.prompts import DEFAULT_TEMPLATE, Prompt, QATemplate, TemplateName, as_template
 from taskvec.tasks import Task
-from taskvec.vectors import EXTRACTABLE_SPECS, VectorSpec, parse_spec, residuals_at_marker
+from taskvec.vectors import (
+    EXTRACTABLE_SPECS,
+    VectorSpec,
+    last_columns,
+    parse_spec,
+    residuals_at_columns,
+    residuals_at_marker,
+)
+
+QA_LENS_POSITION = "the query's answer marker (the prompt's last token)"
+CHAT_LENS_POSITION = "the prompt's last token (the chat template's assistant header, after the query's A:)"
 
 PHASES = ("input", "task", "answer")
 
@@ -51,15 +66,23 @@ class LensPhases:
     skipped: dict[str, str]  # spec -> why it was not run
     token_rule: str = TOKEN_RULE
     task_word_reduce: str = "max"
+    template: TemplateName = "qa"
+
+    @property
+    def position(self) -> str:
+        return CHAT_LENS_POSITION if self.template == "chat" else QA_LENS_POSITION
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        record: dict[str, Any] = {
             "task": self.task,
             "curves": {spec: curves.as_dict() for spec, curves in self.curves.items()},
             "skipped": self.skipped,
             "token_rule": self.token_rule,
             "task_word_reduce": self.task_word_reduce,
         }
+        if self.template == "chat":  # qa records keep the keys they always had
+            record.update(template=self.template, position=self.position)
+        return record
 
 
 def _batch_curves(
@@ -121,19 +144,28 @@ def phase_curves(
     task_words: Sequence[str],
     *,
     task_word_reduce: WordReduce = "max",
-    template: QATemplate = DEFAULT_TEMPLATE,
+    template: QATemplate | TemplateName = DEFAULT_TEMPLATE,
     batch_size: int = 4,
     progress: str | None = None,
 ) -> PhaseCurves:
-    """Lens curves of any prompts: prompt i's input word, answer words (any of them) and the task words."""
+    """Lens curves of any prompts: prompt i's input word, answer words (any of them) and the task words.
+
+    Read where the answer is generated (see the module's position rule): the query's marker for qa
+    prompts, the last token for chat prompts.
+    """
     if not prompts:
         raise ValueError("phase_curves needs at least one prompt")
     task_ids = word_set_ids(handle.tokenizer, task_words, capitalised=True)
     sums = {phase: _PhaseSums(handle.num_layers) for phase in PHASES}
-    # [prompts, layers, hidden] at the query's answer marker, where the answer is generated.
-    residuals = residuals_at_marker(
-        handle, prompts, occurrence=-1, batch_size=batch_size, progress=progress, template=template
-    ).residuals
+    # [prompts, layers, hidden] where the answer is generated.
+    if any(prompt.chat for prompt in prompts):
+        residuals = residuals_at_columns(
+            handle, prompts, last_columns, batch_size=batch_size, progress=progress
+        ).residuals
+    else:
+        residuals = residuals_at_marker(
+            handle, prompts, occurrence=-1, batch_size=batch_size, progress=progress, template=template
+        ).residuals
     for start in range(0, len(prompts), batch_size):
         # The lens over the whole vocabulary is large: decode a batch of prompts at a time.
         stop = start + batch_size
@@ -169,7 +201,7 @@ def lens_phases(
     seed: int = 0,
     style: str | None = None,
     task_word_reduce: WordReduce = "max",
-    template: QATemplate = DEFAULT_TEMPLATE,
+    template: QATemplate | TemplateName = DEFAULT_TEMPLATE,
     batch_size: int = 4,
     progress: bool = False,
 ) -> LensPhases:
@@ -177,8 +209,10 @@ def lens_phases(
 
     The same (up to `max_prompts`) queries are used for every spec, so the curves differ only in
     how the task was given. Specs the model or task cannot take (image ICL on a text-only model)
-    are listed in `skipped` with the reason.
+    are listed in `skipped` with the reason. `template` "chat" asks every prompt as one user turn
+    of the model's chat template.
     """
+    template = as_template(template)
     queries = query_items(task, max_prompts)
     curves: dict[str, PhaseCurves] = {}
     skipped: dict[str, str] = {}
@@ -199,7 +233,7 @@ def lens_phases(
             batch_size=batch_size,
             progress=f"lens {task.name} {spec.value}" if progress else None,
         )
-    return LensPhases(task.name, curves, skipped, task_word_reduce=task_word_reduce)
+    return LensPhases(task.name, curves, skipped, task_word_reduce=task_word_reduce, template=template.name)
 
 
 def mean_peak_layers(lens: dict[str, Any]) -> dict[str, dict[str, float | None]]:

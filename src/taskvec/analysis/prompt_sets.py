@@ -50,9 +50,9 @@ def instruction_prompt(
     style: str | None = None,
     template: QATemplate = DEFAULT_TEMPLATE,
 ) -> Prompt:
-    """The task's instruction on its own line, then the query."""
+    """The task's instruction on its own line, then the query (in the same chat turn under chat)."""
     bare = build_icl_prompt([], query, query_modality=modality, style=style, template=template)
-    return Prompt(f"{task.instruction}\n{bare.text}", bare.images)
+    return Prompt(f"{task.instruction}\n{bare.text}", bare.images, chat=bare.chat)
 
 
 def task_icl_prompts(

@@ -26,6 +26,7 @@ from taskvec.analysis.lens_phases import lens_phases, mean_peak_layers
 from taskvec.analysis.prompt_sets import unsupported_reason
 from taskvec.analysis.similarity import VectorKey, similarity_analysis
 from taskvec.analysis.vector_tokens import decode_vectors
+from taskvec.prompts import as_template
 from taskvec.tasks import Task
 from taskvec.vectors import VectorSpec
 
@@ -39,6 +40,7 @@ def _lens_of(context: AnalysisContext, task: Task) -> dict[str, Any]:
         shots=settings.shots,
         seed=settings.seed,
         batch_size=settings.batch_size,
+        template=settings.template,
     ).as_dict()
 
 
@@ -115,6 +117,7 @@ def _embedding_map(context: AnalysisContext) -> dict[str, Any]:
             shots=settings.shots,
             seed=settings.seed,
             batch_size=settings.batch_size,
+            template=as_template(settings.template),
         )
         return embedding_map(points, settings.projection, settings.seed)
 
@@ -137,6 +140,7 @@ def _conflict_of(
         seed=settings.seed,
         max_new_tokens=settings.conflict_max_new_tokens,
         metric=settings.conflict_metric,
+        template=settings.template,
     ).as_dict()
 
 

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from taskvec.analysis.embedding_map import ProjectionMethod
+from taskvec.prompts import TemplateName
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class AnalysisSettings:
     projection: ProjectionMethod = "tsne"
     top_k: int = 5
     batch_size: int = 4
+    template: TemplateName = "qa"  # "chat": every analysis prompt as one user turn of the chat template
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

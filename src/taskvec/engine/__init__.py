@@ -5,12 +5,14 @@ from taskvec.engine.lens import logit_lens, top_tokens
 from taskvec.engine.patching import Patch, PatchMode, patch_at
 from taskvec.engine.positions import AnswerMarkerNotFoundError, find_marker_positions, marker_position
 from taskvec.engine.residuals import record_residuals
+from taskvec.engine.shared_prefix import RowPatch, patched_greedy_ids, patched_logits
 from taskvec.engine.sweep import SweepMethod, sweep_layers
 
 __all__ = [
     "AnswerMarkerNotFoundError",
     "Patch",
     "PatchMode",
+    "RowPatch",
     "SweepMethod",
     "find_marker_positions",
     "generate_greedy",
@@ -18,6 +20,8 @@ __all__ = [
     "logit_lens",
     "marker_position",
     "patch_at",
+    "patched_greedy_ids",
+    "patched_logits",
     "record_residuals",
     "sweep_layers",
     "top_tokens",

@@ -34,7 +34,7 @@ from taskvec.models.handle import ModelHandle
 
 # Rows unembedded at once when only their top token is kept: the logits of a row are the vocabulary
 # wide (a MiB in float32 for 262k words), so thousands of rows at once would not fit.
-LENS_ROWS = 64
+LENS_ROWS = 256
 
 
 @dataclass(frozen=True)

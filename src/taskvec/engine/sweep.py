@@ -81,7 +81,7 @@ def sweep_layers(
     `vectors` is one vector for every layer ([hidden]) or one per model layer ([num_layers, hidden]),
     as extracted task vectors are. `memory_budget` (bytes) bounds the one-pass sweep's copies of the
     prompt's KV cache, one per layer decoded at a time (at least one layer at a time however small);
-    None allows half the free memory of the GPU the cache is on, or all layers at once on the CPU.
+    None allows half the free memory of the GPU the cache is on, or 2 GiB on the CPU.
     The budget moves the logits only by rounding: a matrix product rounds differently for different
     numbers of rows.
     """

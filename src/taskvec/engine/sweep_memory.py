@@ -21,6 +21,11 @@ DEFAULT_FREE_MEMORY_FRACTION = 0.5
 # A cache on the CPU gets a fixed budget, not a share of free RAM, so that which rows share a decode
 # step (and so how a matrix product rounds) does not depend on what else the machine runs.
 DEFAULT_CPU_BUDGET = 2 * 2**30
+SWEEP_MEMORY_HELP = (
+    "bytes the decode rows of a shared prefix pass (one per query and patched layer) may take in "
+    "copies of the prompts' KV cache at once, e.g. 8GiB or 500MB; rows are decoded in chunks that "
+    "fit, at least one at a time. Unset: half the free GPU memory; 2 GiB on the CPU"
+)
 
 
 def rows_per_chunk(row_bytes: int, rows: int, budget: int | None) -> int:

@@ -9,7 +9,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
+from taskvec.byte_sizes import format_byte_size, parse_byte_size
+from taskvec.engine.sweep_memory import SWEEP_MEMORY_HELP
 from taskvec.options import option
+from taskvec.prompts import TEMPLATE_HELP, TEMPLATE_NAMES, TemplateName
 from taskvec.tasks import PAPER_TASKS, STRICT_HELP
 
 MetricName = Literal["prefix", "prefix_ignore_case", "exact"]
@@ -31,6 +34,10 @@ def _seed_count_text(seeds: tuple[int, ...]) -> list[str]:
     if seeds != tuple(range(len(seeds))):
         raise ValueError(f"seeds {seeds} are not 0..N-1, the only seeds --seeds N can give")
     return [str(len(seeds))]
+
+
+def _byte_size_text(size: int) -> list[str]:
+    return [format_byte_size(size)]
 
 
 def _style_entry(text: str) -> tuple[str, str]:
@@ -63,6 +70,7 @@ class RunConfig:
         metavar="N",
     )
     shots: int = option(5, "demonstrations per prompt, for vectors and in-context baselines")
+    template: TemplateName = option("qa", TEMPLATE_HELP)
     val_limit: int | None = option(
         None, "validation queries used to build exemplar vectors and to choose layers", none_word="all"
     )
@@ -120,6 +128,15 @@ class RunConfig:
         metavar="N",
         none_word="all",
     )
+    # Moves the logits by rounding alone (bench/NOTES.md), so a cached sweep made under another budget
+    # still stands.
+    sweep_memory: int | None = option(
+        None,
+        SWEEP_MEMORY_HELP,
+        parse=parse_byte_size,
+        show=_byte_size_text,
+        metavar="BYTES",
+    )
     # A vector of fewer examples estimates the same mean, so its best layer is the same; the curve's
     # sweeps would otherwise be ~70% of a run's time.
     ensemble_layer_from: Literal["largest", "each"] = option(
@@ -159,6 +176,8 @@ class RunConfig:
             raise ValueError("no seeds to run")
         if self.shots < 1:
             raise ValueError(f"shots must be at least 1, got {self.shots}")
+        if self.template not in TEMPLATE_NAMES:
+            raise ValueError(f"unknown template {self.template!r}; use one of {', '.join(TEMPLATE_NAMES)}")
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.query_batch_size < 1:
             raise ValueError("max_new_tokens, batch_size and query_batch_size must be at least 1")
         for limit, name in ((self.val_limit, "val_limit"), (self.test_limit, "test_limit")):
@@ -192,6 +211,11 @@ class RunConfig:
             )
         if not 0 < self.query_independent_share <= 1:
             raise ValueError(f"query_independent_share must be in (0, 1], got {self.query_independent_share}")
+        if self.sweep_memory is not None and self.sweep_memory < 1:
+            raise ValueError(
+                f"sweep_memory must be at least 1 byte (any budget below one copy of the cache decodes "
+                f"one layer at a time), got {self.sweep_memory}"
+            )
 
     @classmethod
     def quick_preset(cls, **overrides: Any) -> RunConfig:

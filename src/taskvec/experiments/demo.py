@@ -11,7 +11,14 @@ from dataclasses import asdict, dataclass
 
 from taskvec.evaluation import accuracy, generate_answers, sweep_accuracy
 from taskvec.models import ModelHandle
-from taskvec.prompts import Prompt, build_query_prompt
+from taskvec.prompts import (
+    DEFAULT_TEMPLATE,
+    Prompt,
+    QATemplate,
+    TemplateName,
+    as_template,
+    build_query_prompt,
+)
 from taskvec.tasks import Task
 from taskvec.vectors import VectorSpec, extract_vector, icl_prompts
 
@@ -46,12 +53,15 @@ def run_demo(
     limit: int | None = None,
     max_new_tokens: int = 1,
     progress: bool = True,
+    template: QATemplate | TemplateName = DEFAULT_TEMPLATE,
 ) -> DemoResult:
     """Extract a text-ICL vector on validation, choose its layer there, then score the test split.
 
     The layer sweep reads the first token under the patch; test answers are `max_new_tokens` greedy
-    tokens, prefix-matched (1 token: the run's protocol).
+    tokens, prefix-matched (1 token: the run's protocol). `template` "chat" asks every prompt as one
+    user turn of the model's chat template.
     """
+    template = as_template(template)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     validation, test = task.split("val"), task.split("test")[:limit]
@@ -63,17 +73,18 @@ def run_demo(
         shots=shots,
         seed=seed,
         progress=f"{task.name} text vectors" if progress else None,
+        template=template,
     ).vector
     per_layer = sweep_accuracy(
         handle,
-        [build_query_prompt(i) for i in validation],
+        [build_query_prompt(i, template=template) for i in validation],
         [i.answers() for i in validation],
         vector.vectors,
         progress="layer sweep on val" if progress else None,
     )
     best_layer = max(range(len(per_layer)), key=lambda layer: (per_layer[layer], -layer))
-    queries = [build_query_prompt(item) for item in test]
-    in_context = icl_prompts(validation, test, shots=shots, seed=seed, task=task.name)
+    queries = [build_query_prompt(item, template=template) for item in test]
+    in_context = icl_prompts(validation, test, shots=shots, seed=seed, template=template, task=task.name)
     label = "test: {}" if progress else None
 
     def score(prompts: Sequence[Prompt], name: str, patched: bool = False) -> float:

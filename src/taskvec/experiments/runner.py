@@ -7,16 +7,19 @@ key of what it depends on, so an interrupted run picks up where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from taskvec.analysis import AnalysisDocument, VectorKey, run_analyses
+from taskvec.analysis.settings import QUICK, AnalysisSettings
 from taskvec.caching import StepCache
 from taskvec.evaluation import first_line
 from taskvec.experiments.baselines import Floor, model_free_floors
@@ -37,6 +40,7 @@ from taskvec.experiments.steps import StepRunner
 from taskvec.experiments.tables import TABLE_DEFINITIONS, build_tables, score_rows, summarise, table_metric
 from taskvec.experiments.vector_store import VectorStore
 from taskvec.models import ModelHandle
+from taskvec.prompts import chat_template_of
 from taskvec.tasks import Task, load_task
 from taskvec.vectors import VectorSpec
 from taskvec.version import __version__
@@ -104,6 +108,33 @@ def _borrowed_layer_choices(patched: list[Condition], config: RunConfig) -> dict
     return borrowed
 
 
+def _tasks_of(work: Sequence[Work]) -> list[Task]:
+    """The tasks of `work`, each once, in order."""
+    tasks: dict[str, Task] = {}
+    for _, task, _ in work:
+        tasks.setdefault(task.name, task)
+    return list(tasks.values())
+
+
+def _test_answers(
+    steps: StepRunner, work: list[Work], layers: dict[str, LayerChoice], progress: bool
+) -> list[dict[str, Any]]:
+    """Every work item's test answers, task by task, so patched conditions share their passes."""
+    answers: dict[int, dict[str, Any]] = {}
+    for task in tqdm(_tasks_of(work), desc="test, tasks", disable=not progress):
+        indices = [index for index, (_, of_task, _) in enumerate(work) if of_task is task]
+        task_work = [
+            (
+                work[index][0],
+                work[index][2],
+                layers[work[index][0].name].chosen if work[index][0].patched else None,
+            )
+            for index in indices
+        ]
+        answers.update(zip(indices, steps.tests(task, task_work), strict=True))
+    return [answers[index] for index in range(len(work))]
+
+
 def _choose_layers(
     steps: StepRunner, conditions: list[Condition], work: list[Work], config: RunConfig, progress: bool
 ) -> dict[str, LayerChoice]:
@@ -118,12 +149,11 @@ def _choose_layers(
     swept = [c for c in patched if c.name not in borrowed]
     sweeps: dict[str, dict[str, list[dict[str, object]]]] = {c.name: {} for c in swept}
     sweep_seeds = config.seeds[: config.layer_sweep_seeds]
-    for condition, task, seed in tqdm(
-        [w for w in work if w[0] in swept and (w[2] is None or w[2] in sweep_seeds)],
-        desc="layer sweeps (validation)",
-        disable=not progress,
-    ):
-        sweeps[condition.name].setdefault(task.name, []).append(steps.sweep(condition, task, seed))
+    sweep_work = [w for w in work if w[0] in swept and (w[2] is None or w[2] in sweep_seeds)]
+    for task in tqdm(_tasks_of(sweep_work), desc="layer sweeps (validation), tasks", disable=not progress):
+        task_work = [(condition, seed) for condition, of_task, seed in sweep_work if of_task is task]
+        for (condition, _), result in zip(task_work, steps.sweeps(task, task_work), strict=True):
+            sweeps[condition.name].setdefault(task.name, []).append(result)
     layers: dict[str, LayerChoice] = {}
     for condition in swept:
         ignore_case = condition.ignores_case and config.ensemble_ignore_case
@@ -179,9 +209,13 @@ def run_experiments(
     out.mkdir(parents=True, exist_ok=True)
     tasks = load_run_tasks(config)
     conditions, notes = plan_conditions(handle, tasks, config, llm)
+    uses_llm = any(c.model_role == "llm" for c in conditions)
+    if config.template == "chat":  # before any step, not at the first prompt of the model lacking one
+        for model in (handle, llm if uses_llm else None):
+            if model is not None:
+                chat_template_of(model)
     cache = StepCache(out / "cache")
     store = VectorStore(out, config, cache, progress)
-    uses_llm = any(c.model_role == "llm" for c in conditions)
     steps = StepRunner(handle, llm if uses_llm else None, config, cache, store, progress)
 
     work: list[Work] = [(c, t, s) for c in conditions for t in tasks for s in _seeds(c, config)]
@@ -193,9 +227,9 @@ def run_experiments(
 
     rows: list[ConditionResult] = []
     examples: list[Example] = []
-    for condition, task, seed in tqdm(work, desc="test", disable=not progress):
+    test_answers = _test_answers(steps, work, layers, progress)
+    for (condition, task, seed), test in zip(work, test_answers, strict=True):
         layer = layers[condition.name].chosen if condition.patched else None
-        test = steps.test(condition, task, seed, layer)
         vector_token = steps.vector_token(condition, task, seed, layer) if layer is not None else None
         vector_answer = None
         if vector_token is not None:
@@ -331,6 +365,7 @@ def run_analyses_of_run(
     cache = StepCache(out / "cache")
     store = VectorStore(out, config, cache, progress)
     vectors = run_vectors(store, handle, llm, tasks, conditions, config.seeds)
+    settings = dataclasses.replace(QUICK if config.quick else AnalysisSettings(), template=config.template)
     document = run_analyses(
         handle,
         tasks,
@@ -339,7 +374,7 @@ def run_analyses_of_run(
         vectors=vectors,
         cache=cache,
         llm=llm,
-        quick=config.quick,
+        settings=settings,
         progress=progress,
     )
     document.write(out / "analysis.json")

@@ -6,7 +6,9 @@ for any step in any order and a rerun only computes what is missing.
 
 from __future__ import annotations
 
+import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,16 +16,20 @@ import torch
 
 from taskvec.caching import StepCache, digest, task_fingerprint
 from taskvec.engine import logit_lens
-from taskvec.evaluation import generate_answers, sweep_first_tokens
+from taskvec.evaluation import (
+    Answers,
+    LayerPatch,
+    generate_answers,
+    generate_patched_answers,
+    sweep_first_tokens_of_vectors,
+)
 from taskvec.experiments.conditions import Condition
 from taskvec.experiments.config import RunConfig
 from taskvec.experiments.vector_store import VectorStore, ensemble_of, exemplar_subset_vector
 from taskvec.models import ModelHandle
-from taskvec.prompts import DEFAULT_TEMPLATE, Prompt, build_icl_prompt
+from taskvec.prompts import Prompt, as_template, build_icl_prompt
 from taskvec.tasks import Item, Task
 from taskvec.vectors import VectorSpec, sample_demonstrations
-
-TEMPLATE_KEY = [DEFAULT_TEMPLATE.query, DEFAULT_TEMPLATE.answer, DEFAULT_TEMPLATE.marker]
 
 
 @dataclass
@@ -73,6 +79,7 @@ class StepRunner:
     # ---- prompts -------------------------------------------------------------------------------
     def prompts(self, condition: Condition, task: Task, items: list[Item], seed: int | None) -> list[Prompt]:
         style = self.config.style_for(task.name)
+        template = as_template(self.config.template)
         rng = random.Random(seed or 0)
         prompts = []
         for item in items:
@@ -85,9 +92,10 @@ class StepRunner:
                 demo_modality=condition.demos or "text",
                 query_modality=condition.query,
                 style=style,
+                template=template,
             )
             if condition.instruction_prompt:
-                prompt = Prompt(f"{task.instruction}\n{prompt.text}", prompt.images)
+                prompt = Prompt(f"{task.instruction}\n{prompt.text}", prompt.images, chat=prompt.chat)
             prompts.append(prompt)
         return prompts
 
@@ -102,78 +110,148 @@ class StepRunner:
             "seed": seed if condition.demos else None,
             "instruction": task.instruction if condition.instruction_prompt else None,
             "style": self.config.style_for(task.name) if uses_images else None,
-            "template": TEMPLATE_KEY,
+            "template": as_template(self.config.template).cache_key(),
         }
 
     # ---- layer sweep on validation -------------------------------------------------------------
-    def sweep(self, condition: Condition, task: Task, seed: int | None) -> dict[str, Any]:
-        """First tokens per validation query and layer, with the condition's vector patched."""
-        vector = self.vector_for(condition, task, seed)
-        if vector is None:
-            raise ValueError(f"condition {condition.name} patches nothing: no sweep")
-        items = task.split("val")[: self.config.val_limit]
-        identity = {
+    def _sweep_identity(
+        self, condition: Condition, task: Task, seed: int | None, vector_key: str
+    ) -> dict[str, Any]:
+        return {
             "step": "sweep",
             **self._prompt_identity(condition, task, seed),
-            "vector": vector[1],
+            "vector": vector_key,
             "val_limit": self.config.val_limit,
         }
-        key = self.cache.key(identity)
-        cached = self.cache.load("sweeps", task.name, key)
-        if cached is not None:
-            return cached
-        label = f"sweep {condition.name} {task.name}" if self.progress else None
-        tokens = sweep_first_tokens(
-            self.handle, self.prompts(condition, task, items, seed), vector[0], progress=label
-        )
-        result = {
-            "key": identity,
-            "inputs": [item.input for item in items],
-            "expected": [list(item.answers()) for item in items],
-            "tokens": tokens,
-        }
-        self.cache.store("sweeps", task.name, key, result)
+
+    def sweep(self, condition: Condition, task: Task, seed: int | None) -> dict[str, Any]:
+        """First tokens per validation query and layer, with the condition's vector patched."""
+        (result,) = self.sweeps(task, [(condition, seed)])
         return result
 
+    def sweeps(self, task: Task, work: Sequence[tuple[Condition, int | None]]) -> list[dict[str, Any]]:
+        """The sweeps of `work` on one task; those asking the same validation prompts (bare queries:
+        every condition and seed) share one pass over each batch of prompts."""
+        items = task.split("val")[: self.config.val_limit]
+        results: dict[int, dict[str, Any]] = {}
+        missing: dict[str, list[tuple[int, dict[str, Any], str, torch.Tensor]]] = {}
+        for index, (condition, seed) in enumerate(work):
+            vector = self.vector_for(condition, task, seed)
+            if vector is None:
+                raise ValueError(f"condition {condition.name} patches nothing: no sweep")
+            identity = self._sweep_identity(condition, task, seed, vector[1])
+            key = self.cache.key(identity)
+            cached = self.cache.load("sweeps", task.name, key)
+            if cached is not None:
+                results[index] = cached
+                continue
+            prompts_key = json.dumps(self._prompt_identity(condition, task, seed), sort_keys=True)
+            missing.setdefault(prompts_key, []).append((index, identity, key, vector[0]))
+        for group in missing.values():
+            condition, seed = work[group[0][0]]
+            names = sorted({work[index][0].name for index, *_ in group})
+            label = f"sweep {', '.join(names)} {task.name}" if self.progress else None
+            tokens = sweep_first_tokens_of_vectors(
+                self.handle,
+                self.prompts(condition, task, items, seed),
+                [vectors for *_, vectors in group],
+                progress=label,
+                marker=self._marker(),
+                memory_budget=self.config.sweep_memory,
+            )
+            for (row, row_identity, row_key, _), vector_tokens in zip(group, tokens, strict=True):
+                results[row] = {
+                    "key": row_identity,
+                    "inputs": [item.input for item in items],
+                    "expected": [list(item.answers()) for item in items],
+                    "tokens": vector_tokens,
+                }
+                self.cache.store("sweeps", task.name, row_key, results[row])
+        return [results[index] for index in range(len(work))]
+
+    def _marker(self) -> str:
+        return as_template(self.config.template).marker
+
     # ---- test generations ----------------------------------------------------------------------
-    def test(self, condition: Condition, task: Task, seed: int | None, layer: int | None) -> dict[str, Any]:
-        """Greedy answers to the test queries (under the patch at `layer` if the condition patches)."""
-        vector = self.vector_for(condition, task, seed)
-        items = task.split("test")[: self.config.test_limit]
-        identity = {
+    def _test_identity(
+        self, condition: Condition, task: Task, seed: int | None, layer: int | None, vector_key: str | None
+    ) -> dict[str, Any]:
+        return {
             "step": "test",
             **self._prompt_identity(condition, task, seed),
-            "vector": vector[1] if vector is not None else None,
-            "layer": layer if vector is not None else None,
+            "vector": vector_key,
+            "layer": layer if vector_key is not None else None,
             "test_limit": self.config.test_limit,
             "max_new_tokens": self.config.max_new_tokens,
         }
-        key = self.cache.key(identity)
-        cached = self.cache.load("test", task.name, key)
-        if cached is not None and "first_tokens" in cached:
-            return cached
-        prompts = self.prompts(condition, task, items, seed)
-        label = f"test {condition.name} {task.name}" if self.progress else None
-        first_tokens: list[int] = []
-        generated = generate_answers(
-            self.handle,
-            prompts,
-            vector=vector[0][layer] if vector is not None and layer is not None else None,
-            layer=layer if vector is not None else None,
-            max_new_tokens=self.config.max_new_tokens,
-            batch_size=self.config.batch_size if condition.demos else self.config.query_batch_size,
-            progress=label,
-            first_tokens=first_tokens,
-        )
-        style = self.config.style_for(task.name)
-        result = {
-            "key": identity,
-            "inputs": [item.input for item in items],
-            "images": [str(item.image(style)) if condition.query == "image" else None for item in items],
-            "prompts": [prompt.text for prompt in prompts[:2]],
-            "expected": [list(item.answers()) for item in items],
-            "generated": generated,
-            "first_tokens": first_tokens,
-        }
-        self.cache.store("test", task.name, key, result)
+
+    def test(self, condition: Condition, task: Task, seed: int | None, layer: int | None) -> dict[str, Any]:
+        """Greedy answers to the test queries (under the patch at `layer` if the condition patches)."""
+        (result,) = self.tests(task, [(condition, seed, layer)])
         return result
+
+    def tests(
+        self, task: Task, work: Sequence[tuple[Condition, int | None, int | None]]
+    ) -> list[dict[str, Any]]:
+        """The test answers of `work` on one task; patched conditions asking the same test prompts
+        (bare queries: every condition and seed) share one pass over each batch of prompts."""
+        items = task.split("test")[: self.config.test_limit]
+        results: dict[int, dict[str, Any]] = {}
+        missing: dict[str, list[tuple[int, dict[str, Any], str, LayerPatch | None]]] = {}
+        for index, (condition, seed, layer) in enumerate(work):
+            vector = self.vector_for(condition, task, seed)
+            identity = self._test_identity(condition, task, seed, layer, vector[1] if vector else None)
+            key = self.cache.key(identity)
+            cached = self.cache.load("test", task.name, key)
+            if cached is not None and "first_tokens" in cached:
+                results[index] = cached
+                continue
+            patch = LayerPatch(vector[0][layer], layer) if vector is not None and layer is not None else None
+            # Unpatched conditions each have prompts of their own (or nothing to share a pass with).
+            prompts_key = json.dumps(self._prompt_identity(condition, task, seed), sort_keys=True)
+            group_key = prompts_key if patch is not None else f"unpatched {index}"
+            missing.setdefault(group_key, []).append((index, identity, key, patch))
+        for group in missing.values():
+            condition, seed, _ = work[group[0][0]]
+            prompts = self.prompts(condition, task, items, seed)
+            names = sorted({work[index][0].name for index, *_ in group})
+            label = f"test {', '.join(names)} {task.name}" if self.progress else None
+            batch_size = self.config.batch_size if condition.demos else self.config.query_batch_size
+            patches = [patch for *_, patch in group if patch is not None]
+            if patches:
+                answers = generate_patched_answers(
+                    self.handle,
+                    prompts,
+                    patches,
+                    max_new_tokens=self.config.max_new_tokens,
+                    batch_size=batch_size,
+                    progress=label,
+                    marker=self._marker(),
+                    memory_budget=self.config.sweep_memory,
+                )
+            else:
+                first_tokens: list[int] = []
+                texts = generate_answers(
+                    self.handle,
+                    prompts,
+                    max_new_tokens=self.config.max_new_tokens,
+                    batch_size=batch_size,
+                    progress=label,
+                    first_tokens=first_tokens,
+                )
+                answers = [Answers(texts, first_tokens)]
+            style = self.config.style_for(task.name)
+            for (row, row_identity, row_key, _), answer in zip(group, answers, strict=True):
+                results[row] = {
+                    "key": row_identity,
+                    "inputs": [item.input for item in items],
+                    "images": [
+                        str(item.image(style)) if condition.query == "image" else None for item in items
+                    ],
+                    "prompts": [prompt.text for prompt in prompts[:2]],
+                    "expected": [list(item.answers()) for item in items],
+                    "generated": answer.texts,
+                    "first_tokens": answer.first_tokens,
+                }
+                self.cache.store("test", task.name, row_key, results[row])
+        return [results[index] for index in range(len(work))]

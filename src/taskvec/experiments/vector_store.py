@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from taskvec.caching import StepCache, model_fingerprint, task_fingerprint
 from taskvec.experiments.config import RunConfig
 from taskvec.models import ModelHandle
-from taskvec.prompts import DEFAULT_TEMPLATE
+from taskvec.prompts import as_template
 from taskvec.tasks import Task
 from taskvec.vectors import (
     TaskVector,
@@ -98,15 +98,17 @@ class VectorStore:
             "task": task_fingerprint(task),
             "spec": kind.value,
         }
+        template = as_template(self.config.template)
         if kind is VectorSpec.INSTRUCTION:
-            return identity
+            # The chat template changes the instruction's tokens; qa keys stay what they were.
+            return {**identity, "template": template.cache_key()} if template.chat else identity
         return {
             **identity,
             "shots": self.config.shots,
             "seed": seed,
             "val_limit": self.config.val_limit,
             "style": self._style(task, kind),
-            "template": [DEFAULT_TEMPLATE.query, DEFAULT_TEMPLATE.answer, DEFAULT_TEMPLATE.marker],
+            "template": template.cache_key(),
         }
 
     def vector_path(self, role: ModelRole, task: Task, spec: VectorSpec | str, seed: int) -> Path:
@@ -164,6 +166,7 @@ class VectorStore:
             style=self._style(task, spec),
             batch_size=self.config.batch_size,
             progress=label,
+            template=self.config.template,
         )
         if extraction.per_prompt is not None:
             residuals = self.residuals_path(role, task, spec, seed, key)

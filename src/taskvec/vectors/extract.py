@@ -7,14 +7,17 @@ Exemplar vector (the paper's protocol): for each query of a split, a prompt of `
 demonstrations drawn from the other items of that split, then the query; the residual is read at
 the last token of the last demonstration's answer marker (a position that has not seen the query)
 at every layer, and averaged over the prompts. Instruction vector: the residual at the last token of
-the bare instruction. The run's vector store, the analyses, the command line and the VLM's
+the bare instruction. Under the chat template (`template="chat"`) the prompt is one user turn of the
+model's chat template and the same rules hold: positions are found in the tokens by rule (the
+marker's second-to-last occurrence; the instruction's last word), never as the prompt's last token,
+which is the template's assistant header. The run's vector store, the analyses, the command line and the VLM's
 acceptance measurements all read residuals here, so they agree on prompts, positions and batching.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -22,9 +25,20 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from taskvec.engine import marker_position, record_residuals
+from taskvec.engine import record_residuals
 from taskvec.models import ModelHandle
-from taskvec.prompts import DEFAULT_TEMPLATE, Modality, Prompt, QATemplate, build_icl_prompt, encode_prompts
+from taskvec.prompts import (
+    DEFAULT_TEMPLATE,
+    Modality,
+    Prompt,
+    QATemplate,
+    TemplateName,
+    as_template,
+    build_icl_prompt,
+    encode_prompts,
+    marker_columns,
+    text_end_columns,
+)
 from taskvec.tasks import Item, Task
 from taskvec.vectors.spec import VectorSpec, parse_spec
 from taskvec.vectors.task_vector import TaskVector
@@ -60,7 +74,7 @@ def icl_prompts(
     modality: Modality = "text",
     query_modality: Modality | None = None,
     style: str | None = None,
-    template: QATemplate = DEFAULT_TEMPLATE,
+    template: QATemplate | TemplateName = DEFAULT_TEMPLATE,
     task: str | None = None,
 ) -> list[Prompt]:
     """One prompt per query: `shots` demonstrations from `pool` (never the query), then the query.
@@ -70,6 +84,7 @@ def icl_prompts(
     is shown in `query_modality` (default: the demonstrations' modality). Too small a pool raises
     `TooFewDemonstrationsError` naming `task` and the counts, never a prompt with fewer shots.
     """
+    template = as_template(template)
     rng = random.Random(seed)
     return [
         build_icl_prompt(
@@ -133,37 +148,32 @@ class MarkerResiduals:
     input_embeddings: torch.Tensor | None = None
 
 
+# Per row of an encoded batch, the column to read: the rule of one kind of residual.
+ColumnRule = Callable[[ModelHandle, Mapping[str, torch.Tensor]], list[int]]
+
+
 @torch.no_grad()
-def residuals_at_marker(
+def residuals_at_columns(
     handle: ModelHandle,
     prompts: Sequence[Prompt],
+    columns: ColumnRule,
     *,
-    occurrence: int,
     layers: Sequence[int] | None = None,
     batch_size: int = 8,
     progress: str | None = None,
     input_embeddings: bool = False,
-    template: QATemplate = DEFAULT_TEMPLATE,
 ) -> MarkerResiduals:
-    """Each prompt's residual at one answer-marker occurrence: [prompts, layers, hidden], float32, CPU.
-
-    `occurrence` counts the template's marker in the prompt: -1 the query's (where the answer is
-    generated and vectors are patched), -2 the last demonstration's (where exemplar vectors are read).
-    `layers` defaults to every layer. With `input_embeddings`, also each prompt's mean input embedding
-    [prompts, hidden] (what the first decoder layer receives, image features merged in; the mean
-    over the image tokens when the prompt has any), the raw-input side of the embedding map.
-    """
+    """Each prompt's residual at the column `columns` picks in its encoded batch: [prompts, layers,
+    hidden], float32, CPU; see `residuals_at_marker` for `input_embeddings`."""
     if not prompts:
-        raise ValueError("residuals_at_marker needs at least one prompt")
+        raise ValueError("residuals need at least one prompt")
     image_id = _image_token_id(handle) if input_embeddings else None
     residuals: list[torch.Tensor] = []
     embeddings: list[torch.Tensor] = []
     for batch in tqdm(_batched(prompts, batch_size), desc=progress, disable=progress is None, leave=False):
         inputs = encode_prompts(handle, batch)
         ids = inputs["input_ids"]
-        positions = torch.tensor(
-            [[marker_position(handle.tokenizer, row, template.marker, occurrence)] for row in ids]
-        )
+        positions = torch.tensor([[column] for column in columns(handle, inputs)])
         captured: list[torch.Tensor] = []
         if input_embeddings:
             with capture_input_embeddings(handle, captured):
@@ -177,6 +187,48 @@ def residuals_at_marker(
             recorded = record_residuals(handle, inputs, positions, layers=layers)
         residuals.append(recorded[:, :, 0].float().cpu())
     return MarkerResiduals(torch.cat(residuals), torch.stack(embeddings) if input_embeddings else None)
+
+
+def residuals_at_marker(
+    handle: ModelHandle,
+    prompts: Sequence[Prompt],
+    *,
+    occurrence: int,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 8,
+    progress: str | None = None,
+    input_embeddings: bool = False,
+    template: QATemplate | TemplateName = DEFAULT_TEMPLATE,
+) -> MarkerResiduals:
+    """Each prompt's residual at one answer-marker occurrence: [prompts, layers, hidden], float32, CPU.
+
+    `occurrence` counts the template's marker in the prompt: -1 the query's (where vectors are
+    patched, and under the qa template where the answer is generated), -2 the last demonstration's
+    (where exemplar vectors are read). Found in the tokens, so it holds under the chat template too.
+    `layers` defaults to every layer. With `input_embeddings`, also each prompt's mean input embedding
+    [prompts, hidden] (what the first decoder layer receives, image features merged in; the mean
+    over the image tokens when the prompt has any), the raw-input side of the embedding map.
+    """
+    marker = as_template(template).marker
+
+    def at_marker(handle: ModelHandle, inputs: Mapping[str, torch.Tensor]) -> list[int]:
+        return marker_columns(handle, inputs, marker, occurrence)
+
+    return residuals_at_columns(
+        handle,
+        prompts,
+        at_marker,
+        layers=layers,
+        batch_size=batch_size,
+        progress=progress,
+        input_embeddings=input_embeddings,
+    )
+
+
+def last_columns(_handle: ModelHandle, inputs: Mapping[str, torch.Tensor]) -> list[int]:
+    """The last column of every row (left padding): the token whose prediction is the reply."""
+    ids = inputs["input_ids"]
+    return [ids.shape[-1] - 1] * ids.shape[0]
 
 
 @dataclass
@@ -213,24 +265,54 @@ def _exemplar_metadata(
         "prompts": prompts,
         "style": style,
         "position": f"last token of the last demonstration's {template.marker!r}",
-        "template": {"query": template.query, "answer": template.answer},
+        "template": _template_record(template),
     }
 
 
+def _template_record(template: QATemplate) -> dict[str, Any]:
+    record: dict[str, Any] = {"query": template.query, "answer": template.answer}
+    if template.chat:
+        record["format"] = template.name  # qa records keep the keys they always had
+    return record
+
+
+INSTRUCTION_POSITION = "last token of the instruction"
+CHAT_INSTRUCTION_POSITION = (
+    "last token of the instruction (its final word's last occurrence) in a user turn of the chat "
+    "template, before the end of the turn and the assistant header"
+)
+
+
 @torch.no_grad()
-def _instruction_extraction(handle: ModelHandle, task: Task, text: str) -> Extraction:
-    """The residual at the last token of the bare instruction, every layer."""
+def _instruction_extraction(
+    handle: ModelHandle, task: Task, text: str, template: QATemplate = DEFAULT_TEMPLATE
+) -> Extraction:
+    """The residual at the last token of the bare instruction, every layer.
+
+    Under the chat template the instruction is the one user turn, and the residual is read at its own
+    last token: the template's tokens after it (end of turn, assistant header) are the same for every
+    task, so reading there would see the instruction only through them.
+    """
     if not text:
         raise ValueError(f"task {task.name!r} has no instruction")
-    residuals = record_residuals(handle, handle.build_inputs([text]), -1)
-    metadata = {
+    metadata: dict[str, Any] = {
         "model": handle.name,
         "task": task.name,
         "spec": VectorSpec.INSTRUCTION.value,
         "instruction": text,
-        "position": "last token of the instruction",
+        "position": INSTRUCTION_POSITION,
     }
-    return Extraction(TaskVector(residuals[0, :, 0], metadata), None)
+    if not template.chat:
+        residuals = record_residuals(handle, handle.build_inputs([text]), -1)
+        return Extraction(TaskVector(residuals[0, :, 0], metadata), None)
+
+    def at_instruction_end(handle: ModelHandle, inputs: Mapping[str, torch.Tensor]) -> list[int]:
+        return text_end_columns(handle, inputs, [text])
+
+    prompt = Prompt(text, chat=True)
+    residuals = residuals_at_columns(handle, [prompt], at_instruction_end).residuals
+    metadata.update(position=CHAT_INSTRUCTION_POSITION, template=_template_record(template))
+    return Extraction(TaskVector(residuals[0], metadata), None)
 
 
 def extract_vector(
@@ -245,7 +327,7 @@ def extract_vector(
     style: str | None = None,
     batch_size: int = 8,
     progress: str | None = None,
-    template: QATemplate = DEFAULT_TEMPLATE,
+    template: QATemplate | TemplateName = DEFAULT_TEMPLATE,
 ) -> Extraction:
     """The task vector of `task` specified by `spec` (text ICL, image ICL or the instruction).
 
@@ -253,7 +335,10 @@ def extract_vector(
     each of `shots` demonstrations drawn from the whole split other than the query, seeded by `seed`,
     and average the residuals at the last demonstration's answer marker. `style` picks the image
     style of image ICL (default: the item's first). Instruction vectors ignore the ICL options.
+    `template` is "qa" (the paper's) or "chat" (the prompt as one user turn of the model's chat
+    template; the read positions are the same tokens, found by rule).
     """
+    template = as_template(template)
     kind = parse_spec(spec)
     if not kind.extractable:
         raise ValueError(
@@ -261,7 +346,7 @@ def extract_vector(
             + ", ".join(s.value for s in VectorSpec if s.extractable)
         )
     if kind is VectorSpec.INSTRUCTION:
-        return _instruction_extraction(handle, task, task.instruction)
+        return _instruction_extraction(handle, task, task.instruction, template)
     modality = kind.demo_modality or "text"
     pool = task.split(split)
     prompts = icl_prompts(
@@ -305,7 +390,7 @@ def exemplar_vector(
     seed: int = 0,
     modality: Modality = "text",
     style: str | None = None,
-    template: QATemplate = DEFAULT_TEMPLATE,
+    template: QATemplate | TemplateName = DEFAULT_TEMPLATE,
     batch_size: int = 8,
 ) -> TaskVector:
     """The text- or image-ICL vector of `task` over every query of `split` (see `extract_vector`)."""
@@ -324,7 +409,13 @@ def exemplar_vector(
     ).vector
 
 
-def instruction_vector(handle: ModelHandle, task: Task, instruction: str | None = None) -> TaskVector:
+def instruction_vector(
+    handle: ModelHandle,
+    task: Task,
+    instruction: str | None = None,
+    *,
+    template: QATemplate | TemplateName = DEFAULT_TEMPLATE,
+) -> TaskVector:
     """The residual at the last token of the bare instruction (the task's own unless one is given)."""
     text = instruction if instruction is not None else task.instruction
-    return _instruction_extraction(handle, task, text).vector
+    return _instruction_extraction(handle, task, text, as_template(template)).vector
