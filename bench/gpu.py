@@ -29,6 +29,15 @@ sweep, from these rules:
   begin/end-of-image and blank-line tokens); text is 8 tokens for the query ("Q:<image>\\nA:" with
   its bos) and 10 per demonstration (its answer and the blank line after it).
 
+A second table gives, per family and prompt, one copy of the cache the one-pass sweep repeats (the
+prompt's minus its last token), all layers' copies, and the rows per chunk (and so the decode steps)
+that `taskvec.engine.sweep_memory.rows_per_chunk` picks with the default budget
+(DEFAULT_FREE_MEMORY_FRACTION of the free memory) on a 24 GiB card with bf16 or NF4 weights and an
+80 GiB card with bf16 weights. Free memory is what `chunk_size` would read after the prompt's
+forward: the card minus the weights, a 1 GiB CUDA context and the prefix's own cache; memory the
+caching allocator still holds from that forward's activations is left out (it would only lower the
+free memory, and the chunks with it).
+
     python bench/gpu.py                           # every family (falls back to --estimate without CUDA)
     python bench/gpu.py --estimate
     python bench/gpu.py --families llava-1.5-7b --repeats 3
@@ -40,6 +49,7 @@ import argparse
 import functools
 import gc
 import inspect
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,6 +62,7 @@ import transformers
 from accelerate import init_empty_weights
 
 from taskvec.engine import sweep_layers
+from taskvec.engine.sweep_memory import DEFAULT_FREE_MEMORY_FRACTION, rows_per_chunk
 from taskvec.models import ModelHandle, architecture_for_class
 
 GIB = 1024**3
@@ -375,25 +386,54 @@ def kv_cache_bytes(text_config: Any, tokens: int) -> int:
     return per_token_and_layer * sum(held)
 
 
-def estimate_row(family: Family) -> list[str]:
+@dataclass(frozen=True)
+class Sizes:
+    """What the estimate tables need of one family, from its meta-device model."""
+
+    parameters: int
+    quantized: int  # weights of the linears NF4 would quantize
+    text_config: Any
+    prompts: list[Prompt]
+
+    @property
+    def layers(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    def weight_bytes(self, nf4: bool) -> float:
+        if not nf4:
+            return self.parameters * 2
+        return self.quantized * NF4_BYTES_PER_PARAMETER + (self.parameters - self.quantized) * 2
+
+    def copy_bytes(self, prompt: Prompt) -> int:
+        """One copy of the cache the one-pass sweep repeats per row: the prompt's minus its last token."""
+        return kv_cache_bytes(self.text_config, prompt.tokens - 1)
+
+
+def family_sizes(family: Family) -> Sizes:
     model = meta_model(family)
     config = model.config
-    text = config.get_text_config()
-    parameters = sum(p.numel() for p in model.parameters())
-    quantized = sum(module.weight.numel() for module in quantizable_linears(model).values())
-    bare, shots = prompts(family, config)
-    layers = text.num_hidden_layers
-    sweep_cache = layers * kv_cache_bytes(text, shots.tokens - 1)
+    return Sizes(
+        parameters=sum(p.numel() for p in model.parameters()),
+        quantized=sum(module.weight.numel() for module in quantizable_linears(model).values()),
+        text_config=config.get_text_config(),
+        prompts=prompts(family, config),
+    )
+
+
+def estimate_row(family: Family, sizes: Sizes) -> list[str]:
+    text = sizes.text_config
+    bare, shots = sizes.prompts
+    sweep_cache = sizes.layers * sizes.copy_bytes(shots)
     return [
         family.name,
-        f"{parameters / 1e9:.2f}",
-        f"{quantized / 1e9:.2f}",
-        f"{parameters * 2 / GIB:.1f}",
-        f"{(quantized * NF4_BYTES_PER_PARAMETER + (parameters - quantized) * 2) / GIB:.1f}",
+        f"{sizes.parameters / 1e9:.2f}",
+        f"{sizes.quantized / 1e9:.2f}",
+        f"{sizes.weight_bytes(nf4=False) / GIB:.1f}",
+        f"{sizes.weight_bytes(nf4=True) / GIB:.1f}",
         f"{bare.tokens} / {shots.tokens}",
         f"{kv_cache_bytes(text, bare.tokens) / MIB:.0f}",
         f"{kv_cache_bytes(text, shots.tokens) / MIB:.0f}",
-        f"{sweep_cache / GIB:.1f} ({layers} rows)",
+        f"{sweep_cache / GIB:.1f} ({sizes.layers} rows)",
     ]
 
 
@@ -417,8 +457,68 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         print("| " + " | ".join(row) + " |")
 
 
+# ------------------------------------------------------------------- sweep chunks on real cards
+
+# (label, card's memory, weights in NF4): the cards as CUDA reports their total, in GiB.
+CARDS: tuple[tuple[str, float, bool], ...] = (
+    ("24 GB bf16", 24 * GIB, False),
+    ("24 GB NF4", 24 * GIB, True),
+    ("80 GB bf16", 80 * GIB, False),
+)
+CUDA_CONTEXT_BYTES = 1 * GIB  # the CUDA context and kernels' own memory, before any tensor
+
+
+def default_chunk(sizes: Sizes, prompt: Prompt, card_bytes: float, nf4: bool) -> str:
+    """'rows per chunk / decode steps' that `chunk_size` would choose with no budget given.
+
+    It decides after the prompt's forward, so the free memory it reads already lacks the weights,
+    the CUDA context and the prefix's own cache (the one every chunk copies); the caching
+    allocator's hold on the freed activations of that forward is left out (it only lowers free).
+    """
+    copy = sizes.copy_bytes(prompt)
+    free = card_bytes - sizes.weight_bytes(nf4) - CUDA_CONTEXT_BYTES - copy
+    if free <= 0:
+        return "does not fit"
+    rows = rows_per_chunk(copy, sizes.layers, int(free * DEFAULT_FREE_MEMORY_FRACTION))
+    return f"{rows} / {math.ceil(sizes.layers / rows)}"
+
+
+def chunk_row(family: Family, sizes: Sizes, prompt: Prompt) -> list[str]:
+    copy = sizes.copy_bytes(prompt)
+    return [
+        family.name,
+        "bare query" if prompt.shots == 0 else f"{prompt.shots}-shot",
+        str(prompt.tokens),
+        f"{copy / MIB:.1f}",
+        f"{sizes.layers * copy / GIB:.2f} ({sizes.layers})",
+        *[default_chunk(sizes, prompt, card, nf4) for _, card, nf4 in CARDS],
+    ]
+
+
+CHUNK_COLUMNS = [
+    "family",
+    "prompt",
+    "tokens",
+    "one copy of the prefix cache (MiB)",
+    "all layers' copies (GiB, rows)",
+    *[f"rows per chunk / decode steps, {label}" for label, _, _ in CARDS],
+]
+
+
 def estimate(families: Sequence[Family]) -> None:
-    print_table(ESTIMATE_COLUMNS, [estimate_row(family) for family in families])
+    sizes = {family.name: family_sizes(family) for family in families}
+    print_table(ESTIMATE_COLUMNS, [estimate_row(family, sizes[family.name]) for family in families])
+    print(
+        f"\nOne-pass sweep chunks with the default budget ({DEFAULT_FREE_MEMORY_FRACTION:g} of the free "
+        f"memory; free = card - weights - {CUDA_CONTEXT_BYTES / GIB:g} GiB CUDA context - the prefix's "
+        "cache):\n"
+    )
+    rows = [
+        chunk_row(family, sizes[family.name], prompt)
+        for family in families
+        for prompt in sizes[family.name].prompts
+    ]
+    print_table(CHUNK_COLUMNS, rows)
 
 
 # ------------------------------------------------------------------------------- the GPU benchmark
