@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import tiny_handle
 from run_fixtures import tiny_config, write_task_file
-from tiny_models import build_tiny
+from tiny_models import build_tiny, save_tiny_checkpoint
 from tiny_tasks import make_tiny_tasks
 
 from taskvec.caching import StepCache
@@ -309,10 +309,7 @@ def test_cli_refuses_chat_for_a_model_without_a_chat_template(
 ) -> None:
     from taskvec.cli import main
 
-    tiny = build_tiny("llama")
-    model_dir = tmp_path / "plain"
-    tiny.model.save_pretrained(model_dir)
-    tiny.processor.save_pretrained(model_dir)
+    model_dir = save_tiny_checkpoint("llama", tmp_path / "plain")
     model = ["--model", str(model_dir)]
     extract = ["extract", *model, "--task", str(write_task_file(tmp_path / "task")), "--shots", "2"]
     vector = tmp_path / "v.safetensors"

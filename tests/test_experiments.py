@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import random_image, tiny_handle
 from run_fixtures import tiny_base_lm, tiny_config, write_task_file
-from tiny_models import build_tiny
+from tiny_models import save_tiny_checkpoint
 
 from taskvec.caching import StepCache
 from taskvec.evaluation import accuracy, generate_answers, is_correct_by
@@ -367,10 +367,7 @@ def test_text_only_model_skips_image_conditions_with_a_note(tmp_path: Path) -> N
 def test_cli_run_quick_on_a_saved_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from taskvec.cli import main
 
-    tiny = build_tiny("llava")
-    model_dir = tmp_path / "tiny-llava"
-    tiny.model.save_pretrained(model_dir)
-    tiny.processor.save_pretrained(model_dir)
+    model_dir = save_tiny_checkpoint("llava", tmp_path / "tiny-llava")
     task_file = write_task_file(tmp_path / "task")
     out = tmp_path / "run"
     argv = ["run", "--model", str(model_dir), "--llm", "none", "--tasks", str(task_file), "--quick"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import random_image, tiny_handle
 from run_fixtures import PAIRS as FIXTURE_PAIRS
-from tiny_models import build_tiny
+from tiny_models import build_tiny, save_tiny_checkpoint
 
 from taskvec.engine import AnswerMarkerNotFoundError, find_marker_positions, marker_position, record_residuals
 from taskvec.evaluation import is_correct
@@ -299,10 +299,7 @@ def test_cli_extract_patch_and_sweep_on_a_local_checkpoint(
 ) -> None:
     from taskvec.cli import main
 
-    tiny = build_tiny("llava")
-    model_dir = tmp_path / "tiny-llava"
-    tiny.model.save_pretrained(model_dir)
-    tiny.processor.save_pretrained(model_dir)
+    model_dir = save_tiny_checkpoint("llava", tmp_path / "tiny-llava")
     task = tiny_task(tmp_path)
     task_file = tmp_path / "capitals.jsonl"
     task_file.write_text(

@@ -108,16 +108,25 @@ def assert_decode_step_numbered_like_a_full_forward(handle: ModelHandle, inputs:
         one_pass = sweep_layers(handle, inputs, vectors, method="one_pass")
     with recorded_position_ids(handle) as full_calls:
         handle.model(**inputs, use_cache=False)
-    # The sweep runs the prompt minus its last token, then the decode step: as many calls each.
-    assert len(sweep_calls) == 2 * len(full_calls)
-    rows = handle.num_layers
-    for full, decode in zip(full_calls, sweep_calls[len(full_calls) :], strict=True):
-        expected = full[..., -1:]
-        assert decode.shape == (*expected.shape[:-2], rows, 1)
-        assert decode.dtype == expected.dtype
-        assert torch.equal(decode, expected.expand_as(decode)), (
-            f"decode step positions {decode[..., 0, 0].tolist()}, full forward {expected.flatten().tolist()}"
-        )
+    # The sweep runs the prompt minus its last token, then decode steps (one, or one per group of
+    # rows skipping the same layers below their patch): as many calls each as a full forward.
+    per_forward = len(full_calls)
+    decode_calls = sweep_calls[per_forward:]
+    assert decode_calls and len(decode_calls) % per_forward == 0
+    decoded_rows = 0
+    for step in range(0, len(decode_calls), per_forward):
+        step_calls = decode_calls[step : step + per_forward]
+        step_rows = step_calls[0].shape[-2]
+        for full, decode in zip(full_calls, step_calls, strict=True):
+            expected = full[..., -1:]
+            assert decode.shape == (*expected.shape[:-2], step_rows, 1)
+            assert decode.dtype == expected.dtype
+            assert torch.equal(decode, expected.expand_as(decode)), (
+                f"decode step positions {decode[..., 0, 0].tolist()}, "
+                f"full forward {expected.flatten().tolist()}"
+            )
+        decoded_rows += step_rows
+    assert decoded_rows == handle.num_layers
     naive = sweep_layers(handle, inputs, vectors, method="naive")
     torch.testing.assert_close(one_pass, naive, atol=1e-5, rtol=1e-5)
 
@@ -181,7 +190,9 @@ def assert_auto_sweeps_as_the_table_says(handle: ModelHandle) -> None:
     finally:
         hook.remove()
     if one_pass_applies(handle):
-        assert forwards == 2, "one pass: the prompt minus its last token, then the decode step"
+        # The prompt minus its last token, then decode steps: one, or one per group of rows that
+        # skip the same layers below their patch (engine/layer_skipping.py).
+        assert 2 <= forwards <= 1 + handle.num_layers, "one pass: the prompt's prefix, then decode steps"
         return
     assert forwards == 1, "batched: one forward of the whole prompt, a row per layer"
     batched = sweep_layers(handle, inputs, layer_vectors(handle), method="batched")

@@ -4,6 +4,10 @@ mixed lengths, patches on the last token or earlier, first tokens and longer gre
 
 from __future__ import annotations
 
+import itertools
+import weakref
+from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -11,9 +15,10 @@ import torch
 from conftest import random_image, tiny_handle
 from tiny_models import FAMILIES, VLM_FAMILIES
 
-from taskvec.engine import Patch, generate_greedy_ids, patch_at
+from taskvec.engine import Patch, generate_greedy_ids, layer_skipping, patch_at, shared_prefix
+from taskvec.engine.layer_skipping import skip_groups
 from taskvec.engine.positions import marker_position
-from taskvec.engine.shared_prefix import RowPatch, patched_greedy_ids, patched_logits
+from taskvec.engine.shared_prefix import RowPatch, one_pass_reason_against, patched_greedy_ids, patched_logits
 from taskvec.engine.sweep_memory import cache_bytes
 from taskvec.engine.token_inputs import token_columns
 from taskvec.models import ModelHandle
@@ -153,3 +158,100 @@ def test_a_patch_column_on_padding_is_refused() -> None:
 def test_a_row_with_a_layer_needs_a_vector() -> None:
     with pytest.raises(ValueError, match="both a layer and a vector"):
         RowPatch(0, 3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rows_replacing_the_last_token_skip_the_layers_below_their_patch(
+    family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handle = tiny_handle(family)
+    batch, _ = batch_of(handle, False)
+    rows = sweep_rows(handle, 3)
+    # Every skip count in a call of its own (no weight-read cost to merge calls for).
+    monkeypatch.setitem(layer_skipping.ROWS_PER_WEIGHT_READ, "cpu", 0)
+    rows_through, logits = rows_through_each_layer(handle, batch, rows)
+    skips = handle.architecture.skips_lower_layers and one_pass_reason_against(handle) is None
+    monkeypatch.setattr(handle, "architecture", replace(handle.architecture, skips_lower_layers=False))
+    all_rows_through, unskipped = rows_through_each_layer(handle, batch, rows)
+    torch.testing.assert_close(logits, unskipped, atol=2e-5, rtol=1e-5)
+    if not skips:
+        assert rows_through == all_rows_through
+        return
+    for layer, count in enumerate(rows_through):
+        if all_rows_through[layer]:  # layers a text-only forward runs (not Mllama's cross-attention)
+            below = sum(1 for row in rows if row.layer is None or row.mode == "add" or row.layer < layer)
+            assert (count, all_rows_through[layer]) == (below, len(rows)), f"layer {layer}"
+
+
+def rows_through_each_layer(
+    handle: ModelHandle, batch: dict[str, Any], rows: list[RowPatch]
+) -> tuple[list[int], torch.Tensor]:
+    """How many decode rows each layer's feed-forward block computed, and the rows' logits."""
+    seen: list[list[int]] = [[] for _ in handle.layers]
+    hooks = []
+    for index, layer in enumerate(handle.layers):
+        block = getattr(layer, "mlp", None) or getattr(layer, "feed_forward", None)
+        assert block is not None, f"{handle.architecture.family} layer {index} has no mlp or feed_forward"
+
+        def count(_module: Any, args: tuple[Any, ...], index: int = index) -> None:
+            seen[index].append(args[0].shape[0])
+
+        hooks.append(block.register_forward_pre_hook(count))
+    try:
+        logits = patched_logits(handle, batch, rows)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [sum(calls[1:]) for calls in seen], logits  # calls[0]: the shared prefix pass
+
+
+def test_skip_groups_merge_calls_when_a_weight_read_costs_more_than_the_layers_saved() -> None:
+    skippable = [0, 3, 3, 1, 2, 4]  # rows by the layers each may skip, of a 4-layer model
+    assert skip_groups(skippable, 4, rows_per_read=0) == [(0, [0]), (1, [3]), (2, [4]), (3, [1, 2]), (4, [5])]
+    # A row patched at the last layer runs no layer at all, so it never joins a group that does.
+    assert skip_groups(skippable, 4, rows_per_read=10**6) == [(0, [0, 3, 4, 1, 2]), (4, [5])]
+    for rows_per_read in (1, 2, 3, 5):
+        groups = skip_groups(skippable, 4, rows_per_read)
+        assert sorted(index for _, members in groups for index in members) == list(range(6))
+        cheapest = min(cost_of(candidate, 4, rows_per_read) for candidate in consecutive_groupings(skippable))
+        assert cost_of(groups, 4, rows_per_read) == cheapest
+
+
+def consecutive_groupings(skippable: list[int]) -> Iterator[list[tuple[int, list[int]]]]:
+    """Every grouping of the rows into runs of consecutive skip counts (each at its smallest)."""
+    counts = sorted(set(skippable))
+    for cuts in itertools.product([False, True], repeat=len(counts) - 1):
+        groups: list[tuple[int, list[int]]] = []
+        for position, count in enumerate(counts):
+            if position == 0 or cuts[position - 1]:
+                groups.append((count, []))
+            groups[-1][1].extend(index for index, own in enumerate(skippable) if own == count)
+        yield groups
+
+
+def cost_of(groups: list[tuple[int, list[int]]], layers: int, rows_per_read: int) -> int:
+    return sum((layers - skipped) * (len(members) + rows_per_read) for skipped, members in groups)
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2])
+def test_a_chunks_cache_copies_are_freed_before_the_next_chunk_copies_its_own(
+    max_new_tokens: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handle = tiny_handle("llama")
+    batch, _ = batch_of(handle, False)
+    rows = sweep_rows(handle, 3)
+    copies: list[weakref.ref[Any]] = []
+    copy_rows = shared_prefix.selected_copy
+
+    def tracked_copy(cache: Any, queries: torch.Tensor) -> Any:
+        assert all(earlier() is None for earlier in copies), "an earlier chunk's copies are still alive"
+        duplicate = copy_rows(cache, queries)
+        copies.append(weakref.ref(duplicate))
+        return duplicate
+
+    monkeypatch.setattr(shared_prefix, "selected_copy", tracked_copy)
+    budget = 2 * row_bytes(handle, batch)
+    patched_greedy_ids(handle, batch, rows, max_new_tokens=max_new_tokens, memory_budget=budget)
+    if max_new_tokens == 1:
+        patched_logits(handle, batch, rows, memory_budget=budget)
+    assert len(copies) >= 3

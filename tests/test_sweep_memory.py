@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -142,10 +143,14 @@ def recorded_row_bytes() -> Iterator[list[int]]:
 
 
 @pytest.mark.parametrize(("family", "with_images"), CASES, ids=CASE_IDS)
-def test_budgeted_sweeps_equal_unchunked_sweeps_of_their_chunks(family: str, with_images: bool) -> None:
+def test_budgeted_sweeps_equal_unchunked_sweeps_of_their_chunks(
+    family: str, with_images: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     handle = tiny_handle(family)
     if not handle.architecture.cached_step or handle.architecture.bidirectional_prompt:
         pytest.skip(f"{family} sweeps by the batched path (no one-pass sweep to chunk)")
+    # Every row in one call per chunk; rows skipping layers in calls of their own: test_shared_prefix.
+    monkeypatch.setattr(handle, "architecture", replace(handle.architecture, skips_lower_layers=False))
     inputs = query(handle, with_images)
     vectors = torch.randn(handle.num_layers, handle.hidden_size, generator=torch.Generator().manual_seed(0))
     unchunked = sweep_layers(handle, inputs, vectors, method="one_pass")

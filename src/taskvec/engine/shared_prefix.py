@@ -4,8 +4,10 @@ A patch at column c of a prompt changes nothing before c (attention is causal). 
 prompts, left padded so that all end in the last column, runs once over the columns before the
 batch's first patched column s; that KV cache is shared. Each decode row then takes one prompt's
 cache row and recomputes columns s.. under its own patch: one token when the patch sits on the last
-token, a handful when a chat template's tokens follow the answer marker. Rows decode in chunks
-whose cache copies fit a memory budget (`taskvec.engine.sweep_memory`), and longer answers continue
+token, a handful when a chat template's tokens follow the answer marker. When that one token's
+residual is replaced at layer l, the row's first-token answer does not depend on layers 0..l, so
+those rows run only the layers above l (where the family allows it). Rows decode in chunks whose
+cache copies fit a memory budget (`taskvec.engine.sweep_memory`), and longer answers continue
 greedily from each row's own cache.
 
 Families whose prompt is not causal (PaliGemma's prefix attends both ways) or that have no exact
@@ -25,6 +27,7 @@ from taskvec.engine.decode_positions import prompt_position_ids
 from taskvec.engine.devices import to_cpu_float32
 from taskvec.engine.generation import generate_greedy_ids
 from taskvec.engine.layer_outputs import last_logits_only
+from taskvec.engine.layer_skipping import rows_per_weight_read, skip_groups, skippable_layers, skipping_layers
 from taskvec.engine.lens import logit_lens
 from taskvec.engine.patching import Patch, PatchMode, patch_at
 from taskvec.engine.sweep_memory import chunk_size, select_cache_rows, selected_copy
@@ -83,9 +86,15 @@ def patched_logits(
     columns = _columns(inputs, patch_columns)
     if one_pass_reason_against(handle) is not None:
         return to_cpu_float32(_by_prompt_alone(handle, inputs, rows, columns, _logits_by_full_passes))
-    hidden = [chunk.last_hidden for chunk in _decoded_chunks(handle, inputs, rows, columns, memory_budget)]
+    groups, pieces = [], []
+    # Only each chunk's output is kept: a chunk held on holds its cache copies past the budget.
+    for chunk in _decoded_chunks(handle, inputs, rows, columns, memory_budget, first_token_only=True):
+        groups.append(chunk.members)
+        pieces.append(chunk.last_hidden)
+        del chunk  # else it lives on while the generator copies the next chunk's cache
+    hidden = _in_row_order(groups, pieces)
     # One lens for all rows: it reads the whole unembedding, the largest matrix of many models.
-    return to_cpu_float32(logit_lens(handle, torch.cat(hidden)))
+    return to_cpu_float32(logit_lens(handle, hidden))
 
 
 @torch.no_grad()
@@ -114,12 +123,17 @@ def patched_greedy_ids(
             return _greedy_by_full_passes(handle, inputs, rows, max_new_tokens, columns)
 
         return _by_prompt_alone(handle, inputs, rows, columns, greedy)
-    answers = []
-    for chunk in _decoded_chunks(handle, inputs, rows, _columns(inputs, patch_columns), memory_budget):
+    columns = _columns(inputs, patch_columns)
+    groups, answers = [], []
+    for chunk in _decoded_chunks(
+        handle, inputs, rows, columns, memory_budget, first_token_only=max_new_tokens == 1
+    ):
+        groups.append(chunk.members)
         answers.append(_continue_greedily(handle, inputs, chunk, max_new_tokens))
+        del chunk
     if not answers:
         return torch.empty(0, max_new_tokens, dtype=torch.long)
-    return torch.cat(answers)
+    return _in_row_order(groups, answers)
 
 
 def _columns(inputs: dict[str, Any], patch_columns: Sequence[int] | None) -> list[int]:
@@ -140,9 +154,11 @@ def _columns(inputs: dict[str, Any], patch_columns: Sequence[int] | None) -> lis
 
 @dataclass
 class _Chunk:
-    """Decoded rows: their prompts, their caches (prompt, then the recomputed columns) and the last
-    decoder layer's output at each prompt's last token."""
+    """Decoded rows (`members`, indices into the rows asked for): their prompts, their caches (prompt,
+    then the recomputed columns; only the layers that ran) and the last decoder layer's output at
+    each prompt's last token."""
 
+    members: list[int]
     queries: torch.Tensor
     cache: Cache
     last_hidden: torch.Tensor
@@ -155,7 +171,11 @@ def _decoded_chunks(
     rows: Sequence[RowPatch],
     columns: list[int],
     memory_budget: int | None,
+    *,
+    first_token_only: bool = False,
 ) -> Iterator[_Chunk]:
+    """The rows decoded in chunks; with `first_token_only` rows may skip the layers their patch
+    overwrites (`taskvec.engine.layer_skipping`), and their caches then cannot continue."""
     if not rows:
         return
     positions = prompt_position_ids(handle, inputs)
@@ -166,18 +186,30 @@ def _decoded_chunks(
     _, cache = run_to_last_layer(handle, prefix)
     if cache is None:
         raise RuntimeError(f"{handle.architecture.model_class} passed no KV cache to its decoder layers")
-    batch = inputs["input_ids"].shape[0]
+    batch, length = inputs["input_ids"].shape
     size = chunk_size(cache, len(rows), memory_budget, cache_rows=batch)
-    for start in range(0, len(rows), size):
-        chunk_rows = rows[start : start + size]
+    skippable = skippable_layers(
+        handle,
+        [row.layer for row in rows],
+        [row.mode == "replace" for row in rows],
+        one_token=first_token_only and split == length - 1,
+    )
+    pieces = [
+        (count, members[start : start + size])
+        for count, members in skip_groups(skippable, len(handle.layers), rows_per_weight_read(handle))
+        for start in range(0, len(members), size)
+    ]
+    for number, (count, members) in enumerate(pieces):
+        chunk_rows = [rows[index] for index in members]
         queries = torch.tensor([row.query for row in chunk_rows])
-        if start + size < len(rows):
+        if number + 1 < len(pieces):
             chunk_cache = selected_copy(cache, queries)
         else:  # nothing needs the prefix after the last chunk, so it keeps its own rows in place
             select_cache_rows(cache, queries)
             chunk_cache = cache
-        last_hidden = _decode_step(handle, inputs, positions, split, chunk_cache, chunk_rows, columns)
-        yield _Chunk(queries, chunk_cache, last_hidden, positions)
+        with skipping_layers(handle, count):
+            last_hidden = _decode_step(handle, inputs, positions, split, chunk_cache, chunk_rows, columns)
+        yield _Chunk(members, queries, chunk_cache, last_hidden, positions)
         del chunk_cache  # frees this chunk's copies before the next chunk makes its own
 
 
@@ -348,7 +380,7 @@ def _by_prompt_alone(
         return passes(handle, inputs, rows, columns)
     mask = _attention_mask(inputs)
     results: list[torch.Tensor] = []
-    order: list[int] = []
+    groups: list[list[int]] = []
     for query in range(input_ids.shape[0]):
         members = [index for index, row in enumerate(rows) if row.query == query]
         if not members:
@@ -360,8 +392,8 @@ def _by_prompt_alone(
         }
         own_rows = [replace(rows[index], query=0) for index in members]
         results.append(passes(handle, alone, own_rows, [columns[query] - start]))
-        order += members
-    return torch.cat(results)[torch.argsort(torch.tensor(order))]
+        groups.append(members)
+    return _in_row_order(groups, results)
 
 
 def _logits_by_full_passes(
@@ -369,17 +401,16 @@ def _logits_by_full_passes(
 ) -> torch.Tensor:
     """The rows' last-token logits from full forwards of the batch, one per pass."""
     positions = prompt_position_ids(handle, inputs)
-    order: list[int] = []
+    passes = _full_passes(rows, inputs["input_ids"].shape[0])
     pieces: list[torch.Tensor] = []
-    for members in _full_passes(rows, inputs["input_ids"].shape[0]):
+    for members in passes:
         with patch_at(handle, _pass_patches(rows, members, columns)):
             output = handle.model(
                 **{**inputs, "position_ids": positions}, use_cache=False, **last_logits_only(handle.model)
             )
         queries = torch.tensor([rows[index].query for index in members])
         pieces.append(select_rows(output.logits[:, -1], queries).float())
-        order += members
-    return torch.cat(pieces)[torch.argsort(torch.tensor(order))]
+    return _in_row_order(passes, pieces)
 
 
 def _greedy_by_full_passes(
@@ -389,12 +420,17 @@ def _greedy_by_full_passes(
     max_new_tokens: int,
     columns: list[int],
 ) -> torch.Tensor:
-    order: list[int] = []
+    passes = _full_passes(rows, inputs["input_ids"].shape[0])
     pieces: list[torch.Tensor] = []
-    for members in _full_passes(rows, inputs["input_ids"].shape[0]):
+    for members in passes:
         ids = generate_greedy_ids(handle, inputs, _pass_patches(rows, members, columns), max_new_tokens)
         pieces.append(ids[torch.tensor([rows[index].query for index in members])])
-        order += members
     if not pieces:
         return torch.empty(0, max_new_tokens, dtype=torch.long)
-    return torch.cat(pieces)[torch.argsort(torch.tensor(order))]
+    return _in_row_order(passes, pieces)
+
+
+def _in_row_order(groups: Sequence[list[int]], pieces: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The results of every row in row order, from `pieces[i]` holding those of rows `groups[i]`."""
+    order = torch.tensor([index for group in groups for index in group])
+    return torch.cat(list(pieces))[torch.argsort(order)]

@@ -68,6 +68,14 @@ class Architecture:
     fp16_overflows: bool = False
     # The position id of a prompt's first token: PaliGemma's forward and generation number from 1.
     first_position: int = 0
+    # Whether a decode row that replaces the residual of its only recomputed token at layer l may skip
+    # layers 0..l, whose outputs the patch overwrites. False where a later layer reads an earlier
+    # layer's keys and values of that token (Gemma 4's num_kv_shared_layers).
+    skips_lower_layers: bool = True
+    # Where, relative to one decoder layer, the attention output projection sits: its input is the
+    # heads' outputs side by side, where function vectors read and replace one head (engine/heads.py).
+    # The first path a layer has is taken; Mllama's cross-attention layers have another name for it.
+    attention_output_paths: tuple[str, ...] = ("self_attn.o_proj",)
 
     def __post_init__(self) -> None:
         if self.position_style == "mrope" and self.rope_index_path is None:
@@ -229,26 +237,35 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         "[IMG]",
         notes="its processor (PixtralProcessor) needs torchvision",
     ),
-    _vlm(
-        "mllama",
-        "MllamaForConditionalGeneration",
-        "<|image|>",
-        vision_tower="model.vision_model",
-        notes="images enter through cross-attention decoder layers, which a forward without images "
-        "skips; a decode step needs the last row of cross_attention_mask",
+    replace(
+        _vlm(
+            "mllama",
+            "MllamaForConditionalGeneration",
+            "<|image|>",
+            vision_tower="model.vision_model",
+            notes="images enter through cross-attention decoder layers, which a forward without images "
+            "skips; a decode step needs the last row of cross_attention_mask",
+        ),
+        attention_output_paths=("self_attn.o_proj", "cross_attn.o_proj"),
+        # A patch on a cross-attention layer, which a text-only forward skips, overwrites nothing.
+        skips_lower_layers=False,
     ),
-    _vlm(
-        "fuyu",
-        "FuyuForCausalLM",
-        "",
-        norm_name="final_layernorm",
-        # Fuyu has no vision encoder: one linear layer embeds the raw image patches.
-        vision_tower=None,
-        projector="model.vision_embed_tokens",
-        multi_image=False,
-        notes="FuyuProcessor takes one image per prompt and places it before the text",
-        image_batching="single",
-        processor_kwargs=(("return_legacy_image_output", False),),
+    replace(
+        _vlm(
+            "fuyu",
+            "FuyuForCausalLM",
+            "",
+            norm_name="final_layernorm",
+            # Fuyu has no vision encoder: one linear layer embeds the raw image patches.
+            vision_tower=None,
+            projector="model.vision_embed_tokens",
+            multi_image=False,
+            notes="FuyuProcessor takes one image per prompt and places it before the text",
+            image_batching="single",
+            processor_kwargs=(("return_legacy_image_output", False),),
+        ),
+        # The text model is a Persimmon, whose attention calls its output projection `dense`.
+        attention_output_paths=("self_attn.dense",),
     ),
     replace(_vlm("gemma3", "Gemma3ForConditionalGeneration", "<start_of_image>"), fp16_overflows=True),
     replace(
@@ -262,6 +279,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             "decoder layers may reuse earlier layers' keys and values (num_kv_shared_layers)",
         ),
         fp16_overflows=True,
+        skips_lower_layers=False,
     ),
     replace(
         _vlm(
@@ -291,6 +309,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         "lm_head",
         position_style="absolute",
         text_model_path="transformer",
+        # A Conv1D (a linear layer with its weight transposed), not an nn.Linear.
+        attention_output_paths=("attn.c_proj",),
     ),
 )
 
