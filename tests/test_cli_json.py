@@ -22,6 +22,7 @@ REQUIRED_ARGUMENTS: dict[str, list[str]] = {
     "patch": ["--vector", "v.safetensors", "--layer", "0", "--text", "France"],
     "sweep": ["--vector", "v.safetensors", "--task", "country-capital"],
     "lens": ["--task", "country-capital"],
+    "heads": ["--task", "country-capital"],
     "report": ["run-dir"],
     "export-vlm": ["out-dir"],
 }

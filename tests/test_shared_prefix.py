@@ -15,7 +15,16 @@ import torch
 from conftest import random_image, tiny_handle
 from tiny_models import FAMILIES, VLM_FAMILIES
 
-from taskvec.engine import Patch, generate_greedy_ids, layer_skipping, patch_at, shared_prefix
+from taskvec.engine import (
+    HeadPatch,
+    Patch,
+    generate_greedy_ids,
+    head_layout,
+    layer_skipping,
+    patch_at,
+    patch_heads,
+    shared_prefix,
+)
 from taskvec.engine.layer_skipping import skip_groups
 from taskvec.engine.positions import marker_position
 from taskvec.engine.shared_prefix import RowPatch, one_pass_reason_against, patched_greedy_ids, patched_logits
@@ -255,3 +264,37 @@ def test_a_chunks_cache_copies_are_freed_before_the_next_chunk_copies_its_own(
     if max_new_tokens == 1:
         patched_logits(handle, batch, rows, memory_budget=budget)
     assert len(copies) >= 3
+
+
+@pytest.mark.parametrize(("family", "with_images"), CASES, ids=CASE_IDS)
+def test_head_rows_equal_a_full_forward_with_that_head_replaced(family: str, with_images: bool) -> None:
+    handle = tiny_handle(family)
+    batch, alone = batch_of(handle, with_images)
+    layout = head_layout(handle)
+    generator = torch.Generator().manual_seed(3)
+    rows = [
+        RowPatch(query, layer, 3 * torch.randn(layout.head_dims[layer], generator=generator), head=head)
+        for query in range(len(alone))
+        for layer in range(handle.num_layers)
+        for head in sorted({0, layout.heads - 1})
+    ]
+    rows.append(RowPatch(1))
+    logits = patched_logits(handle, batch, rows)
+    for row, row_logits in zip(rows, logits, strict=True):
+        assert row.layer is not None or row.head is None
+        patches = [] if row.head is None else [HeadPatch(row.layer or 0, row.head, _value(row), -1)]
+        with patch_heads(handle, patches):
+            expected = handle.model(**alone[row.query], use_cache=False).logits[0, -1].float()
+        torch.testing.assert_close(row_logits, expected, atol=2e-4, rtol=1e-4)
+    answers = patched_greedy_ids(handle, batch, rows, max_new_tokens=1)
+    assert torch.equal(answers[:, 0], logits.argmax(-1))
+
+
+def _value(row: RowPatch) -> torch.Tensor:
+    assert row.vector is not None
+    return row.vector
+
+
+def test_a_head_row_replaces_without_scale() -> None:
+    with pytest.raises(ValueError, match="replaces one head"):
+        RowPatch(0, 1, torch.zeros(4), mode="add", head=0)

@@ -7,7 +7,13 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from taskvec.engine import PatchMode
+
+# Function vectors are added to the residual, task vectors replace it (the paper's protocol).
+MODE_HELP = "replace or add to the residual (default: add for a function vector, else replace)"
 
 
 def _command_models(args: argparse.Namespace) -> int:
@@ -148,11 +154,12 @@ def _command_patch(args: argparse.Namespace) -> int:
     inputs = encode_prompts(handle, [query])
     # At the query's answer marker: the last token under qa, before the chat template's own tokens.
     column = query_marker_columns(handle, inputs, template.marker)
-    patch = Patch(args.layer, vector.at(args.layer), position=column, mode=args.mode, scale=args.scale)
+    mode = _patch_mode(args.mode, vector.metadata)
+    patch = Patch(args.layer, vector.at(args.layer), position=column, mode=mode, scale=args.scale)
     result = {
         "prompt": model_texts(handle, [query])[0],
         "layer": args.layer,
-        "mode": args.mode,
+        "mode": mode,
         "unpatched": generate_greedy(handle, inputs, max_new_tokens=args.max_new_tokens)[0],
         "patched": generate_greedy(handle, inputs, [patch], max_new_tokens=args.max_new_tokens)[0],
     }
@@ -161,6 +168,58 @@ def _command_patch(args: argparse.Namespace) -> int:
         if args.json
         else f"unpatched: {result['unpatched']!r}\npatched:   {result['patched']!r}"
     )
+    return 0
+
+
+def _patch_mode(asked: str | None, metadata: dict[str, Any]) -> PatchMode:
+    """The mode asked for, else the vector's own: function vectors are added, task vectors replace."""
+    if asked is not None:
+        return "add" if asked == "add" else "replace"
+    return "add" if metadata.get("kind") == "function-vector" else "replace"
+
+
+def _command_heads(args: argparse.Namespace) -> int:
+    from taskvec.function_vectors import find_function_vector
+    from taskvec.models import load_model
+    from taskvec.tasks import load_task
+    from taskvec.vectors import save_task_vector
+
+    task = load_task(args.task, strict=args.strict)
+    handle = load_model(args.model, _load_options(args))
+    found = find_function_vector(
+        handle,
+        task,
+        args.spec,
+        shots=args.shots,
+        mean_prompts=args.mean_prompts,
+        effect_prompts=args.effect_prompts,
+        k=args.k,
+        seed=args.seed,
+        split=args.split,
+        style=args.style,
+        template=args.template,
+        memory_budget=args.sweep_memory,
+        progress=not args.json,
+    )
+    heads = [
+        {"layer": layer, "head": head, "effect": float(found.effects[layer, head])}
+        for layer, head in found.heads
+    ]
+    out = None
+    if args.out:
+        out = str(save_task_vector(found.as_task_vector(handle.num_layers), args.out))
+    if args.json:
+        print(
+            json.dumps(
+                {"task": task.name, "spec": args.spec, "top_heads": heads, "out": out, **found.metadata}
+            )
+        )
+        return 0
+    print(f"top {len(heads)} heads of {task.name} ({args.spec}), by mean indirect effect:")
+    for entry in heads:
+        print(f"  layer {entry['layer']:3d}  head {entry['head']:3d}  {entry['effect']:+.4f}")
+    if out:
+        print(f"wrote the function vector (sum of their mean outputs) to {out}")
     return 0
 
 
@@ -187,6 +246,8 @@ def _command_sweep(args: argparse.Namespace) -> int:
         vector.vectors,
         progress="layer sweep",
         memory_budget=args.sweep_memory,
+        mode=_patch_mode(args.mode, vector.metadata),
+        scale=args.scale,
     )
     if args.json:
         print(
@@ -421,6 +482,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from taskvec.byte_sizes import byte_size_argument
     from taskvec.engine.sweep_memory import SWEEP_MEMORY_HELP
+    from taskvec.function_vectors import (
+        DEFAULT_EFFECT_PROMPTS,
+        DEFAULT_MEAN_PROMPTS,
+        DEFAULT_SHOTS,
+        DEFAULT_TOP_HEADS,
+    )
 
     parser = argparse.ArgumentParser(prog="taskvec", description="Task vectors in VLMs and language models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -473,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     query = patch.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="the query input, asked as Q:{text}\\nA:")
     query.add_argument("--image", help="an image file, asked as Q:<image>\\nA:")
-    patch.add_argument("--mode", default="replace", choices=["replace", "add"])
+    patch.add_argument("--mode", default=None, choices=["replace", "add"], help=MODE_HELP)
     patch.add_argument("--scale", type=float, default=1.0)
     patch.add_argument("--max-new-tokens", type=int, default=5)
     _add_template_option(patch)
@@ -496,7 +563,37 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help=SWEEP_MEMORY_HELP,
     )
+    sweep.add_argument("--mode", default=None, choices=["replace", "add"], help=MODE_HELP)
+    sweep.add_argument("--scale", type=float, default=1.0)
     sweep.set_defaults(run=_command_sweep)
+
+    heads = commands.add_parser(
+        "heads", help="attention heads carrying a task (causal indirect effect) and their function vector"
+    )
+    _add_model_options(heads)
+    heads.add_argument("--task", required=True, help="a built-in task name or a task file")
+    _add_strict_option(heads)
+    _add_template_option(heads)
+    heads.add_argument("--spec", default="text-icl", choices=["text-icl", "image-icl"])
+    heads.add_argument("--k", type=int, default=DEFAULT_TOP_HEADS, help="heads summed into the vector")
+    heads.add_argument("--shots", type=int, default=DEFAULT_SHOTS)
+    heads.add_argument(
+        "--mean-prompts", type=int, default=DEFAULT_MEAN_PROMPTS, help="clean prompts the head means average"
+    )
+    heads.add_argument(
+        "--effect-prompts",
+        type=int,
+        default=DEFAULT_EFFECT_PROMPTS,
+        help="prompts with shuffled labels the indirect effects average",
+    )
+    heads.add_argument("--seed", type=int, default=0)
+    heads.add_argument("--split", default="val", help="prompts are built from this split")
+    heads.add_argument("--style", default=None, help="image style for image-icl (default: the first)")
+    heads.add_argument("--out", default=None, help="save the function vector to this .safetensors path")
+    heads.add_argument(
+        "--sweep-memory", type=byte_size_argument, default=None, metavar="BYTES", help=SWEEP_MEMORY_HELP
+    )
+    heads.set_defaults(run=_command_heads)
 
     lens = commands.add_parser("lens", help="input / task / answer probability per layer (three-phase lens)")
     _add_model_options(lens)

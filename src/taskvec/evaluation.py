@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from taskvec.engine import RowPatch, generate_greedy_ids, patched_greedy_ids
+from taskvec.engine import PatchMode, RowPatch, generate_greedy_ids, patched_greedy_ids
 from taskvec.models import ModelHandle
 from taskvec.prompts import DEFAULT_TEMPLATE, Prompt, encode_prompts, query_marker_columns
 
@@ -19,11 +19,13 @@ SWEEP_BATCH_SIZE = 32
 
 @dataclass(frozen=True)
 class LayerPatch:
-    """One patched condition of a batch of queries: `vector` [hidden] replacing the residual at the
-    query's answer marker after decoder layer `layer`."""
+    """One patched condition of a batch of queries: `vector` [hidden] replacing (or, with mode
+    "add", added to) the residual at the query's answer marker after decoder layer `layer`."""
 
     vector: torch.Tensor
     layer: int
+    mode: PatchMode = "replace"
+    scale: float = 1.0
 
 
 @dataclass
@@ -135,7 +137,7 @@ def generate_patched_answers(
         batch = prompts[start : start + batch_size]
         inputs = encode_prompts(handle, batch)
         rows = [
-            RowPatch(query, patch.layer % handle.num_layers, patch.vector)
+            RowPatch(query, patch.layer % handle.num_layers, patch.vector, patch.mode, patch.scale)
             for patch in patches
             for query in range(len(batch))
         ]
@@ -170,6 +172,8 @@ def sweep_first_tokens(
     batch_size: int = SWEEP_BATCH_SIZE,
     marker: str = DEFAULT_TEMPLATE.marker,
     memory_budget: int | None = None,
+    mode: PatchMode = "replace",
+    scale: float = 1.0,
 ) -> list[list[str]]:
     """[prompt][layer]: the greedy first token with the layer's vector patched at the query's marker.
 
@@ -183,6 +187,8 @@ def sweep_first_tokens(
         batch_size=batch_size,
         marker=marker,
         memory_budget=memory_budget,
+        mode=mode,
+        scale=scale,
     )
     return tokens
 
@@ -196,6 +202,8 @@ def sweep_first_tokens_of_vectors(
     batch_size: int = SWEEP_BATCH_SIZE,
     marker: str = DEFAULT_TEMPLATE.marker,
     memory_budget: int | None = None,
+    mode: PatchMode = "replace",
+    scale: float = 1.0,
 ) -> list[list[list[str]]]:
     """[set][prompt][layer]: layer sweeps of several vector sets ([layers, hidden] each) over the same
     prompts, every layer of every set of a batch of prompts sharing one pass over the prompts."""
@@ -205,7 +213,9 @@ def sweep_first_tokens_of_vectors(
             raise ValueError(
                 f"a sweep needs one vector per layer ({layers}), got shape {list(vectors.shape)}"
             )
-    patches = [LayerPatch(vectors[layer], layer) for vectors in vector_sets for layer in range(layers)]
+    patches = [
+        LayerPatch(vectors[layer], layer, mode, scale) for vectors in vector_sets for layer in range(layers)
+    ]
     answers = generate_patched_answers(
         handle,
         prompts,
@@ -237,6 +247,8 @@ def sweep_accuracy(
     progress: str | None = None,
     marker: str = DEFAULT_TEMPLATE.marker,
     memory_budget: int | None = None,
+    mode: PatchMode = "replace",
+    scale: float = 1.0,
 ) -> list[float]:
     """First-token accuracy per layer with the layer's vector patched at the query's marker.
 
@@ -244,7 +256,14 @@ def sweep_accuracy(
     one-pass sweep, so a whole split costs about one forward pass per prompt.
     """
     tokens = sweep_first_tokens(
-        handle, prompts, vectors, progress=progress, marker=marker, memory_budget=memory_budget
+        handle,
+        prompts,
+        vectors,
+        progress=progress,
+        marker=marker,
+        memory_budget=memory_budget,
+        mode=mode,
+        scale=scale,
     )
     return layer_accuracy(tokens, answers, ignore_case=ignore_case)
 

@@ -1,6 +1,18 @@
-"""The engine: record residuals, patch, sweep layers, generate, logit lens. It knows nothing of tasks."""
+"""The engine: record residuals and attention heads, patch, sweep layers, generate, logit lens. It knows
+nothing of tasks."""
 
 from taskvec.engine.generation import generate_greedy, generate_greedy_ids
+from taskvec.engine.heads import (
+    AttentionOutputNotFoundError,
+    HeadLayout,
+    HeadPatch,
+    HeadShapeError,
+    attention_output,
+    head_contribution,
+    head_layout,
+    patch_heads,
+    record_heads,
+)
 from taskvec.engine.lens import logit_lens, top_tokens
 from taskvec.engine.patching import Patch, PatchMode, patch_at
 from taskvec.engine.positions import AnswerMarkerNotFoundError, find_marker_positions, marker_position
@@ -10,18 +22,27 @@ from taskvec.engine.sweep import SweepMethod, sweep_layers
 
 __all__ = [
     "AnswerMarkerNotFoundError",
+    "AttentionOutputNotFoundError",
+    "HeadLayout",
+    "HeadPatch",
+    "HeadShapeError",
     "Patch",
     "PatchMode",
     "RowPatch",
     "SweepMethod",
+    "attention_output",
     "find_marker_positions",
     "generate_greedy",
     "generate_greedy_ids",
+    "head_contribution",
+    "head_layout",
     "logit_lens",
     "marker_position",
     "patch_at",
+    "patch_heads",
     "patched_greedy_ids",
     "patched_logits",
+    "record_heads",
     "record_residuals",
     "sweep_layers",
     "top_tokens",

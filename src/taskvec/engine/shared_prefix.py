@@ -17,6 +17,7 @@ cached step recompute the whole batch once per row of each prompt instead.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,6 +27,7 @@ from transformers.cache_utils import Cache
 from taskvec.engine.decode_positions import prompt_position_ids
 from taskvec.engine.devices import to_cpu_float32
 from taskvec.engine.generation import generate_greedy_ids
+from taskvec.engine.heads import HeadPatch, patch_heads
 from taskvec.engine.layer_outputs import last_logits_only
 from taskvec.engine.layer_skipping import rows_per_weight_read, skip_groups, skippable_layers, skipping_layers
 from taskvec.engine.lens import logit_lens
@@ -43,17 +45,26 @@ LENS_ROWS = 256
 @dataclass(frozen=True)
 class RowPatch:
     """One decode row: prompt `query` of the batch, with `vector` patched at the output of decoder
-    layer `layer` at the prompt's patch column, or unpatched when both are None."""
+    layer `layer` at the prompt's patch column, or unpatched when both are None.
+
+    With `head`, `vector` [head_dim] replaces that attention head's output in layer `layer` instead
+    (the head's slice of the attention output projection's input, `taskvec.engine.heads`).
+    """
 
     query: int
     layer: int | None = None
     vector: torch.Tensor | None = None
     mode: PatchMode = "replace"
     scale: float = 1.0
+    head: int | None = None
 
     def __post_init__(self) -> None:
         if (self.layer is None) != (self.vector is None):
             raise ValueError("a row patch gives both a layer and a vector, or neither (an unpatched row)")
+        if self.head is not None and (self.layer is None or self.mode != "replace" or self.scale != 1.0):
+            raise ValueError(
+                "a head row replaces one head of a layer: it needs a layer, mode 'replace', scale 1"
+            )
 
 
 def one_pass_reason_against(handle: ModelHandle) -> str | None:
@@ -191,7 +202,7 @@ def _decoded_chunks(
     skippable = skippable_layers(
         handle,
         [row.layer for row in rows],
-        [row.mode == "replace" for row in rows],
+        [row.mode == "replace" and row.head is None for row in rows],
         one_token=first_token_only and split == length - 1,
     )
     pieces = [
@@ -234,8 +245,7 @@ def _decode_step(
         "cache": cache,
         "use_cache": True,
     }
-    patches = _patches_of_rows(rows, [columns[row.query] - split for row in rows])
-    with patch_at(handle, patches):
+    with _patched(handle, _patches_of_rows(rows, [columns[row.query] - split for row in rows])):
         last_hidden, _ = run_to_last_layer(handle, step_inputs)
     return last_hidden
 
@@ -248,13 +258,29 @@ def _attention_mask(inputs: dict[str, Any]) -> torch.Tensor:
     return torch.ones_like(input_ids)
 
 
-def _patches_of_rows(rows: Sequence[RowPatch], columns: Sequence[int]) -> list[Patch]:
-    """The rows' patches as one Patch per (layer, mode, scale), each listing its rows and columns."""
+@dataclass(frozen=True)
+class _Patches:
+    residual: list[Patch]
+    heads: list[HeadPatch]
+
+
+@contextmanager
+def _patched(handle: ModelHandle, patches: _Patches) -> Iterator[None]:
+    with patch_at(handle, patches.residual), patch_heads(handle, patches.heads):
+        yield
+
+
+def _patches_of_rows(rows: Sequence[RowPatch], columns: Sequence[int]) -> _Patches:
+    """The rows' patches as one Patch per (layer, mode, scale) and one HeadPatch per (layer, head),
+    each listing its rows (indices into `rows`) and their columns."""
     groups: dict[tuple[int, PatchMode, float], list[int]] = {}
+    head_groups: dict[tuple[int, int], list[int]] = {}
     for index, row in enumerate(rows):
-        if row.layer is not None:
+        if row.layer is not None and row.head is not None:
+            head_groups.setdefault((row.layer, row.head), []).append(index)
+        elif row.layer is not None:
             groups.setdefault((row.layer, row.mode, row.scale), []).append(index)
-    return [
+    residual = [
         Patch(
             layer,
             torch.stack([_vector_of(rows[index]) for index in members]),
@@ -265,6 +291,17 @@ def _patches_of_rows(rows: Sequence[RowPatch], columns: Sequence[int]) -> list[P
         )
         for (layer, mode, scale), members in groups.items()
     ]
+    heads = [
+        HeadPatch(
+            layer,
+            head,
+            torch.stack([_vector_of(rows[index]) for index in members]),
+            [columns[index] for index in members],
+            rows=members,
+        )
+        for (layer, head), members in head_groups.items()
+    ]
+    return _Patches(residual, heads)
 
 
 def _vector_of(row: RowPatch) -> torch.Tensor:
@@ -341,21 +378,14 @@ def _full_passes(rows: Sequence[RowPatch], batch: int) -> list[list[int]]:
     return passes
 
 
-def _pass_patches(rows: Sequence[RowPatch], members: list[int], columns: list[int]) -> list[Patch]:
+def _pass_patches(rows: Sequence[RowPatch], members: list[int], columns: list[int]) -> _Patches:
     queries = [rows[index].query for index in members]
     patches = _patches_of_rows([rows[index] for index in members], [columns[query] for query in queries])
     # _patches_of_rows numbers rows within the pass; in a full pass a row is its prompt's batch row.
-    return [
-        Patch(
-            patch.layer,
-            patch.vector,
-            patch.position,
-            patch.mode,
-            patch.scale,
-            rows=[queries[index] for index in patch.rows or ()],
-        )
-        for patch in patches
-    ]
+    return _Patches(
+        [replace(patch, rows=[queries[index] for index in patch.rows or ()]) for patch in patches.residual],
+        [replace(patch, rows=[queries[index] for index in patch.rows or ()]) for patch in patches.heads],
+    )
 
 
 FullPasses = Callable[[ModelHandle, dict[str, Any], Sequence[RowPatch], list[int]], torch.Tensor]
@@ -404,7 +434,7 @@ def _logits_by_full_passes(
     passes = _full_passes(rows, inputs["input_ids"].shape[0])
     pieces: list[torch.Tensor] = []
     for members in passes:
-        with patch_at(handle, _pass_patches(rows, members, columns)):
+        with _patched(handle, _pass_patches(rows, members, columns)):
             output = handle.model(
                 **{**inputs, "position_ids": positions}, use_cache=False, **last_logits_only(handle.model)
             )
@@ -423,7 +453,15 @@ def _greedy_by_full_passes(
     passes = _full_passes(rows, inputs["input_ids"].shape[0])
     pieces: list[torch.Tensor] = []
     for members in passes:
-        ids = generate_greedy_ids(handle, inputs, _pass_patches(rows, members, columns), max_new_tokens)
+        patches = _pass_patches(rows, members, columns)
+        if patches.heads and max_new_tokens > 1:
+            # generate's later steps see one new token, where a head patch's column does not exist.
+            raise ValueError(
+                f"{handle.architecture.family} answers head-patched rows by full passes, which give "
+                "their first token only: ask for max_new_tokens=1"
+            )
+        with patch_heads(handle, patches.heads):
+            ids = generate_greedy_ids(handle, inputs, patches.residual, max_new_tokens)
         pieces.append(ids[torch.tensor([rows[index].query for index in members])])
     if not pieces:
         return torch.empty(0, max_new_tokens, dtype=torch.long)
