@@ -18,6 +18,7 @@ import torch
 
 from taskvec.engine.devices import compute_dtype, execution_device, to_cpu_float32
 from taskvec.engine.patching import Patch
+from taskvec.engine.positions import per_row_positions
 from taskvec.engine.truncated_forward import StopForward
 from taskvec.models.handle import ModelHandle
 
@@ -99,8 +100,7 @@ def record_heads(
     wanted = list(range(handle.num_layers)) if layers is None else [_layer_index(handle, i) for i in layers]
     layout = head_layout(handle)
     batch = inputs["input_ids"].shape[0]
-    index = torch.as_tensor(positions).reshape(-1) if not isinstance(positions, torch.Tensor) else positions
-    per_row = index.reshape(batch, -1) if index.dim() == 2 else index.reshape(1, -1).expand(batch, -1)
+    per_row = per_row_positions(positions, batch)
     recorded: dict[int, torch.Tensor] = {}
     top = max(wanted)
 

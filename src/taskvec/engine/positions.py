@@ -12,6 +12,13 @@ class AnswerMarkerNotFoundError(ValueError):
     """The prompt does not contain the answer marker the position rule asks for."""
 
 
+def per_row_positions(positions: int | Sequence[int] | torch.Tensor, batch: int) -> torch.Tensor:
+    """Read positions as [batch, n] per-row indices: one index or a list for every row, or a
+    [batch, n] tensor already per row (negative indices count from the end)."""
+    index = torch.as_tensor(positions).reshape(-1) if not isinstance(positions, torch.Tensor) else positions
+    return index.reshape(batch, -1) if index.dim() == 2 else index.reshape(1, -1).expand(batch, -1)
+
+
 def token_pieces(tokenizer: Any, token_ids: Sequence[int]) -> list[str]:
     """Each token's own text; special tokens (images, padding, bos) count as empty."""
     return list(tokenizer.batch_decode([[int(i)] for i in token_ids], skip_special_tokens=True))

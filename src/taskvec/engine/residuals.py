@@ -10,6 +10,7 @@ import torch
 from taskvec.engine.devices import to_cpu_float32
 from taskvec.engine.layer_outputs import hidden_from_output
 from taskvec.engine.patching import Patch, patch_at
+from taskvec.engine.positions import per_row_positions
 from taskvec.engine.truncated_forward import StopForward
 from taskvec.models.handle import ModelHandle
 
@@ -31,8 +32,7 @@ def record_residuals(
     """
     wanted = list(range(handle.num_layers)) if layers is None else [i % handle.num_layers for i in layers]
     batch = inputs["input_ids"].shape[0]
-    index = torch.as_tensor(positions).reshape(-1) if not isinstance(positions, torch.Tensor) else positions
-    per_row = index.reshape(batch, -1) if index.dim() == 2 else index.reshape(1, -1).expand(batch, -1)
+    per_row = per_row_positions(positions, batch)
     recorded: dict[int, torch.Tensor] = {}
     top = max(wanted)
 
