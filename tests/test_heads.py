@@ -293,3 +293,15 @@ def test_head_contribution_is_linear_and_ignores_the_bias() -> None:
     finally:
         with torch.no_grad():
             projection.bias.sub_(1.0)  # type: ignore[operator]
+
+
+def test_no_head_patches_need_no_attention_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    handle = tiny_handle("llama")
+    monkeypatch.setattr(
+        handle, "architecture", replace(handle.architecture, attention_output_paths=("nope",))
+    )
+    inputs = batch_of(handle, False)
+    with patch_heads(handle, []):
+        all_logits(handle, inputs)  # a sweep's decode step on a model whose heads are out of reach
+    with pytest.raises(AttentionOutputNotFoundError), patch_heads(handle, [HeadPatch(0, 0, torch.zeros(8))]):
+        all_logits(handle, inputs)

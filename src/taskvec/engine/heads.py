@@ -180,6 +180,9 @@ def patch_heads(handle: ModelHandle, patches: Sequence[HeadPatch]) -> Iterator[N
     A patched head changes its projection's output, and so every later computation of its
     position; earlier positions are untouched (attention is causal).
     """
+    if not patches:  # every decode step passes its head patches, mostly none: no layout needed
+        yield
+        return
     layout = head_layout(handle)
     by_layer: dict[int, list[HeadPatch]] = {}
     for patch in patches:
