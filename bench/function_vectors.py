@@ -25,7 +25,9 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--effect-prompts", type=int, default=25)
-    parser.add_argument("--loop-prompts", type=int, default=25, help="prompts the per-head loop is timed on")
+    parser.add_argument(
+        "--loop-prompts", type=int, default=25, help="prompts the per-head loop is timed on (0: no loop)"
+    )
     parser.add_argument("--task", default="country-capital")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 3.0, 10.0, 30.0])
     parser.add_argument("--json", action="store_true")
@@ -33,6 +35,7 @@ def main() -> None:
 
     import torch
 
+    from taskvec.engine import logit_lens, top_tokens
     from taskvec.evaluation import generate_answers, is_correct_by, sweep_accuracy
     from taskvec.function_vectors import (
         DEFAULT_MEAN_PROMPTS,
@@ -65,10 +68,12 @@ def main() -> None:
     fast = indirect_effects(handle, shuffled, answers, means)
     one_pass_seconds = time.perf_counter() - start
     loop_count = min(args.loop_prompts, len(shuffled))
-    start = time.perf_counter()
-    slow = indirect_effects(handle, shuffled[:loop_count], answers[:loop_count], means, method="loop")
-    loop_seconds = (time.perf_counter() - start) * len(shuffled) / loop_count
-    difference = float((fast.per_prompt[:loop_count] - slow.per_prompt).abs().max())
+    loop_seconds, difference = float("nan"), float("nan")
+    if loop_count:
+        start = time.perf_counter()
+        slow = indirect_effects(handle, shuffled[:loop_count], answers[:loop_count], means, method="loop")
+        loop_seconds = (time.perf_counter() - start) * len(shuffled) / loop_count
+        difference = float((fast.per_prompt[:loop_count] - slow.per_prompt).abs().max())
 
     heads = top_heads(fast.effects, DEFAULT_TOP_HEADS)
     vector = function_vector(handle, means, heads)
@@ -101,6 +106,8 @@ def main() -> None:
         "ratio": loop_seconds / one_pass_seconds,
         "max_effect_difference": difference,
         "top_heads": heads,
+        "vector_norm": float(vector.norm()),
+        "vector_top_tokens": [token for token, _ in top_tokens(handle, logit_lens(handle, vector)[None])[0]],
         "val_accuracy_per_layer_by_scale": by_scale,
         "scale": scale,
         "layer": layer,
@@ -116,6 +123,7 @@ def main() -> None:
     print(f"  one pass: {one_pass_seconds:.2f} s   per-head loop: {loop_seconds:.1f} s", end="")
     print(f" (timed on {loop_count})   ratio {result['ratio']:.1f}x   max |difference| {difference:.1e}")
     print(f"  top heads (layer, head): {heads}")
+    print(f"  vector norm {result['vector_norm']:.1f}, decodes as {result['vector_top_tokens']}")
     for each, accuracies in by_scale.items():
         print(
             f"  validation accuracy per layer, added x{each:g}: " + " ".join(f"{a:.2f}" for a in accuracies)

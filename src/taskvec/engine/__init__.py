@@ -1,6 +1,7 @@
 """The engine: record residuals and attention heads, patch, sweep layers, generate, logit lens. It knows
 nothing of tasks."""
 
+from taskvec.engine.attention_residual import attention_output_gate, attention_output_norm, heads_in_residual
 from taskvec.engine.generation import generate_greedy, generate_greedy_ids
 from taskvec.engine.heads import (
     AttentionOutputNotFoundError,
@@ -31,11 +32,14 @@ __all__ = [
     "RowPatch",
     "SweepMethod",
     "attention_output",
+    "attention_output_gate",
+    "attention_output_norm",
     "find_marker_positions",
     "generate_greedy",
     "generate_greedy_ids",
     "head_contribution",
     "head_layout",
+    "heads_in_residual",
     "logit_lens",
     "marker_position",
     "patch_at",

@@ -20,6 +20,7 @@ from taskvec.engine.devices import compute_dtype, execution_device, to_cpu_float
 from taskvec.engine.patching import Patch
 from taskvec.engine.positions import per_row_positions
 from taskvec.engine.truncated_forward import StopForward
+from taskvec.models.convention import module_at
 from taskvec.models.handle import ModelHandle
 
 
@@ -53,7 +54,7 @@ def attention_output(handle: ModelHandle, layer: int) -> torch.nn.Module:
     decoder_layer = handle.layers[_layer_index(handle, layer)]
     paths = handle.architecture.attention_output_paths
     for path in paths:
-        module = _module_at(decoder_layer, path)
+        module = module_at(decoder_layer, path)
         if module is not None:
             return module
     raise AttentionOutputNotFoundError(
@@ -249,13 +250,6 @@ def _layer_index(handle: ModelHandle, layer: int) -> int:
     if not -handle.num_layers <= layer < handle.num_layers:
         raise IndexError(f"layer {layer} out of range for a model with {handle.num_layers} layers")
     return layer % handle.num_layers
-
-
-def _module_at(root: torch.nn.Module, dotted_path: str) -> torch.nn.Module | None:
-    target: Any = root
-    for name in dotted_path.split("."):
-        target = getattr(target, name, None)
-    return target if isinstance(target, torch.nn.Module) else None
 
 
 def _input_width(handle: ModelHandle, layer: int, projection: torch.nn.Module) -> int:

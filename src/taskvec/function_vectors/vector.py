@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from taskvec.engine import head_contribution
+from taskvec.engine import heads_in_residual
 from taskvec.models import ModelHandle
 from taskvec.vectors.task_vector import TaskVector
 
@@ -28,18 +28,23 @@ def top_heads(effects: torch.Tensor, k: int) -> list[Head]:
 def function_vector(
     handle: ModelHandle, means: Sequence[torch.Tensor], heads: Sequence[Head]
 ) -> torch.Tensor:
-    """Sum over `heads` of each head's mean output projected into the residual stream: [hidden].
+    """What `heads` add to the residual stream when each outputs its mean: [hidden].
 
-    The projection is the head's share of its attention output projection (`head_contribution`,
-    bias excluded). On families that normalise the attention block's output before the residual
-    (Gemma 2-4's post-attention norm) this is the heads' sum before that norm, as Todd et al. define
-    it for models without one; the scale a patch adds it with absorbs the difference.
+    On families whose attention output joins the residual as it is, this is Todd et al.'s sum of
+    the heads' mean outputs projected by the attention output projection (bias excluded). Where a
+    norm follows the attention block (Gemma 2-4) or a gate scales it (Mllama), each layer's heads are
+    mapped through it to first order at that layer's mean attention output
+    (`engine.heads_in_residual`): the pre-norm sum lives in another space, whose norm against the
+    residual stream's is arbitrary.
     """
     if not heads:
         raise ValueError("a function vector needs at least one head")
-    total = torch.zeros(handle.hidden_size)
+    by_layer: dict[int, list[int]] = {}
     for layer, head in heads:
-        total += head_contribution(handle, layer, head, means[layer][head])
+        by_layer.setdefault(layer, []).append(head)
+    total = torch.zeros(handle.hidden_size)
+    for layer, layer_heads in by_layer.items():
+        total += heads_in_residual(handle, layer, layer_heads, means[layer])
     return total
 
 

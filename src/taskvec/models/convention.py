@@ -57,10 +57,10 @@ def resolve_architecture(model: torch.nn.Module, processor: Any) -> Architecture
 
 def architecture_by_convention(model: torch.nn.Module, processor: Any) -> Architecture:
     """The entry transformers' common layout gives the model; raises UnsupportedArchitectureError."""
-    if _module_at(model, TEXT_MODEL) is not None:
+    if module_at(model, TEXT_MODEL) is not None:
         return _image_text_architecture(model, processor)
     is_causal_lm = type(model).__name__.endswith("ForCausalLM")
-    if is_causal_lm and _module_at(model, f"{CAUSAL_LM_TEXT_MODEL}.layers") is not None:
+    if is_causal_lm and module_at(model, f"{CAUSAL_LM_TEXT_MODEL}.layers") is not None:
         return _causal_lm_architecture(model)
     causal_lm_problem = f"no {CAUSAL_LM_TEXT_MODEL}.layers" if is_causal_lm else "not a *ForCausalLM"
     raise UnsupportedArchitectureError(
@@ -72,8 +72,8 @@ def architecture_by_convention(model: torch.nn.Module, processor: Any) -> Archit
 
 def _image_text_architecture(model: torch.nn.Module, processor: Any) -> Architecture:
     problems = _text_stack_problems(model, TEXT_MODEL)
-    vision_tower = VISION_TOWER if _module_at(model, VISION_TOWER) is not None else None
-    projector = PROJECTOR if _module_at(model, PROJECTOR) is not None else None
+    vision_tower = VISION_TOWER if module_at(model, VISION_TOWER) is not None else None
+    projector = PROJECTOR if module_at(model, PROJECTOR) is not None else None
     if vision_tower is None and projector is None:
         problems.append(f"no {VISION_TOWER} nor {PROJECTOR} (nothing brings images into the text model)")
     image_token = getattr(processor, "image_token", None)
@@ -115,7 +115,7 @@ def _causal_lm_architecture(model: torch.nn.Module) -> Architecture:
 def _text_stack_problems(model: torch.nn.Module, text_model: str) -> list[str]:
     """What keeps the decoder stack at `text_model` from being used as the table's entries are."""
     problems: list[str] = []
-    layers = _module_at(model, f"{text_model}.layers")
+    layers = module_at(model, f"{text_model}.layers")
     expected = getattr(_text_config(model), "num_hidden_layers", None)
     if layers is None:
         problems.append(f"no {text_model}.layers")
@@ -123,15 +123,15 @@ def _text_stack_problems(model: torch.nn.Module, text_model: str) -> list[str]:
         problems.append(f"{text_model}.layers is a {type(layers).__name__}, not a ModuleList")
     elif expected != len(layers):
         problems.append(f"{text_model}.layers has {len(layers)} layers but the text config says {expected}")
-    if _module_at(model, f"{text_model}.norm") is None:
+    if module_at(model, f"{text_model}.norm") is None:
         problems.append(f"no {text_model}.norm")
-    if _module_at(model, UNEMBEDDING) is None:
+    if module_at(model, UNEMBEDDING) is None:
         problems.append(f"no {UNEMBEDDING}")
     # A decode step and left-padded batches are exact only for positions that shift with the padding
     # (rotary); learned absolute positions or Qwen's 3-D M-RoPE need an entry saying so.
-    if _module_at(model, f"{text_model}.rotary_emb") is None:
+    if module_at(model, f"{text_model}.rotary_emb") is None:
         problems.append(f"no {text_model}.rotary_emb (the convention assumes rotary positions)")
-    inner = _module_at(model, "model")
+    inner = module_at(model, "model")
     if inner is not None and hasattr(inner, "rope_deltas"):
         problems.append("model.rope_deltas: 3-D M-RoPE positions need a table entry")
     return problems
@@ -149,7 +149,7 @@ def _table_classes() -> str:
     return f"the table's classes: {', '.join(supported_classes())}"
 
 
-def _module_at(root: torch.nn.Module, dotted_path: str) -> torch.nn.Module | None:
+def module_at(root: torch.nn.Module, dotted_path: str) -> torch.nn.Module | None:
     target: Any = root
     for name in dotted_path.split("."):
         target = getattr(target, name, None)
