@@ -15,7 +15,9 @@ from tiny_models import FAMILIES, VLM_FAMILIES, save_tiny_checkpoint
 from tiny_tasks import make_tiny_tasks
 
 from taskvec.engine import head_contribution, head_layout
+from taskvec.evaluation import sweep_accuracy
 from taskvec.function_vectors import (
+    compare_modalities,
     cycled_queries,
     find_function_vector,
     function_prompts,
@@ -24,7 +26,8 @@ from taskvec.function_vectors import (
     mean_head_activations,
     top_heads,
 )
-from taskvec.prompts import Modality
+from taskvec.models import ModelHandle
+from taskvec.prompts import Modality, build_query_prompt
 from taskvec.tasks import Task
 from taskvec.vectors import load_task_vector, save_task_vector
 
@@ -161,3 +164,67 @@ def test_cli_heads_prints_the_top_heads_and_saves_a_vector_patch_adds(
     with pytest.raises(SystemExit):
         main(["heads", *model, *task, "--spec", "instruction"])
     assert "invalid choice: 'instruction'" in capsys.readouterr().err
+
+
+def test_across_modalities_compares_heads_and_applies_every_vector_to_both_query_modalities(
+    capital: Task,
+) -> None:
+    handle = tiny_handle("llava")
+    comparison = compare_modalities(
+        handle, capital, k=3, shots=2, mean_prompts=4, effect_prompts=2, residual_shots=2, scales=(1.0, 3.0)
+    )
+    text_heads, image_heads = comparison.top_heads["text"], comparison.top_heads["image"]
+    assert len(text_heads) == len(image_heads) == 3
+    assert comparison.shared_heads == [head for head in text_heads if head in image_heads]
+    assert {(t.kind, t.source, t.target) for t in comparison.transfers} == {
+        (kind, source, target)
+        for kind in ("function-vector", "task-vector")
+        for source in ("text", "image")
+        for target in ("text", "image")
+    }
+    test = capital.split("test")
+    answers = [item.answers() for item in test]
+    for transfer in comparison.transfers:
+        assert transfer.validation_per_layer[transfer.layer] == max(transfer.validation_per_layer)
+        assert transfer.interval.low <= transfer.test_accuracy <= transfer.interval.high
+        assert transfer.test_items == len(test)
+        # The test answers (greedy generation at the chosen layer) agree with the one-pass sweep.
+        queries = [build_query_prompt(item, modality=transfer.target) for item in test]
+        if transfer.kind == "function-vector":
+            source = comparison_vector(handle, capital, transfer.source)
+            swept = sweep_accuracy(
+                handle,
+                queries,
+                answers,
+                source.expand(handle.num_layers, -1),
+                mode="add",
+                scale=transfer.scale,
+            )
+            assert swept[transfer.layer] == pytest.approx(transfer.test_accuracy)
+    record = json.loads(json.dumps(comparison.to_json()))
+    assert [t["name"] for t in record["transfers"]][:2] == ["FV text -> text", "TV text -> text"]
+    assert len(record["effects"]["image"]) == handle.num_layers
+
+
+def comparison_vector(handle: ModelHandle, task: Task, modality: str) -> torch.Tensor:
+    """The function vector compare_modalities builds from `modality` demonstrations (same options)."""
+    found = find_function_vector(
+        handle, task, f"{modality}-icl", shots=2, mean_prompts=4, effect_prompts=2, k=3
+    )
+    return found.vector
+
+
+def test_cli_heads_across_modalities_needs_a_vlm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from taskvec.cli import main
+
+    task = ["--task", str(write_task_file(tmp_path / "task"))]
+    small = ["--shots", "2", "--mean-prompts", "3", "--effect-prompts", "2", "--k", "2", "--scales", "1"]
+    vlm = ["--model", str(save_tiny_checkpoint("llava", tmp_path / "tiny-llava"))]
+    figure = tmp_path / "heads.png"
+    assert main(["heads", *vlm, *task, *small, "--across-modalities", "--json", "--figure", str(figure)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert len(printed["transfers"]) == 8 and set(printed["no_context"]) == {"text", "image"}
+    assert figure.read_bytes().startswith(b"\x89PNG")
+    lm = ["--model", str(save_tiny_checkpoint("llama", tmp_path / "tiny-llama"))]
+    with pytest.raises(SystemExit, match="needs a vision-language model"):
+        main(["heads", *lm, *task, *small, "--across-modalities"])

@@ -186,6 +186,8 @@ def _command_heads(args: argparse.Namespace) -> int:
 
     task = load_task(args.task, strict=args.strict)
     handle = load_model(args.model, _load_options(args))
+    if args.across_modalities:
+        return _heads_across_modalities(args, handle, task)
     found = find_function_vector(
         handle,
         task,
@@ -208,6 +210,9 @@ def _command_heads(args: argparse.Namespace) -> int:
     out = None
     if args.out:
         out = str(save_task_vector(found.as_task_vector(handle.num_layers), args.out))
+    if args.figure:
+        modality = args.spec.removesuffix("-icl")
+        _save_head_effects(args.figure, {modality: found.effects.tolist()}, {modality: found.heads})
     if args.json:
         print(
             json.dumps(
@@ -220,6 +225,55 @@ def _command_heads(args: argparse.Namespace) -> int:
         print(f"  layer {entry['layer']:3d}  head {entry['head']:3d}  {entry['effect']:+.4f}")
     if out:
         print(f"wrote the function vector (sum of their mean outputs) to {out}")
+    return 0
+
+
+def _save_head_effects(path: str, effects: Any, top_heads: Any) -> None:
+    from taskvec.report.figures import head_effects, save_figure
+
+    figure = head_effects(effects, top_heads)
+    if figure is not None:
+        save_figure(figure, Path(path))
+
+
+def _heads_across_modalities(args: argparse.Namespace, handle: Any, task: Any) -> int:
+    from taskvec.function_vectors import compare_modalities
+
+    if not handle.architecture.is_vision_language:
+        raise SystemExit(f"taskvec: --across-modalities needs a vision-language model; {args.model} is not")
+    comparison = compare_modalities(
+        handle,
+        task,
+        k=args.k,
+        shots=args.shots,
+        mean_prompts=args.mean_prompts,
+        effect_prompts=args.effect_prompts,
+        scales=args.scales,
+        seed=args.seed,
+        style=args.style,
+        template=args.template,
+        memory_budget=args.sweep_memory,
+        progress=not args.json,
+    )
+    if args.figure:
+        _save_head_effects(args.figure, comparison.effects, comparison.top_heads)
+    if args.json:
+        print(json.dumps(comparison.to_json()))
+        return 0
+    k = comparison.k
+    print(f"{task.name}: top {k} heads by indirect effect")
+    for modality, heads in comparison.top_heads.items():
+        print(f"  {modality:5s} ICL: {' '.join(f'{layer}.{head}' for layer, head in heads)}")
+    print(f"  shared: {len(comparison.shared_heads)} of {k}")
+    print("test accuracy (layer and scale chosen on validation):")
+    for target, accuracy in comparison.no_context.items():
+        print(f"  no context -> {target:5s}        {accuracy:.2f}")
+    for transfer in comparison.transfers:
+        interval = transfer.interval
+        print(
+            f"  {transfer.name:20s} {transfer.test_accuracy:.2f} [{interval.low:.2f}, {interval.high:.2f}]"
+            f"  layer {transfer.layer}  x{transfer.scale:g}"
+        )
     return 0
 
 
@@ -590,6 +644,24 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("--split", default="val", help="prompts are built from this split")
     heads.add_argument("--style", default=None, help="image style for image-icl (default: the first)")
     heads.add_argument("--out", default=None, help="save the function vector to this .safetensors path")
+    heads.add_argument(
+        "--figure",
+        default=None,
+        help="write the per-layer, per-head indirect-effect heatmap (one panel per modality) to this PNG",
+    )
+    heads.add_argument(
+        "--across-modalities",
+        action="store_true",
+        help="score heads from text and from image ICL (a VLM), compare their top heads, and apply both "
+        "function vectors and both residual task vectors to text and image test queries",
+    )
+    heads.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        default=[1.0, 2.0, 4.0, 8.0],
+        help="with --across-modalities: scales a function vector is added with, chosen on validation",
+    )
     heads.add_argument(
         "--sweep-memory", type=byte_size_argument, default=None, metavar="BYTES", help=SWEEP_MEMORY_HELP
     )

@@ -1,6 +1,7 @@
 """Function vectors (Todd et al. 2024): attention heads that carry a task, found by their causal
 indirect effect, and the sum of their mean outputs as a vector that triggers the task."""
 
+from taskvec.function_vectors.across_modalities import ModalityComparison, Transfer, compare_modalities
 from taskvec.function_vectors.indirect_effect import EffectMethod, IndirectEffects, indirect_effects
 from taskvec.function_vectors.means import mean_head_activations
 from taskvec.function_vectors.prompts import cycled_queries, function_prompts
@@ -22,6 +23,9 @@ __all__ = [
     "FunctionVector",
     "Head",
     "IndirectEffects",
+    "ModalityComparison",
+    "Transfer",
+    "compare_modalities",
     "cycled_queries",
     "find_function_vector",
     "function_prompts",

@@ -186,3 +186,34 @@ def embedding_maps(embedding_map: Mapping[str, Any]) -> Figure | None:
     figure.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
     figure.tight_layout(rect=(0, 0.08 + 0.03 * (len(labels) // 4), 1, 1))
     return figure
+
+
+def head_effects(
+    effects: Mapping[str, Sequence[Sequence[float]]], top_heads: Mapping[str, Sequence[Sequence[int]]]
+) -> Figure | None:
+    """Each head's mean indirect effect, [layer][head], one panel per demonstration modality, on one
+    colour scale centred at zero; the top-k heads that make the function vector are ringed."""
+    panels = {modality: np.asarray(grid, dtype=float) for modality, grid in effects.items() if grid}
+    if not panels:
+        return None
+    limit = max(float(np.abs(grid).max()) for grid in panels.values()) or 1.0
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, 4.5), squeeze=False)
+    images = []
+    for axis, (modality, grid) in zip(axes[0], panels.items(), strict=True):
+        image = axis.imshow(grid, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", origin="lower")
+        ringed = top_heads.get(modality, [])
+        axis.scatter(
+            [head for _, head in ringed],
+            [layer for layer, _ in ringed],
+            s=60,
+            facecolors="none",
+            edgecolors="k",
+        )
+        axis.set_title(f"{modality} ICL")
+        axis.set_xlabel("head")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
+        images.append(image)
+    axes[0][0].set_ylabel("layer")
+    figure.colorbar(images[0], ax=axes[0].tolist(), label="indirect effect (probability gain)")
+    return figure
