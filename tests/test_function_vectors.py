@@ -129,6 +129,7 @@ def test_the_protocol_saves_a_vector_that_patches_like_a_task_vector(
     assert loaded.vectors.shape == (handle.num_layers, handle.hidden_size)
     torch.testing.assert_close(loaded.at(0), found.vector)
     assert loaded.metadata["kind"] == "function-vector" and loaded.metadata["spec"] == spec
+    assert loaded.metadata["through_norm"] is False  # LLaVA's attention output joins the residual as is
     assert loaded.metadata["heads"] == [list(head) for head in found.heads]
     assert (loaded.metadata["k"], loaded.metadata["mean_prompts"], loaded.metadata["effect_prompts"]) == (
         3,

@@ -4,6 +4,7 @@ with shuffled labels, the top-k heads and their summed outputs."""
 
 from __future__ import annotations
 
+from taskvec.engine import attention_output_norm
 from taskvec.function_vectors.indirect_effect import indirect_effects
 from taskvec.function_vectors.means import mean_head_activations
 from taskvec.function_vectors.prompts import cycled_queries, function_prompts
@@ -91,6 +92,9 @@ def find_function_vector(
         "effect_prompts": effect_prompts,
         "k": k,
         "heads": [list(head) for head in heads],
+        # Where the heads' outputs pass through a norm before the residual, the vector is their
+        # first-order effect through it (engine.heads_in_residual).
+        "through_norm": any(attention_output_norm(handle, layer) is not None for layer, _ in heads),
         "position": "last token (heads averaged there); patched by adding at the query's last token",
         "template": {"query": chosen.query, "answer": chosen.answer, "format": chosen.name},
     }
