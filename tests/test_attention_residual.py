@@ -7,7 +7,9 @@ from __future__ import annotations
 import copy
 
 import pytest
+import tiny_models
 import torch
+import transformers
 from conftest import tiny_handle
 from tiny_models import FAMILIES
 
@@ -100,3 +102,17 @@ def test_mllama_cross_attention_heads_reach_the_residual_through_the_tanh_gate()
     expected = float(torch.tanh(gate.detach()).reshape(-1)[0])
     assert attention_output_gate(handle, cross) == pytest.approx(expected)
     assert attention_output_gate(handle, _first_self_attention_layer(handle)) == 1.0
+
+
+def test_a_vlm_class_wrapping_a_gemma_3_language_model_maps_heads_through_its_norm() -> None:
+    # The default VLM's layout: LLaVA's class, Gemma 3's decoder layers.
+    processor = tiny_models._llava_processor()
+    config = transformers.LlavaConfig(
+        text_config=tiny_models._text("gemma3_text", 2, vocab_size=len(processor.tokenizer)),
+        vision_config=tiny_models._clip_vision(),
+        image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(0)
+    handle = ModelHandle.wrap(transformers.LlavaForConditionalGeneration(config).eval(), processor)
+    assert all(attention_output_norm(handle, layer) is not None for layer in range(handle.num_layers))
+    assert attention_output_norm(tiny_handle("llava"), 0) is None  # the same class on Llama layers

@@ -31,16 +31,17 @@ class AttentionOutputNorm:
     """A norm applied to the attention block's output before it joins the residual stream.
 
     `path` names it relative to a decoder layer. `only_with` names a sibling module whose presence
-    tells that layout apart: Gemma 1 calls its pre-MLP norm `post_attention_layernorm` too, and only
-    the Gemma 2-4 layers, which normalise the attention output, also have `pre_feedforward_layernorm`
-    (PaliGemma is built on either).
+    tells that layout apart: Llama, Qwen and Gemma 1 call their pre-MLP norm
+    `post_attention_layernorm` too, and only the Gemma 2-4 layers, which normalise the attention
+    output, also have `pre_feedforward_layernorm`. The rule reads the decoder layer itself because
+    a VLM class says nothing of its language model: LLaVA, PaliGemma or Idefics may wrap a Gemma 2/3.
     """
 
     path: str
     only_with: str | None = None
 
 
-GEMMA_ATTENTION_NORM = AttentionOutputNorm("post_attention_layernorm", only_with="pre_feedforward_layernorm")
+POST_ATTENTION_NORM = AttentionOutputNorm("post_attention_layernorm", only_with="pre_feedforward_layernorm")
 
 
 @dataclass(frozen=True)
@@ -94,9 +95,10 @@ class Architecture:
     # The first path a layer has is taken; Mllama's cross-attention layers have another name for it.
     attention_output_paths: tuple[str, ...] = ("self_attn.o_proj",)
     # What lies between the attention block's output and the residual stream, relative to a decoder
-    # layer: a norm (Gemma 2-4), or a scalar whose tanh scales it (Mllama's cross-attention layers).
-    # Function vectors map head outputs through them (engine/attention_residual.py).
-    attention_output_norm: AttentionOutputNorm | None = None
+    # layer: a norm (Gemma 2-4 layers, in whichever class wraps them), or a scalar whose tanh scales
+    # it (Mllama's cross-attention layers). Function vectors map head outputs through them
+    # (engine/attention_residual.py).
+    attention_output_norm: AttentionOutputNorm | None = POST_ATTENTION_NORM
     attention_output_gate_path: str | None = None
 
     def __post_init__(self) -> None:
@@ -290,11 +292,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         # The text model is a Persimmon, whose attention calls its output projection `dense`.
         attention_output_paths=("self_attn.dense",),
     ),
-    replace(
-        _vlm("gemma3", "Gemma3ForConditionalGeneration", "<start_of_image>"),
-        fp16_overflows=True,
-        attention_output_norm=GEMMA_ATTENTION_NORM,
-    ),
+    replace(_vlm("gemma3", "Gemma3ForConditionalGeneration", "<start_of_image>"), fp16_overflows=True),
     replace(
         _vlm(
             "gemma4",
@@ -307,7 +305,6 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         ),
         fp16_overflows=True,
         skips_lower_layers=False,
-        attention_output_norm=GEMMA_ATTENTION_NORM,
     ),
     replace(
         _vlm(
@@ -320,17 +317,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         # PaliGemma 2 (the same class) is built on Gemma 2.
         fp16_overflows=True,
         first_position=1,
-        attention_output_norm=GEMMA_ATTENTION_NORM,
     ),
-    replace(
-        _causal_lm("gemma3_text", "Gemma3ForCausalLM", fp16_overflows=True),
-        attention_output_norm=GEMMA_ATTENTION_NORM,
-    ),
+    _causal_lm("gemma3_text", "Gemma3ForCausalLM", fp16_overflows=True),
     _causal_lm("gemma", "GemmaForCausalLM"),
-    replace(
-        _causal_lm("gemma2", "Gemma2ForCausalLM", fp16_overflows=True),
-        attention_output_norm=GEMMA_ATTENTION_NORM,
-    ),
+    _causal_lm("gemma2", "Gemma2ForCausalLM", fp16_overflows=True),
     _causal_lm("llama", "LlamaForCausalLM"),
     _causal_lm("mistral", "MistralForCausalLM"),
     _causal_lm("qwen2", "Qwen2ForCausalLM"),
