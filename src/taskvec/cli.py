@@ -717,6 +717,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="the whole reproduction: vectors, layer choice, every condition")
     _add_run_options(run)
+    run.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run the steps on a Ray cluster (ADDRESS, e.g. 'auto' or ray://head:10001; none: a local "
+        'cluster); needs pip install -e ".[ray]"',
+    )
     _add_json_option(run)
     run.set_defaults(run=_command_run)
     return parser

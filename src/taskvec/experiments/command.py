@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from taskvec.models import ModelHandle, load_model
 from taskvec.models.load_options import LoadOptions
 from taskvec.models.loading import named_model
 from taskvec.options import option, options_from_args
+
+if TYPE_CHECKING:  # Ray is imported only when --ray is given
+    from taskvec.experiments.ray_workers import RayExecutor
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class RunCommandOptions:
     threads: int | None = option(None, "torch CPU threads (default: torch's own choice)")
     no_analyses: bool = option(False, "skip the analyses and the report")
     quiet: bool = option(False, "no progress bars")
+    workers: int = option(2, "with --ray: actors, each holding one model replica")
+    gpus_per_worker: float = option(0.0, "with --ray: GPUs each actor reserves (a replica may span several)")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -49,19 +55,51 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig.quick_preset(**overrides) if quick else RunConfig(**overrides)
 
 
+def llm_source(model: str, llm: str, handle: ModelHandle) -> str | None:
+    """--llm default: the base LM a named model registers (the default VLM's is the default LM), else
+    none."""
+    if llm == "none" or not handle.architecture.is_vision_language:
+        return None
+    if llm == "default":
+        named = named_model(model)
+        return named.base_lm if named is not None else None
+    return llm
+
+
+def llm_loading(loading: LoadOptions, llm_revision: str | None) -> LoadOptions:
+    """The LLM loads with the VLM's placement options and its own revision."""
+    return dataclasses.replace(loading, revision=llm_revision, processor_kwargs=None)
+
+
 def resolve_llm(
     model: str, llm: str, handle: ModelHandle, loading: LoadOptions, llm_revision: str | None = None
 ) -> ModelHandle | None:
-    """--llm default: the base LM a named model registers (the default VLM's is the default LM), else
-    none. The LLM loads with the VLM's placement options and its own revision."""
-    if llm == "none" or not handle.architecture.is_vision_language:
-        return None
-    llm_loading = dataclasses.replace(loading, revision=llm_revision, processor_kwargs=None)
-    if llm == "default":
-        named = named_model(model)
-        base = named.base_lm if named is not None else None
-        return load_model(base, llm_loading) if base is not None else None
-    return load_model(llm, llm_loading)
+    source = llm_source(model, llm, handle)
+    return load_model(source, llm_loading(loading, llm_revision)) if source is not None else None
+
+
+def ray_executor(
+    options: RunCommandOptions, address: str | None, config: RunConfig, loading: LoadOptions, llm: str | None
+) -> RayExecutor:
+    """Workers load the same sources with the same options; together they use the local run's threads."""
+    from taskvec.experiments.ray_workers import RayExecutor, WorkerSpec
+
+    threads = max(1, (options.threads or torch.get_num_threads()) // options.workers)
+    spec = WorkerSpec(
+        options.model,
+        loading,
+        config,
+        llm=llm,
+        llm_loading=llm_loading(loading, options.llm_revision) if llm is not None else None,
+        threads=threads,
+    )
+    return RayExecutor(
+        spec,
+        address=address or None,
+        workers=options.workers,
+        gpus_per_worker=options.gpus_per_worker,
+        progress=not options.quiet,
+    )
 
 
 def run_command(args: argparse.Namespace) -> tuple[RunResults, Path, bool]:
@@ -72,11 +110,22 @@ def run_command(args: argparse.Namespace) -> tuple[RunResults, Path, bool]:
         torch.set_num_threads(options.threads)
     config = config_from_args(args)
     load_run_tasks(config)  # before the models load: a bad task fails in milliseconds
+    address: str | None = getattr(args, "ray", None)
+    if address is not None:
+        from taskvec.experiments.ray_workers import import_ray
+
+        import_ray()  # a missing extra fails before minutes of loading
     loading = LoadOptions(**options_from_args(LoadOptions, args))
     handle = load_model(options.model, loading)
-    llm = resolve_llm(options.model, options.llm, handle, loading, options.llm_revision)
+    source = llm_source(options.model, options.llm, handle)
+    llm = load_model(source, llm_loading(loading, options.llm_revision)) if source is not None else None
     out = Path(options.out)
-    results = run_experiments(handle, config, out, llm=llm, progress=not options.quiet)
+    executor = ray_executor(options, address, config, loading, source) if address is not None else None
+    try:
+        results = run_experiments(handle, config, out, llm=llm, progress=not options.quiet, executor=executor)
+    finally:
+        if executor is not None:
+            executor.close()
     print(format_tables(results))
     for note in results.meta.notes:
         print(f"note: {note}")

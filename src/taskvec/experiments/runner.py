@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from taskvec.analysis import AnalysisDocument, VectorKey, run_analyses
 from taskvec.analysis.settings import QUICK, AnalysisSettings
@@ -25,6 +24,7 @@ from taskvec.evaluation import first_line
 from taskvec.experiments.baselines import Floor, model_free_floors
 from taskvec.experiments.conditions import Condition, plan_conditions
 from taskvec.experiments.config import METRICS, RunConfig
+from taskvec.experiments.executors import SequentialExecutor, StepExecutor, SweepJob, TestJob
 from taskvec.experiments.layer_choice import LayerChoice, candidate_layers, choose_from_sweeps, fixed_layer
 from taskvec.experiments.paper_numbers import paper_numbers
 from taskvec.experiments.results import (
@@ -117,11 +117,12 @@ def _tasks_of(work: Sequence[Work]) -> list[Task]:
 
 
 def _test_answers(
-    steps: StepRunner, work: list[Work], layers: dict[str, LayerChoice], progress: bool
+    steps: StepRunner, executor: StepExecutor, work: list[Work], layers: dict[str, LayerChoice]
 ) -> list[dict[str, Any]]:
     """Every work item's test answers, task by task, so patched conditions share their passes."""
-    answers: dict[int, dict[str, Any]] = {}
-    for task in tqdm(_tasks_of(work), desc="test, tasks", disable=not progress):
+    jobs: list[TestJob] = []
+    positions: list[list[int]] = []
+    for task in _tasks_of(work):
         indices = [index for index, (_, of_task, _) in enumerate(work) if of_task is task]
         task_work = [
             (
@@ -131,12 +132,20 @@ def _test_answers(
             )
             for index in indices
         ]
-        answers.update(zip(indices, steps.tests(task, task_work), strict=True))
+        jobs.append((task, task_work))
+        positions.append(indices)
+    answers: dict[int, dict[str, Any]] = {}
+    for indices, results in zip(positions, executor.tests(steps, jobs), strict=True):
+        answers.update(zip(indices, results, strict=True))
     return [answers[index] for index in range(len(work))]
 
 
 def _choose_layers(
-    steps: StepRunner, conditions: list[Condition], work: list[Work], config: RunConfig, progress: bool
+    steps: StepRunner,
+    executor: StepExecutor,
+    conditions: list[Condition],
+    work: list[Work],
+    config: RunConfig,
 ) -> dict[str, LayerChoice]:
     handle = steps.handle
     patched = [c for c in conditions if c.patched]
@@ -150,9 +159,12 @@ def _choose_layers(
     sweeps: dict[str, dict[str, list[dict[str, object]]]] = {c.name: {} for c in swept}
     sweep_seeds = config.seeds[: config.layer_sweep_seeds]
     sweep_work = [w for w in work if w[0] in swept and (w[2] is None or w[2] in sweep_seeds)]
-    for task in tqdm(_tasks_of(sweep_work), desc="layer sweeps (validation), tasks", disable=not progress):
-        task_work = [(condition, seed) for condition, of_task, seed in sweep_work if of_task is task]
-        for (condition, _), result in zip(task_work, steps.sweeps(task, task_work), strict=True):
+    jobs: list[SweepJob] = [
+        (task, [(condition, seed) for condition, of_task, seed in sweep_work if of_task is task])
+        for task in _tasks_of(sweep_work)
+    ]
+    for (task, task_work), results in zip(jobs, executor.sweeps(steps, jobs), strict=True):
+        for (condition, _), result in zip(task_work, results, strict=True):
             sweeps[condition.name].setdefault(task.name, []).append(result)
     layers: dict[str, LayerChoice] = {}
     for condition in swept:
@@ -202,8 +214,12 @@ def run_experiments(
     *,
     llm: ModelHandle | None = None,
     progress: bool = True,
+    executor: StepExecutor | None = None,
 ) -> RunResults:
-    """Run every condition the model supports; write results.json and summary.csv; return the results."""
+    """Run every condition the model supports; write results.json and summary.csv; return the results.
+
+    `executor` runs the expensive steps (default: here, one after another; see executors.py)."""
+    executor = executor if executor is not None else SequentialExecutor()
     started, clock = datetime.now(UTC).isoformat(timespec="seconds"), time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -219,15 +235,12 @@ def run_experiments(
     steps = StepRunner(handle, llm if uses_llm else None, config, cache, store, progress)
 
     work: list[Work] = [(c, t, s) for c in conditions for t in tasks for s in _seeds(c, config)]
-    for condition, task, seed in tqdm(
-        [w for w in work if w[0].patched], desc="vectors", disable=not progress
-    ):
-        steps.vector_for(condition, task, seed)
-    layers = _choose_layers(steps, conditions, work, config, progress)
+    executor.vectors(steps, [w for w in work if w[0].patched])
+    layers = _choose_layers(steps, executor, conditions, work, config)
 
     rows: list[ConditionResult] = []
     examples: list[Example] = []
-    test_answers = _test_answers(steps, work, layers, progress)
+    test_answers = _test_answers(steps, executor, work, layers)
     for (condition, task, seed), test in zip(work, test_answers, strict=True):
         layer = layers[condition.name].chosen if condition.patched else None
         vector_token = steps.vector_token(condition, task, seed, layer) if layer is not None else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,11 +25,16 @@ from taskvec.evaluation import (
 )
 from taskvec.experiments.conditions import Condition
 from taskvec.experiments.config import RunConfig
-from taskvec.experiments.vector_store import VectorStore, ensemble_of, exemplar_subset_vector
+from taskvec.experiments.vector_store import ModelRole, VectorStore, ensemble_of, exemplar_subset_vector
 from taskvec.models import ModelHandle
 from taskvec.prompts import Prompt, as_template, build_icl_prompt
 from taskvec.tasks import Item, Task
 from taskvec.vectors import VectorSpec, sample_demonstrations
+
+# A condition's vector on one task and seed, by names: (condition, task, seed).
+VectorWork = tuple[str, str, int | None]
+# One extracted vector a condition's vector is made from: (model role, spec, seed).
+Extraction = tuple[ModelRole, VectorSpec, int]
 
 
 @dataclass
@@ -40,6 +45,8 @@ class StepRunner:
     cache: StepCache
     store: VectorStore
     progress: bool = True
+    # Vectors sent by a driver (see executors.py): a worker patches them instead of extracting its own.
+    supplied: dict[VectorWork, tuple[torch.Tensor, str]] = field(default_factory=dict)
 
     # ---- vectors -------------------------------------------------------------------------------
     def vector_for(
@@ -49,6 +56,8 @@ class StepRunner:
         spec, run_seed = condition.vector, seed or 0
         if spec is None:
             return None
+        if (condition.name, task.name, seed) in self.supplied:
+            return self.supplied[(condition.name, task.name, seed)]
         if spec.extractable:
             vector, key = self.store.get("vlm", self.handle, task, spec, run_seed)
             return vector.vectors, key
@@ -68,6 +77,25 @@ class StepRunner:
             raise ValueError(f"condition {condition.name}: no rule to make a {spec.value} vector")
         instruction, instruction_key = self.store.get("vlm", self.handle, task, VectorSpec.INSTRUCTION)
         return ensemble_of(exemplar, instruction.vectors), digest([subset_key, instruction_key])
+
+    def extractions(self, condition: Condition, task: Task, seed: int | None) -> list[Extraction]:
+        """The extracted vectors `vector_for` reads for this condition (the rest is arithmetic on them)."""
+        spec, run_seed = condition.vector, seed or 0
+        if spec is None:
+            return []
+        if spec.extractable:
+            return [("vlm", spec, run_seed)]
+        if spec is VectorSpec.LLM_TEXT_ICL:
+            return [("llm", VectorSpec.TEXT_ICL, run_seed)]
+        text: list[Extraction] = [("vlm", VectorSpec.TEXT_ICL, run_seed)]
+        return [*text, ("vlm", VectorSpec.INSTRUCTION, 0)] if spec is VectorSpec.ENSEMBLE else text
+
+    def model_of(self, role: ModelRole) -> ModelHandle:
+        if role == "vlm":
+            return self.handle
+        if self.llm is None:
+            raise ValueError("a base-LM vector asked for, but no base LM given")
+        return self.llm
 
     def vector_token(self, condition: Condition, task: Task, seed: int | None, layer: int) -> int | None:
         """The token the patched vector decodes to by itself (final norm + unembedding), or None."""
@@ -113,6 +141,10 @@ class StepRunner:
             "template": as_template(self.config.template).cache_key(),
         }
 
+    def prompt_group(self, condition: Condition, task: Task, seed: int | None) -> str:
+        """Equal for steps asking the same prompts: those can share one pass over each batch."""
+        return json.dumps(self._prompt_identity(condition, task, seed), sort_keys=True)
+
     # ---- layer sweep on validation -------------------------------------------------------------
     def _sweep_identity(
         self, condition: Condition, task: Task, seed: int | None, vector_key: str
@@ -123,6 +155,18 @@ class StepRunner:
             "vector": vector_key,
             "val_limit": self.config.val_limit,
         }
+
+    def sweep_key(self, condition: Condition, task: Task, seed: int | None) -> tuple[dict[str, Any], str]:
+        """The sweep's identity and cache key."""
+        vector = self.vector_for(condition, task, seed)
+        if vector is None:
+            raise ValueError(f"condition {condition.name} patches nothing: no sweep")
+        identity = self._sweep_identity(condition, task, seed, vector[1])
+        return identity, self.cache.key(identity)
+
+    def cached_sweep(self, condition: Condition, task: Task, seed: int | None) -> dict[str, Any] | None:
+        _, key = self.sweep_key(condition, task, seed)
+        return self.cache.load("sweeps", task.name, key)
 
     def sweep(self, condition: Condition, task: Task, seed: int | None) -> dict[str, Any]:
         """First tokens per validation query and layer, with the condition's vector patched."""
@@ -137,15 +181,13 @@ class StepRunner:
         missing: dict[str, list[tuple[int, dict[str, Any], str, torch.Tensor]]] = {}
         for index, (condition, seed) in enumerate(work):
             vector = self.vector_for(condition, task, seed)
-            if vector is None:
-                raise ValueError(f"condition {condition.name} patches nothing: no sweep")
-            identity = self._sweep_identity(condition, task, seed, vector[1])
-            key = self.cache.key(identity)
+            identity, key = self.sweep_key(condition, task, seed)
+            assert vector is not None  # sweep_key raised otherwise
             cached = self.cache.load("sweeps", task.name, key)
             if cached is not None:
                 results[index] = cached
                 continue
-            prompts_key = json.dumps(self._prompt_identity(condition, task, seed), sort_keys=True)
+            prompts_key = self.prompt_group(condition, task, seed)
             missing.setdefault(prompts_key, []).append((index, identity, key, vector[0]))
         for group in missing.values():
             condition, seed = work[group[0][0]]
@@ -185,6 +227,22 @@ class StepRunner:
             "max_new_tokens": self.config.max_new_tokens,
         }
 
+    def test_key(
+        self, condition: Condition, task: Task, seed: int | None, layer: int | None
+    ) -> tuple[dict[str, Any], str]:
+        """The test step's identity and cache key."""
+        vector = self.vector_for(condition, task, seed)
+        identity = self._test_identity(condition, task, seed, layer, vector[1] if vector else None)
+        return identity, self.cache.key(identity)
+
+    def cached_test(
+        self, condition: Condition, task: Task, seed: int | None, layer: int | None
+    ) -> dict[str, Any] | None:
+        _, key = self.test_key(condition, task, seed, layer)
+        cached = self.cache.load("test", task.name, key)
+        # Entries written before first tokens were recorded are computed again.
+        return cached if cached is not None and "first_tokens" in cached else None
+
     def test(self, condition: Condition, task: Task, seed: int | None, layer: int | None) -> dict[str, Any]:
         """Greedy answers to the test queries (under the patch at `layer` if the condition patches)."""
         (result,) = self.tests(task, [(condition, seed, layer)])
@@ -200,15 +258,14 @@ class StepRunner:
         missing: dict[str, list[tuple[int, dict[str, Any], str, LayerPatch | None]]] = {}
         for index, (condition, seed, layer) in enumerate(work):
             vector = self.vector_for(condition, task, seed)
-            identity = self._test_identity(condition, task, seed, layer, vector[1] if vector else None)
-            key = self.cache.key(identity)
+            identity, key = self.test_key(condition, task, seed, layer)
             cached = self.cache.load("test", task.name, key)
             if cached is not None and "first_tokens" in cached:
                 results[index] = cached
                 continue
             patch = LayerPatch(vector[0][layer], layer) if vector is not None and layer is not None else None
             # Unpatched conditions each have prompts of their own (or nothing to share a pass with).
-            prompts_key = json.dumps(self._prompt_identity(condition, task, seed), sort_keys=True)
+            prompts_key = self.prompt_group(condition, task, seed)
             group_key = prompts_key if patch is not None else f"unpatched {index}"
             missing.setdefault(group_key, []).append((index, identity, key, patch))
         for group in missing.values():

@@ -143,6 +143,38 @@ class VectorStore:
         self._memory[memo] = (vector, key)
         return vector, key
 
+    def has(
+        self, role: ModelRole, handle: ModelHandle, task: Task, spec: VectorSpec | str, seed: int
+    ) -> bool:
+        """Whether `get` would read this vector from the run directory instead of extracting it."""
+        kind = _extractable(spec)
+        seed = 0 if kind is VectorSpec.INSTRUCTION else seed
+        if (role, task.name, kind.value, seed) in self._memory:
+            return True
+        key = self.cache.key(self.identity(handle, task, kind, seed))
+        if _cached_vector(self.vector_path(role, task, kind, seed), key) is None:
+            return False
+        return kind is VectorSpec.INSTRUCTION or self.residuals_path(role, task, kind, seed, key).is_file()
+
+    def add(
+        self,
+        role: ModelRole,
+        task: Task,
+        spec: VectorSpec | str,
+        seed: int,
+        vector: TaskVector,
+        per_prompt: torch.Tensor | None,
+    ) -> None:
+        """Keep a vector extracted elsewhere (a Ray worker) as if `get` had extracted it here."""
+        kind = _extractable(spec)
+        seed = 0 if kind is VectorSpec.INSTRUCTION else seed
+        key = vector.metadata["cache_key"]
+        if per_prompt is not None:
+            residuals = self.residuals_path(role, task, kind, seed, key)
+            residuals.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"residuals": per_prompt.contiguous()}, str(residuals))
+        save_task_vector(vector, self.vector_path(role, task, kind, seed))
+
     def per_prompt(
         self, role: ModelRole, handle: ModelHandle, task: Task, spec: VectorSpec | str, seed: int
     ) -> Any:

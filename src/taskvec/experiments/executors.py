@@ -1,0 +1,51 @@
+"""Where a run's expensive steps execute: in this process one after another, or on Ray workers.
+
+The runner keeps the orchestration (which steps, in which phase, what is done with their results)
+and hands each phase's steps to an executor as one batch, so an executor is free to run a batch's
+steps in any order or at once. Every executor leaves the same files in the driver's step cache and
+vector store; that cache is the only place results of different executors meet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from tqdm import tqdm
+
+from taskvec.experiments.conditions import Condition
+from taskvec.experiments.steps import StepRunner
+from taskvec.tasks import Task
+
+# One task's sweeps: the task and its (condition, seed) pairs.
+SweepJob = tuple[Task, list[tuple[Condition, int | None]]]
+# One task's test evaluations: the task and its (condition, seed, layer or None) triples.
+TestJob = tuple[Task, list[tuple[Condition, int | None, int | None]]]
+VectorJob = tuple[Condition, Task, int | None]
+
+
+class StepExecutor(Protocol):
+    def vectors(self, steps: StepRunner, jobs: Sequence[VectorJob]) -> None:
+        """Every vector of `jobs` in the driver's vector store."""
+
+    def sweeps(self, steps: StepRunner, jobs: Sequence[SweepJob]) -> list[list[dict[str, Any]]]:
+        """Each job's sweep results, in the job's order (as `StepRunner.sweeps` returns them)."""
+
+    def tests(self, steps: StepRunner, jobs: Sequence[TestJob]) -> list[list[dict[str, Any]]]:
+        """Each job's test answers, in the job's order (as `StepRunner.tests` returns them)."""
+
+
+class SequentialExecutor:
+    """The steps in this process on the driver's own models, task after task."""
+
+    def vectors(self, steps: StepRunner, jobs: Sequence[VectorJob]) -> None:
+        for condition, task, seed in tqdm(jobs, desc="vectors", disable=not steps.progress):
+            steps.vector_for(condition, task, seed)
+
+    def sweeps(self, steps: StepRunner, jobs: Sequence[SweepJob]) -> list[list[dict[str, Any]]]:
+        label = "layer sweeps (validation), tasks"
+        return [steps.sweeps(task, work) for task, work in tqdm(jobs, desc=label, disable=not steps.progress)]
+
+    def tests(self, steps: StepRunner, jobs: Sequence[TestJob]) -> list[list[dict[str, Any]]]:
+        label = "test, tasks"
+        return [steps.tests(task, work) for task, work in tqdm(jobs, desc=label, disable=not steps.progress)]

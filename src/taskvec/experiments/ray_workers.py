@@ -1,0 +1,331 @@
+"""The run's steps on Ray: actors that each hold one model replica, fed by the driver.
+
+Only this module imports Ray, and only when `taskvec run --ray` asks for it. A worker never sees
+the run directory: the driver sends each step its task and the vectors it patches, the worker
+returns the step's JSON (or the extracted vector), and the driver writes its own cache and vector
+store exactly as a sequential run would. A step already in the driver's cache is never submitted,
+so a run interrupted anywhere resumes from the cache, on Ray or in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import tempfile
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from taskvec.caching import StepCache
+from taskvec.experiments.config import RunConfig
+from taskvec.experiments.executors import SweepJob, TestJob, VectorJob
+from taskvec.experiments.steps import StepRunner, VectorWork
+from taskvec.experiments.vector_store import ModelRole, VectorStore
+from taskvec.models import load_model
+from taskvec.models.load_options import LoadOptions
+from taskvec.tasks import Task
+from taskvec.vectors import TaskVector, VectorSpec
+
+INSTALL = 'pip install -e ".[ray]"'
+
+
+class RayMissingError(LookupError):
+    """Ray is an optional extra; a LookupError so the command line prints it as one line."""
+
+
+class StepsInterrupted(RuntimeError):
+    """Raised by the `stop_after` test hook: the run stops as a killed driver would."""
+
+
+def import_ray() -> ModuleType:
+    try:
+        import ray
+    except ImportError as error:
+        raise RayMissingError(f"--ray needs Ray, an optional extra: {INSTALL}") from error
+    return ray
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker needs to load its replica: sources and options, never a loaded handle."""
+
+    model: str
+    loading: LoadOptions
+    config: RunConfig
+    llm: str | None = None
+    llm_loading: LoadOptions | None = None
+    threads: int = 1
+    # Test hook: the first worker to create this file exits at once, as a lost node would.
+    exit_once: str | None = None
+
+
+class StepWorker:
+    """One model replica (and its base LM) and a private cache; made a Ray actor by RayExecutor."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        if spec.loading.device_map is None and not torch.cuda.is_available():
+            # Workers times threads equals the local run's threads: overhead is compared fairly.
+            torch.set_num_threads(spec.threads)
+        handle = load_model(spec.model, spec.loading)
+        llm = load_model(spec.llm, spec.llm_loading or spec.loading) if spec.llm is not None else None
+        self.directory = directory = Path(tempfile.mkdtemp(prefix="taskvec-worker-"))
+        cache = StepCache(directory / "cache")
+        self.store = VectorStore(directory, spec.config, cache, progress=False)
+        self.steps = StepRunner(handle, llm, spec.config, cache, self.store, progress=False)
+        self.exit_once = spec.exit_once
+
+    def _maybe_exit(self) -> None:
+        if self.exit_once is None:
+            return
+        try:
+            os.close(os.open(self.exit_once, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return
+        os._exit(1)
+
+    def cleanup(self) -> None:
+        """The private cache goes with the worker: the driver holds every result."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def vector(
+        self, task: Task, role: ModelRole, spec: VectorSpec, seed: int
+    ) -> tuple[TaskVector, torch.Tensor | None]:
+        self._maybe_exit()
+        vector, _ = self.store.get(role, self.steps.model_of(role), task, spec, seed)
+        per_prompt = None
+        if spec is not VectorSpec.INSTRUCTION:
+            per_prompt = self.store.per_prompt(role, self.steps.model_of(role), task, spec, seed).cpu()
+        return TaskVector(vector.vectors.cpu(), dict(vector.metadata)), per_prompt
+
+    def sweeps(
+        self,
+        task: Task,
+        work: list[tuple[Any, int | None]],
+        vectors: dict[VectorWork, tuple[torch.Tensor, str]],
+    ) -> list[dict[str, Any]]:
+        self._maybe_exit()
+        self.steps.supplied = vectors
+        return self.steps.sweeps(task, work)
+
+    def tests(
+        self,
+        task: Task,
+        work: list[tuple[Any, int | None, int | None]],
+        vectors: dict[VectorWork, tuple[torch.Tensor, str]],
+    ) -> list[dict[str, Any]]:
+        self._maybe_exit()
+        self.steps.supplied = vectors
+        return self.steps.tests(task, work)
+
+
+@dataclass
+class _Call:
+    """One submitted step: the actor method, its arguments, and what the driver does with its result."""
+
+    method: str
+    args: tuple[Any, ...]
+    finish: Callable[[Any], None]
+    size: int = 1  # steps in the call: the largest go first, so none is left to run alone at the end
+
+
+# The steps of one job (one task) that can share a pass: (job, indices into the job's work).
+Group = tuple[int, list[int]]
+
+
+def _split(groups: list[Group], workers: int) -> list[Group]:
+    """Halve the phase's largest group until every worker has one: a smaller group costs one more
+    pass over the prompts, an idle worker costs the whole group's time."""
+    groups = [(job, list(indices)) for job, indices in groups]
+    while len(groups) < workers and max((len(g[1]) for g in groups), default=0) > 1:
+        largest = max(groups, key=lambda group: len(group[1]))
+        groups.remove(largest)
+        job, indices = largest
+        half = math.ceil(len(indices) / 2)
+        groups += [(job, indices[:half]), (job, indices[half:])]
+    return groups
+
+
+class RayExecutor:
+    """Each phase's missing steps spread over `workers` actors; results written by the driver."""
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        *,
+        address: str | None = None,
+        workers: int = 2,
+        gpus_per_worker: float = 0.0,
+        progress: bool = True,
+        stop_after: int | None = None,
+        max_deaths: int | None = None,
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {workers}")
+        self.ray = import_ray()
+        self.owns_cluster = not self.ray.is_initialized()
+        if self.owns_cluster:
+            self.ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        self.spec = spec
+        self.gpus = gpus_per_worker
+        self.stop_after = stop_after
+        self.max_deaths = max_deaths if max_deaths is not None else 2 * workers
+        self.deaths = 0
+        self.completed = 0
+        self.counts: dict[str, int] = {}
+        self.actors: list[tuple[str, Any]] = [self._start() for _ in range(workers)]
+        self.bar = tqdm(total=0, desc="steps on Ray", disable=not progress)
+
+    def _start(self) -> tuple[str, Any]:
+        # Retries are ours (a dead actor's step goes to another actor), so Ray restarts nothing.
+        actor_class = self.ray.remote(num_cpus=1, num_gpus=self.gpus, max_restarts=0)(StepWorker)
+        name = f"w{len(self.counts)}"
+        self.counts[name] = 0
+        return name, actor_class.remote(self.spec)
+
+    def close(self) -> None:
+        self.bar.close()
+        # A dead worker, or one still inside an abandoned step, leaves its temporary directory behind.
+        with contextlib.suppress(self.ray.exceptions.RayError, TimeoutError):
+            self.ray.get([actor.cleanup.remote() for _, actor in self.actors], timeout=5)
+        for _, actor in self.actors:
+            self.ray.kill(actor)
+        self.actors = []
+        if self.owns_cluster:
+            self.ray.shutdown()
+
+    # ---- dispatch ------------------------------------------------------------------------------
+    def _run(self, calls: Sequence[_Call]) -> None:
+        ray = self.ray
+        pending = deque(sorted(range(len(calls)), key=lambda index: -calls[index].size))
+        idle = deque(self.actors)
+        running: dict[Any, tuple[int, tuple[str, Any]]] = {}
+        self.bar.total = (self.bar.total or 0) + len(calls)
+        self.bar.refresh()
+        while pending or running:
+            while pending and idle:
+                index, actor = pending.popleft(), idle.popleft()
+                call = calls[index]
+                running[getattr(actor[1], call.method).remote(*call.args)] = (index, actor)
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            index, actor = running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError as error:
+                self.deaths += 1
+                if self.deaths > self.max_deaths:
+                    raise RuntimeError(f"{self.deaths} Ray workers died; the last: {error}") from error
+                self.actors.remove(actor)
+                replacement = self._start()
+                self.actors.append(replacement)
+                idle.append(replacement)
+                pending.appendleft(index)
+                continue
+            calls[index].finish(result)
+            idle.append(actor)
+            self.counts[actor[0]] += 1
+            self.completed += 1
+            self.bar.set_postfix(self.counts, refresh=False)
+            self.bar.update()
+            if self.stop_after is not None and self.completed >= self.stop_after:
+                raise StepsInterrupted(f"stopped after {self.completed} steps (stop_after)")
+
+    # ---- phases --------------------------------------------------------------------------------
+    def vectors(self, steps: StepRunner, jobs: Sequence[VectorJob]) -> None:
+        wanted: dict[tuple[ModelRole, str, VectorSpec, int], Task] = {}
+        for condition, task, seed in jobs:
+            for role, spec, run_seed in steps.extractions(condition, task, seed):
+                if not steps.store.has(role, steps.model_of(role), task, spec, run_seed):
+                    wanted.setdefault((role, task.name, spec, run_seed), task)
+
+        def keep(task: Task, role: ModelRole, spec: VectorSpec, seed: int) -> Callable[[Any], None]:
+            return lambda result: steps.store.add(role, task, spec, seed, *result)
+
+        self._run(
+            [
+                _Call("vector", (task, role, spec, seed), keep(task, role, spec, seed))
+                for (role, _, spec, seed), task in wanted.items()
+            ]
+        )
+        for condition, task, seed in jobs:  # read back from the store, as a rerun reads them
+            steps.vector_for(condition, task, seed)
+
+    def sweeps(self, steps: StepRunner, jobs: Sequence[SweepJob]) -> list[list[dict[str, Any]]]:
+        results: list[list[dict[str, Any] | None]] = []
+        groups: dict[tuple[int, str], list[int]] = {}
+        for job, (task, work) in enumerate(jobs):
+            results.append([steps.cached_sweep(condition, task, seed) for condition, seed in work])
+            for index, (condition, seed) in enumerate(work):
+                if results[job][index] is None:
+                    groups.setdefault((job, steps.prompt_group(condition, task, seed)), []).append(index)
+        calls = []
+        for job, group in _split([(job, group) for (job, _), group in groups.items()], len(self.actors)):
+            task, work = jobs[job]
+            chunk = [work[index] for index in group]
+            vectors = {(c.name, task.name, s): _vector(steps, c, task, s) for c, s in chunk}
+            keys = [steps.sweep_key(c, task, s)[1] for c, s in chunk]
+            keep = _keeper(steps, "sweeps", task, group, keys, results[job])
+            calls.append(_Call("sweeps", (task, chunk, vectors), keep, len(chunk)))
+        self._run(calls)
+        return [_complete(rows) for rows in results]
+
+    def tests(self, steps: StepRunner, jobs: Sequence[TestJob]) -> list[list[dict[str, Any]]]:
+        results: list[list[dict[str, Any] | None]] = []
+        groups: dict[tuple[int, str], list[int]] = {}
+        for job, (task, work) in enumerate(jobs):
+            results.append([steps.cached_test(c, task, s, layer) for c, s, layer in work])
+            for index, (condition, seed, layer) in enumerate(work):
+                if results[job][index] is None:
+                    patched = condition.vector is not None and layer is not None
+                    # As StepRunner.tests: unpatched conditions have no pass to share.
+                    shared = steps.prompt_group(condition, task, seed) if patched else f"unpatched {index}"
+                    groups.setdefault((job, shared), []).append(index)
+        calls = []
+        for job, group in _split([(job, group) for (job, _), group in groups.items()], len(self.actors)):
+            task, work = jobs[job]
+            chunk = [work[index] for index in group]
+            vectors = {(c.name, task.name, s): _vector(steps, c, task, s) for c, s, _ in chunk if c.vector}
+            keys = [steps.test_key(c, task, s, layer)[1] for c, s, layer in chunk]
+            keep = _keeper(steps, "test", task, group, keys, results[job])
+            calls.append(_Call("tests", (task, chunk, vectors), keep, len(chunk)))
+        self._run(calls)
+        return [_complete(rows) for rows in results]
+
+
+def _vector(steps: StepRunner, condition: Any, task: Task, seed: int | None) -> tuple[torch.Tensor, str]:
+    vector = steps.vector_for(condition, task, seed)
+    if vector is None:
+        raise ValueError(f"condition {condition.name} patches nothing")
+    return vector[0].cpu(), vector[1]
+
+
+def _keeper(
+    steps: StepRunner,
+    kind: str,
+    task: Task,
+    group: list[int],
+    keys: list[str],
+    rows: list[dict[str, Any] | None],
+) -> Callable[[Any], None]:
+    """Write a returned chunk into the driver's cache and its rows, as StepRunner would have."""
+
+    def keep(returned: list[dict[str, Any]]) -> None:
+        for index, key, result in zip(group, keys, returned, strict=True):
+            steps.cache.store(kind, task.name, key, result)
+            rows[index] = result
+
+    return keep
+
+
+def _complete(rows: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
+    missing = [index for index, row in enumerate(rows) if row is None]
+    if missing:
+        raise RuntimeError(f"steps {missing} came back from no worker")
+    return [row for row in rows if row is not None]

@@ -1,0 +1,177 @@
+"""`taskvec run --ray`: the run's steps on a local Ray cluster of 2 CPU workers give a local run's results.
+
+Compared: results.json apart from timing and step counts, every vector file's tensors, every cached
+step. The sequential run is the reference; the Ray runs lose a worker, stop half-way and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import tiny_handle
+from run_fixtures import tiny_base_lm, tiny_config, write_task_file
+from safetensors.torch import load_file
+from tiny_models import save_tiny_checkpoint
+
+from taskvec.experiments import RunConfig, run_experiments
+from taskvec.experiments.executors import SequentialExecutor, TestJob
+from taskvec.experiments.steps import StepRunner
+from taskvec.models import load_model
+from taskvec.models.load_options import LoadOptions
+
+ray = pytest.importorskip("ray")
+
+from taskvec.experiments.ray_workers import (  # noqa: E402  (after the skip: needs Ray)
+    RayExecutor,
+    RayMissingError,
+    StepsInterrupted,
+    WorkerSpec,
+    import_ray,
+)
+
+VOLATILE_META = ("started", "seconds", "steps")
+
+
+@dataclass(frozen=True)
+class Setup:
+    root: Path
+    model: str
+    llm: str
+    config: RunConfig
+    reference: Path
+
+
+def _run_locally(setup: Setup, out: Path, executor: Any = None) -> None:
+    handle, llm = load_model(setup.model), load_model(setup.llm)
+    run_experiments(handle, setup.config, out, llm=llm, progress=False, executor=executor)
+
+
+def _executor(setup: Setup, **changes: Any) -> RayExecutor:
+    spec_changes = {key: changes.pop(key) for key in ("exit_once",) if key in changes}
+    spec = WorkerSpec(setup.model, LoadOptions(), setup.config, llm=setup.llm, **spec_changes)
+    return RayExecutor(spec, workers=2, progress=False, **changes)
+
+
+def _run_on_ray(setup: Setup, out: Path, **changes: Any) -> RayExecutor:
+    executor = _executor(setup, **changes)
+    try:
+        _run_locally(setup, out, executor)
+    finally:
+        executor.close()
+    return executor
+
+
+def _comparable(out: Path) -> dict[str, Any]:
+    """What a run leaves that must not depend on where its steps ran."""
+    results = json.loads((out / "results.json").read_text())
+    for field in VOLATILE_META:
+        results["meta"].pop(field)
+    vectors = {
+        str(path.relative_to(out)): {name: tensor.tolist() for name, tensor in load_file(path).items()}
+        for path in sorted(out.glob("vectors/**/*.safetensors"))
+    }
+    steps = {
+        str(path.relative_to(out)): json.loads(path.read_text())
+        for kind in ("sweeps", "test")
+        for path in sorted((out / "cache" / kind).glob("**/*.json"))
+    }
+    residuals = sorted(str(path.relative_to(out)) for path in out.glob("cache/residuals/**/*.safetensors"))
+    return {"results": results, "vectors": vectors, "steps": steps, "residuals": residuals}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[None]:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
+    root = tmp_path_factory.mktemp("ray-run")
+    model = save_tiny_checkpoint("llava", root / "tiny-llava")
+    base = tiny_base_lm(tiny_handle("llava"))
+    base.model.save_pretrained(root / "tiny-llava-base")
+    base.tokenizer.save_pretrained(root / "tiny-llava-base")
+    config = tiny_config(write_task_file(root / "task"), ensemble_examples=(0, 2))
+    made = Setup(root, str(model), str(root / "tiny-llava-base"), config, root / "reference")
+    _run_locally(made, made.reference)
+    return made
+
+
+def test_a_ray_run_equals_the_sequential_run(cluster: None, setup: Setup, tmp_path: Path) -> None:
+    executor = _run_on_ray(setup, tmp_path / "ray")
+    assert sum(executor.counts.values()) == executor.completed > 0
+    assert all(count > 0 for count in executor.counts.values()), "both workers took steps"
+    expected, got = _comparable(setup.reference), _comparable(tmp_path / "ray")
+    assert expected["vectors"] and expected["steps"] and expected["results"]["meta"]["llm"] is not None
+    assert "llm-xpatch" in expected["results"]["meta"]["conditions"]
+    assert got == expected
+    # Every step was the workers': the driver extracted no vector and computed no step itself.
+    meta = json.loads((tmp_path / "ray" / "results.json").read_text())["meta"]
+    assert meta["steps"]["vectors_extracted"] == 0
+
+
+def test_a_worker_dying_mid_run_is_replaced_and_the_results_stay_the_same(
+    cluster: None, setup: Setup, tmp_path: Path
+) -> None:
+    marker = tmp_path / "died"
+    executor = _run_on_ray(setup, tmp_path / "ray", exit_once=str(marker))
+    assert marker.exists() and executor.deaths == 1
+    assert _comparable(tmp_path / "ray") == _comparable(setup.reference)
+
+
+def test_a_run_stopped_on_ray_resumes_locally(cluster: None, setup: Setup, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(StepsInterrupted):
+        _run_on_ray(setup, out, stop_after=3)
+    assert len(list(out.glob("vectors/**/*.safetensors"))) == 3
+    _run_locally(setup, out)
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["steps"]["vectors_extracted"] > 0  # the rest was computed here
+    assert _comparable(out) == _comparable(setup.reference)
+
+
+class _StopBeforeTests(SequentialExecutor):
+    def tests(self, steps: StepRunner, jobs: Sequence[TestJob]) -> list[list[dict[str, Any]]]:
+        raise KeyboardInterrupt
+
+
+def test_a_run_stopped_locally_resumes_on_ray(cluster: None, setup: Setup, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        _run_locally(setup, out, _StopBeforeTests())
+    assert list(out.glob("cache/sweeps/**/*.json")) and not (out / "cache" / "test").exists()
+    executor = _run_on_ray(setup, out)
+    # Only the test steps were left: vectors and sweeps came from the cache, none was submitted.
+    tests = len(list(out.glob("cache/test/**/*.json")))
+    assert 0 < executor.completed <= tests
+    assert _comparable(out) == _comparable(setup.reference)
+
+
+def test_missing_ray_is_a_one_line_error_naming_the_extra(
+    setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from taskvec.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    with pytest.raises(RayMissingError, match=r'pip install -e "\.\[ray\]"'):
+        import_ray()
+    argv = ["run", "--model", setup.model, "--tasks", *setup.config.tasks, "--quick", "--ray"]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--no-analyses"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and 'pip install -e ".[ray]"' in error
+
+
+def test_groups_are_halved_until_every_worker_has_one() -> None:
+    from taskvec.experiments.ray_workers import _split
+
+    assert _split([(0, [0, 1, 2, 3]), (1, [0])], 3) == [(1, [0]), (0, [0, 1]), (0, [2, 3])]
+    assert _split([(0, [0]), (1, [0])], 4) == [(0, [0]), (1, [0])]  # one-step groups stay whole
+    assert _split([(0, [0, 1, 2])], 1) == [(0, [0, 1, 2])]
