@@ -158,7 +158,11 @@ class StepRunner:
 
     def sweep_key(self, condition: Condition, task: Task, seed: int | None) -> tuple[dict[str, Any], str]:
         """The sweep's identity and cache key."""
-        vector = self.vector_for(condition, task, seed)
+        return self._sweep_key(condition, task, seed, self.vector_for(condition, task, seed))
+
+    def _sweep_key(
+        self, condition: Condition, task: Task, seed: int | None, vector: tuple[torch.Tensor, str] | None
+    ) -> tuple[dict[str, Any], str]:
         if vector is None:
             raise ValueError(f"condition {condition.name} patches nothing: no sweep")
         identity = self._sweep_identity(condition, task, seed, vector[1])
@@ -181,8 +185,8 @@ class StepRunner:
         missing: dict[str, list[tuple[int, dict[str, Any], str, torch.Tensor]]] = {}
         for index, (condition, seed) in enumerate(work):
             vector = self.vector_for(condition, task, seed)
-            identity, key = self.sweep_key(condition, task, seed)
-            assert vector is not None  # sweep_key raised otherwise
+            identity, key = self._sweep_key(condition, task, seed, vector)
+            assert vector is not None  # _sweep_key raised otherwise
             cached = self.cache.load("sweeps", task.name, key)
             if cached is not None:
                 results[index] = cached
@@ -231,7 +235,16 @@ class StepRunner:
         self, condition: Condition, task: Task, seed: int | None, layer: int | None
     ) -> tuple[dict[str, Any], str]:
         """The test step's identity and cache key."""
-        vector = self.vector_for(condition, task, seed)
+        return self._test_key(condition, task, seed, layer, self.vector_for(condition, task, seed))
+
+    def _test_key(
+        self,
+        condition: Condition,
+        task: Task,
+        seed: int | None,
+        layer: int | None,
+        vector: tuple[torch.Tensor, str] | None,
+    ) -> tuple[dict[str, Any], str]:
         identity = self._test_identity(condition, task, seed, layer, vector[1] if vector else None)
         return identity, self.cache.key(identity)
 
@@ -239,9 +252,7 @@ class StepRunner:
         self, condition: Condition, task: Task, seed: int | None, layer: int | None
     ) -> dict[str, Any] | None:
         _, key = self.test_key(condition, task, seed, layer)
-        cached = self.cache.load("test", task.name, key)
-        # Entries written before first tokens were recorded are computed again.
-        return cached if cached is not None and "first_tokens" in cached else None
+        return _usable_test(self.cache.load("test", task.name, key))
 
     def test(self, condition: Condition, task: Task, seed: int | None, layer: int | None) -> dict[str, Any]:
         """Greedy answers to the test queries (under the patch at `layer` if the condition patches)."""
@@ -258,9 +269,9 @@ class StepRunner:
         missing: dict[str, list[tuple[int, dict[str, Any], str, LayerPatch | None]]] = {}
         for index, (condition, seed, layer) in enumerate(work):
             vector = self.vector_for(condition, task, seed)
-            identity, key = self.test_key(condition, task, seed, layer)
-            cached = self.cache.load("test", task.name, key)
-            if cached is not None and "first_tokens" in cached:
+            identity, key = self._test_key(condition, task, seed, layer, vector)
+            cached = _usable_test(self.cache.load("test", task.name, key))
+            if cached is not None:
                 results[index] = cached
                 continue
             patch = LayerPatch(vector[0][layer], layer) if vector is not None and layer is not None else None
@@ -312,3 +323,9 @@ class StepRunner:
                 }
                 self.cache.store("test", task.name, row_key, results[row])
         return [results[index] for index in range(len(work))]
+
+
+def _usable_test(cached: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A cached test step, unless it was written before first tokens were recorded (then it is
+    computed again)."""
+    return cached if cached is not None and "first_tokens" in cached else None
