@@ -98,6 +98,12 @@ def tiny_config(task_file: Path, **changes: Any) -> RunConfig:
         "ensemble_examples": (0, 2, 4),
         "max_new_tokens": 2,
         "batch_size": 4,
+        # Function vectors from 2-shot prompts, ranked on a few prompts: the tiny task has 7
+        # validation items.
+        "fv_shots": 2,
+        "fv_mean_prompts": 4,
+        "fv_effect_prompts": 3,
+        "fv_scales": (1.0, 4.0),
     }
     options.update(changes)
     return RunConfig(**options)

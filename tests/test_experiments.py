@@ -31,10 +31,10 @@ from taskvec.experiments import (
 from taskvec.experiments import steps as steps_module
 from taskvec.experiments import vector_store as vector_store_module
 from taskvec.experiments.baselines import majority_answer, model_free_floors
-from taskvec.experiments.intervals import bootstrap_interval
 from taskvec.experiments.layer_choice import candidate_layers
 from taskvec.experiments.paper_numbers import PAPER_COLUMNS
 from taskvec.experiments.vector_store import ensemble_of, exemplar_subset_vector
+from taskvec.intervals import bootstrap_interval
 from taskvec.prompts import build_query_prompt
 from taskvec.tasks import Item, Task, load_task
 from taskvec.vectors import VectorSpec, exemplar_vector, load_task_vector
@@ -46,7 +46,8 @@ UNPATCHED = {
 }  # fmt: skip
 PATCHED = {
     "image->image", "text->image", "text->text", "image->text", "llm-xpatch", "instruction-patch",
-    "ensemble-0", "exemplar-2", "ensemble-2", "exemplar-4", "ensemble-4",
+    "ensemble-0", "exemplar-2", "ensemble-2", "exemplar-4", "ensemble-4", "fv-text->image",
+    "fv-text->text", "fv-image->image", "fv-llm->image",
 }  # fmt: skip
 
 
@@ -99,6 +100,7 @@ def test_tables_place_conditions_by_their_slots_beside_the_paper(finished_run: R
         "paper",
         "directions",
         "llm_to_vlm",
+        "function_vectors",
         "instruction",
         "ensemble",
     ]
@@ -184,7 +186,8 @@ def test_patching_the_last_layer_gives_the_vectors_own_answer_whatever_the_query
     )
     vlm = tiny_handle("llava")
     results = run_experiments(vlm, config, tmp_path / "out", progress=False)
-    patched = [s for s in results.summaries if s.vector_answer_share is not None]
+    # Function vectors are added, not replaced: their answers still depend on the query there.
+    patched = [s for s in results.summaries if s.vector_answer_share is not None and s.scale is None]
     assert patched and all(s.layer == 2 and s.vector_answer_share == 1.0 for s in patched)
     # Every answer is the vector's own token, so answering that token everywhere scores the same.
     assert all(s.vector_answer_accuracy == pytest.approx(s.mean) for s in patched)
@@ -252,7 +255,8 @@ def test_a_changed_option_does_not_reuse_stale_steps(tmp_path: Path) -> None:
     runner = steps_module.StepRunner(handle, None, config, cache, store, progress=False)
     changed = steps_module.StepRunner(handle, None, config.with_options(test_limit=3), cache, store, False)
     condition = next(c for c in plan_conditions(handle, [task], config, None)[0] if c.name == "no-context")
-    first, second = runner.test(condition, task, None, None), changed.test(condition, task, None, None)
+    step = steps_module.TestStep(condition, None)
+    first, second = runner.test(step, task), changed.test(step, task)
     assert len(first["generated"]) == 6 and len(second["generated"]) == 3
 
 
@@ -357,7 +361,7 @@ def test_text_only_model_skips_image_conditions_with_a_note(tmp_path: Path) -> N
     conditions, notes = plan_conditions(handle, [load_task(config.tasks[0])], config, None)
     names = [c.name for c in conditions]
     assert names == [
-        "no-context-text", "text-icl", "text->text", "instruction-patch", "instruction-prompt",
+        "no-context-text", "text-icl", "text->text", "fv-text->text", "instruction-patch", "instruction-prompt",
         "exemplar-0", "ensemble-0", "exemplar-2", "ensemble-2",
     ]  # fmt: skip
     assert all(c.query == "text" for c in conditions)
@@ -393,9 +397,10 @@ def test_layer_sweeps_use_the_first_seeds_vectors_unless_asked_for_all(
     run_experiments(vlm, every, tmp_path, llm=tiny_base_lm(vlm), progress=False)
     default_sweeps = len(list((out / "cache" / "sweeps").rglob("*.json")))
     all_sweeps = len(list((tmp_path / "cache" / "sweeps").rglob("*.json")))
-    # Seeded swept conditions: the four directions' sources, llm-xpatch and the curve's largest n of
-    # each kind; with 2 seeds, sweeping every seed adds one sweep for each of those 7.
-    assert config.seeds == (0, 1) and all_sweeps - default_sweeps == 7
+    # Seeded swept conditions: the four directions' sources, llm-xpatch, the curve's largest n of
+    # each kind and the four function vectors; with 2 seeds, sweeping every seed adds one sweep for
+    # each of those 11.
+    assert config.seeds == (0, 1) and all_sweeps - default_sweeps == 11
 
 
 def test_majority_answer_floor_scores_the_most_frequent_validation_answer() -> None:
@@ -446,7 +451,7 @@ def test_patched_conditions_asking_the_same_queries_share_one_pass_and_equal_the
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from taskvec.experiments.conditions import plan_conditions as plan
-    from taskvec.experiments.steps import StepRunner
+    from taskvec.experiments.steps import StepRunner, TestStep
     from taskvec.experiments.vector_store import VectorStore
 
     config = tiny_config(write_task_file(tmp_path / "task"), seeds=(0, 1))
@@ -456,7 +461,7 @@ def test_patched_conditions_asking_the_same_queries_share_one_pass_and_equal_the
     bare = [c for c in conditions if c.patched and c.demos is None and not c.instruction_prompt]
     by_query = {query: [c for c in bare if c.query == query] for query in ("text", "image")}
     assert all(len(group) >= 2 for group in by_query.values()), "the test needs conditions to share"
-    work = [(c, seed, 1) for c in bare for seed in config.seeds]
+    work = [TestStep(c, seed, 1, 4.0 if c.function_vector else 1.0) for c in bare for seed in config.seeds]
 
     def runner(directory: Path) -> StepRunner:
         cache = StepCache(directory / "cache")
@@ -472,9 +477,7 @@ def test_patched_conditions_asking_the_same_queries_share_one_pass_and_equal_the
     monkeypatch.setattr(steps_module, "generate_patched_answers", counted)
     together = runner(tmp_path / "together").tests(task, work)
     assert sorted(passes) == sorted(2 * len(group) for group in by_query.values()), "one pass per query set"
-    alone = [
-        runner(tmp_path / f"alone-{i}").test(c, task, seed, layer) for i, (c, seed, layer) in enumerate(work)
-    ]
+    alone = [runner(tmp_path / f"alone-{i}").test(step, task) for i, step in enumerate(work)]
     for shared, single in zip(together, alone, strict=True):
         assert shared["generated"] == single["generated"] and shared["first_tokens"] == single["first_tokens"]
     sweep_work = [(c, seed) for c in bare for seed in config.seeds]

@@ -62,8 +62,9 @@ def test_report_is_self_contained_with_every_section(run_dir: Path) -> None:
     parser.feed(text)
     images = [value for tag, name, value in parser.links if tag == "img"]
     figures = sorted((run_dir / "figures").glob("*.png"))
-    # Lens: 2 tasks + their mean; sweeps, ensemble, LM cosine, similarity (2 + LM vs VLM), t-SNE.
-    assert len(figures) == 10, [figure.name for figure in figures]
+    # Lens: 2 tasks + their mean; sweeps, ensemble, LM cosine, similarity (2 + LM vs VLM), t-SNE,
+    # and the heads' indirect effects of each task.
+    assert len(figures) == 12, [figure.name for figure in figures]
     thumbnails = len([value for value in images if value.startswith("data:image/png")]) - len(figures)
     assert thumbnails >= 1  # the example generations show their image queries
     assert all(value.startswith("data:image/png;base64,") for value in images)

@@ -204,17 +204,27 @@ def sweep_first_tokens_of_vectors(
     memory_budget: int | None = None,
     mode: PatchMode = "replace",
     scale: float = 1.0,
+    set_modes: Sequence[tuple[PatchMode, float]] | None = None,
 ) -> list[list[list[str]]]:
     """[set][prompt][layer]: layer sweeps of several vector sets ([layers, hidden] each) over the same
-    prompts, every layer of every set of a batch of prompts sharing one pass over the prompts."""
+    prompts, every layer of every set of a batch of prompts sharing one pass over the prompts.
+
+    Every set is patched with `mode` and `scale`, or with its own (mode, scale) from `set_modes`
+    (replaced task vectors and added function vectors at several scales in one pass)."""
     layers = handle.num_layers
     for vectors in vector_sets:
         if vectors.dim() != 2 or vectors.shape[0] != layers:
             raise ValueError(
                 f"a sweep needs one vector per layer ({layers}), got shape {list(vectors.shape)}"
             )
+    if set_modes is None:
+        set_modes = [(mode, scale)] * len(vector_sets)
+    if len(set_modes) != len(vector_sets):
+        raise ValueError(f"{len(set_modes)} (mode, scale) pairs for {len(vector_sets)} vector sets")
     patches = [
-        LayerPatch(vectors[layer], layer, mode, scale) for vectors in vector_sets for layer in range(layers)
+        LayerPatch(vectors[layer], layer, *set_mode)
+        for vectors, set_mode in zip(vector_sets, set_modes, strict=True)
+        for layer in range(layers)
     ]
     answers = generate_patched_answers(
         handle,

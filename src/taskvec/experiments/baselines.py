@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from taskvec.evaluation import is_correct_by
-from taskvec.experiments.intervals import Interval, bootstrap_interval
+from taskvec.intervals import Interval, bootstrap_interval
 from taskvec.tasks import Item, Task
 
 

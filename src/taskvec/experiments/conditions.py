@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from taskvec.experiments.config import RunConfig
+from taskvec.experiments.vector_store import heads_used
 from taskvec.models import ModelHandle
 from taskvec.prompts import Modality
 from taskvec.tasks import Task
@@ -44,6 +45,9 @@ class Condition:
     tables: tuple[TableSlot, ...] = ()
     # The analyses use the layer chosen for the run's patched condition of lowest rank.
     analysis_layer_rank: int | None = None
+    # Patches the function vector of `vector`'s demonstrations (its top heads' mean outputs, added
+    # at a layer and scale chosen on validation) instead of their residual task vector.
+    function_vector: bool = False
 
     @property
     def patched(self) -> bool:
@@ -80,6 +84,10 @@ def _direction(column: str) -> TableSlot:
     return TableSlot("directions", column)
 
 
+def _beside_function_vector(direction: str) -> TableSlot:
+    return TableSlot("function_vectors", f"TV {direction}")
+
+
 NO_CONTEXT = Condition("no-context", "no context (image query)", "image", tables=(_paper("no-context"),))
 NO_CONTEXT_TEXT = Condition("no-context-text", "no context (text query)", "text")
 IMAGE_ICL = Condition(
@@ -104,20 +112,56 @@ def _patched(
 
 
 IMAGE_TO_IMAGE = _patched(
-    "image->image", VectorSpec.IMAGE_ICL, "image", (_paper("image-icl-patch"), _direction("image->image")), 3
+    "image->image",
+    VectorSpec.IMAGE_ICL,
+    "image",
+    (_paper("image-icl-patch"), _direction("image->image"), _beside_function_vector("image->image")),
+    3,
 )
 TEXT_TO_IMAGE = _patched(
     "text->image",
     VectorSpec.TEXT_ICL,
     "image",
-    (_paper("text-icl-xpatch"), _direction("text->image"), TableSlot("llm_to_vlm", "vlm_vectors")),
+    (
+        _paper("text-icl-xpatch"),
+        _direction("text->image"),
+        TableSlot("llm_to_vlm", "vlm_vectors"),
+        _beside_function_vector("text->image"),
+    ),
     1,
 )
-TEXT_TO_TEXT = _patched("text->text", VectorSpec.TEXT_ICL, "text", (_direction("text->text"),), 2)
+TEXT_TO_TEXT = _patched(
+    "text->text",
+    VectorSpec.TEXT_ICL,
+    "text",
+    (_direction("text->text"), _beside_function_vector("text->text")),
+    2,
+)
 IMAGE_TO_TEXT = _patched("image->text", VectorSpec.IMAGE_ICL, "text", (_direction("image->text"),))
 LLM_TO_VLM = _patched(
-    "llm-xpatch", VectorSpec.LLM_TEXT_ICL, "image", (TableSlot("llm_to_vlm", "llm_vectors"),), 4
+    "llm-xpatch",
+    VectorSpec.LLM_TEXT_ICL,
+    "image",
+    (TableSlot("llm_to_vlm", "llm_vectors"), _beside_function_vector("llm->image")),
+    4,
 )
+
+
+def _function_vector(direction: str, vector: VectorSpec, query: Modality) -> Condition:
+    """The function vector of `vector`'s demonstrations added to `query` queries; its table column
+    sits beside the residual task vector's of the same direction (`_beside_function_vector`)."""
+    label = f"{vector.label} function vector -> {query} query"
+    slots = (TableSlot("function_vectors", f"FV {direction}"),)
+    return Condition(
+        f"fv-{direction}", label, query, vector=vector, seeded=True, tables=slots, function_vector=True
+    )
+
+
+FV_TEXT_TO_IMAGE = _function_vector("text->image", VectorSpec.TEXT_ICL, "image")
+FV_TEXT_TO_TEXT = _function_vector("text->text", VectorSpec.TEXT_ICL, "text")
+FV_IMAGE_TO_IMAGE = _function_vector("image->image", VectorSpec.IMAGE_ICL, "image")
+FV_LLM_TO_VLM = _function_vector("llm->image", VectorSpec.LLM_TEXT_ICL, "image")
+
 INSTRUCTION_PATCH = Condition(
     "instruction-patch",
     "instruction vector patched",
@@ -147,6 +191,10 @@ CONDITIONS: list[Condition] = [
     TEXT_TO_TEXT,
     IMAGE_TO_TEXT,
     LLM_TO_VLM,
+    FV_TEXT_TO_IMAGE,
+    FV_TEXT_TO_TEXT,
+    FV_IMAGE_TO_IMAGE,
+    FV_LLM_TO_VLM,
     INSTRUCTION_PATCH,
     INSTRUCTION_PROMPT,
 ]
@@ -234,6 +282,9 @@ def plan_conditions(
             )
     elif llm is None and images_ok:
         notes.append("no base LM given: base-LM vector conditions skipped")
+    heads = heads_used(handle, config.fv_heads)
+    if config.function_vectors and heads < config.fv_heads:
+        notes.append(f"{handle.name} has {heads} attention heads: function vectors sum all of them")
     instructions_ok = all(task.instruction for task in tasks)
     if not instructions_ok:
         notes.append("a task has no instruction: instruction and ensemble conditions skipped")
@@ -248,6 +299,8 @@ def plan_conditions(
         if condition.model_role == "llm" and not llm_ok:
             continue
         if condition.uses_instruction and not instructions_ok:
+            continue
+        if condition.function_vector and not config.function_vectors:
             continue
         planned.append(condition)
     return planned, notes

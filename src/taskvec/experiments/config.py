@@ -168,6 +168,23 @@ class RunConfig:
         "a patched condition whose answers equal the vector's own decoded answer at least this often "
         "is treated as not depending on the query; in (0, 1]",
     )
+    function_vectors: bool = option(
+        True,
+        "function-vector conditions beside the residual ones: attention heads scored by causal "
+        "indirect effect, the top heads' mean outputs added at a layer and scale chosen on validation",
+    )
+    # Todd et al.'s protocol: 10-shot prompts, means over 100, effects on 25, the top 10 heads.
+    fv_shots: int = option(10, "demonstrations per prompt of the function-vector protocol")
+    fv_mean_prompts: int = option(100, "in-context prompts each head's mean output is taken over")
+    fv_effect_prompts: int = option(
+        25, "prompts with shuffled labels each head's indirect effect is measured on"
+    )
+    fv_heads: int = option(10, "top heads (by indirect effect) summed into a function vector", metavar="K")
+    fv_scales: tuple[float, ...] = option(
+        (1.0, 2.0, 4.0, 8.0),
+        "scales a function vector is added with; the validation sweep picks the best (scale, layer)",
+        metavar="X",
+    )
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -211,6 +228,18 @@ class RunConfig:
             )
         if not 0 < self.query_independent_share <= 1:
             raise ValueError(f"query_independent_share must be in (0, 1], got {self.query_independent_share}")
+        for count, name in (
+            (self.fv_shots, "fv_shots"),
+            (self.fv_mean_prompts, "fv_mean_prompts"),
+            (self.fv_effect_prompts, "fv_effect_prompts"),
+            (self.fv_heads, "fv_heads"),
+        ):
+            if count < 1:
+                raise ValueError(f"{name} must be at least 1, got {count}")
+        if not self.fv_scales or any(scale <= 0 for scale in self.fv_scales):
+            raise ValueError(f"fv_scales must be one or more positive numbers, got {self.fv_scales}")
+        if len(set(self.fv_scales)) != len(self.fv_scales):
+            raise ValueError(f"fv_scales repeat a value: {self.fv_scales}")
         if self.sweep_memory is not None and self.sweep_memory < 1:
             raise ValueError(
                 f"sweep_memory must be at least 1 byte (any budget below one copy of the cache decodes "
@@ -228,6 +257,11 @@ class RunConfig:
             "val_limit": 8,
             "test_limit": 15,
             "ensemble_examples": (0, 5, 30),
+            # Enough prompts to rank the heads roughly; the full protocol is the default.
+            "fv_shots": 5,
+            "fv_mean_prompts": 16,
+            "fv_effect_prompts": 6,
+            "fv_scales": (1.0, 4.0),
             "quick": True,
         }
         preset.update(overrides)

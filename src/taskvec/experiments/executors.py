@@ -14,13 +14,13 @@ from typing import Any, Protocol
 from tqdm import tqdm
 
 from taskvec.experiments.conditions import Condition
-from taskvec.experiments.steps import StepRunner
+from taskvec.experiments.steps import StepRunner, TestStep
 from taskvec.tasks import Task
 
 # One task's sweeps: the task and its (condition, seed) pairs.
 SweepJob = tuple[Task, list[tuple[Condition, int | None]]]
-# One task's test evaluations: the task and its (condition, seed, layer or None) triples.
-TestJob = tuple[Task, list[tuple[Condition, int | None, int | None]]]
+# One task's test evaluations: the task and its steps (condition, seed, layer and scale).
+TestJob = tuple[Task, list[TestStep]]
 VectorJob = tuple[Condition, Task, int | None]
 
 

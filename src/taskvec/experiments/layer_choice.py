@@ -54,6 +54,9 @@ class LayerChoice:
     candidates: list[int] = field(default_factory=list)  # the layers the choice could take
     shared_from: str | None = None  # the condition whose sweep chose this layer, if not this one's
     fixed: bool = False  # given by the user (--layer), not chosen
+    # A function vector's: the scale it is added with, and the mean curve at each scale tried.
+    scale: float | None = None
+    validation_per_scale: dict[str, list[float]] = field(default_factory=dict)
 
 
 def choose_from_sweeps(
@@ -72,6 +75,42 @@ def choose_from_sweeps(
         per_task[task] = mean_curve(curves)
     overall = mean_curve(list(per_task.values()))
     return LayerChoice(choose_layer(overall, candidates), overall, per_task, list(candidates))
+
+
+def choose_scale_and_layer(
+    sweeps: Mapping[str, Sequence[Mapping[str, object]]],
+    candidates: Sequence[int],
+    *,
+    ignore_case: bool = False,
+) -> LayerChoice:
+    """As `choose_from_sweeps` over every (scale, layer) of function-vector sweeps ("scales" and
+    "tokens_per_scale" [scale][query][layer]); ties: the lowest layer, then the smallest scale."""
+    first = next(run for runs in sweeps.values() for run in runs)
+    scales = [float(scale) for scale in first["scales"]]  # type: ignore[attr-defined]
+    per_scale = [
+        choose_from_sweeps(
+            {
+                task: [{**run, "tokens": run["tokens_per_scale"][index]} for run in runs]  # type: ignore[index]
+                for task, runs in sweeps.items()
+            },
+            candidates,
+            ignore_case=ignore_case,
+        )
+        for index in range(len(scales))
+    ]
+    index, layer = max(
+        ((index, layer) for index in range(len(scales)) for layer in candidates),
+        key=lambda pair: (per_scale[pair[0]].validation_mean[pair[1]], -pair[1], -scales[pair[0]]),
+    )
+    chosen = per_scale[index]
+    return LayerChoice(
+        layer,
+        chosen.validation_mean,
+        chosen.validation_per_task,
+        list(candidates),
+        scale=scales[index],
+        validation_per_scale={str(s): c.validation_mean for s, c in zip(scales, per_scale, strict=True)},
+    )
 
 
 def fixed_layer(layer: int, num_layers: int) -> LayerChoice:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from taskvec.caching import StepCache
 from taskvec.experiments.config import RunConfig
 from taskvec.experiments.executors import SweepJob, TestJob, VectorJob
-from taskvec.experiments.steps import StepRunner, VectorWork
+from taskvec.experiments.steps import StepRunner, TestStep, VectorKind, VectorWork
 from taskvec.experiments.vector_store import ModelRole, VectorStore
 from taskvec.models import load_model
 from taskvec.models.load_options import LoadOptions
@@ -96,9 +96,12 @@ class StepWorker:
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def vector(
-        self, task: Task, role: ModelRole, spec: VectorSpec, seed: int
+        self, task: Task, role: ModelRole, spec: VectorSpec, seed: int, kind: VectorKind = "task-vector"
     ) -> tuple[TaskVector, torch.Tensor | None]:
         self._maybe_exit()
+        if kind == "function-vector":
+            found, _ = self.store.function_vector(role, self.steps.model_of(role), task, spec, seed)
+            return TaskVector(found.vectors.cpu(), dict(found.metadata)), None
         vector, _ = self.store.get(role, self.steps.model_of(role), task, spec, seed)
         per_prompt = None
         if spec is not VectorSpec.INSTRUCTION:
@@ -118,7 +121,7 @@ class StepWorker:
     def tests(
         self,
         task: Task,
-        work: list[tuple[Any, int | None, int | None]],
+        work: list[TestStep],
         vectors: dict[VectorWork, tuple[torch.Tensor, str]],
     ) -> list[dict[str, Any]]:
         self._maybe_exit()
@@ -239,19 +242,28 @@ class RayExecutor:
 
     # ---- phases --------------------------------------------------------------------------------
     def vectors(self, steps: StepRunner, jobs: Sequence[VectorJob]) -> None:
-        wanted: dict[tuple[ModelRole, str, VectorSpec, int], Task] = {}
+        wanted: dict[tuple[ModelRole, str, VectorSpec, int, VectorKind], Task] = {}
         for condition, task, seed in jobs:
-            for role, spec, run_seed in steps.extractions(condition, task, seed):
-                if not steps.store.has(role, steps.model_of(role), task, spec, run_seed):
-                    wanted.setdefault((role, task.name, spec, run_seed), task)
+            for role, spec, run_seed, kind in steps.extractions(condition, task, seed):
+                model = steps.model_of(role)
+                if kind == "function-vector":
+                    stored = steps.store.has_function_vector(role, model, task, spec, run_seed)
+                else:
+                    stored = steps.store.has(role, model, task, spec, run_seed)
+                if not stored:
+                    wanted.setdefault((role, task.name, spec, run_seed, kind), task)
 
-        def keep(task: Task, role: ModelRole, spec: VectorSpec, seed: int) -> Callable[[Any], None]:
+        def keep(
+            task: Task, role: ModelRole, spec: VectorSpec, seed: int, kind: VectorKind
+        ) -> Callable[[Any], None]:
+            if kind == "function-vector":
+                return lambda result: steps.store.add_function_vector(role, task, spec, seed, result[0])
             return lambda result: steps.store.add(role, task, spec, seed, *result)
 
         self._run(
             [
-                _Call("vector", (task, role, spec, seed), keep(task, role, spec, seed))
-                for (role, _, spec, seed), task in wanted.items()
+                _Call("vector", (task, role, spec, seed, kind), keep(task, role, spec, seed, kind))
+                for (role, _, spec, seed, kind), task in wanted.items()
             ]
         )
         for condition, task, seed in jobs:  # read back from the store, as a rerun reads them
@@ -280,8 +292,8 @@ class RayExecutor:
         results: list[list[dict[str, Any] | None]] = []
         groups: dict[tuple[int, str], list[int]] = {}
         for job, (task, work) in enumerate(jobs):
-            results.append([steps.cached_test(c, task, s, layer) for c, s, layer in work])
-            for index, (condition, seed, layer) in enumerate(work):
+            results.append([steps.cached_test(step, task) for step in work])
+            for index, (condition, seed, layer, _) in enumerate(work):
                 if results[job][index] is None:
                     patched = condition.vector is not None and layer is not None
                     # As StepRunner.tests: unpatched conditions have no pass to share.
@@ -291,8 +303,8 @@ class RayExecutor:
         for job, group in _split([(job, group) for (job, _), group in groups.items()], len(self.actors)):
             task, work = jobs[job]
             chunk = [work[index] for index in group]
-            vectors = {(c.name, task.name, s): _vector(steps, c, task, s) for c, s, _ in chunk if c.vector}
-            keys = [steps.test_key(c, task, s, layer)[1] for c, s, layer in chunk]
+            vectors = {(c.name, task.name, s): _vector(steps, c, task, s) for c, s, *_ in chunk if c.vector}
+            keys = [steps.test_key(step, task)[1] for step in chunk]
             keep = _keeper(steps, "test", task, group, keys, results[job])
             calls.append(_Call("tests", (task, chunk, vectors), keep, len(chunk)))
         self._run(calls)

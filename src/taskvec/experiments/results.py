@@ -16,8 +16,8 @@ from typing import Any
 from taskvec.caching import write_json_atomically
 from taskvec.experiments.baselines import Floor
 from taskvec.experiments.config import RunConfig
-from taskvec.experiments.intervals import Interval
 from taskvec.experiments.layer_choice import LayerChoice
+from taskvec.intervals import Interval
 from taskvec.typed_json import from_json, to_json
 
 RESULTS_FORMAT = 2
@@ -33,6 +33,7 @@ SUMMARY_FIELDS = (
     "high",
     "n",
     "layer",
+    "scale",
     "vector_answer_share",
     "vector_answer_accuracy",
     "max_new_tokens",
@@ -56,6 +57,7 @@ class ConditionResult:
     vector_answer_share: float | None = None
     # The accuracy of answering every query with the patched vector's own decoded token.
     vector_answer_accuracy: float | None = None
+    scale: float | None = None  # a function vector's, added at `layer`; None: the residual replaced
 
     def hit_list(self) -> list[bool]:
         return [flag == "1" for flag in self.hits]
@@ -77,6 +79,7 @@ class Summary:
     layer: int | None = None
     vector_answer_share: float | None = None
     vector_answer_accuracy: float | None = None
+    scale: float | None = None
 
     def query_independent(self, threshold: float) -> bool:
         """Whether the answers are mostly the vector's own decoded answer, whatever the query."""
@@ -134,6 +137,31 @@ class VectorCosine:
 
 
 @dataclass
+class HeadEffects:
+    """The attention heads behind one task's function vectors from one model and demonstration kind."""
+
+    role: str  # "vlm" (the model run) or "llm" (its base LM)
+    task: str
+    spec: str  # text-icl or image-icl
+    k: int
+    seeds: list[int]
+    effects: list[list[float]]  # [layer][head] mean indirect effect, mean over seeds
+    top_heads: list[list[int]]  # (layer, head) of the k largest mean effects, largest first
+    heads_per_seed: list[list[list[int]]]  # each seed's function vector's heads
+    top_tokens: list[str]  # the seeds' mean function vector through the final norm and unembedding
+
+
+@dataclass
+class HeadOverlap:
+    """Whether text and image demonstrations of a task put it in the same heads (of one model)."""
+
+    task: str
+    k: int
+    shared: list[list[int]]  # heads in both top-k sets, in the text set's order
+    correlation: float | None  # Pearson over every head's mean effect, text vs image
+
+
+@dataclass
 class RunMeta:
     model: str
     llm: str | None
@@ -168,6 +196,8 @@ class RunResults:
     analysis_layer_source: str
     vector_cosine: VectorCosine | None = None
     paper_numbers: dict[str, Any] = field(default_factory=dict)
+    function_vectors: list[HeadEffects] = field(default_factory=list)
+    head_overlaps: list[HeadOverlap] = field(default_factory=list)
 
     def table(self, table_id: str) -> ResultTable | None:
         return next((table for table in self.tables if table.id == table_id), None)
@@ -222,6 +252,7 @@ def write_summary_csv(results: RunResults, path: Path) -> None:
                 "high": row.interval.high,
                 "n": row.n,
                 "layer": row.layer,
+                "scale": row.scale,
                 "vector_answer_share": row.vector_answer_share,
                 "vector_answer_accuracy": row.vector_answer_accuracy,
                 "max_new_tokens": results.config.max_new_tokens,

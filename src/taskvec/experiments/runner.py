@@ -25,7 +25,14 @@ from taskvec.experiments.baselines import Floor, model_free_floors
 from taskvec.experiments.conditions import Condition, plan_conditions
 from taskvec.experiments.config import METRICS, RunConfig
 from taskvec.experiments.executors import SequentialExecutor, StepExecutor, SweepJob, TestJob
-from taskvec.experiments.layer_choice import LayerChoice, candidate_layers, choose_from_sweeps, fixed_layer
+from taskvec.experiments.function_vector_results import head_overlaps, heads_of_run
+from taskvec.experiments.layer_choice import (
+    LayerChoice,
+    candidate_layers,
+    choose_from_sweeps,
+    choose_scale_and_layer,
+    fixed_layer,
+)
 from taskvec.experiments.paper_numbers import paper_numbers
 from taskvec.experiments.results import (
     RESULTS_FORMAT,
@@ -36,7 +43,7 @@ from taskvec.experiments.results import (
     Summary,
     VectorCosine,
 )
-from taskvec.experiments.steps import StepRunner
+from taskvec.experiments.steps import StepRunner, TestStep
 from taskvec.experiments.tables import TABLE_DEFINITIONS, build_tables, score_rows, summarise, table_metric
 from taskvec.experiments.vector_store import VectorStore
 from taskvec.models import ModelHandle
@@ -69,6 +76,12 @@ def load_run_tasks(config: RunConfig) -> list[Task]:
             raise ValueError(
                 f"task {task.name!r} has no image style {style!r} for every item; "
                 f"it has: {', '.join(task.styles()) or 'no images'}"
+            )
+        if config.function_vectors and len(validation) <= config.fv_shots:
+            raise ValueError(
+                f"task {task.name!r} has {len(validation)} validation items: function vectors of "
+                f"{config.fv_shots} demonstrations plus a query need more (--fv-shots, or "
+                "--no-function-vectors)"
             )
         prompts = min(len(validation), config.val_limit or len(validation))
         largest = max(config.ensemble_examples, default=0)
@@ -124,14 +137,14 @@ def _test_answers(
     positions: list[list[int]] = []
     for task in _tasks_of(work):
         indices = [index for index, (_, of_task, _) in enumerate(work) if of_task is task]
-        task_work = [
-            (
-                work[index][0],
-                work[index][2],
-                layers[work[index][0].name].chosen if work[index][0].patched else None,
-            )
-            for index in indices
-        ]
+        task_work = []
+        for index in indices:
+            condition, _, seed = work[index]
+            if not condition.patched:
+                task_work.append(TestStep(condition, seed))
+                continue
+            choice = layers[condition.name]
+            task_work.append(TestStep(condition, seed, choice.chosen, choice.scale or 1.0))
         jobs.append((task, task_work))
         positions.append(indices)
     answers: dict[int, dict[str, Any]] = {}
@@ -150,7 +163,12 @@ def _choose_layers(
     handle = steps.handle
     patched = [c for c in conditions if c.patched]
     if isinstance(config.layer_choice, int):
-        return {c.name: fixed_layer(config.layer_choice, handle.num_layers) for c in patched}
+        fixed = fixed_layer(config.layer_choice, handle.num_layers)
+        # A function vector at a given layer is added at the first of its scales.
+        return {
+            c.name: dataclasses.replace(fixed, scale=config.fv_scales[0]) if c.function_vector else fixed
+            for c in patched
+        }
     candidates = candidate_layers(
         config.first_candidate_layer, config.last_candidate_layer, handle.num_layers
     )
@@ -170,9 +188,8 @@ def _choose_layers(
     for condition in swept:
         ignore_case = condition.ignores_case and config.ensemble_ignore_case
         ignore_case = ignore_case or config.metric == "prefix_ignore_case"
-        layers[condition.name] = choose_from_sweeps(
-            sweeps[condition.name], candidates, ignore_case=ignore_case
-        )
+        choose = choose_scale_and_layer if condition.function_vector else choose_from_sweeps
+        layers[condition.name] = choose(sweeps[condition.name], candidates, ignore_case=ignore_case)
     for name, source in borrowed.items():
         chosen = layers[source]
         layers[name] = LayerChoice(chosen.chosen, [], {}, chosen.candidates, shared_from=source)
@@ -243,6 +260,7 @@ def run_experiments(
     test_answers = _test_answers(steps, executor, work, layers)
     for (condition, task, seed), test in zip(work, test_answers, strict=True):
         layer = layers[condition.name].chosen if condition.patched else None
+        scale = layers[condition.name].scale if condition.patched else None
         vector_token = steps.vector_token(condition, task, seed, layer) if layer is not None else None
         vector_answer = None
         if vector_token is not None:
@@ -259,6 +277,7 @@ def run_experiments(
             vector_token=vector_token,
             vector_answer=vector_answer,
             samples=config.bootstrap_samples,
+            scale=scale,
         )
         if task is tasks[0] and seed in (None, config.seeds[0]):
             examples += [
@@ -299,6 +318,7 @@ def run_experiments(
     ensemble_metric = table_metric(ensemble, config.metric, config.ensemble_ignore_case)
     llm_condition = next((c for c in conditions if c.model_role == "llm"), None)
     analysis_layer, analysis_source = _analysis_layer(conditions, layers, handle.num_layers)
+    heads = heads_of_run(steps, conditions, tasks, config.seeds)
     results = RunResults(
         format=RESULTS_FORMAT,
         meta=RunMeta(
@@ -333,6 +353,8 @@ def run_experiments(
             steps, tasks, config, layers[llm_condition.name].chosen if llm_condition else None
         ),
         paper_numbers=paper_numbers(),
+        function_vectors=heads,
+        head_overlaps=head_overlaps(heads),
     )
     results.write(out)
     return results
@@ -347,14 +369,18 @@ def run_vectors(
     seeds: Sequence[int],
 ) -> dict[VectorKey, torch.Tensor]:
     """The run's extracted vectors by (model, task, spec), each the mean over the run's seeds."""
-    specs = {c.vector.source for c in conditions if c.vector is not None and c.model_role == "vlm"}
+    specs = {
+        c.vector.source
+        for c in conditions
+        if c.vector is not None and c.model_role == "vlm" and not c.function_vector
+    }
     vectors: dict[VectorKey, torch.Tensor] = {}
     for task in tasks:
         for spec in sorted(specs):
             seeded = [0] if spec is VectorSpec.INSTRUCTION else list(seeds)
             stacked = torch.stack([store.get("vlm", handle, task, spec, seed)[0].vectors for seed in seeded])
             vectors[VectorKey("vlm", task.name, spec)] = stacked.float().mean(dim=0)
-        if llm is not None and any(c.model_role == "llm" for c in conditions):
+        if llm is not None and any(c.model_role == "llm" and not c.function_vector for c in conditions):
             stacked = torch.stack(
                 [store.get("llm", llm, task, VectorSpec.TEXT_ICL, seed)[0].vectors for seed in seeds]
             )

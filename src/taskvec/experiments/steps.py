@@ -10,12 +10,12 @@ import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import torch
 
 from taskvec.caching import StepCache, digest, task_fingerprint
-from taskvec.engine import logit_lens
+from taskvec.engine import PatchMode, logit_lens
 from taskvec.evaluation import (
     Answers,
     LayerPatch,
@@ -33,8 +33,24 @@ from taskvec.vectors import VectorSpec, sample_demonstrations
 
 # A condition's vector on one task and seed, by names: (condition, task, seed).
 VectorWork = tuple[str, str, int | None]
-# One extracted vector a condition's vector is made from: (model role, spec, seed).
-Extraction = tuple[ModelRole, VectorSpec, int]
+# Residual task vectors (Hendel et al., the paper) or function vectors (Todd et al.).
+VectorKind = Literal["task-vector", "function-vector"]
+# One extracted vector a condition's vector is made from: (model role, spec, seed, kind).
+Extraction = tuple[ModelRole, VectorSpec, int, VectorKind]
+
+
+class TestStep(NamedTuple):
+    """One condition's test answers on a task: its seed, and the layer and scale it is patched at."""
+
+    condition: Condition
+    seed: int | None
+    layer: int | None = None
+    scale: float = 1.0  # a function vector's; a residual task vector replaces the residual as it is
+
+
+def patch_mode(condition: Condition) -> PatchMode:
+    """A function vector is added to the residual; a residual task vector replaces it (the paper)."""
+    return "add" if condition.function_vector else "replace"
 
 
 @dataclass
@@ -58,6 +74,10 @@ class StepRunner:
             return None
         if (condition.name, task.name, seed) in self.supplied:
             return self.supplied[(condition.name, task.name, seed)]
+        if condition.function_vector:
+            ((role, source, _, _),) = self.extractions(condition, task, seed)
+            found, key = self.store.function_vector(role, self.model_of(role), task, source, run_seed)
+            return found.vectors, key
         if spec.extractable:
             vector, key = self.store.get("vlm", self.handle, task, spec, run_seed)
             return vector.vectors, key
@@ -83,12 +103,15 @@ class StepRunner:
         spec, run_seed = condition.vector, seed or 0
         if spec is None:
             return []
+        kind: VectorKind = "function-vector" if condition.function_vector else "task-vector"
         if spec.extractable:
-            return [("vlm", spec, run_seed)]
+            return [("vlm", spec, run_seed, kind)]
         if spec is VectorSpec.LLM_TEXT_ICL:
-            return [("llm", VectorSpec.TEXT_ICL, run_seed)]
-        text: list[Extraction] = [("vlm", VectorSpec.TEXT_ICL, run_seed)]
-        return [*text, ("vlm", VectorSpec.INSTRUCTION, 0)] if spec is VectorSpec.ENSEMBLE else text
+            return [("llm", VectorSpec.TEXT_ICL, run_seed, kind)]
+        if condition.function_vector:
+            raise ValueError(f"condition {condition.name}: no function vector of {spec.value!r} vectors")
+        text: list[Extraction] = [("vlm", VectorSpec.TEXT_ICL, run_seed, kind)]
+        return [*text, ("vlm", VectorSpec.INSTRUCTION, 0, kind)] if spec is VectorSpec.ENSEMBLE else text
 
     def model_of(self, role: ModelRole) -> ModelHandle:
         if role == "vlm":
@@ -149,12 +172,19 @@ class StepRunner:
     def _sweep_identity(
         self, condition: Condition, task: Task, seed: int | None, vector_key: str
     ) -> dict[str, Any]:
-        return {
+        identity = {
             "step": "sweep",
             **self._prompt_identity(condition, task, seed),
             "vector": vector_key,
             "val_limit": self.config.val_limit,
         }
+        if condition.function_vector:
+            return {**identity, "mode": "add", "scales": list(self.sweep_scales(condition))}
+        return identity
+
+    def sweep_scales(self, condition: Condition) -> tuple[float, ...]:
+        """The scales a condition's sweep tries: a function vector's, or the residual vector as it is."""
+        return self.config.fv_scales if condition.function_vector else (1.0,)
 
     def sweep_key(self, condition: Condition, task: Task, seed: int | None) -> tuple[dict[str, Any], str]:
         """The sweep's identity and cache key."""
@@ -179,7 +209,11 @@ class StepRunner:
 
     def sweeps(self, task: Task, work: Sequence[tuple[Condition, int | None]]) -> list[dict[str, Any]]:
         """The sweeps of `work` on one task; those asking the same validation prompts (bare queries:
-        every condition and seed) share one pass over each batch of prompts."""
+        every condition and seed) share one pass over each batch of prompts, a function vector with
+        one vector set per scale.
+
+        A result's "tokens" are [query][layer] at its first scale; a function vector's result also
+        has "scales" and "tokens_per_scale", [scale][query][layer]."""
         items = task.split("val")[: self.config.val_limit]
         results: dict[int, dict[str, Any]] = {}
         missing: dict[str, list[tuple[int, dict[str, Any], str, torch.Tensor]]] = {}
@@ -197,21 +231,36 @@ class StepRunner:
             condition, seed = work[group[0][0]]
             names = sorted({work[index][0].name for index, *_ in group})
             label = f"sweep {', '.join(names)} {task.name}" if self.progress else None
-            tokens = sweep_first_tokens_of_vectors(
-                self.handle,
-                self.prompts(condition, task, items, seed),
-                [vectors for *_, vectors in group],
-                progress=label,
-                marker=self._marker(),
-                memory_budget=self.config.sweep_memory,
+            sets: list[torch.Tensor] = []
+            set_modes: list[tuple[PatchMode, float]] = []
+            for row, *_, vectors in group:
+                row_condition = work[row][0]
+                for scale in self.sweep_scales(row_condition):
+                    sets.append(vectors)
+                    set_modes.append((patch_mode(row_condition), scale))
+            tokens = iter(
+                sweep_first_tokens_of_vectors(
+                    self.handle,
+                    self.prompts(condition, task, items, seed),
+                    sets,
+                    progress=label,
+                    marker=self._marker(),
+                    memory_budget=self.config.sweep_memory,
+                    set_modes=set_modes,
+                )
             )
-            for (row, row_identity, row_key, _), vector_tokens in zip(group, tokens, strict=True):
+            for row, row_identity, row_key, _ in group:
+                row_condition = work[row][0]
+                scales = self.sweep_scales(row_condition)
+                per_scale = [next(tokens) for _ in scales]
                 results[row] = {
                     "key": row_identity,
                     "inputs": [item.input for item in items],
                     "expected": [list(item.answers()) for item in items],
-                    "tokens": vector_tokens,
+                    "tokens": per_scale[0],
                 }
+                if row_condition.function_vector:
+                    results[row].update({"scales": list(scales), "tokens_per_scale": per_scale})
                 self.cache.store("sweeps", task.name, row_key, results[row])
         return [results[index] for index in range(len(work))]
 
@@ -219,68 +268,61 @@ class StepRunner:
         return as_template(self.config.template).marker
 
     # ---- test generations ----------------------------------------------------------------------
-    def _test_identity(
-        self, condition: Condition, task: Task, seed: int | None, layer: int | None, vector_key: str | None
-    ) -> dict[str, Any]:
-        return {
+    def _test_identity(self, step: TestStep, task: Task, vector_key: str | None) -> dict[str, Any]:
+        identity = {
             "step": "test",
-            **self._prompt_identity(condition, task, seed),
+            **self._prompt_identity(step.condition, task, step.seed),
             "vector": vector_key,
-            "layer": layer if vector_key is not None else None,
+            "layer": step.layer if vector_key is not None else None,
             "test_limit": self.config.test_limit,
             "max_new_tokens": self.config.max_new_tokens,
         }
+        if step.condition.function_vector:
+            return {**identity, "mode": "add", "scale": step.scale}
+        return identity
 
-    def test_key(
-        self, condition: Condition, task: Task, seed: int | None, layer: int | None
-    ) -> tuple[dict[str, Any], str]:
+    def test_key(self, step: TestStep, task: Task) -> tuple[dict[str, Any], str]:
         """The test step's identity and cache key."""
-        return self._test_key(condition, task, seed, layer, self.vector_for(condition, task, seed))
+        return self._test_key(step, task, self.vector_for(step.condition, task, step.seed))
 
     def _test_key(
-        self,
-        condition: Condition,
-        task: Task,
-        seed: int | None,
-        layer: int | None,
-        vector: tuple[torch.Tensor, str] | None,
+        self, step: TestStep, task: Task, vector: tuple[torch.Tensor, str] | None
     ) -> tuple[dict[str, Any], str]:
-        identity = self._test_identity(condition, task, seed, layer, vector[1] if vector else None)
+        identity = self._test_identity(step, task, vector[1] if vector else None)
         return identity, self.cache.key(identity)
 
-    def cached_test(
-        self, condition: Condition, task: Task, seed: int | None, layer: int | None
-    ) -> dict[str, Any] | None:
-        _, key = self.test_key(condition, task, seed, layer)
+    def cached_test(self, step: TestStep, task: Task) -> dict[str, Any] | None:
+        _, key = self.test_key(step, task)
         return _usable_test(self.cache.load("test", task.name, key))
 
-    def test(self, condition: Condition, task: Task, seed: int | None, layer: int | None) -> dict[str, Any]:
-        """Greedy answers to the test queries (under the patch at `layer` if the condition patches)."""
-        (result,) = self.tests(task, [(condition, seed, layer)])
+    def test(self, step: TestStep, task: Task) -> dict[str, Any]:
+        """Greedy answers to the test queries (under the patch at the step's layer if it patches)."""
+        (result,) = self.tests(task, [step])
         return result
 
-    def tests(
-        self, task: Task, work: Sequence[tuple[Condition, int | None, int | None]]
-    ) -> list[dict[str, Any]]:
+    def tests(self, task: Task, work: Sequence[TestStep]) -> list[dict[str, Any]]:
         """The test answers of `work` on one task; patched conditions asking the same test prompts
         (bare queries: every condition and seed) share one pass over each batch of prompts."""
         items = task.split("test")[: self.config.test_limit]
         results: dict[int, dict[str, Any]] = {}
         missing: dict[str, list[tuple[int, dict[str, Any], str, LayerPatch | None]]] = {}
-        for index, (condition, seed, layer) in enumerate(work):
+        for index, step in enumerate(work):
+            condition, seed, layer, scale = step
             vector = self.vector_for(condition, task, seed)
-            identity, key = self._test_key(condition, task, seed, layer, vector)
+            identity, key = self._test_key(step, task, vector)
             cached = _usable_test(self.cache.load("test", task.name, key))
             if cached is not None:
                 results[index] = cached
                 continue
-            patch = LayerPatch(vector[0][layer], layer) if vector is not None and layer is not None else None
+            patch = None
+            if vector is not None and layer is not None:
+                patch = LayerPatch(vector[0][layer], layer, patch_mode(condition), scale)
             # Unpatched conditions each have prompts of their own (or nothing to share a pass with).
             prompts_key = self.prompt_group(condition, task, seed)
             group_key = prompts_key if patch is not None else f"unpatched {index}"
             missing.setdefault(group_key, []).append((index, identity, key, patch))
         for group in missing.values():
-            condition, seed, _ = work[group[0][0]]
+            condition, seed, *_ = work[group[0][0]]
             prompts = self.prompts(condition, task, items, seed)
             names = sorted({work[index][0].name for index, *_ in group})
             label = f"test {', '.join(names)} {task.name}" if self.progress else None

@@ -15,7 +15,6 @@ from taskvec.evaluation import is_correct_by
 from taskvec.experiments.baselines import Floor
 from taskvec.experiments.conditions import Condition
 from taskvec.experiments.config import METRICS
-from taskvec.experiments.intervals import Interval, bootstrap_interval
 from taskvec.experiments.paper_numbers import (
     PAPER_COLUMNS,
     PAPER_DIRECTIONS,
@@ -25,6 +24,7 @@ from taskvec.experiments.paper_numbers import (
     PAPER_TABLE,
 )
 from taskvec.experiments.results import ConditionResult, ResultTable, RunResults, Summary, TableColumn
+from taskvec.intervals import Interval, bootstrap_interval
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,17 @@ TABLE_DEFINITIONS: tuple[TableDefinition, ...] = (
         f"the LLM -> VLM table (vector cosine {PAPER_LLM_VLM_COSINE[0]}-{PAPER_LLM_VLM_COSINE[1]})",
         requires_column="llm_vectors",
     ),
+    TableDefinition(
+        "function_vectors",
+        "Function vectors (top attention heads, added) beside residual task vectors (replaced), "
+        "same demonstrations, queries, seeds and test items",
+        requires_column="FV text->text",
+        column_order=tuple(
+            f"{kind} {direction}"
+            for direction in ("text->image", "text->text", "image->image", "llm->image")
+            for kind in ("FV", "TV")
+        ),
+    ),
     TableDefinition("instruction", "Instruction vectors"),
     TableDefinition(
         "ensemble",
@@ -85,6 +96,7 @@ def score_rows(
     vector_token: int | None,
     vector_answer: str | None,
     samples: int,
+    scale: float | None = None,
 ) -> list[ConditionResult]:
     """One row per metric for a finished test step.
 
@@ -114,6 +126,7 @@ def score_rows(
                 hits="".join("1" if hit else "0" for hit in hits),
                 vector_answer_share=share,
                 vector_answer_accuracy=own,
+                scale=scale,
             )
         )
     return rows
@@ -147,6 +160,7 @@ def summarise(
         layer=chosen[0].layer,
         vector_answer_share=statistics.fmean(shares) if shares else None,
         vector_answer_accuracy=statistics.fmean(own) if own else None,
+        scale=chosen[0].scale,
     )
 
 
@@ -286,6 +300,13 @@ def format_tables(results: RunResults) -> str:
     return "\n\n".join(sections)
 
 
+def placement(layer: int | None, scale: float | None) -> str:
+    """Where a condition patches: "-", its layer, or a function vector's layer and scale ("6 x4")."""
+    if layer is None:
+        return "-"
+    return str(layer) if scale is None else f"{layer} x{scale:g}"
+
+
 def per_task_table(results: RunResults) -> str:
     body = []
     for summary in results.summaries:
@@ -293,7 +314,7 @@ def per_task_table(results: RunResults) -> str:
         body.append(
             [
                 summary.condition,
-                "-" if summary.layer is None else str(summary.layer),
+                placement(summary.layer, summary.scale),
                 *(interval_cell(summary.per_task.get(task)) for task in results.tasks),
                 interval_cell(summary.mean, summary.interval),
                 "-" if share is None else f"{share:.2f}",

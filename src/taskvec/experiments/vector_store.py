@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from taskvec.caching import StepCache, model_fingerprint, task_fingerprint
 from taskvec.experiments.config import RunConfig
+from taskvec.function_vectors import find_function_vector
 from taskvec.models import ModelHandle
 from taskvec.prompts import as_template
 from taskvec.tasks import Task
@@ -37,6 +38,20 @@ def _extractable(spec: VectorSpec | str) -> VectorSpec:
     if not kind.extractable:
         raise ValueError(f"the vector store keeps extracted vectors only, not {kind.value!r}")
     return kind
+
+
+def _from_demonstrations(spec: VectorSpec | str) -> VectorSpec:
+    kind = parse_spec(spec)
+    if kind not in (VectorSpec.TEXT_ICL, VectorSpec.IMAGE_ICL):
+        raise ValueError(
+            f"function vectors come from demonstrations (text-icl or image-icl), not {kind.value!r}"
+        )
+    return kind
+
+
+def heads_used(handle: ModelHandle, k: int) -> int:
+    """The run's top-k, or every head of a model that has fewer (a tiny test model)."""
+    return min(k, handle.num_layers * int(handle.text_config.num_attention_heads))
 
 
 def exemplar_subset_vector(per_prompt: torch.Tensor, examples: int, shots: int, seed: int) -> torch.Tensor:
@@ -181,6 +196,89 @@ class VectorStore:
         """[prompts, layers, hidden]: the residuals an exemplar vector is the mean of."""
         _, key = self.get(role, handle, task, spec, seed)
         return load_file(str(self.residuals_path(role, task, spec, seed, key)))["residuals"]
+
+    # ---- function vectors ----------------------------------------------------------------------
+    def function_vector_identity(
+        self, handle: ModelHandle, task: Task, spec: VectorSpec | str, seed: int
+    ) -> dict[str, Any]:
+        kind = _from_demonstrations(spec)
+        config = self.config
+        return {
+            "step": "function-vector",
+            "model": self.fingerprint(handle),
+            "task": task_fingerprint(task),
+            "spec": kind.value,
+            "shots": config.fv_shots,
+            "mean_prompts": config.fv_mean_prompts,
+            "effect_prompts": config.fv_effect_prompts,
+            "k": heads_used(handle, config.fv_heads),
+            "seed": seed,
+            "style": self._style(task, kind),
+            "template": as_template(config.template).cache_key(),
+        }
+
+    def function_vector_path(self, role: ModelRole, task: Task, spec: VectorSpec | str, seed: int) -> Path:
+        kind = _from_demonstrations(spec)
+        return self.out_dir / "vectors" / role / task.name / f"fv-{kind.value}-seed{seed}.safetensors"
+
+    def function_vector(
+        self, role: ModelRole, handle: ModelHandle, task: Task, spec: VectorSpec | str, seed: int
+    ) -> tuple[TaskVector, str]:
+        """The function vector (the same [hidden] at every layer, heads and effects in its metadata)
+        of `spec`'s demonstrations, and its cache key."""
+        kind = _from_demonstrations(spec)
+        memo = (role, task.name, f"fv-{kind.value}", seed)
+        if memo in self._memory:
+            return self._memory[memo]
+        key = self.cache.key(self.function_vector_identity(handle, task, kind, seed))
+        vector = _cached_vector(self.function_vector_path(role, task, kind, seed), key)
+        if vector is None:
+            vector = self._find_function_vector(role, handle, task, kind, seed, key)
+        self._memory[memo] = (vector, key)
+        return vector, key
+
+    def has_function_vector(
+        self, role: ModelRole, handle: ModelHandle, task: Task, spec: VectorSpec | str, seed: int
+    ) -> bool:
+        kind = _from_demonstrations(spec)
+        if (role, task.name, f"fv-{kind.value}", seed) in self._memory:
+            return True
+        key = self.cache.key(self.function_vector_identity(handle, task, kind, seed))
+        return _cached_vector(self.function_vector_path(role, task, kind, seed), key) is not None
+
+    def add_function_vector(
+        self, role: ModelRole, task: Task, spec: VectorSpec | str, seed: int, vector: TaskVector
+    ) -> None:
+        """Keep a function vector found elsewhere (a Ray worker) as if found here."""
+        save_task_vector(vector, self.function_vector_path(role, task, spec, seed))
+
+    def _find_function_vector(
+        self, role: ModelRole, handle: ModelHandle, task: Task, spec: VectorSpec, seed: int, key: str
+    ) -> TaskVector:
+        self.extracted += 1
+        config = self.config
+        found = find_function_vector(
+            handle,
+            task,
+            spec,
+            shots=config.fv_shots,
+            mean_prompts=config.fv_mean_prompts,
+            effect_prompts=config.fv_effect_prompts,
+            k=heads_used(handle, config.fv_heads),
+            seed=seed,
+            split="val",
+            style=self._style(task, spec),
+            template=config.template,
+            batch_size=config.batch_size,
+            memory_budget=config.sweep_memory,
+            progress=self.progress,
+        )
+        vector = found.as_task_vector(handle.num_layers)
+        vector.metadata.update(
+            {"effects": found.effects.tolist(), "cache_key": key, "role": role, "seed": seed}
+        )
+        save_task_vector(vector, self.function_vector_path(role, task, spec, seed))
+        return vector
 
     def _extract(
         self, role: ModelRole, handle: ModelHandle, task: Task, spec: VectorSpec, seed: int, key: str

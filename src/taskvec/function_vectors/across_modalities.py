@@ -23,7 +23,6 @@ from taskvec.evaluation import (
     is_correct_by,
     sweep_accuracy,
 )
-from taskvec.experiments.intervals import Interval, bootstrap_interval
 from taskvec.function_vectors.protocol import (
     DEFAULT_EFFECT_PROMPTS,
     DEFAULT_MEAN_PROMPTS,
@@ -32,6 +31,7 @@ from taskvec.function_vectors.protocol import (
     find_function_vector,
 )
 from taskvec.function_vectors.vector import FunctionVector, Head
+from taskvec.intervals import Interval, bootstrap_interval
 from taskvec.models import ModelHandle
 from taskvec.prompts import (
     DEFAULT_TEMPLATE,

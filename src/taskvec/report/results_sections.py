@@ -11,9 +11,9 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from taskvec.experiments.baselines import Floor
-from taskvec.experiments.intervals import Interval
 from taskvec.experiments.results import ResultTable, RunResults
-from taskvec.experiments.tables import protocol_line
+from taskvec.experiments.tables import placement, protocol_line
+from taskvec.intervals import Interval
 from taskvec.report import figures
 from taskvec.report.claims import Claim
 from taskvec.report.html import escape, figure_tag, note, number, table, thumbnail_uri
@@ -145,7 +145,7 @@ def result_table(results: RunResults, result: ResultTable) -> str:
         shares = [
             [
                 escape(c.column),
-                number(c.summary.layer),
+                escape(placement(c.summary.layer, c.summary.scale)),
                 number(c.summary.vector_answer_share),
                 number(c.summary.vector_answer_accuracy),
             ]
@@ -205,7 +205,7 @@ def all_conditions_section(results: RunResults) -> str:
             escape(s.condition),
             escape(s.label),
             escape(s.metric),
-            number(s.layer),
+            escape(placement(s.layer, s.scale)),
             with_interval(s.mean, s.interval),
             number(s.seed_std),
             number(s.vector_answer_share),

@@ -19,6 +19,7 @@ from taskvec.experiments.results import RunResults
 from taskvec.report import analysis_sections as analysis_parts
 from taskvec.report import results_sections as results_parts
 from taskvec.report.claims import evaluate_claims
+from taskvec.report.function_vector_section import function_vector_section
 from taskvec.report.html import missing, note, page
 from taskvec.typed_json import to_json
 
@@ -87,6 +88,12 @@ SECTIONS: list[ReportSection] = [
         "LLM -> VLM transfer",
         "results",
         _needs_results(lambda r, c: results_parts.llm_to_vlm_section(r, c.writer)),
+    ),
+    ReportSection(
+        "function-vectors",
+        "Function vectors (attention heads) beside task vectors",
+        "results",
+        _needs_results(lambda r, c: function_vector_section(r, c.writer)),
     ),
     ReportSection(
         "ensemble",

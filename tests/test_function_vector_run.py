@@ -1,0 +1,206 @@
+"""Function-vector conditions in `taskvec run` on a tiny LLaVA: the vector is the protocol's, the
+layer and scale are the best of a per-scale sweep, test answers are the vector added there, and the
+head records in results.json are what the vectors hold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_handle
+from run_fixtures import tiny_base_lm, tiny_config, write_task_file
+
+from taskvec.caching import StepCache
+from taskvec.evaluation import (
+    LayerPatch,
+    generate_patched_answers,
+    is_correct_by,
+    sweep_accuracy,
+    sweep_first_tokens,
+)
+from taskvec.experiments import RunConfig, RunResults, plan_conditions, run_experiments
+from taskvec.experiments.layer_choice import choose_scale_and_layer
+from taskvec.experiments.runner import load_run_tasks
+from taskvec.experiments.steps import StepRunner
+from taskvec.experiments.vector_store import VectorStore
+from taskvec.function_vectors import find_function_vector, top_heads
+from taskvec.prompts import build_query_prompt
+from taskvec.tasks import load_task
+from taskvec.vectors import load_task_vector
+
+FUNCTION_VECTOR_CONDITIONS = {"fv-text->image", "fv-text->text", "fv-image->image", "fv-llm->image"}
+Run = tuple[Path, RunConfig, RunResults]
+
+
+@pytest.fixture(scope="module")
+def fv_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    root = tmp_path_factory.mktemp("fv-run")
+    config = tiny_config(write_task_file(root / "task"), seeds=(0,), ensemble_examples=())
+    vlm = tiny_handle("llava")
+    results = run_experiments(vlm, config, root / "out", llm=tiny_base_lm(vlm), progress=False)
+    return root / "out", config, results
+
+
+def test_function_vector_conditions_run_beside_the_residual_ones(fv_run: Run) -> None:
+    _, _, results = fv_run
+    assert set(results.meta.conditions) >= FUNCTION_VECTOR_CONDITIONS
+    table = results.table("function_vectors")
+    assert table is not None
+    columns = [column.column for column in table.columns]
+    assert columns[:4] == ["FV text->image", "TV text->image", "FV text->text", "TV text->text"]
+    assert {"FV llm->image", "TV llm->image", "FV image->image", "TV image->image"} <= set(columns)
+    for name in FUNCTION_VECTOR_CONDITIONS:
+        choice = results.layers[name]
+        assert choice.scale in (1.0, 4.0) and set(choice.validation_per_scale) == {"1.0", "4.0"}
+        assert all(row.scale == choice.scale for row in results.results if row.condition == name)
+    assert results.layers["text->image"].scale is None  # a residual task vector is not scaled
+
+
+def test_saved_function_vector_is_the_protocols(fv_run: Run) -> None:
+    out, config, _ = fv_run
+    handle, task = tiny_handle("llava"), load_task(config.tasks[0])
+    saved = load_task_vector(out / "vectors/vlm/country-capital/fv-image-icl-seed0.safetensors")
+    reference = find_function_vector(
+        handle,
+        task,
+        "image-icl",
+        shots=config.fv_shots,
+        mean_prompts=config.fv_mean_prompts,
+        effect_prompts=config.fv_effect_prompts,
+        k=config.fv_heads,
+        seed=0,
+        batch_size=config.batch_size,
+    )
+    torch.testing.assert_close(saved.vectors[0], reference.vector, atol=1e-5, rtol=1e-4)
+    assert torch.equal(saved.vectors[0], saved.vectors[-1])  # the same vector at every layer
+    assert saved.metadata["heads"] == [list(head) for head in reference.heads]
+    torch.testing.assert_close(torch.tensor(saved.metadata["effects"]), reference.effects)
+
+
+def test_layer_and_scale_are_the_best_of_a_sweep_per_scale(fv_run: Run) -> None:
+    out, config, results = fv_run
+    handle, task = tiny_handle("llava"), load_task(config.tasks[0])
+    vector = load_task_vector(out / "vectors/vlm/country-capital/fv-text-icl-seed0.safetensors").vectors
+    queries = [build_query_prompt(item, modality="image") for item in task.split("val")]
+    answers = [item.answers() for item in task.split("val")]
+    curves = {
+        scale: sweep_accuracy(handle, queries, answers, vector, mode="add", scale=scale)
+        for scale in config.fv_scales
+    }
+    choice = results.layers["fv-text->image"]
+    candidates = choice.candidates
+    best = max(
+        ((scale, layer) for scale in config.fv_scales for layer in candidates),
+        key=lambda pair: (curves[pair[0]][pair[1]], -pair[1], -pair[0]),
+    )
+    assert (choice.scale, choice.chosen) == best
+    for scale, curve in curves.items():
+        assert choice.validation_per_scale[str(scale)] == pytest.approx(curve)
+
+
+def test_test_answers_are_the_function_vector_added_at_its_layer_and_scale(fv_run: Run) -> None:
+    out, config, results = fv_run
+    handle, task = tiny_handle("llava"), load_task(config.tasks[0])
+    vector = load_task_vector(out / "vectors/vlm/country-capital/fv-text-icl-seed0.safetensors").vectors
+    choice = results.layers["fv-text->text"]
+    assert choice.scale is not None
+    queries = [build_query_prompt(item, modality="text") for item in task.split("test")]
+    patch = LayerPatch(vector[choice.chosen], choice.chosen, "add", choice.scale)
+    (expected,) = generate_patched_answers(handle, queries, [patch], max_new_tokens=config.max_new_tokens)
+    row = next(r for r in results.results if (r.condition, r.metric) == ("fv-text->text", "prefix"))
+    items = task.split("test")
+    hits = [
+        is_correct_by(text, item.answers(), "prefix")
+        for text, item in zip(expected.texts, items, strict=True)
+    ]
+    assert row.hits == "".join("1" if hit else "0" for hit in hits)
+    assert row.layer == choice.chosen and row.scale == choice.scale
+
+
+def test_one_shared_sweep_equals_each_scale_swept_alone(tmp_path: Path) -> None:
+    config = tiny_config(write_task_file(tmp_path / "task"), seeds=(0,))
+    handle, task = tiny_handle("llava"), load_task(config.tasks[0])
+    conditions, _ = plan_conditions(handle, [task], config, None)
+    by_name = {c.name: c for c in conditions}
+    work = [(by_name[name], 0) for name in ("text->image", "fv-text->image", "fv-image->image")]
+
+    def runner(directory: Path) -> StepRunner:
+        cache = StepCache(directory / "cache")
+        return StepRunner(handle, None, config, cache, VectorStore(directory, config, cache, False), False)
+
+    shared = runner(tmp_path / "shared").sweeps(task, work)
+    queries = [build_query_prompt(item, modality="image") for item in task.split("val")]
+    alone = runner(tmp_path / "alone")
+    for (condition, seed), result in zip(work, shared, strict=True):
+        found = alone.vector_for(condition, task, seed)
+        assert found is not None
+        vector = found[0]
+        if not condition.function_vector:
+            assert result["tokens"] == sweep_first_tokens(handle, queries, vector)
+            continue
+        assert result["scales"] == list(config.fv_scales)
+        for scale, tokens in zip(config.fv_scales, result["tokens_per_scale"], strict=True):
+            assert tokens == sweep_first_tokens(handle, queries, vector, mode="add", scale=scale)
+
+
+def test_head_records_are_the_run_vectors_own(fv_run: Run) -> None:
+    out, _, results = fv_run
+    records = {(r.role, r.spec): r for r in results.function_vectors}
+    assert set(records) == {("vlm", "text-icl"), ("vlm", "image-icl"), ("llm", "text-icl")}
+    for (role, spec), record in records.items():
+        saved = load_task_vector(out / f"vectors/{role}/country-capital/fv-{spec}-seed0.safetensors")
+        assert record.heads_per_seed == [saved.metadata["heads"]]
+        effects = torch.tensor(saved.metadata["effects"])
+        assert record.top_heads == [list(head) for head in top_heads(effects, record.k)]
+        assert len(record.top_tokens) == 5
+    (overlap,) = results.head_overlaps
+    text, image = records[("vlm", "text-icl")], records[("vlm", "image-icl")]
+    assert overlap.shared == [head for head in text.top_heads if head in image.top_heads]
+    assert text.k == 10  # of the tiny model's 12 heads: no note that all of them were summed
+    assert not any("attention heads" in note for note in results.meta.notes)
+
+
+def test_function_vectors_can_be_left_out_and_tasks_too_small_for_them_are_named(tmp_path: Path) -> None:
+    task_file = write_task_file(tmp_path / "task")
+    handle, task = tiny_handle("llava"), load_task(str(task_file))
+    off = tiny_config(task_file, function_vectors=False)
+    conditions, _ = plan_conditions(handle, [task], off, None)
+    assert not any(c.function_vector for c in conditions)
+    with pytest.raises(ValueError, match="function vectors of 7 demonstrations"):
+        load_run_tasks(tiny_config(task_file, fv_shots=7))
+    load_run_tasks(tiny_config(task_file, fv_shots=7, function_vectors=False))
+    with pytest.raises(ValueError, match="fv_scales"):
+        tiny_config(task_file, fv_scales=(0.0,))
+
+
+def test_scale_ties_go_to_the_lowest_layer_then_the_smallest_scale() -> None:
+    tokens = {0: ["x", "Paris", "Paris"], 1: ["Paris", "Paris", "x"]}  # [scale index][layer]
+    sweeps = {
+        "t": [
+            {
+                "expected": [["Paris"]],
+                "scales": [1.0, 2.0],
+                "tokens_per_scale": [[tokens[0]], [tokens[1]]],
+                "tokens": [tokens[0]],
+            }
+        ]
+    }
+    choice = choose_scale_and_layer(sweeps, [0, 1, 2])
+    assert (choice.chosen, choice.scale) == (0, 2.0)
+    choice = choose_scale_and_layer(sweeps, [1, 2])
+    assert (choice.chosen, choice.scale) == (1, 1.0)
+
+
+def test_a_fixed_layer_adds_function_vectors_at_their_first_scale(tmp_path: Path) -> None:
+    config = tiny_config(
+        write_task_file(tmp_path / "task"),
+        seeds=(0,),
+        ensemble_examples=(),
+        layer_choice=1,
+        fv_scales=(2.0, 4.0),
+    )
+    results = run_experiments(tiny_handle("llava"), config, tmp_path / "out", progress=False)
+    choice = results.layers["fv-text->text"]
+    assert (choice.chosen, choice.scale, choice.fixed) == (1, 2.0, True)
+    assert results.layers["text->text"].scale is None
