@@ -204,3 +204,21 @@ def test_a_fixed_layer_adds_function_vectors_at_their_first_scale(tmp_path: Path
     choice = results.layers["fv-text->text"]
     assert (choice.chosen, choice.scale, choice.fixed) == (1, 2.0, True)
     assert results.layers["text->text"].scale is None
+
+
+@pytest.mark.parametrize(("fv_seeds", "expected"), [(1, {0}), (None, {0, 1})])
+def test_function_vectors_are_found_and_tested_on_the_first_fv_seeds(
+    tmp_path: Path, fv_seeds: int | None, expected: set[int]
+) -> None:
+    config = tiny_config(
+        write_task_file(tmp_path / "task"),
+        seeds=(0, 1),
+        ensemble_examples=(),
+        layer_choice=1,
+        fv_seeds=fv_seeds,
+    )
+    results = run_experiments(tiny_handle("llava"), config, tmp_path / "out", progress=False)
+    assert {row.seed for row in results.results if row.condition == "fv-text->text"} == expected
+    assert {row.seed for row in results.results if row.condition == "text->text"} == {0, 1}
+    (record, *_) = results.function_vectors
+    assert set(record.seeds) == expected and len(record.heads_per_seed) == len(expected)

@@ -180,6 +180,15 @@ class RunConfig:
         25, "prompts with shuffled labels each head's indirect effect is measured on"
     )
     fv_heads: int = option(10, "top heads (by indirect effect) summed into a function vector", metavar="K")
+    # Each seed's function vector is its own 100 + 25 in-context prompts per demonstration kind,
+    # several times a residual vector's cost (bench/NOTES.md).
+    fv_seeds: int | None = option(
+        1,
+        "how many of the run's seeds get a function vector of their own (N or 'all'); "
+        "function-vector conditions are tested on those seeds",
+        metavar="N",
+        none_word="all",
+    )
     fv_scales: tuple[float, ...] = option(
         (1.0, 2.0, 4.0, 8.0),
         "scales a function vector is added with; the validation sweep picks the best (scale, layer)",
@@ -236,6 +245,8 @@ class RunConfig:
         ):
             if count < 1:
                 raise ValueError(f"{name} must be at least 1, got {count}")
+        if self.fv_seeds is not None and self.fv_seeds < 1:
+            raise ValueError(f"fv_seeds must be at least 1 or None, got {self.fv_seeds}")
         if not self.fv_scales or any(scale <= 0 for scale in self.fv_scales):
             raise ValueError(f"fv_scales must be one or more positive numbers, got {self.fv_scales}")
         if len(set(self.fv_scales)) != len(self.fv_scales):

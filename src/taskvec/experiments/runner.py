@@ -104,6 +104,8 @@ def _package_versions() -> dict[str, str]:
 
 
 def _seeds(condition: Condition, config: RunConfig) -> list[int | None]:
+    if condition.function_vector:
+        return list(config.seeds[: config.fv_seeds])
     return list(config.seeds) if condition.seeded else [None]
 
 
@@ -318,7 +320,7 @@ def run_experiments(
     ensemble_metric = table_metric(ensemble, config.metric, config.ensemble_ignore_case)
     llm_condition = next((c for c in conditions if c.model_role == "llm"), None)
     analysis_layer, analysis_source = _analysis_layer(conditions, layers, handle.num_layers)
-    heads = heads_of_run(steps, conditions, tasks, config.seeds)
+    heads = heads_of_run(steps, conditions, tasks, config.seeds[: config.fv_seeds])
     results = RunResults(
         format=RESULTS_FORMAT,
         meta=RunMeta(
