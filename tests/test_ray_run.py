@@ -175,3 +175,36 @@ def test_groups_are_halved_until_every_worker_has_one() -> None:
     assert _split([(0, [0, 1, 2, 3]), (1, [0])], 3) == [(1, [0]), (0, [0, 1]), (0, [2, 3])]
     assert _split([(0, [0]), (1, [0])], 4) == [(0, [0]), (1, [0])]  # one-step groups stay whole
     assert _split([(0, [0, 1, 2])], 1) == [(0, [0, 1, 2])]
+
+
+def test_workers_get_a_task_files_images_from_the_driver(
+    cluster: None, setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers on other machines cannot read the driver's files: with the images gone from the disk
+    once the driver has read them to send, the run still gives the sequential run's results."""
+    import shutil
+
+    from taskvec.experiments import ray_workers
+
+    task_dir = tmp_path / "task"
+    shutil.copytree(setup.root / "task", task_dir)
+    config = setup.config.with_options(tasks=(str(task_dir / "country-capital.jsonl"),))
+    read = ray_workers.image_files
+
+    def read_then_hide(task: Any) -> Any:
+        files = read(task)
+        for image in task_dir.glob("*.png"):
+            image.rename(image.with_suffix(".hidden"))
+        return files
+
+    monkeypatch.setattr(ray_workers, "image_files", read_then_hide)
+    moved = Setup(setup.root, setup.model, setup.llm, config, setup.reference)
+    _run_on_ray(moved, tmp_path / "ray")
+    assert not list(task_dir.glob("*.png"))
+    for image in task_dir.glob("*.hidden"):
+        image.rename(image.with_suffix(".png"))
+    _run_locally(moved, tmp_path / "local")
+    # The results name the driver's image paths, not the workers' copies.
+    assert _comparable(tmp_path / "ray") == _comparable(tmp_path / "local")
+    tests = [json.loads(path.read_text()) for path in (tmp_path / "ray" / "cache" / "test").glob("**/*.json")]
+    assert any(str(task_dir) in (image or "") for test in tests for image in test["images"])

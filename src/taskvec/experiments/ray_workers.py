@@ -4,7 +4,9 @@ Only this module imports Ray, and only when `taskvec run --ray` asks for it. A w
 the run directory: the driver sends each step its task and the vectors it patches, the worker
 returns the step's JSON (or the extracted vector), and the driver writes its own cache and vector
 store exactly as a sequential run would. A step already in the driver's cache is never submitted,
-so a run interrupted anywhere resumes from the cache, on Ray or in one process.
+so a run interrupted anywhere resumes from the cache, on Ray or in one process. The images of a
+task file travel too (once per task, through Ray's object store): a worker on another machine
+cannot read the driver's files; built-in tasks' images come with the package every worker has.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import shutil
 import tempfile
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from taskvec.caching import StepCache
+from taskvec.caching import StepCache, digest
 from taskvec.experiments.config import RunConfig
 from taskvec.experiments.executors import SweepJob, TestJob, VectorJob
 from taskvec.experiments.steps import StepRunner, TestStep, VectorKind, VectorWork
@@ -67,6 +69,34 @@ class WorkerSpec:
     exit_once: str | None = None
 
 
+# A task file's images by the driver's path: what a worker writes to its own disk.
+ImageFiles = dict[str, bytes]
+
+
+def image_files(task: Task) -> ImageFiles:
+    """The task's image files, to send to workers; none for a built-in task (package data)."""
+    if task.source == "builtin":
+        return {}
+    return {str(path): path.read_bytes() for item in task.items for path in item.images.values()}
+
+
+def with_local_images(task: Task, files: ImageFiles, directory: Path) -> tuple[Task, dict[str, str]]:
+    """The task with its images written under `directory`, and each local path's driver path (what
+    the results name, so they do not depend on where a step ran)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    local: dict[str, Path] = {}
+    for original, data in files.items():
+        target = directory / f"{digest(original)}{Path(original).suffix}"
+        if not target.is_file():
+            target.write_bytes(data)
+        local[original] = target
+    items = tuple(
+        replace(item, images={style: local.get(str(path), path) for style, path in item.images.items()})
+        for item in task.items
+    )
+    return replace(task, items=items), {str(path): original for original, path in local.items()}
+
+
 class StepWorker:
     """One model replica (and its base LM) and a private cache; made a Ray actor by RayExecutor."""
 
@@ -81,6 +111,14 @@ class StepWorker:
         self.store = VectorStore(directory, spec.config, cache, progress=False)
         self.steps = StepRunner(handle, llm, spec.config, cache, self.store, progress=False)
         self.exit_once = spec.exit_once
+        self._tasks: dict[str, tuple[Task, dict[str, str]]] = {}
+
+    def _local(self, task: Task, files: ImageFiles | None) -> Task:
+        if not files:
+            return task
+        if task.name not in self._tasks:
+            self._tasks[task.name] = with_local_images(task, files, self.directory / "images" / task.name)
+        return self._tasks[task.name][0]
 
     def _maybe_exit(self) -> None:
         if self.exit_once is None:
@@ -96,9 +134,16 @@ class StepWorker:
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def vector(
-        self, task: Task, role: ModelRole, spec: VectorSpec, seed: int, kind: VectorKind = "task-vector"
+        self,
+        task: Task,
+        files: ImageFiles | None,
+        role: ModelRole,
+        spec: VectorSpec,
+        seed: int,
+        kind: VectorKind = "task-vector",
     ) -> tuple[TaskVector, torch.Tensor | None]:
         self._maybe_exit()
+        task = self._local(task, files)
         if kind == "function-vector":
             found, _ = self.store.function_vector(role, self.steps.model_of(role), task, spec, seed)
             return TaskVector(found.vectors.cpu(), dict(found.metadata)), None
@@ -111,22 +156,28 @@ class StepWorker:
     def sweeps(
         self,
         task: Task,
+        files: ImageFiles | None,
         work: list[tuple[Any, int | None]],
         vectors: dict[VectorWork, tuple[torch.Tensor, str]],
     ) -> list[dict[str, Any]]:
         self._maybe_exit()
         self.steps.supplied = vectors
-        return self.steps.sweeps(task, work)
+        return self.steps.sweeps(self._local(task, files), work)
 
     def tests(
         self,
         task: Task,
+        files: ImageFiles | None,
         work: list[TestStep],
         vectors: dict[VectorWork, tuple[torch.Tensor, str]],
     ) -> list[dict[str, Any]]:
         self._maybe_exit()
         self.steps.supplied = vectors
-        return self.steps.tests(task, work)
+        results = self.steps.tests(self._local(task, files), work)
+        driver_paths = self._tasks[task.name][1] if files else {}
+        for result in results:
+            result["images"] = [driver_paths.get(path, path) if path else path for path in result["images"]]
+        return results
 
 
 @dataclass
@@ -183,6 +234,7 @@ class RayExecutor:
         self.deaths = 0
         self.completed = 0
         self.counts: dict[str, int] = {}
+        self._images: dict[str, Any] = {}
         self.actors: list[tuple[str, Any]] = [self._start() for _ in range(workers)]
         self.bar = tqdm(total=0, desc="steps on Ray", disable=not progress)
 
@@ -203,6 +255,13 @@ class RayExecutor:
         self.actors = []
         if self.owns_cluster:
             self.ray.shutdown()
+
+    def _files(self, task: Task) -> Any:
+        """A reference to the task's image files in the object store (put once per task), or None."""
+        if task.name not in self._images:
+            files = image_files(task)
+            self._images[task.name] = self.ray.put(files) if files else None
+        return self._images[task.name]
 
     # ---- dispatch ------------------------------------------------------------------------------
     def _run(self, calls: Sequence[_Call]) -> None:
@@ -262,7 +321,11 @@ class RayExecutor:
 
         self._run(
             [
-                _Call("vector", (task, role, spec, seed, kind), keep(task, role, spec, seed, kind))
+                _Call(
+                    "vector",
+                    (task, self._files(task), role, spec, seed, kind),
+                    keep(task, role, spec, seed, kind),
+                )
                 for (role, _, spec, seed, kind), task in wanted.items()
             ]
         )
@@ -284,7 +347,7 @@ class RayExecutor:
             vectors = {(c.name, task.name, s): _vector(steps, c, task, s) for c, s in chunk}
             keys = [steps.sweep_key(c, task, s)[1] for c, s in chunk]
             keep = _keeper(steps, "sweeps", task, group, keys, results[job])
-            calls.append(_Call("sweeps", (task, chunk, vectors), keep, len(chunk)))
+            calls.append(_Call("sweeps", (task, self._files(task), chunk, vectors), keep, len(chunk)))
         self._run(calls)
         return [_complete(rows) for rows in results]
 
@@ -306,7 +369,7 @@ class RayExecutor:
             vectors = {(c.name, task.name, s): _vector(steps, c, task, s) for c, s, *_ in chunk if c.vector}
             keys = [steps.test_key(step, task)[1] for step in chunk]
             keep = _keeper(steps, "test", task, group, keys, results[job])
-            calls.append(_Call("tests", (task, chunk, vectors), keep, len(chunk)))
+            calls.append(_Call("tests", (task, self._files(task), chunk, vectors), keep, len(chunk)))
         self._run(calls)
         return [_complete(rows) for rows in results]
 
