@@ -68,35 +68,37 @@ class StepRunner:
     def vector_for(
         self, condition: Condition, task: Task, seed: int | None
     ) -> tuple[torch.Tensor, str] | None:
-        """[layers, hidden] and its key, or None for an unpatched condition."""
+        """[layers, hidden] and its key, or None for an unpatched condition: the extracted vector of
+        `extractions`, or for the ensemble curve arithmetic on them."""
         spec, run_seed = condition.vector, seed or 0
         if spec is None:
             return None
         if (condition.name, task.name, seed) in self.supplied:
             return self.supplied[(condition.name, task.name, seed)]
-        if condition.function_vector:
-            ((role, source, _, _),) = self.extractions(condition, task, seed)
-            found, key = self.store.function_vector(role, self.model_of(role), task, source, run_seed)
-            return found.vectors, key
-        if spec.extractable:
-            vector, key = self.store.get("vlm", self.handle, task, spec, run_seed)
-            return vector.vectors, key
-        if spec is VectorSpec.LLM_TEXT_ICL:
-            if self.llm is None:
-                raise ValueError(f"condition {condition.name} patches base-LM vectors: no base LM given")
-            vector, key = self.store.get("llm", self.llm, task, VectorSpec.TEXT_ICL, run_seed)
-            return vector.vectors, key
+        extracted = [
+            self.extracted(extraction, task) for extraction in self.extractions(condition, task, seed)
+        ]
+        if condition.function_vector or spec.extractable or spec is VectorSpec.LLM_TEXT_ICL:
+            return extracted[0]
+        (_, text_key), *instruction = extracted
         examples = condition.examples or 0
         per_prompt = self.store.per_prompt("vlm", self.handle, task, VectorSpec.TEXT_ICL, run_seed)
-        _, text_key = self.store.get("vlm", self.handle, task, VectorSpec.TEXT_ICL, run_seed)
         exemplar = exemplar_subset_vector(per_prompt, examples, self.config.shots, run_seed)
         subset_key = digest({"exemplar_of": text_key, "examples": examples, "seed": run_seed})
         if spec is VectorSpec.EXEMPLAR_SUBSET:
             return exemplar, subset_key
-        if spec is not VectorSpec.ENSEMBLE:
-            raise ValueError(f"condition {condition.name}: no rule to make a {spec.value} vector")
-        instruction, instruction_key = self.store.get("vlm", self.handle, task, VectorSpec.INSTRUCTION)
-        return ensemble_of(exemplar, instruction.vectors), digest([subset_key, instruction_key])
+        (instruction_vector, instruction_key), *_ = instruction
+        return ensemble_of(exemplar, instruction_vector), digest([subset_key, instruction_key])
+
+    def extracted(self, extraction: Extraction, task: Task) -> tuple[torch.Tensor, str]:
+        """One extracted vector [layers, hidden] of the run's store, and its key."""
+        role, spec, seed, kind = extraction
+        model = self.model_of(role)
+        if kind == "function-vector":
+            vector, key = self.store.function_vector(role, model, task, spec, seed)
+        else:
+            vector, key = self.store.get(role, model, task, spec, seed)
+        return vector.vectors, key
 
     def extractions(self, condition: Condition, task: Task, seed: int | None) -> list[Extraction]:
         """The extracted vectors `vector_for` reads for this condition (the rest is arithmetic on them)."""
@@ -111,7 +113,11 @@ class StepRunner:
         if condition.function_vector:
             raise ValueError(f"condition {condition.name}: no function vector of {spec.value!r} vectors")
         text: list[Extraction] = [("vlm", VectorSpec.TEXT_ICL, run_seed, kind)]
-        return [*text, ("vlm", VectorSpec.INSTRUCTION, 0, kind)] if spec is VectorSpec.ENSEMBLE else text
+        if spec is VectorSpec.EXEMPLAR_SUBSET:
+            return text
+        if spec is not VectorSpec.ENSEMBLE:
+            raise ValueError(f"condition {condition.name}: no rule to make a {spec.value} vector")
+        return [*text, ("vlm", VectorSpec.INSTRUCTION, 0, kind)]
 
     def model_of(self, role: ModelRole) -> ModelHandle:
         if role == "vlm":
