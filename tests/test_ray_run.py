@@ -208,3 +208,43 @@ def test_workers_get_a_task_files_images_from_the_driver(
     assert _comparable(tmp_path / "ray") == _comparable(tmp_path / "local")
     tests = [json.loads(path.read_text()) for path in (tmp_path / "ray" / "cache" / "test").glob("**/*.json")]
     assert any(str(task_dir) in (image or "") for test in tests for image in test["images"])
+
+
+def test_analyses_on_ray_equal_the_local_analyses_and_the_driver_computes_no_expensive_step(
+    cluster: None, setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from taskvec.analysis import registry
+    from taskvec.experiments import RunResults
+    from taskvec.experiments.runner import run_analyses_of_run
+
+    local_dir, ray_dir = tmp_path / "local", tmp_path / "ray"
+    shutil.copytree(setup.reference, local_dir)
+    shutil.copytree(setup.reference, ray_dir)
+    handle, llm = load_model(setup.model), load_model(setup.llm)
+    local = run_analyses_of_run(
+        handle, RunResults.read(local_dir / "results.json"), local_dir, llm=llm, progress=False
+    )
+    assert local.results["lens"] and local.results["embedding_map"]
+
+    def not_here(*args: object, **kwargs: object) -> object:
+        raise AssertionError("the driver computed an analysis step the workers should have")
+
+    for expensive in ("lens_phases", "collect_prompt_points", "task_conflict"):
+        monkeypatch.setattr(registry, expensive, not_here)  # the driver's process only
+    executor = _executor(setup)
+    try:
+        on_ray = run_analyses_of_run(
+            handle,
+            RunResults.read(ray_dir / "results.json"),
+            ray_dir,
+            llm=llm,
+            progress=False,
+            executor=executor,
+        )
+        assert executor.completed == 2  # the lens of the one task and the 2-D map
+    finally:
+        executor.close()
+    assert on_ray.errors == local.errors == {}
+    assert on_ray.results == local.results

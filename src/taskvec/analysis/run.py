@@ -14,7 +14,7 @@ resumes and an identical one is served from the cache. An analysis that fails is
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 
 import torch
@@ -73,6 +73,7 @@ def run_analyses(
     progress: bool = True,
     layer_source: str = "given by the caller",
     vector_sources: Mapping[VectorKey, str] | None = None,
+    only: Collection[str] | None = None,
 ) -> AnalysisDocument:
     """Run every registered analysis (`taskvec.analysis.registry`) and collect their results.
 
@@ -80,7 +81,8 @@ def run_analyses(
     patching), `layer_source` says where it came from. `vectors` are [layers, hidden] per (model,
     task, spec), model "vlm" for `handle`, "llm" for the base LM `llm`; `vector_sources` describes
     them for the document (default: their spec, task and model). `settings` default to the full
-    analyses, or to QUICK with `quick`.
+    analyses, or to QUICK with `quick`. `only` runs just the analyses of those names (a part of the
+    work computed elsewhere, e.g. on a Ray worker, into the cache a full call then reads).
     """
     started = time.monotonic()
     if not 0 <= layer < handle.num_layers:
@@ -96,7 +98,7 @@ def run_analyses(
         settings=config,
         cache=cache,
     )
-    analyses = registered_analyses()
+    analyses = tuple(a for a in registered_analyses() if only is None or a.name in only)
     for analysis in tqdm(analyses, desc="analyses", disable=not progress):
         context.analysis = analysis
         try:

@@ -8,11 +8,16 @@ vector store; that cache is the only place results of different executors meet.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
 from tqdm import tqdm
 
+from taskvec.analysis import VectorKey
+from taskvec.analysis.settings import AnalysisSettings
+from taskvec.caching import StepCache
 from taskvec.experiments.conditions import Condition
 from taskvec.experiments.steps import StepRunner, TestStep
 from taskvec.tasks import Task
@@ -24,6 +29,17 @@ TestJob = tuple[Task, list[TestStep]]
 VectorJob = tuple[Condition, Task, int | None]
 
 
+@dataclass(frozen=True)
+class AnalysisJob:
+    """What the run's analyses read: an executor may compute their steps into `cache` beforehand."""
+
+    tasks: Sequence[Task]
+    layer: int
+    vectors: Mapping[VectorKey, torch.Tensor]
+    settings: AnalysisSettings
+    cache: StepCache
+
+
 class StepExecutor(Protocol):
     def vectors(self, steps: StepRunner, jobs: Sequence[VectorJob]) -> None:
         """Every vector of `jobs` in the driver's vector store."""
@@ -33,6 +49,9 @@ class StepExecutor(Protocol):
 
     def tests(self, steps: StepRunner, jobs: Sequence[TestJob]) -> list[list[dict[str, Any]]]:
         """Each job's test answers, in the job's order (as `StepRunner.tests` returns them)."""
+
+    def analyses(self, job: AnalysisJob) -> None:
+        """The analyses' expensive steps in the job's cache (or nothing: the driver computes them)."""
 
 
 class SequentialExecutor:
@@ -49,3 +68,6 @@ class SequentialExecutor:
     def tests(self, steps: StepRunner, jobs: Sequence[TestJob]) -> list[list[dict[str, Any]]]:
         label = "test, tasks"
         return [steps.tests(task, work) for task, work in tqdm(jobs, desc=label, disable=not steps.progress)]
+
+    def analyses(self, job: AnalysisJob) -> None:
+        """Nothing ahead: `run_analyses` computes each step here as it needs it."""

@@ -26,9 +26,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from taskvec.analysis import VectorKey, run_analyses, shared_input_pairs
+from taskvec.analysis.context import CACHE_KIND
+from taskvec.analysis.settings import AnalysisSettings
 from taskvec.caching import StepCache, digest
 from taskvec.experiments.config import RunConfig
-from taskvec.experiments.executors import SweepJob, TestJob, VectorJob
+from taskvec.experiments.executors import AnalysisJob, SweepJob, TestJob, VectorJob
 from taskvec.experiments.steps import StepRunner, TestStep, VectorKind, VectorWork
 from taskvec.experiments.vector_store import ModelRole, VectorStore
 from taskvec.models import load_model
@@ -71,6 +74,34 @@ class WorkerSpec:
 
 # A task file's images by the driver's path: what a worker writes to its own disk.
 ImageFiles = dict[str, bytes]
+# Finished analysis steps of a StepCache: (step, key, stored JSON).
+AnalysisSteps = list[tuple[str, str, Any]]
+# The analyses worth a worker of their own, each over some of the run's tasks: the lens of one
+# task, the 2-D map of all, the conflict of one pair. The rest reads their results or is cheap.
+AnalysisPart = tuple[str, list[Task]]
+
+
+def analysis_steps(cache: StepCache) -> AnalysisSteps:
+    """Every finished analysis step of `cache` (the step's name may hold '/': lens/<task>)."""
+    root = cache.root / CACHE_KIND
+    steps = []
+    for path in sorted(root.glob("**/*.json")):
+        stored = cache.load(CACHE_KIND, str(path.parent.relative_to(root)), path.stem)
+        if stored is not None:
+            steps.append((str(path.parent.relative_to(root)), path.stem, stored))
+    return steps
+
+
+def analysis_parts(tasks: Sequence[Task]) -> list[AnalysisPart]:
+    pairs: list[list[Task]] = []
+    for a, b in shared_input_pairs(tasks):
+        if not any({a.name, b.name} == {t.name for t in pair} for pair in pairs):
+            pairs.append([a, b])
+    return [
+        *(("lens", [task]) for task in tasks),
+        ("embedding_map", list(tasks)),
+        *(("conflict", pair) for pair in pairs),
+    ]
 
 
 def image_files(task: Task) -> ImageFiles:
@@ -152,6 +183,41 @@ class StepWorker:
         if spec is not VectorSpec.INSTRUCTION:
             per_prompt = self.store.per_prompt(role, self.steps.model_of(role), task, spec, seed).cpu()
         return TaskVector(vector.vectors.cpu(), dict(vector.metadata)), per_prompt
+
+    def analyses(
+        self,
+        part: AnalysisPart,
+        files: dict[str, Any],
+        layer: int,
+        vectors: dict[VectorKey, torch.Tensor],
+        settings: AnalysisSettings,
+        known: AnalysisSteps,
+    ) -> AnalysisSteps:
+        """One part of the analyses in a cache of its own, seeded with the driver's finished steps
+        (so a resumed run recomputes nothing); returns the steps it added."""
+        self._maybe_exit()
+        name, tasks = part
+        # Ray resolves references given as arguments, not those inside a dict.
+        ray = import_ray()
+        images = {task: None if ref is None else ray.get(ref) for task, ref in files.items()}
+        cache = StepCache(Path(tempfile.mkdtemp(dir=self.directory, prefix="analysis-")))
+        for step, key, stored in known:
+            cache.store(CACHE_KIND, step, key, stored)
+        before = {(step, key) for step, key, _ in known}
+        run_analyses(
+            self.steps.handle,
+            [self._local(task, images.get(task.name)) for task in tasks],
+            layer=layer,
+            vectors=vectors,
+            cache=cache,
+            llm=self.steps.llm,
+            settings=settings,
+            progress=False,
+            only=(name,),
+        )
+        added = [step for step in analysis_steps(cache) if (step[0], step[1]) not in before]
+        shutil.rmtree(cache.root, ignore_errors=True)
+        return added
 
     def sweeps(
         self,
@@ -351,6 +417,12 @@ class RayExecutor:
         self._run(calls)
         return [_complete(rows) for rows in results]
 
+    def analyses(self, job: AnalysisJob) -> None:
+        """The lens of each task, the 2-D map and the conflict of each task pair, one worker step each,
+        into the driver's cache; the driver's own pass then reads them and does the cheap rest."""
+        known = self.ray.put(analysis_steps(job.cache))
+        self._run([_analysis_call(self, job, part, known) for part in analysis_parts(job.tasks)])
+
     def tests(self, steps: StepRunner, jobs: Sequence[TestJob]) -> list[list[dict[str, Any]]]:
         results: list[list[dict[str, Any] | None]] = []
         groups: dict[tuple[int, str], list[int]] = {}
@@ -372,6 +444,18 @@ class RayExecutor:
             calls.append(_Call("tests", (task, self._files(task), chunk, vectors), keep, len(chunk)))
         self._run(calls)
         return [_complete(rows) for rows in results]
+
+
+def _analysis_call(
+    executor: RayExecutor, job: AnalysisJob, part: AnalysisPart, known: AnalysisSteps
+) -> _Call:
+    def keep(added: AnalysisSteps) -> None:
+        for step, key, stored in added:
+            job.cache.store(CACHE_KIND, step, key, stored)
+
+    files = {task.name: executor._files(task) for task in part[1]}
+    vectors = {key: vector.cpu() for key, vector in job.vectors.items()}
+    return _Call("analyses", (part, files, job.layer, vectors, job.settings, known), keep, len(part[1]))
 
 
 def _vector(steps: StepRunner, condition: Any, task: Task, seed: int | None) -> tuple[torch.Tensor, str]:

@@ -24,7 +24,7 @@ from taskvec.evaluation import first_line
 from taskvec.experiments.baselines import Floor, model_free_floors
 from taskvec.experiments.conditions import Condition, plan_conditions
 from taskvec.experiments.config import METRICS, RunConfig
-from taskvec.experiments.executors import SequentialExecutor, StepExecutor, SweepJob, TestJob
+from taskvec.experiments.executors import AnalysisJob, SequentialExecutor, StepExecutor, SweepJob, TestJob
 from taskvec.experiments.function_vector_results import head_overlaps, heads_of_run
 from taskvec.experiments.layer_choice import (
     LayerChoice,
@@ -397,8 +397,12 @@ def run_analyses_of_run(
     *,
     llm: ModelHandle | None = None,
     progress: bool = True,
+    executor: StepExecutor | None = None,
 ) -> AnalysisDocument:
-    """The analyses at the run's layer with the run's own vectors, cached with the run's steps."""
+    """The analyses at the run's layer with the run's own vectors, cached with the run's steps.
+
+    `executor` may compute their expensive steps elsewhere first (Ray workers); this process then
+    reads them from the cache and computes the rest, so the document is the same either way."""
     out = Path(out_dir)
     config = results.config
     tasks = load_run_tasks(config)
@@ -407,6 +411,8 @@ def run_analyses_of_run(
     store = VectorStore(out, config, cache, progress)
     vectors = run_vectors(store, handle, llm, tasks, conditions, config.seeds)
     settings = dataclasses.replace(QUICK if config.quick else AnalysisSettings(), template=config.template)
+    if executor is not None:
+        executor.analyses(AnalysisJob(tasks, results.analysis_layer, vectors, settings, cache))
     document = run_analyses(
         handle,
         tasks,
