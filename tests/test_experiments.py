@@ -361,8 +361,8 @@ def test_text_only_model_skips_image_conditions_with_a_note(tmp_path: Path) -> N
     conditions, notes = plan_conditions(handle, [load_task(config.tasks[0])], config, None)
     names = [c.name for c in conditions]
     assert names == [
-        "no-context-text", "text-icl", "text->text", "fv-text->text", "instruction-patch", "instruction-prompt",
-        "exemplar-0", "ensemble-0", "exemplar-2", "ensemble-2",
+        "no-context-text", "text-icl", "text->text", "fv-text->text", "instruction-patch",
+        "instruction-prompt", "exemplar-0", "ensemble-0", "exemplar-2", "ensemble-2",
     ]  # fmt: skip
     assert all(c.query == "text" for c in conditions)
     assert any("text-only" in note for note in notes)

@@ -50,6 +50,13 @@ NON_DEFAULTS: dict[str, Any] = {
     "examples_per_condition": 0,
     "bootstrap_samples": 200,
     "query_independent_share": 0.75,
+    "function_vectors": False,
+    "fv_shots": 4,
+    "fv_mean_prompts": 50,
+    "fv_effect_prompts": 10,
+    "fv_heads": 5,
+    "fv_seeds": None,
+    "fv_scales": (0.5, 3.0),
 }
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from taskvec.engine import PatchMode
+    from taskvec.experiments.command import ModelOutcome
 
 # Function vectors are added to the residual, task vectors replace it (the paper's protocol).
 MODE_HELP = "replace or add to the residual (default: add for a function vector, else replace)"
@@ -459,23 +460,64 @@ def _command_export_vlm(args: argparse.Namespace) -> int:
 def _command_run(args: argparse.Namespace) -> int:
     import contextlib
 
-    from taskvec.experiments.command import run_command
-    from taskvec.report import write_report
-    from taskvec.typed_json import to_json
+    from taskvec.experiments.command import summary_lines
 
     # With --json the printed tables and notes go to stderr, so stdout holds the JSON document alone.
     printed = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     with printed:
-        results, out, report = run_command(args)
-        written = write_report(out) if report else None
+        outcomes = _run_and_report(args)
+        if len(outcomes) > 1:
+            print("\n" + "\n".join(summary_lines(outcomes)))
     if args.json:
-        paths = {"results": out / "results.json", "summary_csv": out / "summary.csv", "report": written}
-        document = {"run_dir": str(out), **{k: str(v) if v else None for k, v in paths.items()}}
-        summaries = to_json(results.summaries)
-        print(json.dumps({**document, "seconds": results.meta.seconds, "summaries": summaries}))
-    elif written is not None:
-        print(f"wrote {written}")
-    return 0
+        print(json.dumps(_runs_document(outcomes)))
+    elif len(outcomes) == 1 and outcomes[0].report is not None:
+        print(f"wrote {outcomes[0].report}")
+    # Every model ran; a failed one is named above, and the exit status says some did fail.
+    return 1 if any(outcome.error is not None for outcome in outcomes) else 0
+
+
+def _run_and_report(args: argparse.Namespace) -> list[ModelOutcome]:
+    """Each model's outcome with its report written. Reports are written one after another, after
+    every model ran: matplotlib's pyplot is not safe to use from several threads."""
+    import dataclasses
+
+    from taskvec.experiments.command import run_command
+    from taskvec.report import write_report
+
+    outcomes, report = run_command(args)
+    if not report:
+        return outcomes
+    if len(outcomes) == 1:  # one model: a failing report is the command's error, as it always was
+        return [dataclasses.replace(outcomes[0], report=write_report(outcomes[0].out))]
+    reported = []
+    for outcome in outcomes:
+        if outcome.error is None:
+            try:
+                outcome = dataclasses.replace(outcome, report=write_report(outcome.out))
+            except Exception as error:
+                print(f"taskvec: error: model {outcome.model}: report: {error}", file=sys.stderr)
+                outcome = dataclasses.replace(outcome, error=f"report: {error}")
+        reported.append(outcome)
+    return reported
+
+
+def _runs_document(outcomes: list[ModelOutcome]) -> dict[str, Any]:
+    """One model: its run's document, as before several were possible; several: one each, named."""
+    if len(outcomes) == 1:
+        return _run_document(outcomes[0])
+    return {"runs": [{"model": o.model, **_run_document(o), "error": o.error} for o in outcomes]}
+
+
+def _run_document(outcome: ModelOutcome) -> dict[str, Any]:
+    """What --json prints of one model's run (its paths None where the run failed)."""
+    from taskvec.typed_json import to_json
+
+    out, results = outcome.out, outcome.results
+    files = {"results": out / "results.json", "summary_csv": out / "summary.csv", "report": outcome.report}
+    paths = {key: str(path) if path and results is not None else None for key, path in files.items()}
+    seconds = results.meta.seconds if results is not None else None
+    summaries = to_json(results.summaries) if results is not None else None
+    return {"run_dir": str(out), **paths, "seconds": seconds, "summaries": summaries}
 
 
 def _add_json_option(parser: argparse.ArgumentParser) -> None:
@@ -498,11 +540,16 @@ def _add_strict_option(parser: argparse.ArgumentParser) -> None:
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     """Declared with their defaults in RunCommandOptions and RunConfig (see taskvec.options)."""
-    from taskvec.experiments.command import RunCommandOptions
+    from taskvec.experiments.command import PER_MODEL_OPTIONS, RunCommandOptions
     from taskvec.experiments.config import RunConfig
     from taskvec.options import add_options
 
     add_options(parser, RunCommandOptions, fill_defaults=True)
+    # RunCommandOptions holds one model's options; the command line takes several models (one run
+    # each), so these take several values. Unset, they keep their default: one value, a string.
+    for action in parser._actions:
+        if action.dest in PER_MODEL_OPTIONS:
+            action.nargs = "+"
     _add_load_options(parser)
     add_options(parser.add_argument_group("experiment options (defaults: the paper's protocol)"), RunConfig)
 

@@ -30,6 +30,20 @@ VectorJob = tuple[Condition, Task, int | None]
 
 
 @dataclass(frozen=True)
+class EarlySteps:
+    """What the run needs before its layer choice: the vectors, the sweeps that read them, and the
+    tests of conditions that patch nothing (they need no layer)."""
+
+    vectors: Sequence[VectorJob]
+    sweeps: Sequence[SweepJob]
+    tests: Sequence[TestJob]
+
+
+# Each sweep job's results and each test job's, in the jobs' order.
+EarlyResults = tuple[list[list[dict[str, Any]]], list[list[dict[str, Any]]]]
+
+
+@dataclass(frozen=True)
 class AnalysisJob:
     """What the run's analyses read: an executor may compute their steps into `cache` beforehand."""
 
@@ -50,6 +64,9 @@ class StepExecutor(Protocol):
     def tests(self, steps: StepRunner, jobs: Sequence[TestJob]) -> list[list[dict[str, Any]]]:
         """Each job's test answers, in the job's order (as `StepRunner.tests` returns them)."""
 
+    def before_layer_choice(self, steps: StepRunner, early: EarlySteps) -> EarlyResults:
+        """`vectors`, then `sweeps` and `tests` of the early steps, in any order their inputs allow."""
+
     def analyses(self, job: AnalysisJob) -> None:
         """The analyses' expensive steps in the job's cache (or nothing: the driver computes them)."""
 
@@ -68,6 +85,10 @@ class SequentialExecutor:
     def tests(self, steps: StepRunner, jobs: Sequence[TestJob]) -> list[list[dict[str, Any]]]:
         label = "test, tasks"
         return [steps.tests(task, work) for task, work in tqdm(jobs, desc=label, disable=not steps.progress)]
+
+    def before_layer_choice(self, steps: StepRunner, early: EarlySteps) -> EarlyResults:
+        self.vectors(steps, early.vectors)
+        return self.sweeps(steps, early.sweeps), self.tests(steps, early.tests)
 
     def analyses(self, job: AnalysisJob) -> None:
         """Nothing ahead: `run_analyses` computes each step here as it needs it."""

@@ -31,7 +31,7 @@ from taskvec.analysis.context import CACHE_KIND
 from taskvec.analysis.settings import AnalysisSettings
 from taskvec.caching import StepCache, digest
 from taskvec.experiments.config import RunConfig
-from taskvec.experiments.executors import AnalysisJob, SweepJob, TestJob, VectorJob
+from taskvec.experiments.executors import AnalysisJob, EarlyResults, EarlySteps, SweepJob, TestJob, VectorJob
 from taskvec.experiments.steps import StepRunner, TestStep, VectorKind, VectorWork
 from taskvec.experiments.vector_store import ModelRole, VectorStore
 from taskvec.models import load_model
@@ -246,14 +246,24 @@ class StepWorker:
         return results
 
 
+Finish = Callable[[Any], "list[_Call] | None"]
+
+
 @dataclass
 class _Call:
-    """One submitted step: the actor method, its arguments, and what the driver does with its result."""
+    """One submitted step: the actor method, its arguments, and what the driver does with its result
+    (which may be to return the steps that result made ready)."""
 
     method: str
     args: tuple[Any, ...]
-    finish: Callable[[Any], None]
+    finish: Finish
     size: int = 1  # steps in the call: the largest go first, so none is left to run alone at the end
+    rank: int = 2  # vectors (0) before sweeps (1) before the rest: the layer choice waits on sweeps
+    task: str = ""
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return self.rank, -self.size
 
 
 # The steps of one job (one task) that can share a pass: (job, indices into the job's work).
@@ -311,6 +321,13 @@ class RayExecutor:
         self.counts[name] = 0
         return name, actor_class.remote(self.spec)
 
+    def stop(self) -> None:
+        """End the run from another thread: its workers die and none is replaced, so its current
+        step fails at once (a rerun resumes from the cache)."""
+        self.max_deaths = 0
+        for _, actor in list(self.actors):
+            self.ray.kill(actor)
+
     def close(self) -> None:
         self.bar.close()
         # A dead worker, or one still inside an abandoned step, leaves its temporary directory behind.
@@ -331,16 +348,20 @@ class RayExecutor:
 
     # ---- dispatch ------------------------------------------------------------------------------
     def _run(self, calls: Sequence[_Call]) -> None:
+        """Every call on some actor; a call's `finish` may return further calls (steps whose inputs
+        it completed), which join the queue. Vectors go first, then sweeps, then the rest; within
+        a rank the largest first, so none is left to run alone at the end."""
         ray = self.ray
-        pending = deque(sorted(range(len(calls)), key=lambda index: -calls[index].size))
+        queue = list(calls)
+        pending = sorted(range(len(queue)), key=lambda index: queue[index].order)
         idle = deque(self.actors)
         running: dict[Any, tuple[int, tuple[str, Any]]] = {}
-        self.bar.total = (self.bar.total or 0) + len(calls)
+        self.bar.total = (self.bar.total or 0) + len(queue)
         self.bar.refresh()
         while pending or running:
             while pending and idle:
-                index, actor = pending.popleft(), idle.popleft()
-                call = calls[index]
+                index, actor = pending.pop(0), idle.popleft()
+                call = queue[index]
                 running[getattr(actor[1], call.method).remote(*call.args)] = (index, actor)
             (ref,), _ = ray.wait(list(running), num_returns=1)
             index, actor = running.pop(ref)
@@ -354,9 +375,15 @@ class RayExecutor:
                 replacement = self._start()
                 self.actors.append(replacement)
                 idle.append(replacement)
-                pending.appendleft(index)
+                pending.insert(0, index)
                 continue
-            calls[index].finish(result)
+            follow = queue[index].finish(result) or []
+            if follow:
+                queue += follow
+                pending = sorted(
+                    [*pending, *range(len(queue) - len(follow), len(queue))], key=lambda i: queue[i].order
+                )
+                self.bar.total += len(follow)
             idle.append(actor)
             self.counts[actor[0]] += 1
             self.completed += 1
@@ -365,8 +392,9 @@ class RayExecutor:
             if self.stop_after is not None and self.completed >= self.stop_after:
                 raise StepsInterrupted(f"stopped after {self.completed} steps (stop_after)")
 
-    # ---- phases --------------------------------------------------------------------------------
-    def vectors(self, steps: StepRunner, jobs: Sequence[VectorJob]) -> None:
+    # ---- planning ------------------------------------------------------------------------------
+    def _vector_calls(self, steps: StepRunner, jobs: Sequence[VectorJob]) -> list[_Call]:
+        """One call per missing extracted vector, each kept in the driver's store when it returns."""
         wanted: dict[tuple[ModelRole, str, VectorSpec, int, VectorKind], Task] = {}
         for condition, task, seed in jobs:
             for role, spec, run_seed, kind in steps.extractions(condition, task, seed):
@@ -378,72 +406,129 @@ class RayExecutor:
                 if not stored:
                     wanted.setdefault((role, task.name, spec, run_seed, kind), task)
 
-        def keep(
-            task: Task, role: ModelRole, spec: VectorSpec, seed: int, kind: VectorKind
-        ) -> Callable[[Any], None]:
-            if kind == "function-vector":
-                return lambda result: steps.store.add_function_vector(role, task, spec, seed, result[0])
-            return lambda result: steps.store.add(role, task, spec, seed, *result)
+        def keep(task: Task, role: ModelRole, spec: VectorSpec, seed: int, kind: VectorKind) -> Finish:
+            def finish(result: Any) -> None:
+                if kind == "function-vector":
+                    steps.store.add_function_vector(role, task, spec, seed, result[0])
+                else:
+                    steps.store.add(role, task, spec, seed, *result)
 
-        self._run(
-            [
-                _Call(
-                    "vector",
-                    (task, self._files(task), role, spec, seed, kind),
-                    keep(task, role, spec, seed, kind),
-                )
-                for (role, _, spec, seed, kind), task in wanted.items()
-            ]
-        )
+            return finish
+
+        return [
+            _Call(
+                "vector",
+                (task, self._files(task), role, spec, seed, kind),
+                keep(task, role, spec, seed, kind),
+                rank=0,
+                task=task.name,
+            )
+            for (role, _, spec, seed, kind), task in wanted.items()
+        ]
+
+    def _step_calls(
+        self,
+        steps: StepRunner,
+        kind: str,
+        jobs: Sequence[tuple[Task, Sequence[Any]]],
+        results: list[list[dict[str, Any] | None]],
+        workers: int,
+    ) -> list[_Call]:
+        """Calls for the uncached sweeps ("sweeps") or test steps ("test") of `jobs`, whose rows of
+        `results` are filled from the cache now and by the calls as they return. Steps asking the
+        same prompts share a call (and its pass), split further until `workers` actors have one."""
+        groups: dict[tuple[int, str], list[int]] = {}
+        for job, (task, work) in enumerate(jobs):
+            if kind == "sweeps":
+                results[job] = [steps.cached_sweep(condition, task, seed) for condition, seed in work]
+            else:
+                results[job] = [steps.cached_test(step, task) for step in work]
+            for index, step in enumerate(work):
+                if results[job][index] is not None:
+                    continue
+                condition, seed = step[0], step[1]
+                patched = condition.vector is not None and (kind == "sweeps" or step[2] is not None)
+                # As StepRunner.tests: unpatched conditions have no pass to share.
+                shared = steps.prompt_group(condition, task, seed) if patched else f"unpatched {index}"
+                groups.setdefault((job, shared), []).append(index)
+        calls = []
+        for job, group in _split([(job, group) for (job, _), group in groups.items()], workers):
+            task, work = jobs[job]
+            chunk = [work[index] for index in group]
+            vectors = {(c.name, task.name, s): _vector(steps, c, task, s) for c, s, *_ in chunk if c.vector}
+            if kind == "sweeps":
+                keys = [steps.sweep_key(c, task, s)[1] for c, s in chunk]
+            else:
+                keys = [steps.test_key(step, task)[1] for step in chunk]
+            keep = _keeper(steps, kind, task, group, keys, results[job])
+            method, rank = ("sweeps", 1) if kind == "sweeps" else ("tests", 2)
+            calls.append(_Call(method, (task, self._files(task), chunk, vectors), keep, len(chunk), rank))
+        return calls
+
+    # ---- phases --------------------------------------------------------------------------------
+    def vectors(self, steps: StepRunner, jobs: Sequence[VectorJob]) -> None:
+        self._run(self._vector_calls(steps, jobs))
         for condition, task, seed in jobs:  # read back from the store, as a rerun reads them
             steps.vector_for(condition, task, seed)
 
     def sweeps(self, steps: StepRunner, jobs: Sequence[SweepJob]) -> list[list[dict[str, Any]]]:
-        results: list[list[dict[str, Any] | None]] = []
-        groups: dict[tuple[int, str], list[int]] = {}
-        for job, (task, work) in enumerate(jobs):
-            results.append([steps.cached_sweep(condition, task, seed) for condition, seed in work])
-            for index, (condition, seed) in enumerate(work):
-                if results[job][index] is None:
-                    groups.setdefault((job, steps.prompt_group(condition, task, seed)), []).append(index)
-        calls = []
-        for job, group in _split([(job, group) for (job, _), group in groups.items()], len(self.actors)):
-            task, work = jobs[job]
-            chunk = [work[index] for index in group]
-            vectors = {(c.name, task.name, s): _vector(steps, c, task, s) for c, s in chunk}
-            keys = [steps.sweep_key(c, task, s)[1] for c, s in chunk]
-            keep = _keeper(steps, "sweeps", task, group, keys, results[job])
-            calls.append(_Call("sweeps", (task, self._files(task), chunk, vectors), keep, len(chunk)))
-        self._run(calls)
+        results: list[list[dict[str, Any] | None]] = [[] for _ in jobs]
+        self._run(self._step_calls(steps, "sweeps", jobs, results, len(self.actors)))
         return [_complete(rows) for rows in results]
+
+    def tests(self, steps: StepRunner, jobs: Sequence[TestJob]) -> list[list[dict[str, Any]]]:
+        results: list[list[dict[str, Any] | None]] = [[] for _ in jobs]
+        self._run(self._step_calls(steps, "test", jobs, results, len(self.actors)))
+        return [_complete(rows) for rows in results]
+
+    def before_layer_choice(self, steps: StepRunner, early: EarlySteps) -> EarlyResults:
+        """The vectors, each task's sweeps as soon as that task's vectors are in, and the tests that
+        patch nothing alongside: no worker waits for a phase to end before the layer choice."""
+        sweeps: list[list[dict[str, Any] | None]] = [[] for _ in early.sweeps]
+        tests: list[list[dict[str, Any] | None]] = [[] for _ in early.tests]
+        vector_calls = self._vector_calls(steps, early.vectors)
+        outstanding: dict[str, int] = {}
+        for call in vector_calls:
+            outstanding[call.task] = outstanding.get(call.task, 0) + 1
+
+        def sweeps_of(task: str, workers: int) -> list[_Call]:
+            indices = [i for i, (of_task, _) in enumerate(early.sweeps) if of_task.name == task]
+            jobs = [early.sweeps[i] for i in indices]
+            rows: list[list[dict[str, Any] | None]] = [[] for _ in jobs]
+            calls = self._step_calls(steps, "sweeps", jobs, rows, workers)
+            for index, row in zip(indices, rows, strict=True):
+                sweeps[index] = row  # the same list the calls fill
+            return calls
+
+        def unblock(call: _Call) -> None:
+            finish = call.finish
+
+            def then(result: Any) -> list[_Call]:
+                finish(result)
+                outstanding[call.task] -= 1
+                if outstanding[call.task]:
+                    return []
+                # Splitting a task's sweeps costs passes: only the last task's fill idle workers.
+                last = not any(outstanding.values())
+                return sweeps_of(call.task, len(self.actors) if last else 1)
+
+            call.finish = then
+
+        for call in vector_calls:
+            unblock(call)
+        ready = {task.name for task, _ in early.sweeps} - set(outstanding)
+        calls = [*vector_calls, *(c for task in sorted(ready) for c in sweeps_of(task, len(self.actors)))]
+        calls += self._step_calls(steps, "test", early.tests, tests, len(self.actors))
+        self._run(calls)
+        for condition, task, seed in early.vectors:
+            steps.vector_for(condition, task, seed)
+        return [_complete(rows) for rows in sweeps], [_complete(rows) for rows in tests]
 
     def analyses(self, job: AnalysisJob) -> None:
         """The lens of each task, the 2-D map and the conflict of each task pair, one worker step each,
         into the driver's cache; the driver's own pass then reads them and does the cheap rest."""
         known = self.ray.put(analysis_steps(job.cache))
         self._run([_analysis_call(self, job, part, known) for part in analysis_parts(job.tasks)])
-
-    def tests(self, steps: StepRunner, jobs: Sequence[TestJob]) -> list[list[dict[str, Any]]]:
-        results: list[list[dict[str, Any] | None]] = []
-        groups: dict[tuple[int, str], list[int]] = {}
-        for job, (task, work) in enumerate(jobs):
-            results.append([steps.cached_test(step, task) for step in work])
-            for index, (condition, seed, layer, _) in enumerate(work):
-                if results[job][index] is None:
-                    patched = condition.vector is not None and layer is not None
-                    # As StepRunner.tests: unpatched conditions have no pass to share.
-                    shared = steps.prompt_group(condition, task, seed) if patched else f"unpatched {index}"
-                    groups.setdefault((job, shared), []).append(index)
-        calls = []
-        for job, group in _split([(job, group) for (job, _), group in groups.items()], len(self.actors)):
-            task, work = jobs[job]
-            chunk = [work[index] for index in group]
-            vectors = {(c.name, task.name, s): _vector(steps, c, task, s) for c, s, *_ in chunk if c.vector}
-            keys = [steps.test_key(step, task)[1] for step in chunk]
-            keep = _keeper(steps, "test", task, group, keys, results[job])
-            calls.append(_Call("tests", (task, self._files(task), chunk, vectors), keep, len(chunk)))
-        self._run(calls)
-        return [_complete(rows) for rows in results]
 
 
 def _analysis_call(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -24,7 +25,14 @@ from taskvec.evaluation import first_line
 from taskvec.experiments.baselines import Floor, model_free_floors
 from taskvec.experiments.conditions import Condition, plan_conditions
 from taskvec.experiments.config import METRICS, RunConfig
-from taskvec.experiments.executors import AnalysisJob, SequentialExecutor, StepExecutor, SweepJob, TestJob
+from taskvec.experiments.executors import (
+    AnalysisJob,
+    EarlySteps,
+    SequentialExecutor,
+    StepExecutor,
+    SweepJob,
+    TestJob,
+)
 from taskvec.experiments.function_vector_results import head_overlaps, heads_of_run
 from taskvec.experiments.layer_choice import (
     LayerChoice,
@@ -131,68 +139,91 @@ def _tasks_of(work: Sequence[Work]) -> list[Task]:
     return list(tasks.values())
 
 
-def _test_answers(
-    steps: StepRunner, executor: StepExecutor, work: list[Work], layers: dict[str, LayerChoice]
-) -> list[dict[str, Any]]:
-    """Every work item's test answers, task by task, so patched conditions share their passes."""
+def _test_jobs(work: list[Work], indices: Sequence[int], layers: dict[str, LayerChoice]) -> list[TestJob]:
+    """The test steps of `work[indices]`, one job per task, so patched conditions share their passes."""
     jobs: list[TestJob] = []
-    positions: list[list[int]] = []
-    for task in _tasks_of(work):
-        indices = [index for index, (_, of_task, _) in enumerate(work) if of_task is task]
+    for task in _tasks_of([work[index] for index in indices]):
         task_work = []
         for index in indices:
-            condition, _, seed = work[index]
+            condition, of_task, seed = work[index]
+            if of_task is not task:
+                continue
             if not condition.patched:
                 task_work.append(TestStep(condition, seed))
                 continue
             choice = layers[condition.name]
             task_work.append(TestStep(condition, seed, choice.chosen, choice.scale or 1.0))
         jobs.append((task, task_work))
-        positions.append(indices)
+    return jobs
+
+
+def _answers_in_order(
+    work: list[Work], indices: Sequence[int], jobs: list[TestJob], results: list[list[dict[str, Any]]]
+) -> dict[int, dict[str, Any]]:
+    """{index into work: its test answers}, from jobs made by `_test_jobs(work, indices, ...)`."""
     answers: dict[int, dict[str, Any]] = {}
-    for indices, results in zip(positions, executor.tests(steps, jobs), strict=True):
-        answers.update(zip(indices, results, strict=True))
-    return [answers[index] for index in range(len(work))]
+    for (task, _), rows in zip(jobs, results, strict=True):
+        of_task = [index for index in indices if work[index][1] is task]
+        answers.update(zip(of_task, rows, strict=True))
+    return answers
 
 
-def _choose_layers(
-    steps: StepRunner,
-    executor: StepExecutor,
-    conditions: list[Condition],
-    work: list[Work],
-    config: RunConfig,
-) -> dict[str, LayerChoice]:
-    handle = steps.handle
-    patched = [c for c in conditions if c.patched]
+@dataclass(frozen=True)
+class _SweepPlan:
+    jobs: list[SweepJob]
+    swept: list[Condition]
+    borrowed: dict[str, str]  # condition -> the condition whose sweep decides its layer
+    candidates: list[int]
+
+
+def _plan_sweeps(
+    handle: ModelHandle, conditions: list[Condition], work: list[Work], config: RunConfig
+) -> _SweepPlan | None:
+    """The validation sweeps the layer choice reads; None when the layer is given (--layer)."""
     if isinstance(config.layer_choice, int):
-        fixed = fixed_layer(config.layer_choice, handle.num_layers)
-        # A function vector at a given layer is added at the first of its scales.
-        return {
-            c.name: dataclasses.replace(fixed, scale=config.fv_scales[0]) if c.function_vector else fixed
-            for c in patched
-        }
+        return None
+    patched = [c for c in conditions if c.patched]
     candidates = candidate_layers(
         config.first_candidate_layer, config.last_candidate_layer, handle.num_layers
     )
     borrowed = _borrowed_layer_choices(patched, config)
     swept = [c for c in patched if c.name not in borrowed]
-    sweeps: dict[str, dict[str, list[dict[str, object]]]] = {c.name: {} for c in swept}
     sweep_seeds = config.seeds[: config.layer_sweep_seeds]
     sweep_work = [w for w in work if w[0] in swept and (w[2] is None or w[2] in sweep_seeds)]
     jobs: list[SweepJob] = [
         (task, [(condition, seed) for condition, of_task, seed in sweep_work if of_task is task])
         for task in _tasks_of(sweep_work)
     ]
-    for (task, task_work), results in zip(jobs, executor.sweeps(steps, jobs), strict=True):
-        for (condition, _), result in zip(task_work, results, strict=True):
+    return _SweepPlan(jobs, swept, borrowed, candidates)
+
+
+def _choose_layers(
+    handle: ModelHandle,
+    conditions: list[Condition],
+    config: RunConfig,
+    plan: _SweepPlan | None,
+    results: list[list[dict[str, Any]]],
+) -> dict[str, LayerChoice]:
+    if plan is None:
+        assert isinstance(config.layer_choice, int)
+        fixed = fixed_layer(config.layer_choice, handle.num_layers)
+        # A function vector at a given layer is added at the first of its scales.
+        return {
+            c.name: dataclasses.replace(fixed, scale=config.fv_scales[0]) if c.function_vector else fixed
+            for c in conditions
+            if c.patched
+        }
+    sweeps: dict[str, dict[str, list[dict[str, object]]]] = {c.name: {} for c in plan.swept}
+    for (task, task_work), rows in zip(plan.jobs, results, strict=True):
+        for (condition, _), result in zip(task_work, rows, strict=True):
             sweeps[condition.name].setdefault(task.name, []).append(result)
     layers: dict[str, LayerChoice] = {}
-    for condition in swept:
+    for condition in plan.swept:
         ignore_case = condition.ignores_case and config.ensemble_ignore_case
         ignore_case = ignore_case or config.metric == "prefix_ignore_case"
         choose = choose_scale_and_layer if condition.function_vector else choose_from_sweeps
-        layers[condition.name] = choose(sweeps[condition.name], candidates, ignore_case=ignore_case)
-    for name, source in borrowed.items():
+        layers[condition.name] = choose(sweeps[condition.name], plan.candidates, ignore_case=ignore_case)
+    for name, source in plan.borrowed.items():
         chosen = layers[source]
         layers[name] = LayerChoice(chosen.chosen, [], {}, chosen.candidates, shared_from=source)
     return layers
@@ -254,12 +285,21 @@ def run_experiments(
     steps = StepRunner(handle, llm if uses_llm else None, config, cache, store, progress)
 
     work: list[Work] = [(c, t, s) for c in conditions for t in tasks for s in _seeds(c, config)]
-    executor.vectors(steps, [w for w in work if w[0].patched])
-    layers = _choose_layers(steps, executor, conditions, work, config)
+    unpatched = [index for index, (condition, _, _) in enumerate(work) if not condition.patched]
+    patched = [index for index, (condition, _, _) in enumerate(work) if condition.patched]
+    plan = _plan_sweeps(handle, conditions, work, config)
+    early_tests = _test_jobs(work, unpatched, {})
+    sweep_results, early_answers = executor.before_layer_choice(
+        steps, EarlySteps([work[index] for index in patched], plan.jobs if plan else [], early_tests)
+    )
+    layers = _choose_layers(handle, conditions, config, plan, sweep_results)
+    late_tests = _test_jobs(work, patched, layers)
+    answers = _answers_in_order(work, unpatched, early_tests, early_answers)
+    answers.update(_answers_in_order(work, patched, late_tests, executor.tests(steps, late_tests)))
+    test_answers = [answers[index] for index in range(len(work))]
 
     rows: list[ConditionResult] = []
     examples: list[Example] = []
-    test_answers = _test_answers(steps, executor, work, layers)
     for (condition, task, seed), test in zip(work, test_answers, strict=True):
         layer = layers[condition.name].chosen if condition.patched else None
         scale = layers[condition.name].scale if condition.patched else None
