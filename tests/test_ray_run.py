@@ -248,3 +248,28 @@ def test_analyses_on_ray_equal_the_local_analyses_and_the_driver_computes_no_exp
         executor.close()
     assert on_ray.errors == local.errors == {}
     assert on_ray.results == local.results
+
+
+def test_a_tasks_sweeps_start_before_the_other_tasks_vectors_finish_and_results_stay_the_same(
+    cluster: None, setup: Setup, tmp_path: Path
+) -> None:
+    from run_fixtures import write_shared_input_task_file
+
+    task_dir = tmp_path / "tasks"
+    second = write_shared_input_task_file(task_dir)
+    config = setup.config.with_options(tasks=(str(task_dir / "country-capital.jsonl"), str(second)))
+    two = Setup(setup.root, setup.model, setup.llm, config, tmp_path / "reference")
+    _run_locally(two, two.reference)
+    executor = _run_on_ray(two, tmp_path / "ray")
+    assert _comparable(tmp_path / "ray") == _comparable(two.reference)
+    history = executor.history
+    first_sweep = history.index(("submit", "sweeps", "country-capital"))
+    last_vector = max(
+        i for i, (event, method, _) in enumerate(history) if (event, method) == ("finish", "vector")
+    )
+    assert first_sweep < last_vector, "the first task's sweeps waited for every vector"
+    # The unpatched tests (no context, ICL baselines) do not wait for the layer choice either.
+    events = [(event, method) for event, method, _ in history]
+    first_test = events.index(("submit", "tests"))
+    last_sweep = max(i for i, event in enumerate(events) if event == ("finish", "sweeps"))
+    assert first_test < last_sweep

@@ -310,6 +310,8 @@ class RayExecutor:
         self.deaths = 0
         self.completed = 0
         self.counts: dict[str, int] = {}
+        # ("submit" | "finish", method, task) in the order the driver saw them.
+        self.history: list[tuple[str, str, str]] = []
         self._images: dict[str, Any] = {}
         self.actors: list[tuple[str, Any]] = [self._start() for _ in range(workers)]
         self.bar = tqdm(total=0, desc="steps on Ray", disable=not progress)
@@ -363,6 +365,7 @@ class RayExecutor:
                 index, actor = pending.pop(0), idle.popleft()
                 call = queue[index]
                 running[getattr(actor[1], call.method).remote(*call.args)] = (index, actor)
+                self.history.append(("submit", call.method, call.task))
             (ref,), _ = ray.wait(list(running), num_returns=1)
             index, actor = running.pop(ref)
             try:
@@ -377,6 +380,7 @@ class RayExecutor:
                 idle.append(replacement)
                 pending.insert(0, index)
                 continue
+            self.history.append(("finish", queue[index].method, queue[index].task))
             follow = queue[index].finish(result) or []
             if follow:
                 queue += follow
@@ -405,6 +409,9 @@ class RayExecutor:
                     stored = steps.store.has(role, model, task, spec, run_seed)
                 if not stored:
                     wanted.setdefault((role, task.name, spec, run_seed, kind), task)
+        # Task by task: the first tasks' sweeps can start while the last task's vectors run.
+        order = list(dict.fromkeys(task.name for _, task, _ in jobs))
+        ranked = sorted(wanted.items(), key=lambda entry: order.index(entry[1].name))
 
         def keep(task: Task, role: ModelRole, spec: VectorSpec, seed: int, kind: VectorKind) -> Finish:
             def finish(result: Any) -> None:
@@ -423,7 +430,7 @@ class RayExecutor:
                 rank=0,
                 task=task.name,
             )
-            for (role, _, spec, seed, kind), task in wanted.items()
+            for (role, _, spec, seed, kind), task in ranked
         ]
 
     def _step_calls(
@@ -462,7 +469,8 @@ class RayExecutor:
                 keys = [steps.test_key(step, task)[1] for step in chunk]
             keep = _keeper(steps, kind, task, group, keys, results[job])
             method, rank = ("sweeps", 1) if kind == "sweeps" else ("tests", 2)
-            calls.append(_Call(method, (task, self._files(task), chunk, vectors), keep, len(chunk), rank))
+            args = (task, self._files(task), chunk, vectors)
+            calls.append(_Call(method, args, keep, len(chunk), rank, task.name))
         return calls
 
     # ---- phases --------------------------------------------------------------------------------
