@@ -102,3 +102,6 @@ def test_quick_run_on_the_default_vlm_writes_results_and_patching_beats_no_conte
     assert paper["text-icl-xpatch"].mean >= 0.15 > paper["no-context"].mean
     assert paper["image-icl"].mean >= 0.1
     assert results.table("llm_to_vlm") is not None and results.vector_cosine is not None
+    # Function vectors beside the residual ones, with the heads of both demonstration kinds per task.
+    assert results.table("function_vectors") is not None
+    assert {overlap.task for overlap in results.head_overlaps} == set(config.tasks)
