@@ -58,6 +58,11 @@ class LayerChoice:
     scale: float | None = None
     validation_per_scale: dict[str, list[float]] = field(default_factory=dict)
 
+    @property
+    def validation_at_chosen(self) -> float | None:
+        """The validation accuracy at the chosen layer (None when the layer was not swept)."""
+        return self.validation_mean[self.chosen] if self.validation_mean else None
+
 
 def choose_from_sweeps(
     sweeps: Mapping[str, Sequence[Mapping[str, object]]],

@@ -4,7 +4,6 @@ to, and where each function-vector condition was added."""
 
 from __future__ import annotations
 
-from taskvec.experiments.layer_choice import LayerChoice
 from taskvec.experiments.results import HeadEffects, RunResults
 from taskvec.experiments.tables import placement
 from taskvec.report import figures
@@ -39,7 +38,7 @@ def function_vector_section(results: RunResults, writer: FigureWriter) -> str:
     if result is not None:
         parts.append(result_table(results, result))
     placements = [
-        [escape(name), escape(placement(choice.chosen, choice.scale)), number(_at(choice))]
+        [escape(name), escape(placement(choice.chosen, choice.scale)), number(choice.validation_at_chosen)]
         for name, choice in results.layers.items()
         if choice.scale is not None
     ]
@@ -78,7 +77,3 @@ def function_vector_section(results: RunResults, writer: FigureWriter) -> str:
             )
     parts.append(note(READING))
     return "\n".join(parts)
-
-
-def _at(choice: LayerChoice) -> float | None:
-    return choice.validation_mean[choice.chosen] if choice.validation_mean else None

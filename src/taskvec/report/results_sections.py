@@ -235,7 +235,7 @@ def layer_section(results: RunResults, writer: FigureWriter) -> str:
     }
     rows = []
     for name, choice in results.layers.items():
-        at = choice.validation_mean[choice.chosen] if choice.validation_mean else None
+        at = choice.validation_at_chosen
         how = (
             "given (--layer)"
             if choice.fixed
