@@ -401,17 +401,13 @@ class RayExecutor:
         """One call per missing extracted vector, each kept in the driver's store when it returns."""
         wanted: dict[tuple[ModelRole, str, VectorSpec, int, VectorKind], Task] = {}
         for condition, task, seed in jobs:
-            for role, spec, run_seed, kind in steps.extractions(condition, task, seed):
-                model = steps.model_of(role)
-                if kind == "function-vector":
-                    stored = steps.store.has_function_vector(role, model, task, spec, run_seed)
-                else:
-                    stored = steps.store.has(role, model, task, spec, run_seed)
-                if not stored:
+            for extraction in steps.extractions(condition, task, seed):
+                if not steps.has_extracted(extraction, task):
+                    role, spec, run_seed, kind = extraction
                     wanted.setdefault((role, task.name, spec, run_seed, kind), task)
         # Task by task: the first tasks' sweeps can start while the last task's vectors run.
-        order = list(dict.fromkeys(task.name for _, task, _ in jobs))
-        ranked = sorted(wanted.items(), key=lambda entry: order.index(entry[1].name))
+        order = {name: rank for rank, name in enumerate(dict.fromkeys(task.name for _, task, _ in jobs))}
+        ranked = sorted(wanted.items(), key=lambda entry: order[entry[1].name])
 
         def keep(task: Task, role: ModelRole, spec: VectorSpec, seed: int, kind: VectorKind) -> Finish:
             def finish(result: Any) -> None:

@@ -100,6 +100,14 @@ class StepRunner:
             vector, key = self.store.get(role, model, task, spec, seed)
         return vector.vectors, key
 
+    def has_extracted(self, extraction: Extraction, task: Task) -> bool:
+        """Whether `extracted` would read this vector from the run directory instead of computing it."""
+        role, spec, seed, kind = extraction
+        model = self.model_of(role)
+        if kind == "function-vector":
+            return self.store.has_function_vector(role, model, task, spec, seed)
+        return self.store.has(role, model, task, spec, seed)
+
     def extractions(self, condition: Condition, task: Task, seed: int | None) -> list[Extraction]:
         """The extracted vectors `vector_for` reads for this condition (the rest is arithmetic on them)."""
         spec, run_seed = condition.vector, seed or 0
