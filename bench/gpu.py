@@ -4,7 +4,10 @@ Builds LLaVA-1.5-7B, Idefics2-8B, Qwen2-VL-7B, Qwen2.5-VL-7B and Gemma-3-4B from
 written out below (no hub access: each names the config.json it copies), with random weights:
 speed and memory do not depend on the weights' values.
 
-On a CUDA machine, per family and for bf16 and (with bitsandbytes installed) 4-bit NF4, prints the
+On a CUDA machine, per family and for bf16 and (with bitsandbytes installed) 4-bit NF4, first runs
+`taskvec check` on the model (its table is printed, its "n of n pass" goes into the timing table;
+random text prompts and the bare image query stand in for the checks' own prompts, which need a
+tokenizer), so the numbers timed are proven on the same model and GPU; then prints the
 build time, the weights' memory, and for a bare image query and a 5-shot image ICL prompt the
 one-pass and batched layer sweeps over all layers: seconds and peak memory
 (torch.cuda.max_memory_allocated). Pixels come from the checkpoint's own image-processor settings;
@@ -61,6 +64,8 @@ import torch
 import transformers
 from accelerate import init_empty_weights
 
+from taskvec.checks import format_table, run_checks
+from taskvec.checks.prompts import EncodedPrompts
 from taskvec.engine import sweep_layers
 from taskvec.engine.sweep_memory import DEFAULT_FREE_MEMORY_FRACTION, rows_per_chunk
 from taskvec.models import ModelHandle, architecture_for_class
@@ -654,15 +659,40 @@ def measure(run: Callable[[], Any], repeats: int, device: torch.device) -> str:
         torch.cuda.empty_cache()
 
 
-def benchmark_family(family: Family, quantize: bool, repeats: int, device: torch.device) -> list[list[str]]:
+def check_prompts(family: Family, handle: ModelHandle, device: torch.device) -> EncodedPrompts:
+    """Random text prompts of three lengths (batched by the checks with left padding) and the bare
+    image query: the model has no tokenizer to write the checks' own prompts."""
+    generator = np.random.default_rng(0)
+    texts = [
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        for ids in (
+            torch.tensor([generator.integers(1000, 20000, size=length).tolist()], device=device)
+            for length in (QUERY_TEXT_TOKENS, QUERY_TEXT_TOKENS + 2 * DEMONSTRATION_TEXT_TOKENS, 13)
+        )
+    ]
+    image = prompt_inputs(family, handle.model, 0, device)
+    return EncodedPrompts(handle, {"text": texts}, {"text": texts[1], "image": image})
+
+
+def engine_checks(family: Family, handle: ModelHandle, device: torch.device) -> str:
+    """`taskvec check` on the model about to be timed: its table printed, 'n of n pass' returned."""
+    checks = run_checks(handle, prompts=check_prompts(family, handle, device))
+    print(format_table(checks) + "\n")
+    return checks.headline().removeprefix("engine checks on this model: ")
+
+
+def benchmark_family(
+    family: Family, quantize: bool, repeats: int, device: torch.device, check: bool = True
+) -> list[list[str]]:
     weights_kind = "nf4" if quantize else "bf16"
     before = torch.cuda.memory_allocated(device)
     try:
         model, seconds = build_on_gpu(family, quantize, device)
     except torch.cuda.OutOfMemoryError:
-        return [[family.name, weights_kind, "out of memory", "", "", "", "", ""]]
+        return [[family.name, weights_kind, "out of memory", "", "", "", "", "", ""]]
     weights = (torch.cuda.memory_allocated(device) - before) / GIB
     handle = ModelHandle(model, None, architecture_for_class(type(model).__name__), family.name)
+    checked = engine_checks(family, handle, device) if check else "not run"
     vectors = torch.randn(handle.num_layers, handle.hidden_size, generator=torch.Generator().manual_seed(0))
     rows = []
     for prompt in prompts(family, model.config):
@@ -679,6 +709,7 @@ def benchmark_family(family: Family, quantize: bool, repeats: int, device: torch
                 weights_kind,
                 f"{seconds:.1f}",
                 f"{weights:.1f}",
+                checked,
                 label,
                 str(prompt.tokens),
                 *sweeps,
@@ -695,6 +726,7 @@ GPU_COLUMNS = [
     "weights",
     "build (s)",
     "weights (GiB)",
+    "engine checks",
     "prompt",
     "tokens",
     "one-pass sweep (s / peak)",
@@ -702,7 +734,7 @@ GPU_COLUMNS = [
 ]
 
 
-def benchmark(families: Sequence[Family], repeats: int) -> None:
+def benchmark(families: Sequence[Family], repeats: int, check: bool = True) -> None:
     device = torch.device("cuda", torch.cuda.current_device())
     try:
         import bitsandbytes  # noqa: F401
@@ -717,7 +749,7 @@ def benchmark(families: Sequence[Family], repeats: int) -> None:
         row
         for family in families
         for quantize in modes
-        for row in benchmark_family(family, quantize, repeats, device)
+        for row in benchmark_family(family, quantize, repeats, device, check)
     ]
     print_table(GPU_COLUMNS, rows)
 
@@ -729,6 +761,11 @@ def main() -> None:
     parser.add_argument("--estimate", action="store_true", help="memory from the configs, on the meta device")
     parser.add_argument("--families", nargs="+", choices=[family.name for family in FAMILIES])
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per sweep (the fastest is shown)")
+    parser.add_argument(
+        "--no-check",
+        action="store_true",
+        help="time the sweeps without running `taskvec check` on each model",
+    )
     args = parser.parse_args()
     families = [family for family in FAMILIES if args.families is None or family.name in args.families]
     if not args.estimate and not torch.cuda.is_available():
@@ -737,7 +774,7 @@ def main() -> None:
     if args.estimate:
         estimate(families)
     else:
-        benchmark(families, args.repeats)
+        benchmark(families, args.repeats, check=not args.no_check)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,10 @@ zstandard (no change to torch or transformers), but to leave that environment ex
 the bench runs from a venv that sees the project's packages:
 
     python -m venv --system-site-packages /tmp/nnsight-venv
-    /tmp/nnsight-venv/bin/pip install -c constraints/cpu.txt nnsight==0.8.1
+    /tmp/nnsight-venv/bin/pip install -c constraints/lock.txt nnsight==0.8.1
     /tmp/nnsight-venv/bin/python bench/nnsight_compare.py
 
-(or `pip install -c constraints/cpu.txt -e ".[bench]"`). Without nnsight it prints why and exits 0.
+(or `pip install -c constraints/lock.txt -e ".[bench]"`). Without nnsight it prints why and exits 0.
 """
 
 from __future__ import annotations

@@ -107,3 +107,18 @@ def tiny_config(task_file: Path, **changes: Any) -> RunConfig:
     }
     options.update(changes)
     return RunConfig(**options)
+
+
+def untimed_results(run_dir: Path) -> dict[str, Any]:
+    """results.json without what measures time (when the run started, how long it and each of its
+    engine checks took, how many steps it computed rather than read): what two runs of the same
+    inputs must agree on, wherever and however often their steps ran."""
+    results: dict[str, Any] = json.loads((run_dir / "results.json").read_text())
+    for field in ("started", "seconds", "steps"):
+        results["meta"].pop(field)
+    for checks in results.get("engine_checks", []):
+        checks.pop("seconds")
+        for row in checks["rows"]:
+            row.pop("seconds")
+    return results
+

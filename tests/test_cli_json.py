@@ -74,10 +74,17 @@ def test_demo_prints_json_on_a_tiny_model(
     assert result["task"] == "country-capital" and len(result["validation_accuracy_per_layer"]) == 3
 
 
-def test_report_prints_the_paths_it_wrote(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["report", str(tmp_path), "--json"]) == 0
-    assert printed_json(capsys) == {"report": str(tmp_path / "report.html"), "analysis": None}
-    assert (tmp_path / "report.html").is_file()
+def test_report_prints_the_paths_it_wrote(
+    tiny_llava_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    argv = ["run", "--model", str(tiny_llava_dir), "--llm", "none", "--tasks", str(write_task_file(tmp_path))]
+    argv += ["--quick", "--shots", "2", "--ensemble-examples", "0", "2", "--out", str(out), "--no-analyses"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["report", str(out), "--json"]) == 0
+    assert printed_json(capsys) == {"report": str(out / "report.html"), "analysis": None}
+    assert (out / "report.html").is_file()
 
 
 def test_run_prints_paths_and_summaries_and_its_tables_go_to_stderr(

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
 import torch
 from conftest import random_image, tiny_handle
+from PIL import Image
 from tiny_models import FAMILIES, LM_FAMILIES, VLM_FAMILIES
 
 from taskvec.engine import (
     Patch,
     generate_greedy,
+    generate_greedy_ids,
     logit_lens,
     patch_at,
     record_residuals,
@@ -23,12 +26,17 @@ TEXT_PROMPTS = ["Q:France\nA:Paris\n\nQ:Japan\nA:", "Q:Egypt\nA:"]
 IMAGE_PROMPTS = ["Q:<image>\nA:Paris\n\nQ:<image>\nA:", "Q:<image>\nA:"]
 
 
-def batch_for(handle: ModelHandle, with_images: bool) -> dict[str, Any]:
+def prompts_and_images(with_images: bool) -> tuple[list[str], list[list[Image.Image]] | None]:
+    """Two prompts of different lengths, and their images (two in the first prompt, one in the second)."""
     if not with_images:
-        return handle.build_inputs(TEXT_PROMPTS)
-    if handle.architecture.multi_image:
-        return handle.build_inputs(IMAGE_PROMPTS, [[random_image(1), random_image(2)], [random_image(3)]])
-    return handle.build_inputs(IMAGE_PROMPTS[1:] * 2, [[random_image(3)], [random_image(4)]])
+        return TEXT_PROMPTS, None
+    return IMAGE_PROMPTS, [[random_image(1), random_image(2)], [random_image(3)]]
+
+
+def batch_for(handle: ModelHandle, with_images: bool) -> dict[str, Any]:
+    if with_images and not handle.architecture.multi_image:
+        return handle.build_inputs(IMAGE_PROMPTS[1:] * 2, [[random_image(3)], [random_image(4)]])
+    return handle.build_inputs(*prompts_and_images(with_images))
 
 
 def single_query(handle: ModelHandle, with_images: bool) -> dict[str, Any]:
@@ -169,3 +177,54 @@ def test_patch_rows_and_positions_apply_per_row(family: str) -> None:
         patched = clean_forward(handle, inputs).logits[:, -1]
     torch.testing.assert_close(patched[0], clean[0], atol=1e-5, rtol=1e-4)
     assert not torch.allclose(patched[1], clean[1], atol=1e-4)
+
+
+# ------------------------------------------------------------------ a prefix LM's prompt (PaliGemma)
+
+
+@pytest.mark.parametrize("with_images", [False, True], ids=["text", "image"])
+def test_a_paligemma_batch_equals_each_prompt_alone(with_images: bool) -> None:
+    """PaliGemma's prompt attends both ways, as far as token_type_ids mark it (0); a left-padded batch
+    marks the same prefix as each prompt alone, whether the processor writes the marks (with images)
+    or the handle does (text alone)."""
+    handle = tiny_handle("paligemma")
+    prompts, images = prompts_and_images(with_images)
+    batch = handle.build_inputs(prompts, images)
+    assert bool((batch["attention_mask"] == 0).any()), "the prompts should differ in length"
+    alone = [
+        handle.build_inputs([prompt], None if images is None else [images[row]])
+        for row, prompt in enumerate(prompts)
+    ]
+    together = clean_forward(handle, batch).logits[:, -1]
+    each = torch.cat([clean_forward(handle, inputs).logits[:, -1] for inputs in alone])
+    torch.testing.assert_close(together, each, atol=1e-5, rtol=1e-4)
+    generated = generate_greedy_ids(handle, batch, max_new_tokens=3)
+    for row, inputs in enumerate(alone):
+        assert torch.equal(generated[row], generate_greedy_ids(handle, inputs, max_new_tokens=3)[0])
+
+
+def test_a_paligemma_text_prompt_does_not_depend_on_the_attention_implementation() -> None:
+    """A text prompt's prefix is in its inputs: without token_type_ids, sdpa given no mask attends
+    both ways and eager's causal mask one way (7e-3 apart on the tiny PaliGemma)."""
+    handle = tiny_handle("paligemma")
+    eager = copy.deepcopy(handle.model)
+    eager.set_attn_implementation("eager")  # type: ignore[operator]
+    inputs = handle.build_inputs(TEXT_PROMPTS[:1])
+    with torch.no_grad():
+        expected = handle.model(**inputs).logits
+        torch.testing.assert_close(eager(**inputs).logits, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_paligemma_image_prompt_gets_its_processors_own_inputs() -> None:
+    """With images the processor writes token_type_ids itself (0 over the whole prompt): the handle
+    passes its inputs on unchanged, but for the training labels it derives from them."""
+    handle = tiny_handle("paligemma")
+    prompts, images = prompts_and_images(True)
+    assert images is not None
+    ours = handle.build_inputs(prompts[1:], images[1:])
+    theirs = handle.processor(text=prompts[1:], images=images[1:], padding=True, return_tensors="pt")
+    assert set(ours) == set(theirs) - {"labels"}
+    for key, value in theirs.items():
+        if key != "labels":
+            torch.testing.assert_close(ours[key], value, atol=0, rtol=0)
+    assert not bool(ours["token_type_ids"].any())

@@ -376,9 +376,15 @@ def test_cli_run_quick_on_a_saved_checkpoint(tmp_path: Path, capsys: pytest.Capt
     out = tmp_path / "run"
     argv = ["run", "--model", str(model_dir), "--llm", "none", "--tasks", str(task_file), "--quick"]
     argv += ["--shots", "2", "--ensemble-examples", "0", "2", "--out", str(out), "--no-analyses"]
+    capsys.readouterr()
     assert main(argv) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "Main table" in printed and "text-icl-xpatch" in printed and "no base LM given" in printed
+    # Off a terminal (captured here, as in a log file) each stage is one line, no redrawn bar frames.
+    assert "\r" not in captured.err
+    stages = [line for line in captured.err.splitlines() if line.startswith(("vectors:", "test, tasks:"))]
+    assert len(stages) >= 2 and all(line.endswith(" s") for line in stages), captured.err
     results = json.loads((out / "results.json").read_text())
     assert results["meta"]["quick"] and results["meta"]["llm"] is None
     assert main(["run", "--model", str(model_dir), "--tasks", "no-such-task", "--out", str(out)]) == 2

@@ -1,4 +1,4 @@
-"""Per-family image defaults, models outside the table (by transformers' common layout), Llama 4."""
+"""Per-family image defaults, and models outside the table (by transformers' common layout)."""
 
 from __future__ import annotations
 
@@ -13,19 +13,17 @@ from PIL import Image
 from tiny_models import (
     BUILDERS,
     FAMILIES,
-    OUTSIDE_TABLE_BUILDERS,
     TinyModel,
     build_opt,
     build_phi3,
     build_tiny,
     build_tokenizer,
     build_vipllava,
-    resolve,
 )
 
 from taskvec.engine import record_residuals, sweep_layers
 from taskvec.models import ARCHITECTURES, ModelHandle, UnsupportedArchitectureError
-from taskvec.models.architectures import LLAMA4_LAYOUT, Architecture
+from taskvec.models.architectures import Architecture
 from taskvec.models.convention import ConventionArchitectureWarning, resolve_architecture
 
 PROMPT = "Q:<image>\nA:"
@@ -287,37 +285,3 @@ def test_positions_the_convention_cannot_number_are_refused() -> None:
     with pytest.raises(UnsupportedArchitectureError, match=r"no model\.rotary_emb"):
         resolve_architecture(tiny.model, tiny.processor)
 
-
-# ---------------------------------------------------------------------------------------------- Llama 4
-
-
-def test_llama4_layout_matches_the_model() -> None:
-    tiny = OUTSIDE_TABLE_BUILDERS["llama4"](0)
-    assert tiny.architecture is LLAMA4_LAYOUT
-    layers = resolve(tiny.model, LLAMA4_LAYOUT.layers_path)
-    assert isinstance(layers, torch.nn.ModuleList)
-    assert len(layers) == tiny.model.config.get_text_config().num_hidden_layers
-    unembed = resolve(tiny.model, LLAMA4_LAYOUT.unembed_path)
-    assert isinstance(unembed, torch.nn.Linear) and unembed.out_features >= len(tiny.tokenizer)
-    assert LLAMA4_LAYOUT.text_model_path is not None
-    text_parameters = {id(p) for p in resolve(tiny.model, LLAMA4_LAYOUT.text_model_path).parameters()}
-    for path in LLAMA4_LAYOUT.vision_paths:
-        parameters = {id(p) for p in resolve(tiny.model, path).parameters()}
-        assert parameters and not parameters & text_parameters, path
-    with pytest.raises(UnsupportedArchitectureError, match="Llama4ForConditionalGeneration"):
-        resolve_architecture(tiny.model, tiny.processor)
-
-
-@pytest.mark.xfail(
-    raises=AttributeError,
-    strict=True,
-    reason="transformers 5.24: Llama4ForConditionalGeneration.forward reads outputs.image_outputs, "
-    "which its text model's output lacks; once this passes, LLAMA4_LAYOUT belongs in the table",
-)
-def test_llama4_runs_in_the_installed_transformers() -> None:
-    tiny = OUTSIDE_TABLE_BUILDERS["llama4"](0)
-    handle = ModelHandle(tiny.model, tiny.processor, LLAMA4_LAYOUT)
-    inputs = handle.build_inputs([PROMPT], [[random_image(7)]])
-    with torch.no_grad():
-        logits = handle.model(**inputs).logits
-    assert torch.isfinite(logits).all()

@@ -11,21 +11,20 @@ import contextlib
 import importlib.util
 import io
 import json
+import threading
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import tiny_handle
-from run_fixtures import tiny_base_lm, write_task_file
+from run_fixtures import tiny_base_lm, untimed_results, write_task_file
 from tiny_models import save_tiny_checkpoint
 
 import taskvec.experiments.command as command
 from taskvec.cli import main
 from taskvec.experiments.command import RunCommandOptions, models_at_once, per_model_options, run_names
 
-VOLATILE_META = ("started", "seconds", "steps")
 RAY_MISSING = importlib.util.find_spec("ray") is None
 
 
@@ -70,10 +69,7 @@ def sequential(models: Models, tmp_path_factory: pytest.TempPathFactory) -> tupl
 
 
 def _comparable(run_dir: Path) -> dict[str, Any]:
-    results = json.loads((run_dir / "results.json").read_text())
-    for field in VOLATILE_META:
-        results["meta"].pop(field)
-    return results
+    return untimed_results(run_dir)
 
 
 def test_two_models_run_one_after_another_each_in_its_own_directory(
@@ -200,22 +196,27 @@ def test_as_many_models_run_at_once_as_the_cluster_holds_all_their_workers() -> 
 
 @pytest.mark.skipif(RAY_MISSING, reason="needs Ray: pip install -e '.[ray]'")
 def test_two_models_on_one_ray_cluster_give_the_sequential_results(
-    models: Models, sequential: tuple[Path, str], tmp_path: Path
+    models: Models, sequential: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import ray
 
+    # Each model's run waits at the barrier until the other's has begun too: run one after the other,
+    # the first would wait alone, the barrier would break and its model would fail.
+    together = threading.Barrier(2, timeout=300)
+    run_model = command.run_model
+
+    def run_model_once_both_started(*args: Any, **kwargs: Any) -> Any:
+        together.wait()
+        return run_model(*args, **kwargs)
+
+    monkeypatch.setattr(command, "run_model", run_model_once_both_started)
     reference, _ = sequential
     out = tmp_path / "runs"
     # One worker each: on 2 CPUs both models' workers fit, so the two run at the same time.
     argv = [*models.argv(out, "--no-analyses", "--ray", "--workers", "1"), *models.both()]
     assert main(argv) == 0
     assert not ray.is_initialized()  # the command stopped the cluster it started
-    spans = []
     for name in ("tiny-llava", "tiny-llama"):
         assert _comparable(out / name) == _comparable(reference / name), name
         meta = json.loads((out / name / "results.json").read_text())["meta"]
         assert meta["steps"]["vectors_extracted"] == 0, "every vector was a worker's"
-        started = datetime.fromisoformat(meta["started"]).timestamp()
-        spans.append((started, started + meta["seconds"]))
-    # The runs overlap (by more than the second `started` is rounded to): they ran at the same time.
-    assert max(start for start, _ in spans) + 1 < min(end for _, end in spans)

@@ -8,9 +8,9 @@ outputs, 3D rope positions, sliding-window caches...) in milliseconds.
 The families are the entries of taskvec's architecture table, and a builder supplies only the model,
 its processor and tokenizer: where the layers live, the image token and how the processor takes
 images are read from the table entry of the model's class, so the tests check the table itself.
-A few models outside the table are built too: Llama 4, whose layout the table keeps aside
-(architectures.LLAMA4_LAYOUT) and whose torchvision-only image processor gets a PIL port here, and
-real classes without an entry, for the common-layout resolution of models/convention.py.
+Llama 4's image processor exists for torchvision only (which does not import beside the CPU torch
+here), so it gets a PIL port. A few real classes without a table entry are built too, for the
+common-layout resolution of models/convention.py.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from transformers.image_utils import PILImageResampling, SizeDict
 from transformers.processing_utils import ImagesKwargs, ProcessorMixin
 
 from taskvec.models import ARCHITECTURES, IMAGE_PLACEHOLDER, Architecture, architecture_for_class
-from taskvec.models.architectures import LLAMA4_LAYOUT
 
 FAMILIES: tuple[str, ...] = tuple(entry.family for entry in ARCHITECTURES)
 VLM_FAMILIES: tuple[str, ...] = tuple(entry.family for entry in ARCHITECTURES if entry.is_vision_language)
@@ -150,12 +149,10 @@ class TinyModel:
     model: torch.nn.Module
     processor: Any  # the tokenizer itself for text-only models
     tokenizer: PreTrainedTokenizerFast
-    # Only for a model kept out of the table: the layout to use instead of the table's entry.
-    layout: Architecture | None = None
 
     @property
     def architecture(self) -> Architecture:
-        return self.layout or architecture_for_class(type(self.model).__name__)
+        return architecture_for_class(type(self.model).__name__)
 
     @property
     def family(self) -> str:
@@ -801,7 +798,7 @@ def _build_llama4(seed: int) -> TinyModel:
         image_token_index=tokenizer.convert_tokens_to_ids("<|patch|>"),
     )
     model = _init(transformers.Llama4ForConditionalGeneration, config, seed, tokenizer)
-    return TinyModel(model, processor, tokenizer, layout=LLAMA4_LAYOUT)
+    return TinyModel(model, processor, tokenizer)
 
 
 def _build_mllama(seed: int) -> TinyModel:
@@ -993,8 +990,10 @@ def _build_gemma4(seed: int) -> TinyModel:
 
 def _build_paligemma(seed: int) -> TinyModel:
     """Prefix-LM: the text config has use_bidirectional_attention=True, so every prompt token with
-    token_type_ids 0 (all of them if token_type_ids is omitted) attends to the whole prompt; only
-    token_type_ids 1 (suffix, generated tokens) is causal. A residual therefore depends on later
+    token_type_ids 0 (the processor's marks for a whole prompt) attends to the whole prompt; only
+    token_type_ids 1 (suffix, generated tokens) is causal. Without token_type_ids the mask is the
+    attention implementation's: none under sdpa for one unpadded prompt (both ways), causal once a
+    mask is built (a padded batch, eager attention). A residual therefore depends on later
     prompt tokens, and a decode step over the cache of the prompt minus its last token equals a full
     forward only if that last token has token_type_ids 1. Positions are 1-indexed (position_ids =
     cache_position + 1). Images belong first (checkpoints are trained so), but the processor accepts
@@ -1136,6 +1135,7 @@ BUILDERS: dict[str, Callable[[int], TinyModel]] = {
     "internvl": _build_internvl,
     "mistral3": _build_mistral3,
     "mllama": _build_mllama,
+    "llama4": _build_llama4,
     "fuyu": _build_fuyu,
     "gemma3": _build_gemma3,
     "gemma4": _build_gemma4,
@@ -1155,10 +1155,6 @@ BUILDERS: dict[str, Callable[[int], TinyModel]] = {
         )
     },
 }
-
-
-# Families whose layout is known but which are not in the table (see architectures.LLAMA4_LAYOUT).
-OUTSIDE_TABLE_BUILDERS: dict[str, Callable[[int], TinyModel]] = {"llama4": _build_llama4}
 
 
 # ------------------------------------------------------------------------- models outside the table

@@ -3,19 +3,26 @@
 The key of a step is built from what determines its result (model weights, task content, options,
 the keys of the vectors it uses), never from the condition's name, so a changed option makes a new
 file instead of reusing a stale one, and two conditions that compute the same thing share one file.
+
+A cached file that cannot be used (not UTF-8, not JSON, not the shape its step writes, a truncated
+safetensors file) is a miss: the step is computed again and overwrites it, with a
+`CacheEntryWarning` naming the file. Every file is written whole or not at all (`atomic_files`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
+from taskvec.atomic_files import replacing, write_json_atomically
 from taskvec.models import ModelHandle
 from taskvec.tasks import Task
 
@@ -68,6 +75,16 @@ def task_fingerprint(task: Task) -> str:
     return digest(content)
 
 
+class CacheEntryWarning(UserWarning):
+    """A cached file that cannot be used: its step is computed again."""
+
+
+def warn_unusable(path: Path, reason: str) -> None:
+    # Raised here for every caller: under the "default" filter a file met twice in a process (when
+    # a step is planned, then run) is named once.
+    warnings.warn(f"{path}: {reason}; computing it again", CacheEntryWarning, stacklevel=1)
+
+
 class StepCache:
     """JSON results of finished steps: `DIR/cache/<kind>/<task>/<key>.json`."""
 
@@ -82,14 +99,21 @@ class StepCache:
     def path(self, kind: str, task: str, key: str) -> Path:
         return self.root / kind / task / f"{key}.json"
 
-    def load(self, kind: str, task: str, key: str) -> dict[str, Any] | None:
+    def tensor_path(self, kind: str, task: str, key: str) -> Path:
+        """Where a step that produces tensors keeps them: beside the JSON entries, as safetensors."""
+        return self.root / kind / task / f"{key}.safetensors"
+
+    def load(
+        self, kind: str, task: str, key: str, usable: Callable[[dict[str, Any]], bool] | None = None
+    ) -> dict[str, Any] | None:
+        """The stored entry, or None when there is none or it cannot be used: not a readable JSON
+        object, or (given `usable`) not the shape its step writes."""
         path = self.path(kind, task, key)
-        if not path.is_file():
-            self.misses += 1
-            return None
-        try:
-            data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:  # a run killed mid-write on a file system without atomic rename
+        data = read_json_entry(path)
+        if data is not None and usable is not None and not usable(data):
+            warn_unusable(path, f"not a complete {kind} entry")
+            data = None
+        if data is None:
             self.misses += 1
             return None
         self.hits += 1
@@ -99,9 +123,57 @@ class StepCache:
         write_json_atomically(self.path(kind, task, key), data)
 
 
-def write_json_atomically(path: Path, data: Any) -> None:
-    """Write to a temporary file, then rename: a killed run never leaves half a JSON file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(path.suffix + ".partial")
-    temporary.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
-    os.replace(temporary, path)
+def read_json_entry(path: Path) -> dict[str, Any] | None:
+    """A cached JSON object, or None (with a warning naming the file when it exists but is unusable)."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        warn_unusable(path, f"unreadable ({type(error).__name__}: {error})")
+        return None
+    if not isinstance(data, dict):
+        warn_unusable(path, f"a JSON {type(data).__name__}, not an object")
+        return None
+    return data
+
+
+def tensors_readable(path: Path) -> bool:
+    """Whether a safetensors file exists and its header fits its size (a truncated file does not);
+    warns when it exists but does not. Reads the header only."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt"):
+            return True
+    except (SafetensorError, OSError) as error:
+        warn_unusable(path, f"not a readable safetensors file ({error})")
+        return False
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor] | None:
+    """A cached safetensors file's tensors, or None (with a warning when it exists but is unreadable)."""
+    stored = read_tensor_file(path)
+    return stored[0] if stored is not None else None
+
+
+def read_tensor_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """A cached safetensors file's tensors and header metadata, or None (with a warning when it
+    exists but is unreadable)."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+            return tensors, dict(handle.metadata() or {})
+    except (SafetensorError, OSError) as error:
+        warn_unusable(path, f"not a readable safetensors file ({error})")
+        return None
+
+
+def write_tensors_atomically(
+    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
+    with replacing(path) as temporary:
+        contiguous = {name: tensor.contiguous() for name, tensor in tensors.items()}
+        save_file(contiguous, str(temporary), metadata=dict(metadata) if metadata is not None else None)

@@ -138,6 +138,7 @@ def _command_patch(args: argparse.Namespace) -> int:
     from taskvec.engine import Patch, generate_greedy
     from taskvec.models import IMAGE_PLACEHOLDER, load_model
     from taskvec.prompts import Prompt, as_template, encode_prompts, model_texts, query_marker_columns
+    from taskvec.tasks.images import read_rgb
     from taskvec.vectors import load_task_vector
     from taskvec.vectors.task_vector import check_layers, check_vector_fits
 
@@ -145,8 +146,7 @@ def _command_patch(args: argparse.Namespace) -> int:
     check_layers(vector, [args.layer], args.vector)  # before the model: a bad layer fails in milliseconds
     template = as_template(args.template)
     if args.image is not None:
-        with Image.open(args.image) as image:
-            images: tuple[Image.Image, ...] = (image.convert("RGB"),)
+        images: tuple[Image.Image, ...] = (read_rgb(args.image),)
         query = Prompt(template.query.format(input=IMAGE_PLACEHOLDER), images, chat=template.chat)
     else:
         query = Prompt(template.query.format(input=args.text), chat=template.chat)
@@ -348,6 +348,28 @@ def _command_lens(args: argparse.Namespace) -> int:
             values = "".join(f"{curves.relative[phase][layer]:8.3f}" for phase in ("input", "task", "answer"))
             print(f"{layer:5d}{values}")
     return 0
+
+
+def _command_check(args: argparse.Namespace) -> int:
+    from taskvec.checks import format_table, run_checks
+    from taskvec.models import load_model
+    from taskvec.typed_json import to_json
+
+    loaded = [load_model(args.model, _load_options(args))]
+    if args.llm:
+        loaded.append(load_model(args.llm, _load_options(args, for_llm=True)))
+    checked = []
+    for handle in loaded:
+        checks = run_checks(handle, args.template, only=args.only)
+        checked.append(checks)
+        if not args.json:
+            print(format_table(checks))
+    if args.json:
+        print(json.dumps({"checks": [to_json(checks) for checks in checked]}))
+    for checks in checked:
+        for row in checks.failures:
+            print(f"taskvec: {row.failure_line(checks.model)}", file=sys.stderr)
+    return 1 if any(checks.failures for checks in checked) else 0
 
 
 def _analyse_run_directory(args: argparse.Namespace, run_dir: Path) -> None:
@@ -589,6 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
         DEFAULT_SHOTS,
         DEFAULT_TOP_HEADS,
     )
+    from taskvec.options import at_least
 
     parser = argparse.ArgumentParser(prog="taskvec", description="Task vectors in VLMs and language models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -606,12 +629,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--task", default="country-capital", help="a built-in task name or a task file")
     _add_strict_option(demo)
     _add_template_option(demo)
-    demo.add_argument("--shots", type=int, default=5)
+    demo.add_argument("--shots", type=at_least(1), default=5)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--limit", type=int, default=None, help="score only the first N test items")
+    demo.add_argument("--limit", type=at_least(1), default=None, help="score only the first N test items")
     demo.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=at_least(1),
         default=1,
         help="tokens generated per answer, prefix-matched (default 1: the run's protocol)",
     )
@@ -626,10 +649,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_strict_option(extract)
     _add_template_option(extract)
     extract.add_argument("--spec", default="text-icl", choices=spec_names)
-    extract.add_argument("--shots", type=int, default=5)
+    extract.add_argument("--shots", type=at_least(1), default=5)
     extract.add_argument("--seed", type=int, default=0)
     extract.add_argument("--split", default="val", help="prompts are built from this split")
-    extract.add_argument("--limit", type=int, default=None, help="only the first N queries of the split")
+    extract.add_argument(
+        "--limit", type=at_least(1), default=None, help="only the first N queries of the split"
+    )
     extract.add_argument("--style", default=None, help="image style for image-icl (default: the first)")
     extract.add_argument("--out", required=True, help="output .safetensors path")
     extract.set_defaults(run=_command_extract)
@@ -643,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--image", help="an image file, asked as Q:<image>\\nA:")
     patch.add_argument("--mode", default=None, choices=["replace", "add"], help=MODE_HELP)
     patch.add_argument("--scale", type=float, default=1.0)
-    patch.add_argument("--max-new-tokens", type=int, default=5)
+    patch.add_argument("--max-new-tokens", type=at_least(1), default=5)
     _add_template_option(patch)
     patch.set_defaults(run=_command_patch)
 
@@ -656,7 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--split", default="val")
     sweep.add_argument("--modality", default="text", choices=["text", "image"], help="the query's input")
     sweep.add_argument("--style", default=None, help="image style for image queries")
-    sweep.add_argument("--limit", type=int, default=None, help="only the first N items")
+    sweep.add_argument("--limit", type=at_least(1), default=None, help="only the first N items")
     sweep.add_argument(
         "--sweep-memory",
         type=byte_size_argument,
@@ -676,14 +701,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_strict_option(heads)
     _add_template_option(heads)
     heads.add_argument("--spec", default="text-icl", choices=["text-icl", "image-icl"])
-    heads.add_argument("--k", type=int, default=DEFAULT_TOP_HEADS, help="heads summed into the vector")
-    heads.add_argument("--shots", type=int, default=DEFAULT_SHOTS)
     heads.add_argument(
-        "--mean-prompts", type=int, default=DEFAULT_MEAN_PROMPTS, help="clean prompts the head means average"
+        "--k", type=at_least(1), default=DEFAULT_TOP_HEADS, help="heads summed into the vector"
+    )
+    heads.add_argument("--shots", type=at_least(1), default=DEFAULT_SHOTS)
+    heads.add_argument(
+        "--mean-prompts",
+        type=at_least(1),
+        default=DEFAULT_MEAN_PROMPTS,
+        help="clean prompts the head means average",
     )
     heads.add_argument(
         "--effect-prompts",
-        type=int,
+        type=at_least(1),
         default=DEFAULT_EFFECT_PROMPTS,
         help="prompts with shuffled labels the indirect effects average",
     )
@@ -720,12 +750,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_strict_option(lens)
     _add_template_option(lens)
     lens.add_argument("--spec", default="text-icl", choices=[*spec_names, "all"])
-    lens.add_argument("--prompts", type=int, default=100, help="test queries to average over")
-    lens.add_argument("--shots", type=int, default=5)
+    lens.add_argument("--prompts", type=at_least(1), default=100, help="test queries to average over")
+    lens.add_argument("--shots", type=at_least(1), default=5)
     lens.add_argument("--seed", type=int, default=0)
     lens.add_argument("--style", default=None, help="image style for image-icl (default: the first)")
     lens.add_argument("--task-word-reduce", default="max", choices=["max", "sum"], help="over task words")
     lens.set_defaults(run=_command_lens)
+
+    from taskvec.checks import CHECK_NAMES
+
+    check = commands.add_parser(
+        "check", help="the engine's invariants on this model as loaded, each against its tolerance"
+    )
+    _add_model_options(check)
+    check.add_argument("--llm", default=None, help="also check this base LM (loaded like --model)")
+    _add_template_option(check)
+    check.add_argument(
+        "--only",
+        nargs="+",
+        choices=CHECK_NAMES,
+        default=None,
+        metavar="CHECK",
+        help=f"run only these checks: {', '.join(CHECK_NAMES)}",
+    )
+    check.set_defaults(run=_command_check)
 
     report = commands.add_parser("report", help="write DIR/report.html (self-contained) from a run directory")
     report.add_argument("dir", help="a run directory (results.json and/or analysis.json)")
@@ -744,7 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train_vlm.add_argument("--out", default="taskvec-vlm", help="checkpoints and trained parts go here")
     train_vlm.add_argument("--seed", type=int, default=0)
-    train_vlm.add_argument("--threads", type=int, default=2)
+    train_vlm.add_argument("--threads", type=at_least(1), default=2)
     train_vlm.add_argument(
         "--time-limit-minutes", type=float, default=88.0, help="stop with a checkpoint after this long"
     )
@@ -779,11 +827,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _show_taskvec_warnings_as_lines() -> None:
-    """taskvec's warnings about the user's input (a task file's repeated inputs) as one line on
-    stderr, shown even where warning filters would hide them; other warnings as Python shows them."""
+    """taskvec's warnings about the user's input (a task file's repeated inputs) and the run
+    directory (a cached step computed again) as one line on stderr, shown even where warning filters
+    would hide them; other warnings as Python shows them."""
     import warnings
 
+    from taskvec.caching import CacheEntryWarning
     from taskvec.tasks import DuplicateInputWarning
+
+    one_line = (DuplicateInputWarning, CacheEntryWarning)
 
     show_as_python_does = warnings.showwarning
 
@@ -795,19 +847,34 @@ def _show_taskvec_warnings_as_lines() -> None:
         file: Any = None,
         line: Any = None,
     ) -> None:
-        if issubclass(category, DuplicateInputWarning):
+        if issubclass(category, one_line):
             print(f"taskvec: warning: {message}", file=sys.stderr)
         else:
             show_as_python_does(message, category, filename, lineno, file, line)
 
     warnings.showwarning = show
-    warnings.simplefilter("default", DuplicateInputWarning)
+    for category in one_line:
+        warnings.simplefilter("default", category)
+
+
+def _library_bars_only_on_a_terminal() -> None:
+    """transformers' and the hub's own bars (loading weights, writing shards) off a terminal would
+    write their frames into the log, as ours would (taskvec.progress)."""
+    from taskvec.progress import on_terminal
+
+    if not on_terminal():
+        import huggingface_hub.utils
+        import transformers.utils.logging
+
+        transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
     args = build_parser().parse_args(argv)
+    _library_bars_only_on_a_terminal()
     with warnings.catch_warnings():
         _show_taskvec_warnings_as_lines()
         try:
@@ -816,6 +883,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Bad input (unknown architecture, malformed task file, missing image...) reads as one line.
             print(f"taskvec: error: {error}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            # Ctrl-C: one line, not the traceback of whatever step was running. A run keeps every
+            # finished step in its directory (130: the shell's status for a process stopped by SIGINT).
+            if args.command == "run":
+                print(
+                    f"taskvec: run stopped; its finished steps are kept in {args.out}: run the same "
+                    "command again to resume",
+                    file=sys.stderr,
+                )
+            else:
+                print(f"taskvec: {args.command} stopped", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

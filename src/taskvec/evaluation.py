@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 from taskvec.engine import PatchMode, RowPatch, generate_greedy_ids, patched_greedy_ids
 from taskvec.models import ModelHandle
+from taskvec.progress import with_progress
 from taskvec.prompts import DEFAULT_TEMPLATE, Prompt, encode_prompts, query_marker_columns
 
 # Bare queries are 1-2 dozen tokens, so a batch of 32 leaves the per-forward overhead small
@@ -104,7 +104,7 @@ def _generate_unpatched(
 ) -> Answers:
     answers = Answers([], [])
     starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc=progress, disable=progress is None, leave=False):
+    for start in with_progress(starts, progress, leave=False):
         ids = generate_greedy_ids(
             handle, encode_prompts(handle, prompts[start : start + batch_size]), max_new_tokens=max_new_tokens
         )
@@ -133,7 +133,7 @@ def generate_patched_answers(
     prompts sharing one pass over the prompts (`taskvec.engine.patched_greedy_ids`)."""
     answers = [Answers([], []) for _ in patches]
     starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc=progress, disable=progress is None, leave=False):
+    for start in with_progress(starts, progress, leave=False):
         batch = prompts[start : start + batch_size]
         inputs = encode_prompts(handle, batch)
         rows = [

@@ -276,6 +276,22 @@ def option_flags(cls: type) -> dict[str, str]:
     return {argument.name: argument.flag for argument in _arguments(cls)}
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """A command-line integer of at least `minimum`, for `option(parse=...)` and argparse's `type=`;
+    argparse names the flag: `argument --shots: expected an integer of at least 1, got '0'`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer of at least {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
     """The options every single-model command shares (demo, extract, patch, sweep, lens); how the

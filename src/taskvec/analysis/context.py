@@ -20,13 +20,22 @@ import torch
 
 from taskvec.analysis.settings import AnalysisSettings
 from taskvec.analysis.similarity import VectorKey
-from taskvec.caching import StepCache, model_fingerprint, task_fingerprint
+from taskvec.caching import (
+    StepCache,
+    model_fingerprint,
+    read_tensor_file,
+    task_fingerprint,
+    warn_unusable,
+    write_tensors_atomically,
+)
 from taskvec.engine.devices import to_cpu_float32
 from taskvec.models import ModelHandle
 from taskvec.tasks import Task
 
-# The StepCache kind of the analyses' steps: DIR/cache/analysis/<step>/<key>.json.
+# The StepCache kind of the analyses' steps: DIR/cache/analysis/<step>/<key>.json (or .safetensors).
 CACHE_KIND = "analysis"
+# A step's tensors by name and its metadata (strings, as a safetensors header holds them).
+StoredTensors = tuple[dict[str, torch.Tensor], dict[str, str]]
 
 
 @dataclass(frozen=True)
@@ -130,12 +139,36 @@ class AnalysisContext:
     ) -> Any:
         """The step's result from the cache, else computed (as JSON data) and stored."""
         key = self.cache.key(self.identity(step, tasks=tasks, layer=layer, vectors=vectors, llm=llm))
-        stored = self.cache.load(CACHE_KIND, step, key)
-        if stored is not None and "result" in stored:
+        stored = self.cache.load(CACHE_KIND, step, key, lambda entry: "result" in entry)
+        if stored is not None:
             return stored["result"]
         result = as_json(compute())
         self.cache.store(CACHE_KIND, step, key, {"step": step, "result": result})
         return result
+
+    def cached_tensors(
+        self,
+        step: str,
+        compute: Callable[[], StoredTensors],
+        *,
+        usable: Callable[[StoredTensors], bool] = lambda stored: True,
+        **scope: Any,
+    ) -> StoredTensors:
+        """`cached` for a step that produces tensors (and string metadata): kept as safetensors, so a
+        later step reads exactly the values stored, bit for bit, whichever process computed them."""
+        key = self.cache.key(self.identity(step, **scope))
+        path = self.cache.tensor_path(CACHE_KIND, step, key)
+        stored = read_tensor_file(path)
+        if stored is not None and not usable(stored):
+            warn_unusable(path, f"not a complete {step} entry")
+            stored = None
+        if stored is not None:
+            self.cache.hits += 1
+            return stored
+        self.cache.misses += 1
+        tensors, metadata = compute()
+        write_tensors_atomically(path, tensors, metadata)
+        return tensors, metadata
 
     def attempt(self, step: str, compute: Callable[[], Any], **scope: Any) -> Any | None:
         """`cached` (with the same keyword scope), but a failure is recorded under `errors[step]` and

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from taskvec.caching import write_json_atomically
+from taskvec.atomic_files import write_json_atomically
 from taskvec.typed_json import from_json, to_json
 
 ANALYSIS_FORMAT = 2
@@ -91,7 +91,7 @@ class AnalysisDocument:
             raise FileNotFoundError(f"no analysis document at {source}")
         try:
             data = json.loads(source.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ValueError(f"{source} is not JSON: {error}") from None
         try:
             return cls.from_json(data)

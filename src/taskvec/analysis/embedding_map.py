@@ -8,17 +8,18 @@ share of points whose nearest neighbour (cosine) has the same task, and the same
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from taskvec.analysis.prompt_sets import demonstration_pool, seeded_sample, task_icl_prompts
 from taskvec.engine.devices import to_cpu_float32
 from taskvec.models import ModelHandle
+from taskvec.progress import with_progress
 from taskvec.prompts import DEFAULT_TEMPLATE, Prompt, QATemplate
 from taskvec.tasks import Task
 from taskvec.vectors import VectorSpec, parse_spec, residuals_at_marker
@@ -34,6 +35,31 @@ class PromptPoints:
     specs: list[str]
     vectors: np.ndarray  # [n, hidden], float32
     embeddings: np.ndarray  # [n, hidden], float32
+
+    def as_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The points as a safetensors file holds them: tensors, and the columns as JSON metadata."""
+        tensors = {"vectors": torch.from_numpy(self.vectors), "embeddings": torch.from_numpy(self.embeddings)}
+        return tensors, {"tasks": json.dumps(self.tasks), "specs": json.dumps(self.specs)}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], columns: Mapping[str, str]) -> PromptPoints:
+        """The points of `as_tensors`; a ValueError when they do not fit together."""
+        tasks, specs = json.loads(columns["tasks"]), json.loads(columns["specs"])
+        vectors, embeddings = tensors["vectors"].numpy(), tensors["embeddings"].numpy()
+        if not len(tasks) == len(specs) == len(vectors) == len(embeddings):
+            raise ValueError(
+                f"prompt points of {len(tasks)} tasks, {len(specs)} specs, {len(vectors)} vectors "
+                f"and {len(embeddings)} embeddings"
+            )
+        return cls(tasks, specs, vectors, embeddings)
+
+    @classmethod
+    def readable(cls, stored: tuple[Mapping[str, torch.Tensor], Mapping[str, str]]) -> bool:
+        try:
+            cls.from_tensors(*stored)
+        except (KeyError, ValueError, TypeError):
+            return False
+        return True
 
 
 def prompt_points(
@@ -78,7 +104,7 @@ def collect_prompt_points(
     specs_column: list[str] = []
     vectors, embeddings = [], []
     jobs = [(task, parse_spec(spec)) for task in tasks for spec in specs]
-    for task, spec in tqdm(jobs, desc="prompt points", disable=not progress, leave=False):
+    for task, spec in with_progress(jobs, "prompt points", enabled=progress, leave=False):
         if spec.demo_modality is None:
             raise ValueError(f"the embedding map reads ICL prompts; {spec.value!r} has no demonstrations")
         queries = seeded_sample(demonstration_pool(task), prompts_per_task, seed)

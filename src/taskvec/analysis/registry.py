@@ -21,7 +21,7 @@ from typing import Any
 
 from taskvec.analysis.conflict import CONFLICT_CONTEXTS, conflict_totals, shared_input_pairs, task_conflict
 from taskvec.analysis.context import Analysis, AnalysisContext
-from taskvec.analysis.embedding_map import collect_prompt_points, embedding_map
+from taskvec.analysis.embedding_map import PromptPoints, collect_prompt_points, embedding_map
 from taskvec.analysis.lens_phases import lens_phases, mean_peak_layers
 from taskvec.analysis.prompt_sets import unsupported_reason
 from taskvec.analysis.similarity import VectorKey, similarity_analysis
@@ -105,23 +105,34 @@ def _map_specs(context: AnalysisContext) -> list[VectorSpec]:
 
 
 def _embedding_map(context: AnalysisContext) -> dict[str, Any]:
+    """The map is computed from prompt points cached on their own: t-SNE turns a difference in the
+    last bits of its input (another process's kernels) into a different picture, so a map made
+    after a resume reads the very points the interrupted run stored."""
     settings = context.settings
+    scope: dict[str, Any] = {"layer": True, "vectors": (), "llm": False}
 
-    def compute() -> dict[str, Any]:
-        points = collect_prompt_points(
-            context.handle,
-            context.tasks,
-            context.layer,
-            specs=_map_specs(context),
-            prompts_per_task=settings.map_prompts_per_task,
-            shots=settings.shots,
-            seed=settings.seed,
-            batch_size=settings.batch_size,
-            template=as_template(settings.template),
+    def points() -> PromptPoints:
+        stored = context.cached_tensors(
+            "embedding_map/points",
+            lambda: collect_prompt_points(
+                context.handle,
+                context.tasks,
+                context.layer,
+                specs=_map_specs(context),
+                prompts_per_task=settings.map_prompts_per_task,
+                shots=settings.shots,
+                seed=settings.seed,
+                batch_size=settings.batch_size,
+                template=as_template(settings.template),
+            ).as_tensors(),
+            usable=PromptPoints.readable,
+            **scope,
         )
-        return embedding_map(points, settings.projection, settings.seed)
+        return PromptPoints.from_tensors(*stored)
 
-    return context.cached("embedding_map", compute, layer=True, vectors=(), llm=False)
+    return context.cached(
+        "embedding_map", lambda: embedding_map(points(), settings.projection, settings.seed), **scope
+    )
 
 
 def _conflict_of(

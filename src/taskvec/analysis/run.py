@@ -29,6 +29,7 @@ from taskvec.analysis.similarity import VectorKey
 from taskvec.caching import StepCache
 from taskvec.engine.devices import to_cpu_float32
 from taskvec.models import ModelHandle
+from taskvec.progress import with_progress
 from taskvec.tasks import Task
 from taskvec.vectors import EXTRACTABLE_SPECS, VectorSpec, extract_vector
 from taskvec.version import __version__
@@ -99,7 +100,7 @@ def run_analyses(
         cache=cache,
     )
     analyses = tuple(a for a in registered_analyses() if only is None or a.name in only)
-    for analysis in tqdm(analyses, desc="analyses", disable=not progress):
+    for analysis in with_progress(analyses, "analyses", enabled=progress):
         context.analysis = analysis
         try:
             context.results[analysis.name] = as_json(analysis.compute(context))

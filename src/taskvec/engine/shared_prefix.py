@@ -16,7 +16,7 @@ cached step recompute the whole batch once per row of each prompt instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -33,7 +33,7 @@ from taskvec.engine.layer_skipping import rows_per_weight_read, skip_groups, ski
 from taskvec.engine.lens import logit_lens
 from taskvec.engine.patching import Patch, PatchMode, patch_at
 from taskvec.engine.sweep_memory import chunk_size, select_cache_rows, selected_copy
-from taskvec.engine.token_inputs import is_token_aligned, select_rows, token_columns, token_side_inputs
+from taskvec.engine.token_inputs import select_rows, token_columns, token_side_inputs
 from taskvec.engine.truncated_forward import run_to_last_layer
 from taskvec.models.handle import ModelHandle
 
@@ -96,7 +96,7 @@ def patched_logits(
         raise ValueError("no rows to decode")
     columns = _columns(inputs, patch_columns)
     if one_pass_reason_against(handle) is not None:
-        return to_cpu_float32(_by_prompt_alone(handle, inputs, rows, columns, _logits_by_full_passes))
+        return to_cpu_float32(_logits_by_full_passes(handle, inputs, rows, columns))
     groups, pieces = [], []
     # Only each chunk's output is kept: a chunk held on holds its cache copies past the budget.
     for chunk in _decoded_chunks(handle, inputs, rows, columns, memory_budget, first_token_only=True):
@@ -125,16 +125,9 @@ def patched_greedy_ids(
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if one_pass_reason_against(handle) is not None:
-        columns = _columns(inputs, patch_columns)
-
-        def greedy(
-            handle: ModelHandle, inputs: dict[str, Any], rows: Sequence[RowPatch], columns: list[int]
-        ) -> torch.Tensor:
-            return _greedy_by_full_passes(handle, inputs, rows, max_new_tokens, columns)
-
-        return _by_prompt_alone(handle, inputs, rows, columns, greedy)
     columns = _columns(inputs, patch_columns)
+    if one_pass_reason_against(handle) is not None:
+        return _greedy_by_full_passes(handle, inputs, rows, max_new_tokens, columns)
     groups, answers = [], []
     for chunk in _decoded_chunks(
         handle, inputs, rows, columns, memory_budget, first_token_only=max_new_tokens == 1
@@ -386,44 +379,6 @@ def _pass_patches(rows: Sequence[RowPatch], members: list[int], columns: list[in
         [replace(patch, rows=[queries[index] for index in patch.rows or ()]) for patch in patches.residual],
         [replace(patch, rows=[queries[index] for index in patch.rows or ()]) for patch in patches.heads],
     )
-
-
-FullPasses = Callable[[ModelHandle, dict[str, Any], Sequence[RowPatch], list[int]], torch.Tensor]
-
-
-def _by_prompt_alone(
-    handle: ModelHandle,
-    inputs: dict[str, Any],
-    rows: Sequence[RowPatch],
-    columns: list[int],
-    passes: FullPasses,
-) -> torch.Tensor:
-    """`passes` over each prompt alone, without its padding, when the batch has no per-image inputs.
-
-    A padded batch changes the other prompts' outputs on some families (PaliGemma's text-only masks),
-    and prompts of text alone can always be cut apart; per-image inputs cannot be in general.
-    """
-    input_ids = inputs["input_ids"]
-    if any(
-        not is_token_aligned(value, input_ids) for value in inputs.values() if isinstance(value, torch.Tensor)
-    ):
-        return passes(handle, inputs, rows, columns)
-    mask = _attention_mask(inputs)
-    results: list[torch.Tensor] = []
-    groups: list[list[int]] = []
-    for query in range(input_ids.shape[0]):
-        members = [index for index, row in enumerate(rows) if row.query == query]
-        if not members:
-            continue
-        start = int(mask[query].nonzero()[0])
-        alone = {
-            key: value[query : query + 1, start:] if isinstance(value, torch.Tensor) else value
-            for key, value in inputs.items()
-        }
-        own_rows = [replace(rows[index], query=0) for index in members]
-        results.append(passes(handle, alone, own_rows, [columns[query] - start]))
-        groups.append(members)
-    return _in_row_order(groups, results)
 
 
 def _logits_by_full_passes(

@@ -29,12 +29,18 @@ import torch
 
 from taskvec.experiments.config import RunConfig
 from taskvec.experiments.results import RunResults
-from taskvec.experiments.runner import load_run_tasks, run_analyses_of_run, run_experiments
+from taskvec.experiments.run_lock import run_directory_locks
+from taskvec.experiments.runner import (
+    check_layer_options,
+    load_run_tasks,
+    run_analyses_of_run,
+    run_experiments,
+)
 from taskvec.experiments.tables import format_tables
 from taskvec.models import ModelHandle, load_model
 from taskvec.models.load_options import LoadOptions
 from taskvec.models.loading import named_model
-from taskvec.options import option, options_from_args
+from taskvec.options import at_least, option, options_from_args
 
 if TYPE_CHECKING:  # Ray is imported only when --ray is given
     from taskvec.experiments.ray_workers import RayExecutor
@@ -58,10 +64,15 @@ class RunCommandOptions:
     )
     llm_revision: str | None = option(None, "hub revision of --llm: a branch, tag or commit")
     out: str = option("taskvec-run", "run directory (run again to resume)")
-    threads: int | None = option(None, "torch CPU threads (default: torch's own choice)")
+    threads: int | None = option(None, "torch CPU threads (default: torch's own choice)", parse=at_least(1))
     no_analyses: bool = option(False, "skip the analyses and the report")
+    no_check: bool = option(
+        False, "skip the engine checks before the run (`taskvec check`); the report says they did not run"
+    )
     quiet: bool = option(False, "no progress bars")
-    workers: int = option(2, "with --ray: actors per model, each holding one replica of it")
+    workers: int = option(
+        2, "with --ray: actors per model, each holding one replica of it", parse=at_least(1)
+    )
     gpus_per_worker: float = option(0.0, "with --ray: GPUs each actor reserves (a replica may span several)")
 
 
@@ -260,6 +271,7 @@ def _load(options: RunCommandOptions, shared: _Shared) -> tuple[ModelHandle, str
 def run_model(options: RunCommandOptions, shared: _Shared) -> RunResults:
     """One model's run (experiments, then analyses) into options.out; prints its tables and notes."""
     handle, source, llm = _load(options, shared)
+    check_layer_options(shared.config, handle)  # before any worker starts
     out = Path(options.out)
     executor = None
     if (address := shared.address) is not None:
@@ -270,7 +282,13 @@ def run_model(options: RunCommandOptions, shared: _Shared) -> RunResults:
         )
     try:
         results = run_experiments(
-            handle, shared.config, out, llm=llm, progress=not options.quiet, executor=executor
+            handle,
+            shared.config,
+            out,
+            llm=llm,
+            progress=not options.quiet,
+            executor=executor,
+            check=not options.no_check,
         )
         lines = [format_tables(results), *(f"note: {note}" for note in results.meta.notes)]
         if not options.no_analyses:
@@ -393,11 +411,14 @@ def run_command(args: argparse.Namespace) -> tuple[list[ModelOutcome], bool]:
     loading = LoadOptions(**options_from_args(LoadOptions, args))
     address: str | None = getattr(args, "ray", None)
     several = len(runs) > 1
-    if address is None:
-        return _run_all(runs, _Shared(config, loading, None, several=several)), not options.no_analyses
-    with _ray_cluster(address) as ray:  # a missing extra fails here, before minutes of loading
-        shared = _Shared(config, loading, address, models_at_once(ray, len(runs), options), several)
-        return _run_all(runs, shared), not options.no_analyses
+    # Every run directory is taken before the first model loads: a second command into one of them
+    # stops at once instead of after minutes of loading.
+    with run_directory_locks([Path(run.out) for run in runs]):
+        if address is None:
+            return _run_all(runs, _Shared(config, loading, None, several=several)), not options.no_analyses
+        with _ray_cluster(address) as ray:  # a missing extra fails here, before minutes of loading
+            shared = _Shared(config, loading, address, models_at_once(ray, len(runs), options), several)
+            return _run_all(runs, shared), not options.no_analyses
 
 
 def summary_lines(outcomes: Sequence[ModelOutcome]) -> list[str]:

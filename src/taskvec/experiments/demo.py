@@ -64,6 +64,8 @@ def run_demo(
     template = as_template(template)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 test item (None: the whole split), got {limit}")
     validation, test = task.split("val"), task.split("test")[:limit]
     answers = [item.answers() for item in test]
     vector = extract_vector(

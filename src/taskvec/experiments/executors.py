@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from tqdm import tqdm
 
 from taskvec.analysis import VectorKey
 from taskvec.analysis.settings import AnalysisSettings
 from taskvec.caching import StepCache
 from taskvec.experiments.conditions import Condition
 from taskvec.experiments.steps import StepRunner, TestStep
+from taskvec.progress import with_progress
 from taskvec.tasks import Task
 
 # One task's sweeps: the task and its (condition, seed) pairs.
@@ -75,16 +75,16 @@ class SequentialExecutor:
     """The steps in this process on the driver's own models, task after task."""
 
     def vectors(self, steps: StepRunner, jobs: Sequence[VectorJob]) -> None:
-        for condition, task, seed in tqdm(jobs, desc="vectors", disable=not steps.progress):
+        for condition, task, seed in with_progress(jobs, "vectors", enabled=steps.progress):
             steps.vector_for(condition, task, seed)
 
     def sweeps(self, steps: StepRunner, jobs: Sequence[SweepJob]) -> list[list[dict[str, Any]]]:
         label = "layer sweeps (validation), tasks"
-        return [steps.sweeps(task, work) for task, work in tqdm(jobs, desc=label, disable=not steps.progress)]
+        return [steps.sweeps(task, work) for task, work in with_progress(jobs, label, enabled=steps.progress)]
 
     def tests(self, steps: StepRunner, jobs: Sequence[TestJob]) -> list[list[dict[str, Any]]]:
         label = "test, tasks"
-        return [steps.tests(task, work) for task, work in tqdm(jobs, desc=label, disable=not steps.progress)]
+        return [steps.tests(task, work) for task, work in with_progress(jobs, label, enabled=steps.progress)]
 
     def before_layer_choice(self, steps: StepRunner, early: EarlySteps) -> EarlyResults:
         self.vectors(steps, early.vectors)

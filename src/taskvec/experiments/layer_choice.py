@@ -121,5 +121,8 @@ def choose_scale_and_layer(
 def fixed_layer(layer: int, num_layers: int) -> LayerChoice:
     """A layer given by the user instead of chosen (negative counts from the top, as in Python)."""
     if not -num_layers <= layer < num_layers:
-        raise ValueError(f"layer {layer} is out of range for a model of {num_layers} layers")
+        raise ValueError(
+            f"layer {layer} (--layer) is out of range for a model of {num_layers} layers "
+            f"(0 to {num_layers - 1}, or {-num_layers} to -1)"
+        )
     return LayerChoice(layer % num_layers, [], {}, [layer % num_layers], fixed=True)

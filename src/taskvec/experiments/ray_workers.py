@@ -24,7 +24,6 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from taskvec.analysis import VectorKey, run_analyses, shared_input_pairs
 from taskvec.analysis.context import CACHE_KIND
@@ -36,6 +35,7 @@ from taskvec.experiments.steps import StepRunner, TestStep, VectorKind, VectorWo
 from taskvec.experiments.vector_store import ModelRole, VectorStore
 from taskvec.models import load_model
 from taskvec.models.load_options import LoadOptions
+from taskvec.progress import progress_counter
 from taskvec.tasks import Task
 from taskvec.vectors import TaskVector, VectorSpec
 
@@ -314,7 +314,7 @@ class RayExecutor:
         self.history: list[tuple[str, str, str]] = []
         self._images: dict[str, Any] = {}
         self.actors: list[tuple[str, Any]] = [self._start() for _ in range(workers)]
-        self.bar = tqdm(total=0, desc="steps on Ray", disable=not progress)
+        self.bar = progress_counter("steps on Ray", enabled=progress, unit="steps")
 
     def _start(self) -> tuple[str, Any]:
         # Retries are ours (a dead actor's step goes to another actor), so Ray restarts nothing.

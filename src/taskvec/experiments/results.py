@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taskvec.caching import write_json_atomically
+from taskvec.atomic_files import replacing, write_json_atomically
+from taskvec.checks.results import EngineChecks
 from taskvec.experiments.baselines import Floor
 from taskvec.experiments.config import RunConfig
 from taskvec.experiments.layer_choice import LayerChoice
@@ -198,6 +199,8 @@ class RunResults:
     paper_numbers: dict[str, Any] = field(default_factory=dict)
     function_vectors: list[HeadEffects] = field(default_factory=list)
     head_overlaps: list[HeadOverlap] = field(default_factory=list)
+    # The engine's invariants on each model of the run (the model, then its base LM), before any step.
+    engine_checks: list[EngineChecks] = field(default_factory=list)
 
     def table(self, table_id: str) -> ResultTable | None:
         return next((table for table in self.tables if table.id == table_id), None)
@@ -212,10 +215,10 @@ class RunResults:
     @classmethod
     def from_json(cls, data: Any) -> RunResults:
         if not isinstance(data, dict):
-            raise ValueError("results.json: expected a JSON object")
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         if data.get("format") != RESULTS_FORMAT:
             raise ValueError(
-                f"results.json has format {data.get('format')!r}; this taskvec reads format "
+                f"format {data.get('format')!r}; this taskvec reads format "
                 f"{RESULTS_FORMAT} (rerun `taskvec run` with the same --out to rewrite it from its cache)"
             )
         return from_json(cls, data, "results")
@@ -227,16 +230,25 @@ class RunResults:
     @classmethod
     def read(cls, path: Path) -> RunResults:
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
         except (OSError, ValueError) as error:
             raise ValueError(f"{path} cannot be read: {error}") from None
-        return cls.from_json(data)
+        if not text.strip():
+            raise ValueError(f"{path} is empty")
+        try:
+            data = json.loads(text)
+        except ValueError as error:
+            raise ValueError(f"{path} is not JSON (truncated?): {error}") from None
+        try:
+            return cls.from_json(data)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
 
 
 def write_summary_csv(results: RunResults, path: Path) -> None:
     """One row per (model, condition, task, seed, metric) with its interval and protocol."""
     labels = {summary.condition: summary.label for summary in results.summaries}
-    with path.open("w", newline="", encoding="utf-8") as handle:
+    with replacing(path) as temporary, temporary.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=SUMMARY_FIELDS)
         writer.writeheader()
         for row in results.results:

@@ -21,6 +21,7 @@ import torch
 from taskvec.analysis import AnalysisDocument, VectorKey, run_analyses
 from taskvec.analysis.settings import QUICK, AnalysisSettings
 from taskvec.caching import StepCache
+from taskvec.checks import checks_before_run
 from taskvec.evaluation import first_line
 from taskvec.experiments.baselines import Floor, model_free_floors
 from taskvec.experiments.conditions import Condition, plan_conditions
@@ -99,6 +100,15 @@ def load_run_tasks(config: RunConfig) -> list[Task]:
                 f"task {task.name!r} gives {prompts}"
             )
     return tasks
+
+
+def check_layer_options(config: RunConfig, handle: ModelHandle) -> None:
+    """The layer given (--layer), or the layer choice's candidate range, against the model's depth:
+    a layer out of range is refused before any step runs, not after the steps that precede the choice."""
+    if isinstance(config.layer_choice, int):
+        fixed_layer(config.layer_choice, handle.num_layers)
+    else:
+        candidate_layers(config.first_candidate_layer, config.last_candidate_layer, handle.num_layers)
 
 
 def _package_versions() -> dict[str, str]:
@@ -265,21 +275,27 @@ def run_experiments(
     llm: ModelHandle | None = None,
     progress: bool = True,
     executor: StepExecutor | None = None,
+    check: bool = True,
 ) -> RunResults:
     """Run every condition the model supports; write results.json and summary.csv; return the results.
 
-    `executor` runs the expensive steps (default: here, one after another; see executors.py)."""
+    `executor` runs the expensive steps (default: here, one after another; see executors.py).
+    `check`: the engine's invariants are measured on every model of the run before any step, and a
+    failing one stops the run (taskvec.checks); False records that they were not run."""
     executor = executor if executor is not None else SequentialExecutor()
     started, clock = datetime.now(UTC).isoformat(timespec="seconds"), time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tasks = load_run_tasks(config)
+    check_layer_options(config, handle)
     conditions, notes = plan_conditions(handle, tasks, config, llm)
     uses_llm = any(c.model_role == "llm" for c in conditions)
     if config.template == "chat":  # before any step, not at the first prompt of the model lacking one
         for model in (handle, llm if uses_llm else None):
             if model is not None:
                 chat_template_of(model)
+    checked = [model for model in (handle, llm if uses_llm else None) if model is not None]
+    engine_checks = checks_before_run(checked, config.template, enabled=check)
     cache = StepCache(out / "cache")
     store = VectorStore(out, config, cache, progress)
     steps = StepRunner(handle, llm if uses_llm else None, config, cache, store, progress)
@@ -397,6 +413,7 @@ def run_experiments(
         paper_numbers=paper_numbers(),
         function_vectors=heads,
         head_overlaps=head_overlaps(heads),
+        engine_checks=engine_checks,
     )
     results.write(out)
     return results

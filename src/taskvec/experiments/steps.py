@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeGuard
 
 import torch
 
@@ -214,7 +214,30 @@ class StepRunner:
 
     def cached_sweep(self, condition: Condition, task: Task, seed: int | None) -> dict[str, Any] | None:
         _, key = self.sweep_key(condition, task, seed)
-        return self.cache.load("sweeps", task.name, key)
+        return self.cache.load("sweeps", task.name, key, self._sweep_shape(condition, task))
+
+    def _sweep_shape(self, condition: Condition, task: Task) -> Callable[[dict[str, Any]], bool]:
+        """Whether a cached entry is a whole sweep of this condition on this task's validation queries."""
+        queries = len(task.split("val")[: self.config.val_limit])
+        layers = self.handle.num_layers
+        scales = list(self.sweep_scales(condition)) if condition.function_vector else None
+
+        def usable(entry: dict[str, Any]) -> bool:
+            whole = (
+                _is_list(entry.get("inputs"), queries)
+                and _is_list(entry.get("expected"), queries)
+                and _is_token_grid(entry.get("tokens"), queries, layers)
+            )
+            if not whole or scales is None:
+                return whole
+            per_scale = entry.get("tokens_per_scale")
+            return (
+                entry.get("scales") == scales
+                and _is_list(per_scale, len(scales))
+                and all(_is_token_grid(grid, queries, layers) for grid in per_scale)
+            )
+
+        return usable
 
     def sweep(self, condition: Condition, task: Task, seed: int | None) -> dict[str, Any]:
         """First tokens per validation query and layer, with the condition's vector patched."""
@@ -235,7 +258,7 @@ class StepRunner:
             vector = self.vector_for(condition, task, seed)
             identity, key = self._sweep_key(condition, task, seed, vector)
             assert vector is not None  # _sweep_key raised otherwise
-            cached = self.cache.load("sweeps", task.name, key)
+            cached = self.cache.load("sweeps", task.name, key, self._sweep_shape(condition, task))
             if cached is not None:
                 results[index] = cached
                 continue
@@ -307,7 +330,24 @@ class StepRunner:
 
     def cached_test(self, step: TestStep, task: Task) -> dict[str, Any] | None:
         _, key = self.test_key(step, task)
-        return _usable_test(self.cache.load("test", task.name, key))
+        return self.cache.load("test", task.name, key, self._test_shape(task))
+
+    def _test_shape(self, task: Task) -> Callable[[dict[str, Any]], bool]:
+        """Whether a cached entry holds whole test answers to this task's test queries."""
+        queries = len(task.split("test")[: self.config.test_limit])
+
+        def usable(entry: dict[str, Any]) -> bool:
+            generated, first_tokens = entry.get("generated"), entry.get("first_tokens")
+            return (
+                all(_is_list(entry.get(name), queries) for name in ("inputs", "images", "expected"))
+                and isinstance(entry.get("prompts"), list)
+                and _is_list(generated, queries)
+                and all(isinstance(text, str) for text in generated)
+                and _is_list(first_tokens, queries)
+                and all(_is_int(token) for token in first_tokens)
+            )
+
+        return usable
 
     def test(self, step: TestStep, task: Task) -> dict[str, Any]:
         """Greedy answers to the test queries (under the patch at the step's layer if it patches)."""
@@ -324,7 +364,7 @@ class StepRunner:
             condition, seed, layer, scale = step
             vector = self.vector_for(condition, task, seed)
             identity, key = self._test_key(step, task, vector)
-            cached = _usable_test(self.cache.load("test", task.name, key))
+            cached = self.cache.load("test", task.name, key, self._test_shape(task))
             if cached is not None:
                 results[index] = cached
                 continue
@@ -381,7 +421,16 @@ class StepRunner:
         return [results[index] for index in range(len(work))]
 
 
-def _usable_test(cached: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A cached test step, unless it was written before first tokens were recorded (then it is
-    computed again)."""
-    return cached if cached is not None and "first_tokens" in cached else None
+def _is_list(value: Any, length: int) -> TypeGuard[list[Any]]:
+    return isinstance(value, list) and len(value) == length
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_token_grid(value: Any, rows: int, columns: int) -> bool:
+    """[rows][columns] decoded tokens."""
+    return _is_list(value, rows) and all(
+        _is_list(row, columns) and all(isinstance(token, str) for token in row) for row in value
+    )

@@ -11,9 +11,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from taskvec.caching import StepCache, model_fingerprint, task_fingerprint
+from taskvec.caching import (
+    StepCache,
+    model_fingerprint,
+    read_tensors,
+    task_fingerprint,
+    tensors_readable,
+    warn_unusable,
+    write_tensors_atomically,
+)
 from taskvec.experiments.config import RunConfig
 from taskvec.function_vectors import find_function_vector
 from taskvec.models import ModelHandle
@@ -150,7 +157,7 @@ class VectorStore:
         needs_residuals = kind is not VectorSpec.INSTRUCTION
         cached = _cached_vector(path, key)
         if cached is not None and (
-            not needs_residuals or self.residuals_path(role, task, kind, seed, key).is_file()
+            not needs_residuals or tensors_readable(self.residuals_path(role, task, kind, seed, key))
         ):
             vector = cached
         else:
@@ -169,7 +176,8 @@ class VectorStore:
         key = self.cache.key(self.identity(handle, task, kind, seed))
         if _cached_vector(self.vector_path(role, task, kind, seed), key) is None:
             return False
-        return kind is VectorSpec.INSTRUCTION or self.residuals_path(role, task, kind, seed, key).is_file()
+        residuals = self.residuals_path(role, task, kind, seed, key)
+        return kind is VectorSpec.INSTRUCTION or tensors_readable(residuals)
 
     def add(
         self,
@@ -186,16 +194,27 @@ class VectorStore:
         key = vector.metadata["cache_key"]
         if per_prompt is not None:
             residuals = self.residuals_path(role, task, kind, seed, key)
-            residuals.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"residuals": per_prompt.contiguous()}, str(residuals))
+            write_tensors_atomically(residuals, {"residuals": per_prompt})
         save_task_vector(vector, self.vector_path(role, task, kind, seed))
 
     def per_prompt(
         self, role: ModelRole, handle: ModelHandle, task: Task, spec: VectorSpec | str, seed: int
     ) -> Any:
-        """[prompts, layers, hidden]: the residuals an exemplar vector is the mean of."""
-        _, key = self.get(role, handle, task, spec, seed)
-        return load_file(str(self.residuals_path(role, task, spec, seed, key)))["residuals"]
+        """[prompts, layers, hidden]: the residuals an exemplar vector is the mean of (extracted again
+        when their file cannot be read)."""
+        kind = _extractable(spec)
+        _, key = self.get(role, handle, task, kind, seed)
+        path = self.residuals_path(role, task, kind, seed, key)
+        stored = read_tensors(path)
+        if stored is not None and "residuals" not in stored:
+            warn_unusable(path, "no 'residuals' tensor")
+        if stored is None or "residuals" not in stored:
+            vector = self._extract(role, handle, task, kind, seed, key)
+            self._memory[(role, task.name, kind.value, seed)] = (vector, key)
+            stored = read_tensors(path)
+            if stored is None:
+                raise OSError(f"{path}: the residuals just written cannot be read back")
+        return stored["residuals"]
 
     # ---- function vectors ----------------------------------------------------------------------
     def function_vector_identity(
@@ -300,8 +319,7 @@ class VectorStore:
         )
         if extraction.per_prompt is not None:
             residuals = self.residuals_path(role, task, spec, seed, key)
-            residuals.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"residuals": extraction.per_prompt.contiguous()}, str(residuals))
+            write_tensors_atomically(residuals, {"residuals": extraction.per_prompt})
         vector = extraction.vector
         vector.metadata.update({"cache_key": key, "role": role, "seed": seed})
         save_task_vector(vector, self.vector_path(role, task, spec, seed))
@@ -309,12 +327,13 @@ class VectorStore:
 
 
 def _cached_vector(path: Path, key: str) -> TaskVector | None:
-    """The vector file of this step, if it exists, reads and was made for it; a torn or stale file
-    (a run killed mid-write, an old key) is extracted again."""
+    """The vector file of this step, if it exists, reads and was made for it; a stale file (an old
+    key) is extracted again, and so is an unreadable one, with a warning naming it."""
     if not path.is_file():
         return None
     try:
         vector = load_task_vector(path)
-    except VectorFileError:
+    except VectorFileError as error:
+        warn_unusable(path, str(error).removeprefix(f"{path}: "))
         return None
     return vector if vector.metadata.get("cache_key") == key else None

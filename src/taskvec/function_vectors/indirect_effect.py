@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from tqdm import tqdm
 
 from taskvec.analysis.tokens import first_token_variants, word_probability
 from taskvec.engine import HeadPatch, RowPatch, head_layout, patch_heads
 from taskvec.engine.layer_outputs import last_logits_only
 from taskvec.engine.shared_prefix import patched_logits
 from taskvec.models import ModelHandle
+from taskvec.progress import with_progress
 from taskvec.prompts import Prompt, encode_prompts
 
 EffectMethod = Literal["one_pass", "loop"]
@@ -78,7 +78,7 @@ def indirect_effects(
     batches = [
         range(start, min(start + batch_size, len(prompts))) for start in range(0, len(prompts), batch_size)
     ]
-    for batch in tqdm(batches, desc=progress, disable=progress is None, leave=False):
+    for batch in with_progress(batches, progress, leave=False):
         if method == "one_pass":
             logits = _one_pass_logits(handle, [prompts[i] for i in batch], heads, means, memory_budget)
         elif method == "loop":

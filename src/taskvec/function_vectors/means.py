@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tqdm import tqdm
 
 from taskvec.engine import record_heads
 from taskvec.models import ModelHandle
+from taskvec.progress import with_progress
 from taskvec.prompts import Prompt, encode_prompts
 
 
@@ -31,7 +31,7 @@ def mean_head_activations(
         raise ValueError("mean head activations need at least one prompt")
     sums: list[torch.Tensor] | None = None
     batches = [prompts[start : start + batch_size] for start in range(0, len(prompts), batch_size)]
-    for batch in tqdm(batches, desc=progress, disable=progress is None, leave=False):
+    for batch in with_progress(batches, progress, leave=False):
         recorded = record_heads(handle, encode_prompts(handle, batch), -1)
         totals = [layer[:, 0].sum(dim=0) for layer in recorded]
         sums = totals if sums is None else [old + new for old, new in zip(sums, totals, strict=True)]

@@ -26,6 +26,12 @@ class UnsupportedArchitectureError(ValueError):
     """Raised for a model class that has no entry in the architecture table."""
 
 
+# Text models whose activations exceed fp16's range (Gemma 2-4: scaled embeddings and norms), by the
+# model_type of their config. A VLM of any family built on one (a LLaVA, PaliGemma or Idefics around
+# a Gemma) overflows as well, so the fp16 check reads the text config, not only the outer class.
+FP16_OVERFLOWING_TEXT_MODELS = frozenset({"gemma2", "gemma3_text", "gemma4_text"})
+
+
 @dataclass(frozen=True)
 class AttentionOutputNorm:
     """A norm applied to the attention block's output before it joins the residual stream.
@@ -86,6 +92,12 @@ class Architecture:
     fp16_overflows: bool = False
     # The position id of a prompt's first token: PaliGemma's forward and generation number from 1.
     first_position: int = 0
+    # Whether the forward takes a prefix LM's prefix from token_type_ids (0: the prompt, attended both
+    # ways; 1: the causal suffix generation appends), which the processor writes only with images
+    # (PaliGemma's refuses text alone). Prompts the tokenizer encodes get zeros: without them the
+    # mask depends on whether the forward builds one at all, causal for a padded batch or under eager
+    # attention, bidirectional for an unpadded prompt under sdpa.
+    prefix_token_types: bool = False
     # Whether a decode row that replaces the residual of its only recomputed token at layer l may skip
     # layers 0..l, whose outputs the patch overwrites. False where a later layer reads an earlier
     # layer's keys and values of that token (Gemma 4's num_kv_shared_layers).
@@ -215,23 +227,6 @@ def _qwen_vl(family: str, model_class: str, notes: str = "") -> Architecture:
     )
 
 
-# Llama 4's layout, kept out of the table because transformers 5.24 cannot run the model: every
-# Llama4ForConditionalGeneration.forward raises AttributeError, reading `image_outputs` from its text
-# model's output (MoeCausalLMOutputWithPast has no such field; modeling_llama4.py, the return
-# statement of Llama4ForConditionalGeneration.forward). tests/test_families.py checks this layout on
-# a tiny model and fails once a transformers release runs it: the entry then belongs in the table.
-LLAMA4_LAYOUT = _vlm(
-    "llama4",
-    "Llama4ForConditionalGeneration",
-    "<|image|>",
-    # No inner `model`: the text model is a whole Llama4ForCausalLM, with its own lm_head.
-    text_model="language_model.model",
-    unembed="language_model.lm_head",
-    vision_tower="vision_model",
-    projector="multi_modal_projector",
-    notes="its image processor (Llama4ImageProcessor) needs torchvision",
-)
-
 ARCHITECTURES: tuple[Architecture, ...] = (
     _vlm("llava", "LlavaForConditionalGeneration", "<image>"),
     _vlm(
@@ -260,6 +255,18 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         "Mistral3ForConditionalGeneration",
         "[IMG]",
         notes="its processor (PixtralProcessor) needs torchvision",
+    ),
+    _vlm(
+        "llama4",
+        "Llama4ForConditionalGeneration",
+        "<|image|>",
+        # No inner `model`: the text model is a whole Llama4ForCausalLM, with its own lm_head.
+        text_model="language_model.model",
+        unembed="language_model.lm_head",
+        vision_tower="vision_model",
+        projector="multi_modal_projector",
+        notes="needs transformers 5.25 or later; its image processor (Llama4ImageProcessor) needs "
+        "torchvision",
     ),
     replace(
         _vlm(
@@ -317,6 +324,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         # PaliGemma 2 (the same class) is built on Gemma 2.
         fp16_overflows=True,
         first_position=1,
+        prefix_token_types=True,
     ),
     _causal_lm("gemma3_text", "Gemma3ForCausalLM", fp16_overflows=True),
     _causal_lm("gemma", "GemmaForCausalLM"),

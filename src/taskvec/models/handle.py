@@ -188,6 +188,9 @@ class ModelHandle:
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 batch[key] = value.to(self.dtype)
         self._check_context(batch["input_ids"])
+        if self.architecture.prefix_token_types and "token_type_ids" not in batch:
+            # The whole prompt is the prefix, as the processor marks a prompt with images.
+            batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
         if self.architecture.position_style == "absolute" and "attention_mask" in batch:
             # Learned absolute positions must skip left padding; rotary ones are shift-invariant.
             batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)

@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from taskvec.options import option
+from taskvec.options import at_least, option
 
 DType = Literal["auto", "fp32", "bf16", "fp16"]
 Quantization = Literal["4bit", "8bit"]
@@ -55,6 +55,7 @@ class LoadOptions:
         None,
         "resize every image to this width, keeping its aspect, before the processor; "
         "unset: 224 as in the paper (the default VLM keeps its training size); 0: never resize",
+        parse=at_least(0),
     )
 
     def processor_overrides(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ imports it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,12 @@ from typing import Any
 import torch
 import transformers
 
-from taskvec.models.architectures import Architecture, UnsupportedArchitectureError, architecture_for_class
+from taskvec.models.architectures import (
+    FP16_OVERFLOWING_TEXT_MODELS,
+    Architecture,
+    UnsupportedArchitectureError,
+    architecture_for_class,
+)
 from taskvec.models.convention import TEXT_MODEL, resolve_architecture
 from taskvec.models.default_lm import DEFAULT_LM_NAME, ensure_default_lm
 from taskvec.models.handle import ModelHandle
@@ -107,11 +112,30 @@ def image_width(options: LoadOptions, default: int | None = PAPER_IMAGE_WIDTH) -
     return options.image_width or None
 
 
-def check_dtype(architecture: Architecture, dtype: str) -> None:
-    if dtype == "fp16" and architecture.fp16_overflows:
-        raise ValueError(
-            f"{architecture.family} overflows in fp16 (its activations exceed 65504); use --dtype bf16"
-        )
+def text_model_type(config: Mapping[str, Any]) -> str | None:
+    """The model_type of a config.json's text model: its `text_config`'s, or its own (a causal LM)."""
+    text_config = config.get("text_config")
+    if isinstance(text_config, Mapping):
+        kind = text_config.get("model_type")
+        return str(kind) if kind is not None else None
+    kind = config.get("model_type")
+    return str(kind) if kind is not None else None
+
+
+def check_dtype(name: str, architecture: Architecture, text_model: str | None, dtype: str) -> None:
+    """Refuse fp16 for a model whose family, or whose text model inside any wrapper, overflows in it."""
+    if _DTYPES.get(dtype) is not torch.float16:
+        return
+    if architecture.fp16_overflows:
+        overflowing = architecture.family
+    elif text_model in FP16_OVERFLOWING_TEXT_MODELS:
+        overflowing = f"its text model {text_model}"
+    else:
+        return
+    raise ValueError(
+        f"{name}: {overflowing} overflows in fp16 (its activations exceed 65504, so answers come out "
+        "empty); use --dtype bf16 or fp32"
+    )
 
 
 def load_model(
@@ -130,7 +154,7 @@ def load_model(
                 f"a revision ({options.revision!r}) applies to hub ids, not to {str(name_or_path)!r}"
             )
         handle = named.load(options)
-        check_dtype(handle.architecture, options.dtype)
+        check_dtype(str(name_or_path), handle.architecture, handle.text_config.model_type, options.dtype)
         width = image_width(options, named.image_width)
         handle.image_settings = image_settings_for(handle.architecture, options.processor_overrides(), width)
         handle.metadata["loading"] = options.as_record()
@@ -244,14 +268,16 @@ def load_checkpoint(source: CheckpointSource | Path, options: LoadOptions | None
         raise ValueError(f"{source.name}: config.json names no architecture ('architectures' is empty)")
     class_name = str(class_names[0])
     entry = _table_entry(class_name)
+    text_model = text_model_type(source.config)
     if entry is not None:
-        check_dtype(entry, options.dtype)  # before the processor loads: a refused dtype fails at once
+        # Before the processor loads: a refused dtype fails at once.
+        check_dtype(source.name, entry, text_model, options.dtype)
         model_class = _model_class(class_name, options.trust_remote_code, entry.is_vision_language)
         processor = _load_processor(source, options, entry.is_vision_language)
     else:
         model_class = _model_class(class_name, options.trust_remote_code, _looks_vision_language(source))
         entry, processor = _by_convention(source, options, model_class)
-        check_dtype(entry, options.dtype)
+        check_dtype(source.name, entry, text_model, options.dtype)
     kwargs = from_pretrained_kwargs(options, source.pinned_revision)
     model = model_class.from_pretrained(source.reference, **kwargs)
     # A device map (asked for, or implied by quantization) has placed every weight already.

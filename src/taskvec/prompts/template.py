@@ -17,6 +17,7 @@ from PIL import Image
 from taskvec.models.handle import IMAGE_PLACEHOLDER, ModelHandle
 from taskvec.prompts.chat import user_turn_frame
 from taskvec.tasks import Item
+from taskvec.tasks.images import read_rgb
 
 Modality = Literal["text", "image"]
 # "qa": the paper's plain text; "chat": that text as one user turn of the model's chat template.
@@ -74,8 +75,7 @@ class Prompt:
 def _input_of(item: Item, modality: Modality, style: str | None) -> tuple[str, tuple[Image.Image, ...]]:
     if modality == "text":
         return item.input, ()
-    with Image.open(item.image(style)) as image:
-        return IMAGE_PLACEHOLDER, (image.convert("RGB"),)
+    return IMAGE_PLACEHOLDER, (read_rgb(item.image(style)),)
 
 
 def build_icl_prompt(

@@ -26,7 +26,7 @@ SPEC_TITLES = {"text-icl": "text ICL", "image-icl": "image ICL", "instruction": 
 
 def save_figure(figure: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100, bbox_inches="tight")
+    figure.savefig(path, format="png", dpi=100, bbox_inches="tight")
     plt.close(figure)
     return path
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from taskvec.tasks.images import open_image
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 0 auto;
@@ -100,9 +100,10 @@ def figure_tag(path: Path, alt: str) -> str:
 
 
 def thumbnail_uri(path: Path, width: int = 128) -> str | None:
-    """A small PNG copy of an image as a data URI (task images can be large), None if unreadable."""
+    """A small PNG copy of an image as a data URI (task images can be large), None if unreadable or
+    over taskvec's pixel limit."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             picture = image.convert("RGBA")
     except (OSError, ValueError):
         return None

@@ -4,12 +4,14 @@ intervals and floors, layer sweeps, LLM -> VLM cosine, the ensemble curve, examp
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
+from taskvec.atomic_files import temporary_beside
 from taskvec.experiments.baselines import Floor
 from taskvec.experiments.results import ResultTable, RunResults
 from taskvec.experiments.tables import placement, protocol_line
@@ -21,18 +23,35 @@ from taskvec.typed_json import to_json
 
 
 class FigureWriter:
-    """Saves figures under figures/ and returns their <img> tags (empty when there is no figure)."""
+    """Saves figures for figures/ and returns their <img> tags (empty when there is no figure).
+
+    Each figure goes to a temporary file beside its place; `commit` moves them all into place (once
+    the whole report is built), `discard` removes them: a report that fails leaves the figures of
+    the last report that did not."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self.pending: list[tuple[Path, Path]] = []  # (temporary, final)
         self.written: list[Path] = []
 
     def add(self, name: str, figure: Figure | None, alt: str) -> str:
         if figure is None:
             return ""
-        path = figures.save_figure(figure, self.directory / f"{name}.png")
-        self.written.append(path)
-        return figure_tag(path, alt)
+        final = self.directory / f"{name}.png"
+        temporary = figures.save_figure(figure, temporary_beside(final))
+        self.pending.append((temporary, final))
+        return figure_tag(temporary, alt)
+
+    def commit(self) -> None:
+        for temporary, final in self.pending:
+            os.replace(temporary, final)
+            self.written.append(final)
+        self.pending.clear()
+
+    def discard(self) -> None:
+        for temporary, _ in self.pending:
+            temporary.unlink(missing_ok=True)
+        self.pending.clear()
 
 
 def with_interval(value: float | None, interval: Interval | None) -> str:

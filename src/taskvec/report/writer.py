@@ -2,8 +2,10 @@
 
 The sections are an explicit list: each reads the typed run results, the analyses' document, or
 both; `register_section` adds one (an analysis registered with `taskvec.analysis` adds its section
-here). A file that is absent or malformed is named at the top of the report and the sections that
-need it say they are missing.
+here). A file that is absent is named at the top of the report and the sections that need it say
+they are missing. A file that is there but cannot be read (truncated, empty, another format, fields
+of the wrong type), or a directory with neither file, is refused with a ValueError naming it, and
+nothing is written: the report is built whole, then moved over the last one with its figures.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from taskvec.analysis import AnalysisDocument
+from taskvec.atomic_files import write_text_atomically
 from taskvec.experiments.results import RunResults
 from taskvec.report import analysis_sections as analysis_parts
 from taskvec.report import results_sections as results_parts
+from taskvec.report.checks_section import engine_checks_section
 from taskvec.report.claims import evaluate_claims
 from taskvec.report.function_vector_section import function_vector_section
 from taskvec.report.html import missing, note, page
@@ -65,6 +69,12 @@ SECTIONS: list[ReportSection] = [
         ),
     ),
     ReportSection("overview", "Run", "results", _needs_results(lambda r, _c: results_parts.overview(r))),
+    ReportSection(
+        "engine-checks",
+        "Engine checks",
+        "results",
+        _needs_results(lambda r, _c: engine_checks_section(r)),
+    ),
     ReportSection(
         "tables",
         "Results beside the paper",
@@ -151,14 +161,15 @@ def unregister_section(anchor: str) -> None:
 
 
 def _load(path: Path, read: Callable[[Path], Any], problems: list[str]) -> Any:
-    if not path.is_file():
+    """The file read, None when it is absent (named in `problems`); a ValueError naming it when it is
+    there but cannot be read, so that no report is written from it."""
+    if not path.exists():
         problems.append(f"{path.name} not found")
         return None
     try:
         return read(path)
-    except ValueError as error:
-        problems.append(str(error))
-        return None
+    except (ValueError, OSError) as error:
+        raise ValueError(f"no report written: {error}") from None
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -166,10 +177,30 @@ def write_report(run_dir: str | Path) -> Path:
     root = Path(run_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"no run directory at {root}")
+    if not (root / "results.json").exists() and not (root / "analysis.json").exists():
+        raise FileNotFoundError(
+            f"{root} is not a run directory: it has no results.json or analysis.json "
+            "(`taskvec run --out DIR` makes one)"
+        )
     problems: list[str] = []
     results = _load(root / "results.json", RunResults.read, problems)
     analysis = _load(root / "analysis.json", AnalysisDocument.read, problems)
-    context = ReportContext(root, results, analysis, results_parts.FigureWriter(root / "figures"))
+    writer = results_parts.FigureWriter(root / "figures")
+    try:
+        target = _write_page(root, results, analysis, problems, writer)
+    finally:
+        writer.discard()  # the figures of a report that failed (none left after commit)
+    return target
+
+
+def _write_page(
+    root: Path,
+    results: RunResults | None,
+    analysis: AnalysisDocument | None,
+    problems: list[str],
+    writer: results_parts.FigureWriter,
+) -> Path:
+    context = ReportContext(root, results, analysis, writer)
     sections = []
     for section in SECTIONS:
         lacking = [
@@ -185,11 +216,11 @@ def write_report(run_dir: str | Path) -> Path:
         sections.append(
             ("errors", "Analysis steps that failed", analysis_parts.errors_section(analysis.errors))
         )
-    model = (
-        results.meta.model if results is not None else analysis.meta.get("model") if analysis else root.name
-    )
+    model = results.meta.model if results is not None else analysis.meta.model if analysis else root.name
     intro = note(f"Written {datetime.now(UTC).isoformat(timespec='seconds')} from {root.name}/.")
     intro += "".join(missing(problem) for problem in problems)
+    text = page(f"taskvec report: {model}", sections, intro)
+    writer.commit()
     target = root / "report.html"
-    target.write_text(page(f"taskvec report: {model}", sections, intro), encoding="utf-8")
+    write_text_atomically(target, text)
     return target

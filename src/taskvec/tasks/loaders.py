@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from taskvec.tasks.records import (
     splits_from_records,
 )
 from taskvec.tasks.splits import assign_splits
-from taskvec.tasks.task import Task, TaskFileError
+from taskvec.tasks.task import Task, TaskFileError, task_name_error
 
 SPLIT_FILE = re.compile(r"^(?P<task>.+)_(?P<split>train|val|valid|validation|dev|test)$")
 SPLIT_FILE_ORDER = ("train", "val", "valid", "validation", "dev", "test")
@@ -40,14 +41,29 @@ UNRECOGNISED = (
 STRICT_HELP = "refuse a task file that gives an input more than once (else its answers merge, with a warning)"
 
 
-def read_json(path: Path) -> Any:
+def read_text(path: Path) -> str:
+    """The file's text: UTF-8, with or without the byte-order mark spreadsheet programs write."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise TaskFileError(
+            f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
+        ) from None
+
+
+def parse_json(text: str, where: str) -> Any:
+    """JSON text; `where` (the file, or its line) starts the message of a malformed one."""
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as error:
         position = f"line {error.lineno} column {error.colno}"
-        raise TaskFileError(f"{path}: malformed JSON: {error.msg} at {position}") from None
-    except UnicodeDecodeError as error:
-        raise TaskFileError(f"{path}: not UTF-8 text ({error.reason})") from None
+        raise TaskFileError(f"{where}: malformed JSON: {error.msg} at {position}") from None
+    except RecursionError:
+        raise TaskFileError(f"{where}: JSON nested too deeply to read") from None
+
+
+def read_json(path: Path) -> Any:
+    return parse_json(read_text(path), str(path))
 
 
 def records_from_list(rows: list[Any], path: Path, split: str | None) -> list[Record]:
@@ -61,21 +77,19 @@ def records_from_map(mapping: dict[str, Any], path: Path) -> list[Record]:
 
 def records_from_jsonl(path: Path) -> list[Record]:
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise TaskFileError(f"{path}: line {number}: malformed JSON: {error.msg}") from None
+        row = parse_json(line, f"{path}: line {number}")
         records.append(record_from_row(row, path, f"line {number}"))
     return records
 
 
 def records_from_csv(path: Path) -> list[Record]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
+    # newline="": quoted fields keep their line breaks, as csv asks of a file.
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""), delimiter=delimiter)
+    try:
         columns = [c.strip() for c in reader.fieldnames or []]
         for required in ("input", "output"):
             if required not in columns:
@@ -85,6 +99,9 @@ def records_from_csv(path: Path) -> list[Record]:
         for row in reader:
             cells = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
             records.append(record_from_row(cells, path, f"line {reader.line_num}"))
+    except csv.Error as error:  # e.g. a field over csv's limit of 131072 characters
+        # line_num counts the lines before the row that failed.
+        raise TaskFileError(f"{path}: line {reader.line_num + 1}: unreadable CSV ({error})") from None
     return records
 
 
@@ -147,10 +164,12 @@ def load_task_file(
     if not file.is_file():
         raise TaskFileError(f"{file}: no such task file")
     records, meta = read_records(file)
+    name = str(meta.get("name") or task_name(file))
+    if (name_error := task_name_error(name)) is not None:
+        raise TaskFileError(f"{file}: {name_error}")
     records = merge_duplicate_inputs(records, file=file, strict=strict)
     root = Path(image_root).expanduser() if image_root is not None else default_image_root(file)
     items = items_from_records(records, file=file, image_root=root)
-    name = str(meta.get("name") or task_name(file))
     builtin = task_spec(name) if name in list_tasks() else {}
     if instruction is None:
         instruction = str(meta.get("instruction") or builtin.get("instruction") or "")

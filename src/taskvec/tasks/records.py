@@ -7,8 +7,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
+from taskvec.tasks.images import ImageTooLargeError, open_image
 from taskvec.tasks.task import DuplicateInputWarning, Item, TaskFileError
 
 # Other spellings of split names found in public datasets.
@@ -99,8 +100,10 @@ def check_image(path: Path, where: str) -> None:
     if not path.is_file():
         raise TaskFileError(f"{where}: image not found: {path} (set image_root= if images live elsewhere)")
     try:
-        with Image.open(path) as picture:
+        with open_image(path) as picture:
             picture.verify()
+    except ImageTooLargeError as error:
+        raise TaskFileError(f"{where}: {error}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise TaskFileError(f"{where}: image cannot be read: {path} ({error})") from None
 

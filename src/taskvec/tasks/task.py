@@ -33,6 +33,31 @@ class MissingImageError(LookupError):
     """An item has no image in the requested style (or no images at all)."""
 
 
+# A task's name is a folder name in a run directory (vectors/ROLE/NAME, cache/KIND/NAME), and most
+# filesystems take at most 255 bytes per name.
+MAX_TASK_NAME_BYTES = 255
+
+
+def task_name_error(name: str) -> str | None:
+    """Why `name` cannot be a task's name, as a one-line message, or None. Such names are refused,
+    not rewritten into safe ones: two names rewritten alike would share their vectors and results."""
+    if not name.strip():
+        problem = "is empty"
+    elif name in (".", ".."):
+        problem = "names a folder itself"
+    elif "/" in name or "\\" in name:
+        problem = "contains a path separator"
+    elif any(ord(character) < 32 or ord(character) == 127 for character in name):
+        problem = "contains a control character"
+    elif any(0xD800 <= ord(character) <= 0xDFFF for character in name):
+        problem = "contains a lone surrogate, which no file name can hold"
+    elif len(name.encode("utf-8")) > MAX_TASK_NAME_BYTES:
+        problem = f"is longer than a file name may be ({MAX_TASK_NAME_BYTES} bytes in UTF-8)"
+    else:
+        return None
+    return f"task name {name!r} {problem}: a task's name becomes a folder name in a run directory"
+
+
 def order_styles(styles: set[str] | list[str]) -> list[str]:
     known = [s for s in STYLE_PREFERENCE if s in styles]
     return known + sorted(s for s in styles if s not in STYLE_PREFERENCE)
@@ -82,6 +107,9 @@ class Task:
     source: str = "builtin"
 
     def __post_init__(self) -> None:
+        error = task_name_error(self.name)
+        if error is not None:
+            raise ValueError(error)
         object.__setattr__(self, "items", tuple(self.items))
         object.__setattr__(self, "task_words", tuple(self.task_words))
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from taskvec.engine import record_residuals
 from taskvec.models import ModelHandle
+from taskvec.progress import with_progress
 from taskvec.prompts import (
     DEFAULT_TEMPLATE,
     Modality,
@@ -55,6 +55,8 @@ def sample_demonstrations(
     pool: Sequence[Item], query: Item, shots: int, rng: random.Random, *, task: str | None = None
 ) -> list[Item]:
     """`shots` items of `pool` other than the query (by input), drawn with `rng`."""
+    if shots < 0:
+        raise ValueError(f"shots must be 0 (the query alone) or more, got {shots}")
     candidates = [item for item in pool if item.input != query.input]
     if len(candidates) < shots:
         owner = f"task {task!r}: " if task else ""
@@ -170,7 +172,7 @@ def residuals_at_columns(
     image_id = _image_token_id(handle) if input_embeddings else None
     residuals: list[torch.Tensor] = []
     embeddings: list[torch.Tensor] = []
-    for batch in tqdm(_batched(prompts, batch_size), desc=progress, disable=progress is None, leave=False):
+    for batch in with_progress(_batched(prompts, batch_size), progress, leave=False):
         inputs = encode_prompts(handle, batch)
         ids = inputs["input_ids"]
         positions = torch.tensor([[column] for column in columns(handle, inputs)])
@@ -347,6 +349,13 @@ def extract_vector(
         )
     if kind is VectorSpec.INSTRUCTION:
         return _instruction_extraction(handle, task, task.instruction, template)
+    if shots < 1:
+        raise ValueError(
+            f"an exemplar vector is read at the last demonstration's answer: shots must be at least 1, "
+            f"got {shots}"
+        )
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 query (None: the whole split), got {limit}")
     modality = kind.demo_modality or "text"
     pool = task.split(split)
     prompts = icl_prompts(

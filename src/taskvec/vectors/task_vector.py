@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from taskvec.atomic_files import replacing
 from taskvec.version import __version__
 
 if TYPE_CHECKING:
@@ -54,15 +55,15 @@ class TaskVector:
 
 
 def save_task_vector(vector: TaskVector, path: str | Path) -> Path:
-    """Safetensors with the metadata as JSON in the header (never pickle)."""
+    """Safetensors with the metadata as JSON in the header (never pickle), written whole or not at all."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"taskvec_version": __version__, **vector.metadata}
-    save_file(
-        {TENSOR_KEY: vector.vectors.contiguous().float()},
-        str(target),
-        metadata={METADATA_KEY: json.dumps(metadata)},
-    )
+    with replacing(target) as temporary:
+        save_file(
+            {TENSOR_KEY: vector.vectors.contiguous().float()},
+            str(temporary),
+            metadata={METADATA_KEY: json.dumps(metadata)},
+        )
     return target
 
 

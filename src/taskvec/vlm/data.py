@@ -30,6 +30,7 @@ from taskvec.tasks.builtin import (
     slugify,
     task_spec,
 )
+from taskvec.tasks.images import read_rgb
 
 FAMILIES = ("countries", "animals", "foods")
 # Word for an entity's kind in captions and answers.
@@ -84,8 +85,7 @@ def split_by_style(
 
 @cache
 def _load_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    return read_rgb(path)
 
 
 def load_picture(path: Path) -> Image.Image:

@@ -17,10 +17,19 @@ from typing import Any
 
 import torch
 
-from taskvec.models.default_lm import DEFAULT_LM_NAME
+from taskvec.models.architectures import architecture_for_class
+from taskvec.models.default_lm import DEFAULT_LM_NAME, ensure_default_lm
 from taskvec.models.handle import ModelHandle
 from taskvec.models.load_options import LoadOptions
-from taskvec.models.loading import NamedModel, load_model, parse_dtype, register_named_model
+from taskvec.models.loading import (
+    NamedModel,
+    check_dtype,
+    load_model,
+    parse_dtype,
+    register_named_model,
+    text_model_type,
+)
+from taskvec.models.sources import find_checkpoint
 from taskvec.vlm.architecture import assemble_llava, count_parameters
 from taskvec.vlm.artifacts import CARD_FILE, build_vlm, save_parts
 from taskvec.vlm.data import entity_images, split_by_style
@@ -139,6 +148,12 @@ def load_default_vlm(options: LoadOptions) -> ModelHandle:
             f"the default VLM's trained parts are missing from {SHIPPED_PARTS_DIR}; "
             "train them with `taskvec train-vlm --ship` (about 90 minutes on 2 CPU cores)"
         )
+    if parse_dtype(options.dtype) == torch.float16:
+        # Refused before any weight loads, from the config of its text model (the default LM's);
+        # only then, as finding that checkpoint verifies its weights' checksum.
+        base_config = find_checkpoint(ensure_default_lm()).config
+        llava = architecture_for_class("LlavaForConditionalGeneration")
+        check_dtype("default-vlm", llava, text_model_type(base_config), options.dtype)
     return load_vlm_from_parts(SHIPPED_PARTS_DIR, device=options.device, dtype=options.dtype)
 
 

@@ -34,10 +34,10 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from taskvec.models.architectures import architecture_for_class
 from taskvec.models.handle import resolve_attribute
+from taskvec.progress import progress_counter
 from taskvec.vlm.architecture import VisionTowerShape
 from taskvec.vlm.batches import TrainingBatch, answer_logits, answer_loss, collate, distillation_loss
 from taskvec.vlm.data import (
@@ -399,7 +399,9 @@ def train_vlm(
         )
         mix = config.instruct_mix
         icl_tasks = training_icl_tasks(formats=mix.format_tasks) if stage == "instruct" else []
-        bar = tqdm(total=settings.steps, initial=state.step, desc=f"train-vlm {stage}", disable=not progress)
+        bar = progress_counter(
+            f"train-vlm {stage}", total=settings.steps, initial=state.step, enabled=progress, unit="steps"
+        )
         while state.step < settings.steps:
             stage_clock = time.monotonic()
             if stage == "instruct":
