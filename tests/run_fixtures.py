@@ -8,6 +8,7 @@ from typing import Any
 
 import transformers
 from conftest import random_image
+from safetensors.torch import load_file
 
 from taskvec.experiments import RunConfig
 from taskvec.models import ModelHandle
@@ -121,4 +122,20 @@ def untimed_results(run_dir: Path) -> dict[str, Any]:
         for row in checks["rows"]:
             row.pop("seconds")
     return results
+
+
+def comparable_run(out: Path) -> dict[str, Any]:
+    """What a run leaves that must not depend on where, or in which order, its steps ran: results.json
+    untimed, every vector file's tensors, every cached sweep and test step, the residuals files kept."""
+    vectors = {
+        str(path.relative_to(out)): {name: tensor.tolist() for name, tensor in load_file(path).items()}
+        for path in sorted(out.glob("vectors/**/*.safetensors"))
+    }
+    steps = {
+        str(path.relative_to(out)): json.loads(path.read_text())
+        for kind in ("sweeps", "test")
+        for path in sorted((out / "cache" / kind).glob("**/*.json"))
+    }
+    residuals = sorted(str(path.relative_to(out)) for path in out.glob("cache/residuals/**/*.safetensors"))
+    return {"results": untimed_results(out), "vectors": vectors, "steps": steps, "residuals": residuals}
 

@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import tiny_handle
-from run_fixtures import tiny_base_lm, tiny_config, untimed_results, write_task_file
-from safetensors.torch import load_file
+from run_fixtures import comparable_run, tiny_base_lm, tiny_config, write_task_file
 from tiny_models import save_tiny_checkpoint
 
 from taskvec.experiments import RunConfig, run_experiments
@@ -67,22 +66,6 @@ def _run_on_ray(setup: Setup, out: Path, **changes: Any) -> RayExecutor:
     return executor
 
 
-def _comparable(out: Path) -> dict[str, Any]:
-    """What a run leaves that must not depend on where its steps ran."""
-    results = untimed_results(out)
-    vectors = {
-        str(path.relative_to(out)): {name: tensor.tolist() for name, tensor in load_file(path).items()}
-        for path in sorted(out.glob("vectors/**/*.safetensors"))
-    }
-    steps = {
-        str(path.relative_to(out)): json.loads(path.read_text())
-        for kind in ("sweeps", "test")
-        for path in sorted((out / "cache" / kind).glob("**/*.json"))
-    }
-    residuals = sorted(str(path.relative_to(out)) for path in out.glob("cache/residuals/**/*.safetensors"))
-    return {"results": results, "vectors": vectors, "steps": steps, "residuals": residuals}
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -107,7 +90,7 @@ def test_a_ray_run_equals_the_sequential_run(cluster: None, setup: Setup, tmp_pa
     executor = _run_on_ray(setup, tmp_path / "ray")
     assert sum(executor.counts.values()) == executor.completed > 0
     assert all(count > 0 for count in executor.counts.values()), "both workers took steps"
-    expected, got = _comparable(setup.reference), _comparable(tmp_path / "ray")
+    expected, got = comparable_run(setup.reference), comparable_run(tmp_path / "ray")
     assert expected["vectors"] and expected["steps"] and expected["results"]["meta"]["llm"] is not None
     assert "llm-xpatch" in expected["results"]["meta"]["conditions"]
     assert got == expected
@@ -122,7 +105,7 @@ def test_a_worker_dying_mid_run_is_replaced_and_the_results_stay_the_same(
     marker = tmp_path / "died"
     executor = _run_on_ray(setup, tmp_path / "ray", exit_once=str(marker))
     assert marker.exists() and executor.deaths == 1
-    assert _comparable(tmp_path / "ray") == _comparable(setup.reference)
+    assert comparable_run(tmp_path / "ray") == comparable_run(setup.reference)
 
 
 def test_a_run_stopped_on_ray_resumes_locally(cluster: None, setup: Setup, tmp_path: Path) -> None:
@@ -133,7 +116,7 @@ def test_a_run_stopped_on_ray_resumes_locally(cluster: None, setup: Setup, tmp_p
     _run_locally(setup, out)
     meta = json.loads((out / "results.json").read_text())["meta"]
     assert meta["steps"]["vectors_extracted"] > 0  # the rest was computed here
-    assert _comparable(out) == _comparable(setup.reference)
+    assert comparable_run(out) == comparable_run(setup.reference)
 
 
 class _StopBeforeTests(SequentialExecutor):
@@ -150,7 +133,7 @@ def test_a_run_stopped_locally_resumes_on_ray(cluster: None, setup: Setup, tmp_p
     # Only the test steps were left: vectors and sweeps came from the cache, none was submitted.
     tests = len(list(out.glob("cache/test/**/*.json")))
     assert 0 < executor.completed <= tests
-    assert _comparable(out) == _comparable(setup.reference)
+    assert comparable_run(out) == comparable_run(setup.reference)
 
 
 def test_missing_ray_is_a_one_line_error_naming_the_extra(
@@ -203,7 +186,7 @@ def test_workers_get_a_task_files_images_from_the_driver(
         image.rename(image.with_suffix(".png"))
     _run_locally(moved, tmp_path / "local")
     # The results name the driver's image paths, not the workers' copies.
-    assert _comparable(tmp_path / "ray") == _comparable(tmp_path / "local")
+    assert comparable_run(tmp_path / "ray") == comparable_run(tmp_path / "local")
     tests = [json.loads(path.read_text()) for path in (tmp_path / "ray" / "cache" / "test").glob("**/*.json")]
     assert any(str(task_dir) in (image or "") for test in tests for image in test["images"])
 

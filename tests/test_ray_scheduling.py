@@ -8,7 +8,6 @@ order of completions and asserts what the driver submitted in response, whatever
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +17,12 @@ import pytest
 import torch
 from conftest import tiny_handle
 from run_fixtures import (
+    comparable_run,
     tiny_base_lm,
     tiny_config,
-    untimed_results,
     write_shared_input_task_file,
     write_task_file,
 )
-from safetensors.torch import load_file
 from tiny_models import save_tiny_checkpoint
 
 from taskvec.experiments import RunConfig, ray_workers, run_experiments
@@ -207,21 +205,6 @@ def _assert_sweeps_wait_for_their_own_vectors_only(history: History) -> None:
         assert _first(history, "submit", "sweeps", task) > _last(history, "finish", "vector", task), task
 
 
-def _comparable(out: Path) -> dict[str, Any]:
-    """What a run leaves that must not depend on the order its steps finished in."""
-    results = untimed_results(out)
-    vectors = {
-        str(path.relative_to(out)): {name: tensor.tolist() for name, tensor in load_file(path).items()}
-        for path in sorted(out.glob("vectors/**/*.safetensors"))
-    }
-    steps = {
-        str(path.relative_to(out)): json.loads(path.read_text())
-        for kind in ("sweeps", "test")
-        for path in sorted((out / "cache" / kind).glob("**/*.json"))
-    }
-    return {"results": results, "vectors": vectors, "steps": steps}
-
-
 @pytest.mark.parametrize(("ready", "held"), [(FIRST, SECOND), (SECOND, FIRST)])
 def test_a_tasks_sweeps_are_submitted_once_its_own_vectors_are_in(
     setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ready: str, held: str
@@ -232,7 +215,7 @@ def test_a_tasks_sweeps_are_submitted_once_its_own_vectors_are_in(
     _assert_sweeps_wait_for_their_own_vectors_only(history)
     assert _first(history, "submit", "sweeps", ready) < _last(history, "finish", "vector", held)
     assert _last(history, "finish", "sweeps", ready) < _last(history, "finish", "vector", held)
-    assert _comparable(tmp_path / "run") == _comparable(setup.reference)
+    assert comparable_run(tmp_path / "run") == comparable_run(setup.reference)
 
 
 def test_unpatched_tests_do_not_wait_for_the_sweeps(
@@ -244,4 +227,4 @@ def test_unpatched_tests_do_not_wait_for_the_sweeps(
     _assert_sweeps_wait_for_their_own_vectors_only(history)
     assert _first(history, "submit", "tests") < _last(history, "finish", "sweeps")
     assert _first(history, "finish", "tests") < _last(history, "finish", "sweeps")
-    assert _comparable(tmp_path / "run") == _comparable(setup.reference)
+    assert comparable_run(tmp_path / "run") == comparable_run(setup.reference)
