@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +23,7 @@ from tiny_models import (
 )
 
 from taskvec.engine import record_residuals, sweep_layers
-from taskvec.models import ARCHITECTURES, ModelHandle, UnsupportedArchitectureError
+from taskvec.models import ARCHITECTURES, ModelHandle, UnsupportedArchitectureError, architecture_for_class
 from taskvec.models.architectures import Architecture
 from taskvec.models.convention import ConventionArchitectureWarning, resolve_architecture
 
@@ -285,3 +286,22 @@ def test_positions_the_convention_cannot_number_are_refused() -> None:
     with pytest.raises(UnsupportedArchitectureError, match=r"no model\.rotary_emb"):
         resolve_architecture(tiny.model, tiny.processor)
 
+
+
+def test_a_family_is_refused_on_a_transformers_release_that_cannot_run_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Llama 4's forward fails in transformers before 5.25: such a release is refused in one line
+    naming what to install, before the processor or any weight loads."""
+    from taskvec.models import load_model
+    from taskvec.models.loading import check_transformers_version
+
+    llama4 = architecture_for_class("Llama4ForConditionalGeneration")
+    assert llama4.min_transformers == "5.25"
+    check_transformers_version("tiny-llama4", llama4)  # the installed (locked) release runs it
+    model_dir = tmp_path / "tiny-llama4"
+    build_tiny("llama4").model.save_pretrained(model_dir)  # no processor: the refusal comes first
+    monkeypatch.setattr(transformers, "__version__", "5.24.0")
+    refusal = r"llama4 needs transformers 5\.25 or later, and 5\.24\.0 is installed"
+    with pytest.raises(ValueError, match=refusal):
+        load_model(str(model_dir))

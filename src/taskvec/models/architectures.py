@@ -112,6 +112,9 @@ class Architecture:
     # (engine/attention_residual.py).
     attention_output_norm: AttentionOutputNorm | None = POST_ATTENTION_NORM
     attention_output_gate_path: str | None = None
+    # The first transformers release whose model class runs (Llama 4's forward fails before 5.25):
+    # an older one is refused when the model loads, with what to install.
+    min_transformers: str | None = None
 
     def __post_init__(self) -> None:
         if self.position_style == "mrope" and self.rope_index_path is None:
@@ -256,17 +259,19 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         "[IMG]",
         notes="its processor (PixtralProcessor) needs torchvision",
     ),
-    _vlm(
-        "llama4",
-        "Llama4ForConditionalGeneration",
-        "<|image|>",
-        # No inner `model`: the text model is a whole Llama4ForCausalLM, with its own lm_head.
-        text_model="language_model.model",
-        unembed="language_model.lm_head",
-        vision_tower="vision_model",
-        projector="multi_modal_projector",
-        notes="needs transformers 5.25 or later; its image processor (Llama4ImageProcessor) needs "
-        "torchvision",
+    replace(
+        _vlm(
+            "llama4",
+            "Llama4ForConditionalGeneration",
+            "<|image|>",
+            # No inner `model`: the text model is a whole Llama4ForCausalLM, with its own lm_head.
+            text_model="language_model.model",
+            unembed="language_model.lm_head",
+            vision_tower="vision_model",
+            projector="multi_modal_projector",
+            notes="its image processor (Llama4ImageProcessor) needs torchvision",
+        ),
+        min_transformers="5.25",
     ),
     replace(
         _vlm(

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import transformers
+from packaging.version import Version
 
 from taskvec.models.architectures import (
     FP16_OVERFLOWING_TEXT_MODELS,
@@ -136,6 +137,16 @@ def check_dtype(name: str, architecture: Architecture, text_model: str | None, d
         f"{name}: {overflowing} overflows in fp16 (its activations exceed 65504, so answers come out "
         "empty); use --dtype bf16 or fp32"
     )
+
+
+def check_transformers_version(name: str, architecture: Architecture) -> None:
+    """Refuse a family whose model class the installed transformers cannot run."""
+    needed = architecture.min_transformers
+    if needed is not None and Version(transformers.__version__) < Version(needed):
+        raise ValueError(
+            f"{name}: {architecture.family} needs transformers {needed} or later, and "
+            f"{transformers.__version__} is installed; pip install 'transformers>={needed}'"
+        )
 
 
 def load_model(
@@ -270,8 +281,9 @@ def load_checkpoint(source: CheckpointSource | Path, options: LoadOptions | None
     entry = _table_entry(class_name)
     text_model = text_model_type(source.config)
     if entry is not None:
-        # Before the processor loads: a refused dtype fails at once.
+        # Before the processor loads: a refused dtype or transformers release fails at once.
         check_dtype(source.name, entry, text_model, options.dtype)
+        check_transformers_version(source.name, entry)
         model_class = _model_class(class_name, options.trust_remote_code, entry.is_vision_language)
         processor = _load_processor(source, options, entry.is_vision_language)
     else:
