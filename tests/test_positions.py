@@ -7,10 +7,7 @@ sweep's decode step and in a full forward of the whole prompt, and compare them 
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import warnings
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -19,9 +16,9 @@ import torch
 from conftest import random_image, tiny_handle
 from tiny_models import BUILDERS, FAMILIES, VLM_FAMILIES
 
+from taskvec.checks.structure import recorded_position_ids
 from taskvec.engine import sweep_layers
 from taskvec.models import ModelHandle
-from taskvec.models.handle import resolve_attribute
 
 CASES = [(family, False) for family in FAMILIES] + [(family, True) for family in VLM_FAMILIES]
 CASE_IDS = [f"{family}-{'image' if images else 'text'}" for family, images in CASES]
@@ -52,46 +49,6 @@ def image_prompt(handle: ModelHandle, seed: int = 5, size: int = 24) -> dict[str
 
 def prompt(handle: ModelHandle, with_images: bool) -> dict[str, Any]:
     return image_prompt(handle) if with_images else text_prompt(handle)
-
-
-def position_encoders(text_model: Any) -> list[torch.nn.Module]:
-    """The modules that turn position ids into the text model's position encoding.
-
-    Rotary models compute cos/sin from the ids in a `...RotaryEmbedding` module (Gemma 3 calls its
-    one twice, for local and global layers); learned absolute positions (GPT-2's `wpe`) are the
-    text model's embedding tables other than its token embedding.
-    """
-    rotary = [module for module in text_model.modules() if type(module).__name__.endswith("RotaryEmbedding")]
-    if rotary:
-        return rotary
-    tokens = text_model.get_input_embeddings()
-    return [
-        module
-        for module in text_model.modules()
-        if isinstance(module, torch.nn.Embedding) and module is not tokens
-    ]
-
-
-@contextlib.contextmanager
-def recorded_position_ids(handle: ModelHandle) -> Iterator[list[torch.Tensor]]:
-    """Every tensor of position ids the text model's position encoding receives, in call order."""
-    assert handle.architecture.text_model_path is not None
-    text_model = resolve_attribute(handle.model, handle.architecture.text_model_path)
-    encoders = position_encoders(text_model)
-    assert encoders, f"{handle.architecture.family}: no position encoding module found in the text model"
-    calls: list[torch.Tensor] = []
-
-    def record(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
-        ids = bound["position_ids"] if "position_ids" in bound else bound["input"]
-        calls.append(ids.detach().clone())
-
-    hooks = [encoder.register_forward_pre_hook(record, with_kwargs=True) for encoder in encoders]
-    try:
-        yield calls
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 def layer_vectors(handle: ModelHandle) -> torch.Tensor:
