@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors.torch import save_file
 
 # What every temporary file's name ends with: `<name>.<random>.partial`.
 TEMPORARY_SUFFIX = ".partial"
@@ -53,3 +56,11 @@ def write_text_atomically(path: Path, text: str) -> None:
 def write_json_atomically(path: Path, data: Any) -> None:
     """`data` as indented JSON (values JSON cannot hold as their str)."""
     write_text_atomically(path, json.dumps(data, indent=1, default=str))
+
+
+def write_tensors_atomically(
+    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
+    with replacing(path) as temporary:
+        contiguous = {name: tensor.contiguous() for name, tensor in tensors.items()}
+        save_file(contiguous, str(temporary), metadata=dict(metadata) if metadata is not None else None)

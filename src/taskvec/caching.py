@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from taskvec.atomic_files import replacing, write_json_atomically
+from taskvec.atomic_files import write_json_atomically
 from taskvec.models import ModelHandle
 from taskvec.tasks import Task
 
@@ -169,11 +168,3 @@ def read_tensor_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     except (SafetensorError, OSError) as error:
         warn_unusable(path, f"not a readable safetensors file ({error})")
         return None
-
-
-def write_tensors_atomically(
-    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
-) -> None:
-    with replacing(path) as temporary:
-        contiguous = {name: tensor.contiguous() for name, tensor in tensors.items()}
-        save_file(contiguous, str(temporary), metadata=dict(metadata) if metadata is not None else None)

@@ -20,13 +20,13 @@ import torch
 
 from taskvec.analysis.settings import AnalysisSettings
 from taskvec.analysis.similarity import VectorKey
+from taskvec.atomic_files import write_tensors_atomically
 from taskvec.caching import (
     StepCache,
     model_fingerprint,
     read_tensor_file,
     task_fingerprint,
     warn_unusable,
-    write_tensors_atomically,
 )
 from taskvec.engine.devices import to_cpu_float32
 from taskvec.models import ModelHandle

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import torch
 
+from taskvec.atomic_files import write_tensors_atomically
 from taskvec.caching import (
     StepCache,
     model_fingerprint,
@@ -19,7 +20,6 @@ from taskvec.caching import (
     task_fingerprint,
     tensors_readable,
     warn_unusable,
-    write_tensors_atomically,
 )
 from taskvec.experiments.config import RunConfig
 from taskvec.function_vectors import find_function_vector

@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from taskvec.atomic_files import replacing
+from taskvec.atomic_files import write_tensors_atomically
 from taskvec.version import __version__
 
 if TYPE_CHECKING:
@@ -58,12 +57,9 @@ def save_task_vector(vector: TaskVector, path: str | Path) -> Path:
     """Safetensors with the metadata as JSON in the header (never pickle), written whole or not at all."""
     target = Path(path)
     metadata = {"taskvec_version": __version__, **vector.metadata}
-    with replacing(target) as temporary:
-        save_file(
-            {TENSOR_KEY: vector.vectors.contiguous().float()},
-            str(temporary),
-            metadata={METADATA_KEY: json.dumps(metadata)},
-        )
+    write_tensors_atomically(
+        target, {TENSOR_KEY: vector.vectors.float()}, {METADATA_KEY: json.dumps(metadata)}
+    )
     return target
 
 
