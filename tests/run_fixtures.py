@@ -138,4 +138,3 @@ def comparable_run(out: Path) -> dict[str, Any]:
     }
     residuals = sorted(str(path.relative_to(out)) for path in out.glob("cache/residuals/**/*.safetensors"))
     return {"results": untimed_results(out), "vectors": vectors, "steps": steps, "residuals": residuals}
-

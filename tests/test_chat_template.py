@@ -24,7 +24,7 @@ from tiny_tasks import make_tiny_tasks
 from taskvec.caching import StepCache
 from taskvec.engine import Patch, find_marker_positions, patch_at
 from taskvec.experiments import RunConfig, run_experiments
-from taskvec.experiments.vector_store import VectorStore
+from taskvec.experiments.execution.vector_store import VectorStore
 from taskvec.models import ModelHandle
 from taskvec.prompts import (
     DEFAULT_TEMPLATE,
@@ -350,8 +350,8 @@ def test_lens_reads_where_the_answer_is_produced(llama_chat: ModelHandle, tmp_pa
 
 def test_run_config_takes_the_template_and_keys_cached_steps_by_it(tmp_path: Path) -> None:
     from taskvec.cli import build_parser
-    from taskvec.experiments.conditions import plan_conditions
-    from taskvec.experiments.steps import StepRunner
+    from taskvec.experiments.execution.steps import StepRunner
+    from taskvec.experiments.protocol.conditions import plan_conditions
     from taskvec.tasks import load_task
 
     assert RunConfig().template == "qa" and RunConfig(template="chat").template == "chat"
@@ -403,7 +403,7 @@ def test_a_tiny_run_under_the_chat_template(tmp_path: Path) -> None:
     assert "user turn" in load_task_vector(vectors / "instruction-seed0.safetensors").metadata["position"]
     steps = [*(out / "cache" / "sweeps").rglob("*.json"), *(out / "cache" / "test").rglob("*.json")]
     assert steps and all(json.loads(step.read_text())["key"]["template"][-1] == "chat" for step in steps)
-    from taskvec.experiments.runner import run_analyses_of_run
+    from taskvec.experiments.execution.runner import run_analyses_of_run
 
     run_analyses_of_run(handle, results, out, progress=False)
     analysis = json.loads((out / "analysis.json").read_text())

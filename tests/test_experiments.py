@@ -28,13 +28,13 @@ from taskvec.experiments import (
     run_experiments,
     unregister_condition,
 )
-from taskvec.experiments import steps as steps_module
-from taskvec.experiments import vector_store as vector_store_module
-from taskvec.experiments.baselines import majority_answer, model_free_floors
-from taskvec.experiments.layer_choice import candidate_layers
-from taskvec.experiments.paper_numbers import PAPER_COLUMNS
-from taskvec.experiments.vector_store import ensemble_of, exemplar_subset_vector
+from taskvec.experiments.execution import steps as steps_module
+from taskvec.experiments.execution import vector_store as vector_store_module
+from taskvec.experiments.execution.vector_store import ensemble_of, exemplar_subset_vector
+from taskvec.experiments.protocol.baselines import majority_answer, model_free_floors
+from taskvec.experiments.protocol.paper_numbers import PAPER_COLUMNS
 from taskvec.intervals import bootstrap_interval
+from taskvec.layer_choice import candidate_layers
 from taskvec.prompts import build_query_prompt
 from taskvec.tasks import Item, Task, load_task
 from taskvec.vectors import VectorSpec, exemplar_vector, load_task_vector
@@ -456,9 +456,9 @@ def test_generated_answers_do_not_depend_on_the_batch_size() -> None:
 def test_patched_conditions_asking_the_same_queries_share_one_pass_and_equal_their_steps_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from taskvec.experiments.conditions import plan_conditions as plan
-    from taskvec.experiments.steps import StepRunner, TestStep
-    from taskvec.experiments.vector_store import VectorStore
+    from taskvec.experiments.execution.steps import StepRunner, TestStep
+    from taskvec.experiments.execution.vector_store import VectorStore
+    from taskvec.experiments.protocol.conditions import plan_conditions as plan
 
     config = tiny_config(write_task_file(tmp_path / "task"), seeds=(0, 1))
     vlm = tiny_handle("llava")

@@ -287,7 +287,6 @@ def test_positions_the_convention_cannot_number_are_refused() -> None:
         resolve_architecture(tiny.model, tiny.processor)
 
 
-
 def test_a_family_is_refused_on_a_transformers_release_that_cannot_run_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -29,8 +29,8 @@ from taskvec.atomic_files import write_json_atomically
 from taskvec.caching import CacheEntryWarning, StepCache
 from taskvec.cli import main
 from taskvec.experiments import RunConfig, RunResults, run_experiments
-from taskvec.experiments.run_lock import LOCK_FILE, run_directory_lock
-from taskvec.experiments.steps import StepRunner
+from taskvec.experiments.execution.run_lock import LOCK_FILE, run_directory_lock
+from taskvec.experiments.execution.steps import StepRunner
 from taskvec.report import write_report
 from taskvec.report.writer import ReportSection, register_section, unregister_section
 
@@ -288,7 +288,7 @@ _RUN = ["run", "--llm", "none", "--quick", "--no-analyses"]
 def test_a_second_run_into_a_busy_directory_stops_at_once(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import taskvec.experiments.command as command_module
+    import taskvec.cli.run_command as command_module
 
     def must_not_load(*args: object, **kwargs: object) -> object:
         raise AssertionError("a model loaded into a busy run directory")

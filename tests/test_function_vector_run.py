@@ -20,11 +20,11 @@ from taskvec.evaluation import (
     sweep_first_tokens,
 )
 from taskvec.experiments import RunConfig, RunResults, plan_conditions, run_experiments
-from taskvec.experiments.layer_choice import choose_scale_and_layer
-from taskvec.experiments.runner import load_run_tasks
-from taskvec.experiments.steps import StepRunner
-from taskvec.experiments.vector_store import VectorStore
+from taskvec.experiments.execution.runner import load_run_tasks
+from taskvec.experiments.execution.steps import StepRunner
+from taskvec.experiments.execution.vector_store import VectorStore
 from taskvec.function_vectors import find_function_vector, top_heads
+from taskvec.layer_choice import choose_scale_and_layer
 from taskvec.prompts import build_query_prompt
 from taskvec.tasks import load_task
 from taskvec.vectors import load_task_vector

@@ -11,7 +11,7 @@ SOURCE = Path(taskvec.__file__).resolve().parent
 
 
 def _part(module: str) -> str:
-    """taskvec.experiments.runner -> experiments; taskvec.caching -> caching."""
+    """taskvec.experiments.execution.runner -> experiments; taskvec.caching -> caching."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else "taskvec"
 
@@ -56,5 +56,42 @@ def test_no_module_imports_the_project_by_a_string() -> None:
         for path in SOURCE.rglob("*.py")
         if "import_module(" in path.read_text(encoding="utf-8")
         or "__import__(" in path.read_text(encoding="utf-8")
+    ]
+    assert offenders == []
+
+
+def _experiments_imports() -> dict[str, set[str]]:
+    """Imports between experiments' own parts: protocol, execution, results, config, demo."""
+    root = SOURCE / "experiments"
+    graph: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        part = path.relative_to(root).parts[0].removesuffix(".py")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.startswith("taskvec.experiments.")
+            ):
+                target = node.module.split(".")[2]
+                if target != part:
+                    graph.setdefault(part, set()).add(target)
+    return graph
+
+
+def test_the_run_core_is_split_protocol_then_execution_with_results_a_leaf() -> None:
+    graph = _experiments_imports()
+    assert graph.get("results", set()) <= {"config"}, (
+        "the results the report reads import no protocol or execution"
+    )
+    assert "execution" not in graph.get("protocol", set()), "the protocol knows nothing of how steps run"
+    assert "config" in graph.get("execution", set())
+
+
+def test_argparse_stays_in_the_command_line() -> None:
+    offenders = [
+        str(path.relative_to(SOURCE))
+        for part in ("experiments", "analysis", "report")
+        for path in (SOURCE / part).rglob("*.py")
+        if "argparse" in path.read_text(encoding="utf-8")
     ]
     assert offenders == []

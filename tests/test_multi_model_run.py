@@ -21,9 +21,9 @@ from conftest import tiny_handle
 from run_fixtures import tiny_base_lm, untimed_results, write_task_file
 from tiny_models import save_tiny_checkpoint
 
-import taskvec.experiments.command as command
+import taskvec.cli.run_command as command
 from taskvec.cli import main
-from taskvec.experiments.command import RunCommandOptions, models_at_once, per_model_options, run_names
+from taskvec.cli.run_command import RunCommandOptions, models_at_once, per_model_options, run_names
 
 RAY_MISSING = importlib.util.find_spec("ray") is None
 

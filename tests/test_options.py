@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from taskvec.cli import build_parser, main
-from taskvec.experiments.command import RunCommandOptions, config_from_args
+from taskvec.cli.run_command import RunCommandOptions, config_from_args
 from taskvec.experiments.config import QUICK_TASKS, RunConfig
 from taskvec.models.load_options import LoadOptions
 from taskvec.options import (

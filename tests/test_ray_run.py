@@ -21,14 +21,14 @@ from run_fixtures import comparable_run, tiny_base_lm, tiny_config, write_task_f
 from tiny_models import save_tiny_checkpoint
 
 from taskvec.experiments import RunConfig, run_experiments
-from taskvec.experiments.executors import SequentialExecutor, TestJob
-from taskvec.experiments.steps import StepRunner
+from taskvec.experiments.execution.executors import SequentialExecutor, TestJob
+from taskvec.experiments.execution.steps import StepRunner
 from taskvec.models import load_model
 from taskvec.models.load_options import LoadOptions
 
 ray = pytest.importorskip("ray")
 
-from taskvec.experiments.ray_workers import (  # noqa: E402  (after the skip: needs Ray)
+from taskvec.experiments.execution.ray_workers import (  # noqa: E402  (after the skip: needs Ray)
     RayExecutor,
     RayMissingError,
     StepsInterrupted,
@@ -151,7 +151,7 @@ def test_missing_ray_is_a_one_line_error_naming_the_extra(
 
 
 def test_groups_are_halved_until_every_worker_has_one() -> None:
-    from taskvec.experiments.ray_workers import _split
+    from taskvec.experiments.execution.ray_workers import _split
 
     assert _split([(0, [0, 1, 2, 3]), (1, [0])], 3) == [(1, [0]), (0, [0, 1]), (0, [2, 3])]
     assert _split([(0, [0]), (1, [0])], 4) == [(0, [0]), (1, [0])]  # one-step groups stay whole
@@ -165,7 +165,7 @@ def test_workers_get_a_task_files_images_from_the_driver(
     once the driver has read them to send, the run still gives the sequential run's results."""
     import shutil
 
-    from taskvec.experiments import ray_workers
+    from taskvec.experiments.execution import ray_workers
 
     task_dir = tmp_path / "task"
     shutil.copytree(setup.root / "task", task_dir)
@@ -198,7 +198,7 @@ def test_analyses_on_ray_equal_the_local_analyses_and_the_driver_computes_no_exp
 
     from taskvec.analysis import registry
     from taskvec.experiments import RunResults
-    from taskvec.experiments.runner import run_analyses_of_run
+    from taskvec.experiments.execution.runner import run_analyses_of_run
 
     local_dir, ray_dir = tmp_path / "local", tmp_path / "ray"
     shutil.copytree(setup.reference, local_dir)

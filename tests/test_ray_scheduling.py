@@ -25,8 +25,9 @@ from run_fixtures import (
 )
 from tiny_models import save_tiny_checkpoint
 
-from taskvec.experiments import RunConfig, ray_workers, run_experiments
-from taskvec.experiments.ray_workers import RayExecutor, StepWorker, WorkerSpec
+from taskvec.experiments import RunConfig, run_experiments
+from taskvec.experiments.execution import ray_workers
+from taskvec.experiments.execution.ray_workers import RayExecutor, StepWorker, WorkerSpec
 from taskvec.models import load_model
 from taskvec.models.load_options import LoadOptions
 

@@ -12,9 +12,9 @@ from PIL import Image
 from tiny_models import build_tiny
 
 from taskvec.cli import build_parser, main
+from taskvec.cli.run_command import config_from_args
 from taskvec.evaluation import is_correct
-from taskvec.experiments.command import config_from_args
-from taskvec.experiments.runner import load_run_tasks
+from taskvec.experiments.execution.runner import load_run_tasks
 from taskvec.tasks import DuplicateInputWarning, Task, TaskFileError, load_task
 
 FUNCTION_VECTORS = Path(__file__).parent / "fixtures" / "function_vectors"

@@ -6,7 +6,9 @@ results = run_experiments(load_model("default-vlm"), RunConfig.quick_preset(), "
 print(results.table("paper").column("text-icl-xpatch").summary.interval)
 """
 
-from taskvec.experiments.conditions import (
+from taskvec.experiments.config import METRICS, RunConfig
+from taskvec.experiments.execution.runner import run_analyses_of_run, run_experiments
+from taskvec.experiments.protocol.conditions import (
     CONDITIONS,
     Condition,
     TableSlot,
@@ -14,12 +16,10 @@ from taskvec.experiments.conditions import (
     register_condition,
     unregister_condition,
 )
-from taskvec.experiments.config import METRICS, RunConfig
-from taskvec.experiments.layer_choice import choose_layer
-from taskvec.experiments.paper_numbers import paper_numbers
-from taskvec.experiments.results import RunResults
-from taskvec.experiments.runner import run_analyses_of_run, run_experiments
-from taskvec.experiments.tables import format_tables
+from taskvec.experiments.protocol.paper_numbers import paper_numbers
+from taskvec.experiments.protocol.tables import format_tables
+from taskvec.experiments.results.run_results import RunResults
+from taskvec.layer_choice import choose_layer
 
 __all__ = [
     "CONDITIONS",

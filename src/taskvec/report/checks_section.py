@@ -4,7 +4,7 @@ its first step, or that the run was told not to (--no-check)."""
 from __future__ import annotations
 
 from taskvec.checks.results import TABLE_HEADER, EngineChecks, table_rows
-from taskvec.experiments.results import RunResults
+from taskvec.experiments.results.run_results import RunResults
 from taskvec.report.html import escape, note, table
 
 READING = (

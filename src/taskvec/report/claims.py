@@ -12,9 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from taskvec.experiments import conditions as known
-from taskvec.experiments.baselines import Floor
-from taskvec.experiments.results import RunResults, Summary
+from taskvec.experiments.protocol import conditions as known
+from taskvec.experiments.results.run_results import Floor, RunResults, Summary
 
 PHASES = ("input", "task", "answer")
 Verdict = Literal["holds", "does not hold", "not testable"]

@@ -4,8 +4,8 @@ to, and where each function-vector condition was added."""
 
 from __future__ import annotations
 
-from taskvec.experiments.results import HeadEffects, RunResults
-from taskvec.experiments.tables import placement
+from taskvec.experiments.protocol.tables import placement
+from taskvec.experiments.results.run_results import HeadEffects, RunResults
 from taskvec.report import figures
 from taskvec.report.html import escape, note, number, table
 from taskvec.report.results_sections import FigureWriter, result_table

@@ -12,9 +12,8 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from taskvec.atomic_files import temporary_beside
-from taskvec.experiments.baselines import Floor
-from taskvec.experiments.results import ResultTable, RunResults
-from taskvec.experiments.tables import placement, protocol_line
+from taskvec.experiments.protocol.tables import placement, protocol_line
+from taskvec.experiments.results.run_results import Floor, ResultTable, RunResults
 from taskvec.intervals import Interval
 from taskvec.report import figures
 from taskvec.report.claims import Claim

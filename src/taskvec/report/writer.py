@@ -18,7 +18,7 @@ from typing import Any
 
 from taskvec.analysis import AnalysisDocument
 from taskvec.atomic_files import write_text_atomically
-from taskvec.experiments.results import RunResults
+from taskvec.experiments.results.run_results import RunResults
 from taskvec.report import analysis_sections as analysis_parts
 from taskvec.report import results_sections as results_parts
 from taskvec.report.checks_section import engine_checks_section

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from taskvec.cli.run_command import ModelOutcome
     from taskvec.engine import PatchMode
-    from taskvec.experiments.command import ModelOutcome
 
 # Function vectors are added to the residual, task vectors replace it (the paper's protocol).
 MODE_HELP = "replace or add to the residual (default: add for a function vector, else replace)"
@@ -482,7 +482,7 @@ def _command_export_vlm(args: argparse.Namespace) -> int:
 def _command_run(args: argparse.Namespace) -> int:
     import contextlib
 
-    from taskvec.experiments.command import summary_lines
+    from taskvec.cli.run_command import summary_lines
 
     # With --json the printed tables and notes go to stderr, so stdout holds the JSON document alone.
     printed = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
@@ -503,7 +503,7 @@ def _run_and_report(args: argparse.Namespace) -> list[ModelOutcome]:
     every model ran: matplotlib's pyplot is not safe to use from several threads."""
     import dataclasses
 
-    from taskvec.experiments.command import run_command
+    from taskvec.cli.run_command import run_command
     from taskvec.report import write_report
 
     outcomes, report = run_command(args)
@@ -562,7 +562,7 @@ def _add_strict_option(parser: argparse.ArgumentParser) -> None:
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     """Declared with their defaults in RunCommandOptions and RunConfig (see taskvec.options)."""
-    from taskvec.experiments.command import PER_MODEL_OPTIONS, RunCommandOptions
+    from taskvec.cli.run_command import PER_MODEL_OPTIONS, RunCommandOptions
     from taskvec.experiments.config import RunConfig
     from taskvec.options import add_options
 

@@ -23,10 +23,8 @@ from taskvec.analysis.settings import QUICK, AnalysisSettings
 from taskvec.caching import StepCache
 from taskvec.checks import checks_before_run
 from taskvec.evaluation import first_line
-from taskvec.experiments.baselines import Floor, model_free_floors
-from taskvec.experiments.conditions import Condition, plan_conditions
 from taskvec.experiments.config import METRICS, RunConfig
-from taskvec.experiments.executors import (
+from taskvec.experiments.execution.executors import (
     AnalysisJob,
     EarlySteps,
     SequentialExecutor,
@@ -34,27 +32,36 @@ from taskvec.experiments.executors import (
     SweepJob,
     TestJob,
 )
-from taskvec.experiments.function_vector_results import head_overlaps, heads_of_run
-from taskvec.experiments.layer_choice import (
+from taskvec.experiments.execution.function_vector_heads import head_overlaps, heads_of_run
+from taskvec.experiments.execution.steps import StepRunner, TestStep
+from taskvec.experiments.execution.vector_store import VectorStore
+from taskvec.experiments.protocol.baselines import model_free_floors
+from taskvec.experiments.protocol.conditions import Condition, plan_conditions
+from taskvec.experiments.protocol.paper_numbers import paper_numbers
+from taskvec.experiments.protocol.tables import (
+    TABLE_DEFINITIONS,
+    build_tables,
+    score_rows,
+    summarise,
+    table_metric,
+)
+from taskvec.experiments.results.run_results import (
+    RESULTS_FORMAT,
+    ConditionResult,
+    Example,
+    Floor,
+    RunMeta,
+    RunResults,
+    Summary,
+    VectorCosine,
+)
+from taskvec.layer_choice import (
     LayerChoice,
     candidate_layers,
     choose_from_sweeps,
     choose_scale_and_layer,
     fixed_layer,
 )
-from taskvec.experiments.paper_numbers import paper_numbers
-from taskvec.experiments.results import (
-    RESULTS_FORMAT,
-    ConditionResult,
-    Example,
-    RunMeta,
-    RunResults,
-    Summary,
-    VectorCosine,
-)
-from taskvec.experiments.steps import StepRunner, TestStep
-from taskvec.experiments.tables import TABLE_DEFINITIONS, build_tables, score_rows, summarise, table_metric
-from taskvec.experiments.vector_store import VectorStore
 from taskvec.models import ModelHandle
 from taskvec.prompts import chat_template_of
 from taskvec.tasks import Task, load_task

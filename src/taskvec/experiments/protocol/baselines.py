@@ -12,24 +12,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from taskvec.evaluation import is_correct_by
-from taskvec.intervals import Interval, bootstrap_interval
+from taskvec.experiments.results.run_results import Floor
+from taskvec.intervals import bootstrap_interval
 from taskvec.tasks import Item, Task
-
-
-@dataclass
-class Floor:
-    """A model-free answer rule scored on the test split, per task and as the mean over tasks."""
-
-    name: str
-    label: str
-    metric: str
-    per_task: dict[str, float]
-    mean: float
-    interval: Interval
-    answers: dict[str, str] | None = None  # the constant answer per task, for the majority floor
 
 
 def majority_answer(task: Task) -> str:

@@ -12,10 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from taskvec.evaluation import is_correct_by
-from taskvec.experiments.baselines import Floor
-from taskvec.experiments.conditions import Condition
 from taskvec.experiments.config import METRICS
-from taskvec.experiments.paper_numbers import (
+from taskvec.experiments.protocol.conditions import Condition
+from taskvec.experiments.protocol.paper_numbers import (
     PAPER_COLUMNS,
     PAPER_DIRECTIONS,
     PAPER_DIRECTIONS_MODEL,
@@ -23,7 +22,14 @@ from taskvec.experiments.paper_numbers import (
     PAPER_LLM_VLM_COSINE,
     PAPER_TABLE,
 )
-from taskvec.experiments.results import ConditionResult, ResultTable, RunResults, Summary, TableColumn
+from taskvec.experiments.results.run_results import (
+    ConditionResult,
+    Floor,
+    ResultTable,
+    RunResults,
+    Summary,
+    TableColumn,
+)
 from taskvec.intervals import Interval, bootstrap_interval
 
 

@@ -22,6 +22,7 @@ from taskvec.caching import (
     warn_unusable,
 )
 from taskvec.experiments.config import RunConfig
+from taskvec.experiments.protocol.conditions import heads_used
 from taskvec.function_vectors import find_function_vector
 from taskvec.models import ModelHandle
 from taskvec.prompts import as_template
@@ -54,11 +55,6 @@ def _from_demonstrations(spec: VectorSpec | str) -> VectorSpec:
             f"function vectors come from demonstrations (text-icl or image-icl), not {kind.value!r}"
         )
     return kind
-
-
-def heads_used(handle: ModelHandle, k: int) -> int:
-    """The run's top-k, or every head of a model that has fewer (a tiny test model)."""
-    return min(k, handle.num_layers * int(handle.text_config.num_attention_heads))
 
 
 def exemplar_subset_vector(per_prompt: torch.Tensor, examples: int, shots: int, seed: int) -> torch.Tensor:

@@ -15,10 +15,9 @@ from typing import Any
 
 from taskvec.atomic_files import replacing, write_json_atomically
 from taskvec.checks.results import EngineChecks
-from taskvec.experiments.baselines import Floor
 from taskvec.experiments.config import RunConfig
-from taskvec.experiments.layer_choice import LayerChoice
 from taskvec.intervals import Interval
+from taskvec.layer_choice import LayerChoice
 from taskvec.typed_json import from_json, to_json
 
 RESULTS_FORMAT = 2
@@ -39,6 +38,19 @@ SUMMARY_FIELDS = (
     "vector_answer_accuracy",
     "max_new_tokens",
 )
+
+
+@dataclass
+class Floor:
+    """A model-free answer rule scored on the test split, per task and as the mean over tasks."""
+
+    name: str
+    label: str
+    metric: str
+    per_task: dict[str, float]
+    mean: float
+    interval: Interval
+    answers: dict[str, str] | None = None  # the constant answer per task, for the majority floor
 
 
 @dataclass

@@ -12,13 +12,17 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from taskvec.experiments.config import RunConfig
-from taskvec.experiments.vector_store import heads_used
 from taskvec.models import ModelHandle
 from taskvec.prompts import Modality
 from taskvec.tasks import Task
 from taskvec.vectors import VectorSpec
 
 ModelRole = Literal["vlm", "llm"]
+
+
+def heads_used(handle: ModelHandle, k: int) -> int:
+    """The run's top-k, or every head of a model that has fewer (a tiny test model)."""
+    return min(k, handle.num_layers * int(handle.text_config.num_attention_heads))
 
 
 @dataclass(frozen=True)

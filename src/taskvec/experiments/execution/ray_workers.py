@@ -30,9 +30,16 @@ from taskvec.analysis.context import CACHE_KIND
 from taskvec.analysis.settings import AnalysisSettings
 from taskvec.caching import StepCache, digest
 from taskvec.experiments.config import RunConfig
-from taskvec.experiments.executors import AnalysisJob, EarlyResults, EarlySteps, SweepJob, TestJob, VectorJob
-from taskvec.experiments.steps import StepRunner, TestStep, VectorKind, VectorWork
-from taskvec.experiments.vector_store import ModelRole, VectorStore
+from taskvec.experiments.execution.executors import (
+    AnalysisJob,
+    EarlyResults,
+    EarlySteps,
+    SweepJob,
+    TestJob,
+    VectorJob,
+)
+from taskvec.experiments.execution.steps import StepRunner, TestStep, VectorKind, VectorWork
+from taskvec.experiments.execution.vector_store import ModelRole, VectorStore
 from taskvec.models import load_model
 from taskvec.models.load_options import LoadOptions
 from taskvec.progress import progress_counter

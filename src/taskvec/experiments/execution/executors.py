@@ -17,8 +17,8 @@ import torch
 from taskvec.analysis import VectorKey
 from taskvec.analysis.settings import AnalysisSettings
 from taskvec.caching import StepCache
-from taskvec.experiments.conditions import Condition
-from taskvec.experiments.steps import StepRunner, TestStep
+from taskvec.experiments.execution.steps import StepRunner, TestStep
+from taskvec.experiments.protocol.conditions import Condition
 from taskvec.progress import with_progress
 from taskvec.tasks import Task
 

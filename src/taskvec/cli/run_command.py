@@ -28,22 +28,22 @@ from typing import TYPE_CHECKING
 import torch
 
 from taskvec.experiments.config import RunConfig
-from taskvec.experiments.results import RunResults
-from taskvec.experiments.run_lock import run_directory_locks
-from taskvec.experiments.runner import (
+from taskvec.experiments.execution.run_lock import run_directory_locks
+from taskvec.experiments.execution.runner import (
     check_layer_options,
     load_run_tasks,
     run_analyses_of_run,
     run_experiments,
 )
-from taskvec.experiments.tables import format_tables
+from taskvec.experiments.protocol.tables import format_tables
+from taskvec.experiments.results.run_results import RunResults
 from taskvec.models import ModelHandle, load_model
 from taskvec.models.load_options import LoadOptions
 from taskvec.models.loading import named_model
 from taskvec.options import at_least, option, options_from_args
 
 if TYPE_CHECKING:  # Ray is imported only when --ray is given
-    from taskvec.experiments.ray_workers import RayExecutor
+    from taskvec.experiments.execution.ray_workers import RayExecutor
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def ray_executor(
 ) -> RayExecutor:
     """Workers load the same sources with the same options; together (with the workers of the other
     models running at the same time) they use the local run's threads."""
-    from taskvec.experiments.ray_workers import RayExecutor, WorkerSpec
+    from taskvec.experiments.execution.ray_workers import RayExecutor, WorkerSpec
 
     threads = max(1, (options.threads or torch.get_num_threads()) // (options.workers * models_at_once))
     spec = WorkerSpec(
@@ -329,7 +329,7 @@ def _attempt(options: RunCommandOptions, shared: _Shared) -> ModelOutcome:
 def _ray_cluster(address: str) -> Iterator[ModuleType]:
     """One cluster for every model of the command. RayExecutor shuts down only a cluster it started
     itself, so the executors, finding this one running, leave it up for the models still running."""
-    from taskvec.experiments.ray_workers import import_ray
+    from taskvec.experiments.execution.ray_workers import import_ray
 
     ray = import_ray()
     if ray.is_initialized():  # a caller's cluster (a test, a notebook): the caller stops it

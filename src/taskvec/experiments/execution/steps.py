@@ -23,9 +23,14 @@ from taskvec.evaluation import (
     generate_patched_answers,
     sweep_first_tokens_of_vectors,
 )
-from taskvec.experiments.conditions import Condition
 from taskvec.experiments.config import RunConfig
-from taskvec.experiments.vector_store import ModelRole, VectorStore, ensemble_of, exemplar_subset_vector
+from taskvec.experiments.execution.vector_store import (
+    ModelRole,
+    VectorStore,
+    ensemble_of,
+    exemplar_subset_vector,
+)
+from taskvec.experiments.protocol.conditions import Condition
 from taskvec.models import ModelHandle
 from taskvec.prompts import Prompt, as_template, build_icl_prompt
 from taskvec.tasks import Item, Task

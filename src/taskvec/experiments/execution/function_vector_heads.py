@@ -8,9 +8,9 @@ from collections.abc import Sequence
 import torch
 
 from taskvec.engine import logit_lens
-from taskvec.experiments.conditions import Condition
-from taskvec.experiments.results import HeadEffects, HeadOverlap
-from taskvec.experiments.steps import StepRunner
+from taskvec.experiments.execution.steps import StepRunner
+from taskvec.experiments.protocol.conditions import Condition
+from taskvec.experiments.results.run_results import HeadEffects, HeadOverlap
 from taskvec.function_vectors.vector import top_heads
 from taskvec.tasks import Task
 
