@@ -403,7 +403,7 @@ def test_a_tiny_run_under_the_chat_template(tmp_path: Path) -> None:
     assert "user turn" in load_task_vector(vectors / "instruction-seed0.safetensors").metadata["position"]
     steps = [*(out / "cache" / "sweeps").rglob("*.json"), *(out / "cache" / "test").rglob("*.json")]
     assert steps and all(json.loads(step.read_text())["key"]["template"][-1] == "chat" for step in steps)
-    from taskvec.experiments.execution.runner import run_analyses_of_run
+    from taskvec.experiments.execution.run_analyses import run_analyses_of_run
 
     run_analyses_of_run(handle, results, out, progress=False)
     analysis = json.loads((out / "analysis.json").read_text())

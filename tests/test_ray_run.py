@@ -198,7 +198,7 @@ def test_analyses_on_ray_equal_the_local_analyses_and_the_driver_computes_no_exp
 
     from taskvec.analysis import registry
     from taskvec.experiments import RunResults
-    from taskvec.experiments.execution.runner import run_analyses_of_run
+    from taskvec.experiments.execution.run_analyses import run_analyses_of_run
 
     local_dir, ray_dir = tmp_path / "local", tmp_path / "ray"
     shutil.copytree(setup.reference, local_dir)

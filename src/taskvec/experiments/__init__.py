@@ -7,7 +7,8 @@ print(results.table("paper").column("text-icl-xpatch").summary.interval)
 """
 
 from taskvec.experiments.config import METRICS, RunConfig
-from taskvec.experiments.execution.runner import run_analyses_of_run, run_experiments
+from taskvec.experiments.execution.run_analyses import run_analyses_of_run
+from taskvec.experiments.execution.runner import run_experiments
 from taskvec.experiments.protocol.conditions import (
     CONDITIONS,
     Condition,
