@@ -19,6 +19,15 @@ import torch
 from PIL import Image
 from tiny_models import build_tiny
 
+from taskvec.analysis import (
+    CONFLICT,
+    DECODED_TOKENS,
+    EMBEDDING_MAP,
+    LENS,
+    SIMILARITY,
+    AnalysisDocument,
+    ConflictCounts,
+)
 from taskvec.engine import Patch, generate_greedy_ids, logit_lens, record_residuals, sweep_layers
 from taskvec.models import ModelHandle
 
@@ -176,26 +185,41 @@ def assert_lens_results_agree(actual: dict[str, Any], expected: dict[str, Any], 
     assert not expected_curves, f"curves missing: {sorted(expected_curves)}"
 
 
-def assert_analysis_results_agree(actual: dict[str, Any], expected: dict[str, Any], tolerance: float) -> None:
-    """Two `run_analyses` results of one model in two dtypes or on two devices agree: every curve,
+def _lens_dicts(document: AnalysisDocument) -> dict[str, Any]:
+    lens = document.result(LENS)
+    assert lens is not None
+    return {task: phases.as_dict() for task, phases in lens.per_task.items()}
+
+
+def assert_analysis_results_agree(
+    actual: AnalysisDocument, expected: AnalysisDocument, tolerance: float
+) -> None:
+    """Two `run_analyses` documents of one model in two dtypes or on two devices agree: every curve,
     cosine and probability within bf16 precision; the discrete parts (which token or answer wins
     among a random model's near ties) only in what was counted."""
-    assert actual.keys() == expected.keys()
-    assert_lens_results_agree(actual["lens"], expected["lens"], tolerance)
-    np.testing.assert_allclose(
-        actual["similarity"]["matrix_per_layer"], expected["similarity"]["matrix_per_layer"], atol=0.02
-    )
-    for model, decoded in actual["decoded_tokens"].items():
-        for label, layers in decoded.items():
-            for row, expected_row in zip(layers, expected["decoded_tokens"][model][label], strict=True):
-                np.testing.assert_allclose([p for _, p in row], [p for _, p in expected_row], atol=0.01)
-    actual_map, expected_map = actual["embedding_map"], expected["embedding_map"]
-    assert (actual_map["tasks"], actual_map["specs"]) == (expected_map["tasks"], expected_map["specs"])
-    assert np.asarray(actual_map["vectors"]["xy"]).shape == (len(actual_map["tasks"]), 2)
+    assert actual.results.keys() == expected.results.keys()
+    assert_lens_results_agree(_lens_dicts(actual), _lens_dicts(expected), tolerance)
+    similarity, expected_similarity = actual.result(SIMILARITY), expected.result(SIMILARITY)
+    assert similarity is not None and expected_similarity is not None
+    np.testing.assert_allclose(similarity.matrix_per_layer, expected_similarity.matrix_per_layer, atol=0.02)
+    decoded, expected_decoded = actual.result(DECODED_TOKENS), expected.result(DECODED_TOKENS)
+    assert decoded is not None and expected_decoded is not None
+    for model, vectors in decoded.by_model.items():
+        for label, layers in vectors.items():
+            for row, expected_row in zip(layers, expected_decoded.by_model[model][label], strict=True):
+                np.testing.assert_allclose(
+                    [t.probability for t in row], [t.probability for t in expected_row], atol=0.01
+                )
+    actual_map, expected_map = actual.result(EMBEDDING_MAP), expected.result(EMBEDDING_MAP)
+    assert actual_map is not None and expected_map is not None
+    assert (actual_map.tasks, actual_map.specs) == (expected_map.tasks, expected_map.specs)
+    assert np.asarray(actual_map.vectors.xy).shape == (len(actual_map.tasks), 2)
+    conflict, expected_conflict = actual.result(CONFLICT), expected.result(CONFLICT)
+    assert conflict is not None and expected_conflict is not None
 
-    def counted(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-        return [(row["task_a"], row["task_b"], row["context"], row["items"]) for row in rows]
+    def counted(rows: list[ConflictCounts]) -> list[tuple[Any, ...]]:
+        return [(row.task_a, row.task_b, row.context, row.items) for row in rows]
 
-    assert counted(actual["conflict"]) == counted(expected["conflict"])
-    for row in actual["conflict"]:
-        assert sum(row["baseline"].values()) == sum(row["patched"].values()) == row["items"]
+    assert counted(conflict.rows) == counted(expected_conflict.rows)
+    for row in conflict.rows:
+        assert sum(row.baseline.values()) == sum(row.patched.values()) == row.items

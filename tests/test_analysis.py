@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -13,10 +13,19 @@ import torch
 from conftest import tiny_handle
 from tiny_tasks import make_tiny_tasks
 
-import taskvec.analysis.registry as registry_module
+import taskvec.analysis.conflict as conflict_module
+import taskvec.analysis.paper_analyses as paper_module
 from taskvec.analysis import (
+    CONFLICT,
+    CONFLICT_TOTALS,
+    DECODED_TOKENS,
+    EMBEDDING_MAP,
+    LENS,
+    LENS_PEAKS,
+    PAPER_ANALYSES,
     PHASES,
     QUICK,
+    SIMILARITY,
     Analysis,
     AnalysisContext,
     AnalysisDocument,
@@ -32,18 +41,17 @@ from taskvec.analysis import (
     lens_phases,
     neighbour_agreement,
     project_2d,
-    register_analysis,
-    registered_analyses,
     run_analyses,
     shared_input_pairs,
     similarity_analysis,
     task_conflict,
-    unregister_analysis,
+    with_analysis,
 )
 from taskvec.analysis.conflict import winner
 from taskvec.analysis.tokens import words_probability
 from taskvec.caching import StepCache
 from taskvec.engine import record_residuals
+from taskvec.prompts.settings import PromptSettings
 from taskvec.tasks import Task
 from taskvec.vectors import VectorSpec, extract_vector
 
@@ -139,22 +147,25 @@ def test_similarity_matrix_is_symmetric_with_unit_diagonal_and_separates_tasks()
     vectors = _vectors()
     vectors[VectorKey("llm", "a", "text-icl")] = vectors[VectorKey("vlm", "a", "text-icl")] * 2
     result = similarity_analysis(vectors, layer=2)
-    matrix = np.asarray(result["matrix"])
-    assert matrix.shape == (10, 10) and len(result["labels"]) == 10
+    matrix = np.asarray(result.matrix)
+    assert matrix.shape == (10, 10) and len(result.labels) == 10
     assert np.allclose(matrix, matrix.T, atol=1e-4) and np.allclose(np.diag(matrix), 1.0, atol=1e-4)
-    assert np.asarray(result["matrix_per_layer"]).shape == (4, 10, 10)
-    assert np.allclose(result["matrix_per_layer"][2], matrix)
-    summary = result["summary"]
-    assert summary["within_task_cross_spec"] > 0.9 > summary["cross_task"]
+    assert np.asarray(result.matrix_per_layer).shape == (4, 10, 10)
+    assert np.allclose(result.matrix_per_layer[2], matrix)
+    summary = result.summary
+    assert summary.within_task_cross_spec is not None and summary.cross_task is not None
+    assert summary.within_task_cross_spec > 0.9 > summary.cross_task
     # A shared offset (the common direction of real residual streams) hides the tasks in raw cosines
     # but not in mean-centred ones.
     offset = {key: value + 50.0 for key, value in vectors.items()}
     shifted = similarity_analysis(offset, layer=2)
-    assert shifted["summary"]["cross_task"] > 0.99
-    centered = shifted["summary_centered"]
-    assert centered["within_task_cross_spec"] > 0.9 > 0.0 > centered["cross_task"]
-    assert result["llm_vs_vlm"]["per_task"]["a"] == pytest.approx([1.0] * 4, abs=1e-4)
-    assert set(result["llm_vs_vlm"]["per_task"]) == {"a"}
+    assert shifted.summary.cross_task is not None and shifted.summary.cross_task > 0.99
+    centered = shifted.summary_centered
+    assert centered.within_task_cross_spec is not None and centered.cross_task is not None
+    assert centered.within_task_cross_spec > 0.9 > 0.0 > centered.cross_task
+    assert result.llm_vs_vlm is not None
+    assert result.llm_vs_vlm.per_task["a"] == pytest.approx([1.0] * 4, abs=1e-4)
+    assert set(result.llm_vs_vlm.per_task) == {"a"}
 
 
 def test_projections_keep_one_point_per_row_and_neighbours_follow_clusters() -> None:
@@ -178,7 +189,7 @@ def test_prompt_points_cover_every_task_and_spec(tasks: list[Task]) -> None:
     # Image prompts average their image tokens, text prompts their text: the embeddings differ.
     assert not np.allclose(points.embeddings[0], points.embeddings[3])
     mapped = embedding_map(points, "pca")
-    assert len(mapped["vectors"]["xy"]) == len(mapped["embeddings"]["xy"]) == 18
+    assert len(mapped.vectors.xy) == len(mapped.embeddings.xy) == 18
 
 
 def test_conflict_pairs_share_inputs_and_counts_sum_to_the_queries(tasks: list[Task]) -> None:
@@ -194,7 +205,7 @@ def test_conflict_pairs_share_inputs_and_counts_sum_to_the_queries(tasks: list[T
         counts = task_conflict(handle, tasks[0], tasks[1], vector, 1, context=context, shots=2)  # type: ignore[arg-type]
         assert counts.items == 3  # the test split of tiny-capital
         assert sum(counts.baseline.values()) == sum(counts.patched.values()) == counts.items
-        assert len(counts.examples) == 3 and counts.examples[0]["answer_b"] in {"white", "orange", "purple"}
+        assert len(counts.examples) == 3 and counts.examples[0].answer_b in {"white", "orange", "purple"}
 
 
 SETTINGS = replace(QUICK, shots=2)  # the tiny tasks' validation splits hold 4 or 5 items
@@ -219,7 +230,9 @@ def test_analysis_vectors_are_extracted_vectors_of_every_spec_the_tasks_take(
     specs = ("text-icl", "image-icl", "instruction")
     expected = {VectorKey("vlm", t.name, s) for t in tasks for s in specs}
     assert set(given_vectors) == expected | {VectorKey("llm", t.name, "text-icl") for t in tasks}
-    reference = extract_vector(handle, tasks[0], VectorSpec.IMAGE_ICL, shots=2, limit=4).vector
+    reference = extract_vector(
+        handle, tasks[0], VectorSpec.IMAGE_ICL, settings=PromptSettings(shots=2), limit=4
+    ).vector
     torch.testing.assert_close(given_vectors[VectorKey("vlm", tasks[0].name, "image-icl")], reference.vectors)
 
 
@@ -234,41 +247,64 @@ def test_run_analyses_fills_the_document_from_the_given_layer_and_vectors(
     llm = tiny_handle("llava")
     document = _run(handle, tasks, StepCache(tmp_path / "cache"), vectors=vectors, llm=llm, layer_source="t")
     assert document.errors == {}
-    assert list(document.results) == [analysis.name for analysis in registered_analyses()]
-    assert document.format == 2 and document.layer == AnalysisLayer(2, handle.num_layers, "t")
-    assert document.meta.model == "tiny-llava" and document.meta.settings["shots"] == 2
+    assert list(document.results) == [analysis.name for analysis in PAPER_ANALYSES]
+    assert document.format == 3 and document.layer == AnalysisLayer(2, handle.num_layers, "t")
+    assert document.meta.model == "tiny-llava" and document.meta.settings.shots == 2
     assert document.meta.llm_fingerprint == document.meta.model_fingerprint  # the same tiny weights
     assert (
         set(document.vectors) == {key.label for key in vectors}
         and "llm:tiny-capital / text-icl" in document.vectors
     )
-    results = document.results
-    assert set(results["lens"]) == {task.name for task in tasks}
-    assert set(results["lens_peaks"]) == {"text-icl", "image-icl", "instruction"}
-    assert results["similarity"]["layer"] == 2 and len(results["similarity"]["labels"]) == len(vectors)
-    assert results["similarity"]["llm_vs_vlm"]["per_task"]["tiny-capital"] == pytest.approx([1.0] * 3)
-    assert set(results["decoded_tokens"]) == {"vlm", "llm"}
-    assert len(results["embedding_map"]["tasks"]) == 3 * 2 * 4
-    conflicts = results["conflict"]
-    assert len(conflicts) == 4  # 2 ordered pairs x (text ICL, instruction)
+    lens, peaks = document.result(LENS), document.result(LENS_PEAKS)
+    similarity, decoded = document.result(SIMILARITY), document.result(DECODED_TOKENS)
+    mapped, conflict = document.result(EMBEDDING_MAP), document.result(CONFLICT)
+    totals = document.result(CONFLICT_TOTALS)
+    assert lens and peaks and similarity and decoded and mapped and conflict and totals
+    assert set(lens.per_task) == {task.name for task in tasks}
+    assert set(peaks.per_spec) == {"text-icl", "image-icl", "instruction"}
+    assert similarity.layer == 2 and len(similarity.labels) == len(vectors)
+    assert similarity.llm_vs_vlm is not None
+    assert similarity.llm_vs_vlm.per_task["tiny-capital"] == pytest.approx([1.0] * 3)
+    assert set(decoded.by_model) == {"vlm", "llm"}
+    assert len(mapped.tasks) == 3 * 2 * 4
+    assert len(conflict.rows) == 4  # 2 ordered pairs x (text ICL, instruction)
     # Scored by the run's protocol: one generated token, prefix match.
-    assert all(row["max_new_tokens"] == 1 and row["metric"] == "prefix" for row in conflicts)
-    assert all(row["layer"] == 2 for row in conflicts)
-    assert set(results["conflict_totals"]) == {"text-icl", "instruction"}
+    assert all(row.max_new_tokens == 1 and row.metric == "prefix" for row in conflict.rows)
+    assert all(row.layer == 2 for row in conflict.rows)
+    assert set(totals.per_context) == {"text-icl", "instruction"}
 
     path = document.write(tmp_path / "analysis.json")
     assert AnalysisDocument.read(path) == document
     assert AnalysisDocument.from_json(json.loads(path.read_text())).to_json() == document.to_json()
+    # analysis.json stays plain JSON, each result as its dataclass's fields.
+    written = json.loads(path.read_text())["results"]
+    assert written["conflict"]["rows"][0]["examples"][0].keys() == {
+        "input",
+        "answer_a",
+        "answer_b",
+        "baseline",
+        "patched",
+    }
+    assert written["decoded_tokens"]["by_model"]["vlm"]["tiny-capital / text-icl"][0][0].keys() == {
+        "token",
+        "probability",
+    }
+    # A result that does not fit its type is refused, naming the field.
+    written["similarity"]["summary"]["cross_task"] = "high"
+    with pytest.raises(ValueError, match=r"analysis\.results\.similarity\.summary\.cross_task: expected"):
+        AnalysisDocument.from_json({**json.loads(path.read_text()), "results": written})
 
 
 def test_analysis_documents_of_another_format_or_missing_fields_are_refused(tmp_path: Path) -> None:
-    meta = AnalysisMeta("m", None, "0", "abc", None, {}, False, "now", 1.0)
+    meta = AnalysisMeta("m", None, "0", "abc", None, QUICK, False, "now", 1.0)
     document = AnalysisDocument(
         meta=meta, tasks=["t"], layer=AnalysisLayer(1, 3, "test"), vectors={}, results={"x": 1}, errors={}
     )
     data = document.to_json()
     assert AnalysisDocument.from_json(data) == document
-    with pytest.raises(ValueError, match="format 1, this taskvec reads format 2"):
+    with pytest.raises(ValueError, match="format 2, this taskvec reads format 3"):
+        AnalysisDocument.from_json({**data, "format": 2})
+    with pytest.raises(ValueError, match="format 1, this taskvec reads format 3"):
         AnalysisDocument.from_json({**data, "format": 1})
     with pytest.raises(ValueError, match="analysis: missing field 'results'"):
         AnalysisDocument.from_json({k: v for k, v in data.items() if k != "results"})
@@ -287,7 +323,7 @@ def _forbid(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
         raise AssertionError("a cached step ran again")
 
     for name in names:
-        monkeypatch.setattr(registry_module, name, fail)
+        monkeypatch.setattr(paper_module, name, fail)
 
 
 def test_identical_calls_are_served_from_the_cache_and_changed_inputs_recompute(
@@ -324,7 +360,8 @@ def test_identical_calls_are_served_from_the_cache_and_changed_inputs_recompute(
     assert {"similarity", "decoded_tokens"} <= set(other_vector.errors)
     failed = {name for name in other_vector.errors if name.startswith("conflict/")}
     assert failed == {f"conflict/{way}/tiny-capital--tiny-flag-colour" for way in ("text-icl", "instruction")}
-    assert len(other_vector.results["conflict"]) == 2  # the pair whose vector is unchanged, from the cache
+    conflict = other_vector.result(CONFLICT)
+    assert conflict is not None and len(conflict.rows) == 2  # the pair whose vector is unchanged, cached
 
     # Other settings: every step runs again.
     other_settings = _run(handle, tasks, cache, vectors=given_vectors, settings=replace(SETTINGS, top_k=2))
@@ -349,35 +386,87 @@ def test_step_keys_follow_model_weights_task_content_and_settings(tasks: list[Ta
     assert key(settings=replace(SETTINGS, conflict_max_new_tokens=4)) != base
 
 
-def test_a_registered_analysis_lands_in_the_document_and_a_failing_one_in_errors(
+@dataclass
+class VectorCount:
+    vectors: int
+    layer: int
+
+
+def test_an_analysis_in_the_list_lands_in_the_document_and_a_failing_one_in_errors(
+    tasks: list[Task], given_vectors: dict[VectorKey, torch.Tensor], tmp_path: Path
+) -> None:
+    def count(context: AnalysisContext) -> VectorCount:
+        return context.cached(
+            "vector-count", lambda: VectorCount(len(context.vectors), context.layer), VectorCount
+        )
+
+    def broken(_context: AnalysisContext) -> list[str]:
+        raise RuntimeError("no luck")
+
+    vector_count = Analysis("vector_count", count, VectorCount)
+    analyses = with_analysis((), vector_count)
+    analyses = with_analysis(analyses, Analysis("broken", broken, list))
+    analyses = with_analysis(analyses, Analysis("after", lambda context: sorted(context.results), list))
+    analyses = with_analysis(analyses, Analysis("untyped", lambda context: {"a": 1}, VectorCount))
+    # Adding an analysis of a name the list has replaces it in place (a re-run notebook cell).
+    assert with_analysis(analyses, vector_count) == analyses
+    document = _run(
+        tiny_handle("llava"), tasks, StepCache(tmp_path), vectors=given_vectors, analyses=analyses
+    )
+    assert document.results == {"vector_count": VectorCount(len(given_vectors), 2), "after": ["vector_count"]}
+    assert document.result(vector_count) == VectorCount(len(given_vectors), 2)
+    assert document.errors == {
+        "broken": "RuntimeError: no luck",
+        "untyped": "TypeError: returned a dict, not the VectorCount it declares",
+    }
+    with pytest.raises(ValueError, match="two analyses of one name"):
+        _run(
+            tiny_handle("llava"),
+            tasks,
+            StepCache(tmp_path),
+            vectors={},
+            analyses=(vector_count, vector_count),
+        )
+
+
+def test_the_conflict_generates_in_batches_of_the_settings_batch_size(
     tasks: list[Task],
     given_vectors: dict[VectorKey, torch.Tensor],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(registry_module, "ANALYSES", [])  # only the analyses registered below
+    generate = conflict_module.generate_answers
+    batch_sizes: list[int] = []
 
-    def count(context: AnalysisContext) -> dict[str, Any]:
-        return context.cached(
-            "vector-count", lambda: {"vectors": len(context.vectors), "layer": context.layer}
-        )
+    def recording(*args: Any, batch_size: int, **kwargs: Any) -> list[str]:
+        batch_sizes.append(batch_size)
+        answers: list[str] = generate(*args, batch_size=batch_size, **kwargs)
+        return answers
 
-    def broken(_context: AnalysisContext) -> None:
-        raise RuntimeError("no luck")
+    monkeypatch.setattr(conflict_module, "generate_answers", recording)
+    settings = replace(SETTINGS, batch_size=3)
+    document = _run(
+        tiny_handle("llava"),
+        tasks,
+        StepCache(tmp_path),
+        vectors=given_vectors,
+        settings=settings,
+        only=("conflict",),
+    )
+    assert document.errors == {} and batch_sizes and set(batch_sizes) == {3}
 
-    register_analysis(Analysis("vector_count", count))
-    register_analysis(Analysis("broken", broken))
-    register_analysis(Analysis("after", lambda context: sorted(context.results)))
-    register_analysis(Analysis("removed", broken))
-    unregister_analysis("removed")
-    with pytest.raises(ValueError, match="named 'broken' is registered"):
-        register_analysis(Analysis("broken", broken))
-    document = _run(tiny_handle("llava"), tasks, StepCache(tmp_path), vectors=given_vectors)
-    assert document.results == {
-        "vector_count": {"vectors": len(given_vectors), "layer": 2},
-        "after": ["vector_count"],
-    }
-    assert document.errors == {"broken": "RuntimeError: no luck"}
+
+def test_a_distributed_run_splits_the_analyses_as_each_one_says(tasks: list[Task]) -> None:
+    from taskvec.experiments.execution.ray_workers import analysis_parts
+
+    named = [(name, [task.name for task in group]) for name, group in analysis_parts(tasks)]
+    assert named == [
+        *(("lens", [task.name]) for task in tasks),
+        ("embedding_map", [task.name for task in tasks]),
+        ("conflict", ["tiny-capital", "tiny-flag-colour"]),  # one step for both orders of the pair
+    ]
+    pairs = Analysis("pairs", lambda context: [], list, worker_steps=lambda given: [list(given[:2])])
+    assert analysis_parts(tasks, (pairs, LENS_PEAKS)) == [("pairs", tasks[:2])]
 
 
 def test_run_analyses_refuses_a_layer_or_vector_the_model_does_not_have(

@@ -29,6 +29,7 @@ from taskvec.models.architectures import architecture_for_class
 from taskvec.models.handle import ModelHandle
 from taskvec.models.loading import NamedModel, check_dtype, text_model_type
 from taskvec.prompts import build_query_prompt
+from taskvec.prompts.settings import PromptSettings
 from taskvec.tasks import Item, Task, TaskFileError, load_task
 from taskvec.tasks.images import MAX_IMAGE_SIDE, ImageTooLargeError, open_image
 
@@ -130,7 +131,8 @@ def test_a_named_model_on_gemma3_is_refused_in_fp16(
         model = transformers.LlavaForConditionalGeneration.from_pretrained(llava_on_gemma3)
         return ModelHandle.wrap(model, transformers.AutoProcessor.from_pretrained(llava_on_gemma3), name="x")
 
-    monkeypatch.setitem(model_loading._NAMED, "tiny-named-vlm", NamedModel(("tiny-named-vlm",), load))
+    named = (*model_loading.NAMED_MODELS, NamedModel(("tiny-named-vlm",), load))
+    monkeypatch.setattr(model_loading, "NAMED_MODELS", named)
     with pytest.raises(ValueError, match=r"^tiny-named-vlm: its text model gemma3_text overflows in fp16"):
         load_model("tiny-named-vlm", dtype="fp16")
 
@@ -340,7 +342,7 @@ ARGPARSE_REFUSALS = [
     ),
     (["lens", "--task", "t", "--shots", "0"], "argument --shots: expected an integer of at least 1"),
     (["heads", "--task", "t", "--shots", "0"], "argument --shots: expected an integer of at least 1"),
-    (["heads", "--task", "t", "--k", "0"], "argument --k: expected an integer of at least 1"),
+    (["heads", "--task", "t", "--heads", "0"], "argument --heads: expected an integer of at least 1"),
     (
         ["heads", "--task", "t", "--mean-prompts", "0"],
         "argument --mean-prompts: expected an integer of at least 1",
@@ -386,7 +388,7 @@ def test_the_library_refuses_counts_the_command_line_cannot_give(model_dir: Path
     handle = load_model(model_dir)
     task = load_task("country-capital")
     with pytest.raises(ValueError, match="shots must be at least 1, got 0"):
-        extract_vector(handle, task, "text-icl", shots=0)
+        extract_vector(handle, task, "text-icl", settings=PromptSettings(shots=0))
     with pytest.raises(ValueError, match="limit must be at least 1 query"):
         extract_vector(handle, task, "text-icl", limit=-3)
     with pytest.raises(ValueError, match="limit must be at least 1 test item"):

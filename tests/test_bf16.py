@@ -34,6 +34,8 @@ from tiny_models import FAMILIES, VLM_FAMILIES
 from tiny_tasks import make_tiny_tasks
 
 from taskvec.analysis import (
+    EMBEDDING_MAP,
+    LENS,
     QUICK,
     VectorKey,
     analysis_vectors,
@@ -109,9 +111,11 @@ def test_every_analysis_runs_in_bf16_close_to_fp32(family: str, tasks: list[Task
     for key, vector in half_vectors.items():
         assert_float32_on_cpu(vector)
         assert relative_error(vector, full_vectors[key]) < BF16_TOLERANCE, key.label
-    assert_analysis_results_agree(half_run.results, full_run.results, BF16_TOLERANCE)
+    assert_analysis_results_agree(half_run, full_run, BF16_TOLERANCE)
 
-    specs = sorted(set(half_run.results["embedding_map"]["specs"]))
+    half_map = half_run.result(EMBEDDING_MAP)
+    assert half_map is not None
+    specs = sorted(set(half_map.specs))
     points = collect_prompt_points(half, tasks, 1, specs=specs, prompts_per_task=2, shots=2)
     full_points = collect_prompt_points(full, tasks, 1, specs=specs, prompts_per_task=2, shots=2)
     for name in ("vectors", "embeddings"):
@@ -250,5 +254,5 @@ def test_analyses_take_vectors_and_lens_output_from_another_device(
     # A run's vectors may be read back onto the model's device, and in its dtype.
     moved = run({key: on_another_device(v.to(BF16)) for key, v in vectors.items()}, tmp_path / "there")
     assert moved.errors == {} and expected.errors == {}
-    assert moved.results["lens"] == expected.results["lens"]  # the lens reads no vector
-    assert_analysis_results_agree(moved.results, expected.results, BF16_TOLERANCE)
+    assert moved.result(LENS) == expected.result(LENS)  # the lens reads no vector
+    assert_analysis_results_agree(moved, expected, BF16_TOLERANCE)

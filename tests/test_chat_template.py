@@ -24,7 +24,8 @@ from tiny_tasks import make_tiny_tasks
 from taskvec.caching import StepCache
 from taskvec.engine import Patch, find_marker_positions, patch_at
 from taskvec.experiments import RunConfig, run_experiments
-from taskvec.experiments.execution.vector_store import VectorStore
+from taskvec.experiments.execution.vector_store import VectorStore, run_models
+from taskvec.experiments.protocol.recipes import INSTRUCTION, TEXT_ICL
 from taskvec.models import ModelHandle
 from taskvec.prompts import (
     DEFAULT_TEMPLATE,
@@ -37,6 +38,7 @@ from taskvec.prompts import (
     query_marker_columns,
     text_end_columns,
 )
+from taskvec.prompts.settings import PromptSettings
 from taskvec.tasks import Item, Task
 from taskvec.vectors import extract_vector, icl_prompts, load_task_vector, residuals_at_marker
 
@@ -166,7 +168,9 @@ def test_exemplar_vector_is_read_at_the_last_demonstrations_marker_under_chat(
     llama_chat: ModelHandle, tmp_path: Path
 ) -> None:
     task = _tiny_capital(tmp_path)
-    extraction = extract_vector(llama_chat, task, "text-icl", shots=2, limit=3, template="chat", batch_size=2)
+    extraction = extract_vector(
+        llama_chat, task, "text-icl", settings=PromptSettings(shots=2, template="chat", batch_size=2), limit=3
+    )
     assert extraction.vector.metadata["template"]["format"] == "chat"
     prompts = icl_prompts(task.split("val"), task.split("val")[:3], shots=2, seed=0, template="chat")
     inputs = encode_prompts(llama_chat, prompts)
@@ -185,7 +189,7 @@ def test_instruction_vector_is_read_at_the_instructions_last_token_in_its_user_t
     llama_chat: ModelHandle, tmp_path: Path
 ) -> None:
     task = _tiny_capital(tmp_path)
-    vector = extract_vector(llama_chat, task, "instruction", template="chat").vector
+    vector = extract_vector(llama_chat, task, "instruction", settings=PromptSettings(template="chat")).vector
     inputs = encode_prompts(llama_chat, [Prompt(task.instruction, chat=True)])
     [column] = text_end_columns(llama_chat, inputs, [task.instruction])
     ids = inputs["input_ids"][0]
@@ -364,13 +368,13 @@ def test_run_config_takes_the_template_and_keys_cached_steps_by_it(tmp_path: Pat
     for name in ("qa", "chat"):
         config = tiny_config(Path(task.name), template=name)
         cache = StepCache(tmp_path / name)
-        store = VectorStore(tmp_path / name, config, cache, progress=False)
+        store = VectorStore(tmp_path / name, config, cache, run_models(handle, None), progress=False)
         runner = StepRunner(handle, None, config, cache, store, progress=False)
         condition = next(c for c in plan_conditions(handle, [task], config, None)[0] if c.demos == "text")
         identities[name] = (
             runner._prompt_identity(condition, task, 0),
-            store.identity(handle, task, "text-icl", 0),
-            store.identity(handle, task, "instruction", 0),
+            TEXT_ICL.identity(store, task, 0, inputs=[]),
+            INSTRUCTION.identity(store, task, 0, inputs=[]),
         )
         prompts = runner.prompts(condition, task, task.split("test")[:2], 0)
         assert all(prompt.chat == (name == "chat") for prompt in prompts)
@@ -379,6 +383,26 @@ def test_run_config_takes_the_template_and_keys_cached_steps_by_it(tmp_path: Pat
     assert "template" not in identities["qa"][2]
     for qa, chat in zip(identities["qa"], identities["chat"], strict=True):
         assert qa != chat
+
+
+def test_vectors_for_the_analyses_are_read_under_the_template_they_are_given(
+    llama_chat: ModelHandle, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    from taskvec.analysis import QUICK, VectorKey, analysis_vectors
+
+    task = _tiny_capital(tmp_path)
+    qa_settings = replace(QUICK, shots=2, batch_size=2)
+    chat_settings = replace(qa_settings, template="chat")
+    qa = analysis_vectors(llama_chat, [task], settings=qa_settings)
+    chat = analysis_vectors(llama_chat, [task], settings=chat_settings)
+    key = VectorKey("vlm", task.name, "text-icl")
+    expected = extract_vector(
+        llama_chat, task, "text-icl", settings=PromptSettings(shots=2, template="chat"), limit=4
+    ).vector
+    torch.testing.assert_close(chat[key], expected.vectors)
+    assert not torch.allclose(chat[key], qa[key])
 
 
 def test_a_tiny_run_under_the_chat_template(tmp_path: Path) -> None:
@@ -408,7 +432,7 @@ def test_a_tiny_run_under_the_chat_template(tmp_path: Path) -> None:
     run_analyses_of_run(handle, results, out, progress=False)
     analysis = json.loads((out / "analysis.json").read_text())
     assert analysis["meta"]["settings"]["template"] == "chat"
-    assert all(lens["template"] == "chat" for lens in analysis["results"]["lens"].values())
+    assert all(lens["template"] == "chat" for lens in analysis["results"]["lens"]["per_task"].values())
 
 
 def _patched_chat_queries(handle: ModelHandle) -> tuple[list[Prompt], dict[str, torch.Tensor], list[int]]:

@@ -17,6 +17,7 @@ from tiny_models import save_tiny_checkpoint
 from taskvec.caching import StepCache
 from taskvec.evaluation import accuracy, generate_answers, is_correct_by
 from taskvec.experiments import (
+    PAPER_CONDITIONS,
     Condition,
     RunConfig,
     RunResults,
@@ -24,15 +25,15 @@ from taskvec.experiments import (
     choose_layer,
     format_tables,
     plan_conditions,
-    register_condition,
     run_experiments,
-    unregister_condition,
 )
 from taskvec.experiments.execution import steps as steps_module
-from taskvec.experiments.execution import vector_store as vector_store_module
-from taskvec.experiments.execution.vector_store import ensemble_of, exemplar_subset_vector
+from taskvec.experiments.execution.vector_store import VectorStore, run_models
+from taskvec.experiments.protocol import recipes as recipes_module
 from taskvec.experiments.protocol.baselines import majority_answer, model_free_floors
 from taskvec.experiments.protocol.paper_numbers import PAPER_COLUMNS
+from taskvec.experiments.protocol.recipes import TEXT_ICL, FunctionVector, ensemble_of, exemplar_subset_vector
+from taskvec.experiments.results.run_results import RESULTS_FORMAT
 from taskvec.intervals import bootstrap_interval
 from taskvec.layer_choice import candidate_layers
 from taskvec.prompts import build_query_prompt
@@ -60,13 +61,25 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     return root / "out", config, results
 
 
+@pytest.fixture(scope="module")
+def given_layer_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """The run with its layer given (--layer 0): every patched condition is patched there. On the
+    tiny random model no layer beats the unpatched validation queries, so `finished_run` tests its
+    patched conditions unpatched ("no layer helped"); this run covers answers under a patch."""
+    root = tmp_path_factory.mktemp("given-layer-run")
+    config = tiny_config(write_task_file(root / "task"), seeds=(0,), ensemble_examples=(0, 2), layer_choice=0)
+    vlm = tiny_handle("llava")
+    results = run_experiments(vlm, config, root / "out", llm=tiny_base_lm(vlm), progress=False)
+    return root / "out", config, results
+
+
 def test_results_json_round_trips_into_the_typed_results(finished_run: Run) -> None:
     out, config, returned = finished_run
     data = json.loads((out / "results.json").read_text())
     assert data == json.loads(json.dumps(returned.to_json()))
     results = RunResults.read(out / "results.json")
     assert results == returned and results.config == config
-    assert results.format == 2 and results.tasks == ["country-capital"]
+    assert results.format == RESULTS_FORMAT and results.tasks == ["country-capital"]
     assert results.meta.model == "tiny-llava" and results.meta.llm == "tiny-llava-base"
     assert {"torch", "transformers"} <= set(results.meta.packages) and results.meta.model_fingerprint
     with pytest.raises(ValueError, match="format 1"):
@@ -83,8 +96,11 @@ def test_every_result_has_its_interval_layer_and_own_answer_share(finished_run: 
     for row in results.results:
         assert row.n == 6 and len(row.hits) == 6 and row.accuracy == row.hits.count("1") / 6
         assert row.interval.low <= row.accuracy <= row.interval.high
-        assert (row.layer is None) == (row.condition in UNPATCHED)
-        assert (row.vector_answer_share is None) == (row.condition in UNPATCHED)
+        choice = results.layers.get(row.condition)
+        assert (choice is None) == (row.condition in UNPATCHED)
+        # A patched condition is tested at its chosen layer, or unpatched where no layer helped.
+        assert row.layer == (choice.chosen if choice is not None else None)
+        assert (row.vector_answer_share is None) == (row.layer is None)
     assert {row.seed for row in results.results if row.condition == "text->image"} == {0, 1}
     assert {row.seed for row in results.results if row.condition == "no-context"} == {None}
     assert {row.model for row in results.results if row.condition == "llm-xpatch"} == {"llm"}
@@ -121,9 +137,9 @@ def test_tables_place_conditions_by_their_slots_beside_the_paper(finished_run: R
     assert [c.x for c in ensemble.series("exemplar")] == [0, 2, 4]
     cosine = results.vector_cosine
     # The base LM is the VLM's own language model and text prompts have no image: identical vectors.
-    assert (
-        cosine is not None and len(cosine.per_layer) == 3 and cosine.at_layer == pytest.approx(1.0, abs=1e-4)
-    )
+    assert cosine is not None and cosine.per_layer == pytest.approx([1.0] * 3, abs=1e-4)
+    assert cosine.layer == results.layers["llm-xpatch"].chosen
+    assert cosine.at_layer == (None if cosine.layer is None else pytest.approx(1.0, abs=1e-4))
     text = format_tables(results)
     assert "Idefics2-8B" in text and "ours (tiny-llava)" in text and "2 generated tokens" in text
     assert "copy" in text and "majority" in text and "[95% bootstrap interval" in text
@@ -137,9 +153,19 @@ def test_layer_choice_stays_in_the_candidate_range(finished_run: Run) -> None:
     assert layers["ensemble-2"].chosen == layers["ensemble-4"].chosen
     for choice in (choice for choice in layers.values() if choice.shared_from is None):
         assert len(choice.validation_mean) == 3 and choice.candidates == [0, 1]
-        assert choice.chosen == choose_layer(choice.validation_mean, [0, 1])
         assert set(choice.validation_per_task) == {"country-capital"}
-    assert results.analysis_layer == layers["text->image"].chosen
+        # A layer is chosen only where one (at any scale) beats the unpatched validation queries.
+        curves = [*choice.validation_per_scale.values()] or [choice.validation_mean]
+        assert choice.unpatched_validation is not None
+        helped = max(curve[layer] for curve in curves for layer in [0, 1]) > choice.unpatched_validation
+        assert choice.helped == helped
+        assert choice.chosen == (choose_layer(choice.validation_mean, [0, 1]) if helped else None)
+    ranked = sorted(
+        (c for c in PAPER_CONDITIONS if c.analysis_layer_rank is not None),
+        key=lambda c: c.analysis_layer_rank or 0,
+    )
+    chosen = [layers[c.name].chosen for c in ranked if layers[c.name].chosen is not None]
+    assert results.analysis_layer == (chosen[0] if chosen else 3 // 2)  # else the middle layer
 
 
 def test_summary_csv_has_one_row_per_result_with_its_interval(finished_run: Run) -> None:
@@ -156,34 +182,50 @@ def test_summary_csv_has_one_row_per_result_with_its_interval(finished_run: Run)
 def test_saved_vectors_follow_the_protocol_and_test_answers_are_patched_at_the_chosen_layer(
     finished_run: Run,
 ) -> None:
-    out, config, results = finished_run
+    out, config, _ = finished_run
     handle, task = tiny_handle("llava"), load_task(config.tasks[0])
     saved = load_task_vector(out / "vectors/vlm/country-capital/image-icl-seed1.safetensors")
     reference = exemplar_vector(handle, task, shots=2, seed=1, modality="image")
     torch.testing.assert_close(saved.vectors, reference.vectors, atol=1e-5, rtol=1e-4)
     assert saved.metadata["spec"] == "image-icl" and saved.metadata["cache_key"]
+    _assert_text_to_image_answers_are_patched_at_its_layer(finished_run)
 
+
+def test_a_given_layer_patches_every_patched_condition_there(given_layer_run: Run) -> None:
+    _, _, results = given_layer_run
+    for row in results.results:
+        patched = row.condition not in UNPATCHED
+        assert (row.layer == 0) == patched and (row.vector_answer_share is not None) == patched
+    assert results.analysis_layer == 0
+    cosine = results.vector_cosine
+    assert cosine is not None and (cosine.layer, cosine.at_layer) == (0, pytest.approx(1.0, abs=1e-4))
+    assert _assert_text_to_image_answers_are_patched_at_its_layer(given_layer_run) == 0
+
+
+def _assert_text_to_image_answers_are_patched_at_its_layer(run: Run) -> int | None:
+    """text->image's test answers (seed 0) are the text-ICL vector patched at its layer, or the
+    unpatched answers where no layer helped; its layer."""
+    out, config, results = run
+    handle, task = tiny_handle("llava"), load_task(config.tasks[0])
     layer = results.layers["text->image"].chosen
-    vector = load_task_vector(out / "vectors/vlm/country-capital/text-icl-seed0.safetensors")
     queries = [build_query_prompt(item, modality="image") for item in task.split("test")]
-    expected = generate_answers(handle, queries, vector=vector.at(layer), layer=layer, max_new_tokens=2)
     unpatched = generate_answers(handle, queries, max_new_tokens=2)
+    expected = unpatched
+    if layer is not None:
+        vector = load_task_vector(out / "vectors/vlm/country-capital/text-icl-seed0.safetensors")
+        expected = generate_answers(handle, queries, vector=vector.at(layer), layer=layer, max_new_tokens=2)
+        assert expected != unpatched, "the tiny model should answer differently under the patch"
     answers = [item.answers() for item in task.split("test")]
     row = next(r for r in results.results if (r.condition, r.seed, r.metric) == ("text->image", 0, "prefix"))
     assert row.layer == layer and row.accuracy == accuracy(expected, answers)
     examples = [e for e in results.examples if e.condition == "text->image"]
     assert [e.generated for e in examples] == expected[:2]
-    assert expected != unpatched, "the tiny model should answer differently under the patch"
+    return layer
 
 
 def test_patching_the_last_layer_gives_the_vectors_own_answer_whatever_the_query(tmp_path: Path) -> None:
-    config = tiny_config(
-        write_task_file(tmp_path / "task"),
-        seeds=(0,),
-        first_candidate_layer=-1,
-        last_candidate_layer=-1,
-        max_new_tokens=1,
-    )
+    # The layer is given: on the tiny random model no candidate beats the unpatched queries.
+    config = tiny_config(write_task_file(tmp_path / "task"), seeds=(0,), layer_choice=-1, max_new_tokens=1)
     vlm = tiny_handle("llava")
     results = run_experiments(vlm, config, tmp_path / "out", progress=False)
     # Function vectors are added, not replaced: their answers still depend on the query there.
@@ -205,7 +247,8 @@ def test_a_rerun_resumes_from_the_run_directory(finished_run: Run, monkeypatch: 
         (steps_module, "generate_answers"),
         (steps_module, "generate_patched_answers"),
         (steps_module, "sweep_first_tokens_of_vectors"),
-        (vector_store_module, "extract_vector"),
+        (recipes_module, "extract_vector"),
+        (recipes_module, "find_function_vector"),
     ):
         monkeypatch.setattr(module, name, must_not_run)
     vlm = tiny_handle("llava")
@@ -238,26 +281,27 @@ def test_a_registered_condition_reaches_results_csv_and_report(tmp_path: Path) -
 def test_a_changed_option_does_not_reuse_stale_steps(tmp_path: Path) -> None:
     cache = StepCache(tmp_path)
     config = tiny_config(write_task_file(tmp_path / "task"))
-    store = vector_store_module.VectorStore(tmp_path, config, cache, progress=False)
     handle, task = tiny_handle("llava"), load_task(config.tasks[0])
-    base = store.identity(handle, task, VectorSpec.TEXT_ICL, 0)
+    store = VectorStore(tmp_path, config, cache, run_models(handle, None), progress=False)
+    base = TEXT_ICL.identity(store, task, 0, inputs=[])
+    assert isinstance(base, dict) and store.key(TEXT_ICL, task, 0) == cache.key(base)
     assert cache.key(base) == cache.key(dict(base))
-    assert cache.key(base) == cache.key({**base, "spec": "text-icl"})  # the enum keys like its value
-    other_store = vector_store_module.VectorStore(
-        tmp_path, config.with_options(shots=3, ensemble_examples=(0, 3)), cache, False
-    )
-    assert cache.key(other_store.identity(handle, task, VectorSpec.TEXT_ICL, 0)) != cache.key(base)
-    assert cache.key(store.identity(handle, task, VectorSpec.TEXT_ICL, 1)) != cache.key(base)
+    assert cache.key(base) == cache.key({**base, "spec": VectorSpec.TEXT_ICL})  # the enum keys like its value
+    other_config = config.with_options(shots=3, ensemble_examples=(0, 3))
+    other_store = VectorStore(tmp_path, other_config, cache, run_models(handle, None), progress=False)
+    assert other_store.key(TEXT_ICL, task, 0) != store.key(TEXT_ICL, task, 0)
+    assert store.key(TEXT_ICL, task, 1) != store.key(TEXT_ICL, task, 0)
     other_model = tiny_handle("llava")  # same name, other weights
     with torch.no_grad():
         next(other_model.model.parameters()).add_(1.0)
-    assert cache.key(store.identity(other_model, task, VectorSpec.TEXT_ICL, 0)) != cache.key(base)
+    other_weights = VectorStore(tmp_path, config, cache, run_models(other_model, None), progress=False)
+    assert other_weights.key(TEXT_ICL, task, 0) != store.key(TEXT_ICL, task, 0)
     runner = steps_module.StepRunner(handle, None, config, cache, store, progress=False)
     changed = steps_module.StepRunner(handle, None, config.with_options(test_limit=3), cache, store, False)
     condition = next(c for c in plan_conditions(handle, [task], config, None)[0] if c.name == "no-context")
     step = steps_module.TestStep(condition, None)
     first, second = runner.test(step, task), changed.test(step, task)
-    assert len(first["generated"]) == 6 and len(second["generated"]) == 3
+    assert len(first.generated) == 6 and len(second.generated) == 3
 
 
 def test_layer_choice_takes_the_best_mean_and_the_lowest_layer_on_ties() -> None:
@@ -457,7 +501,6 @@ def test_patched_conditions_asking_the_same_queries_share_one_pass_and_equal_the
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from taskvec.experiments.execution.steps import StepRunner, TestStep
-    from taskvec.experiments.execution.vector_store import VectorStore
     from taskvec.experiments.protocol.conditions import plan_conditions as plan
 
     config = tiny_config(write_task_file(tmp_path / "task"), seeds=(0, 1))
@@ -467,11 +510,16 @@ def test_patched_conditions_asking_the_same_queries_share_one_pass_and_equal_the
     bare = [c for c in conditions if c.patched and c.demos is None and not c.instruction_prompt]
     by_query = {query: [c for c in bare if c.query == query] for query in ("text", "image")}
     assert all(len(group) >= 2 for group in by_query.values()), "the test needs conditions to share"
-    work = [TestStep(c, seed, 1, 4.0 if c.function_vector else 1.0) for c in bare for seed in config.seeds]
+    work = [
+        TestStep(c, seed, 1, 4.0 if isinstance(c.vector, FunctionVector) else 1.0)
+        for c in bare
+        for seed in config.seeds
+    ]
 
     def runner(directory: Path) -> StepRunner:
         cache = StepCache(directory / "cache")
-        return StepRunner(vlm, None, config, cache, VectorStore(directory, config, cache, False), False)
+        store = VectorStore(directory, config, cache, run_models(vlm, None), False)
+        return StepRunner(vlm, None, config, cache, store, False)
 
     passes: list[int] = []
     shared_pass = steps_module.generate_patched_answers
@@ -485,9 +533,9 @@ def test_patched_conditions_asking_the_same_queries_share_one_pass_and_equal_the
     assert sorted(passes) == sorted(2 * len(group) for group in by_query.values()), "one pass per query set"
     alone = [runner(tmp_path / f"alone-{i}").test(step, task) for i, step in enumerate(work)]
     for shared, single in zip(together, alone, strict=True):
-        assert shared["generated"] == single["generated"] and shared["first_tokens"] == single["first_tokens"]
+        assert shared.generated == single.generated and shared.first_tokens == single.first_tokens
     sweep_work = [(c, seed) for c in bare for seed in config.seeds]
     swept = runner(tmp_path / "together").sweeps(task, sweep_work)
     for (condition, seed), shared in zip(sweep_work, swept, strict=True):
         single = runner(tmp_path / f"sweep-{condition.name}-{seed}").sweep(condition, task, seed)
-        assert shared["tokens"] == single["tokens"]
+        assert shared.tokens_per_scale == single.tokens_per_scale and shared.unpatched == single.unpatched

@@ -24,15 +24,14 @@ from run_fixtures import tiny_config, write_task_file
 from tiny_models import save_tiny_checkpoint
 from tiny_tasks import make_tiny_tasks
 
-from taskvec.analysis import QUICK, PromptPoints, embedding_map, run_analyses
+from taskvec.analysis import EMBEDDING_MAP, QUICK, EmbeddingMap, PromptPoints, embedding_map, run_analyses
 from taskvec.atomic_files import write_json_atomically
 from taskvec.caching import CacheEntryWarning, StepCache
 from taskvec.cli import main
 from taskvec.experiments import RunConfig, RunResults, run_experiments
 from taskvec.experiments.execution.run_lock import LOCK_FILE, run_directory_lock
 from taskvec.experiments.execution.steps import StepRunner
-from taskvec.report import write_report
-from taskvec.report.writer import ReportSection, register_section, unregister_section
+from taskvec.report import PAPER_SECTIONS, ReportSection, with_section, write_report
 
 Run = tuple[Path, RunConfig]
 
@@ -136,12 +135,9 @@ def test_a_report_that_fails_half_way_leaves_the_last_report_and_figures(
     def fail(context: Any) -> str:
         raise RuntimeError("a section failed")
 
-    register_section(ReportSection("failing", "Failing", "results", fail), before=None)
-    try:
-        with pytest.raises(RuntimeError, match="a section failed"):
-            write_report(out)
-    finally:
-        unregister_section("failing")
+    failing = with_section(PAPER_SECTIONS, ReportSection("failing", "Failing", "results", fail), before=None)
+    with pytest.raises(RuntimeError, match="a section failed"):
+        write_report(out, sections=failing)
     assert _files(out) == before
     write_report(out)  # and a report that succeeds replaces them, leaving no temporary file
     assert not [path for path in out.rglob("*.partial")]
@@ -163,8 +159,11 @@ def _empty_object(path: Path) -> None:
 
 
 def _one_query_short(path: Path) -> None:
+    """A sweep entry that reads as a whole sweep of one query fewer: every per-query list shortened."""
     entry = json.loads(path.read_text())
-    path.write_text(json.dumps({**entry, "tokens": entry["tokens"][:-1]}))
+    per_query = {name: entry[name][:-1] for name in ("inputs", "expected", "unpatched", "tokens")}
+    per_scale = [grid[:-1] for grid in entry["tokens_per_scale"]]
+    path.write_text(json.dumps({**entry, **per_query, "tokens_per_scale": per_scale}))
 
 
 @pytest.mark.parametrize(
@@ -366,7 +365,7 @@ def test_a_resumed_map_reads_the_stored_points_so_an_upstream_difference_cannot_
     settings = replace(QUICK, shots=2)
     cache = StepCache(tmp_path / "cache")
 
-    def analyse() -> dict[str, Any]:
+    def analyse() -> EmbeddingMap:
         document = run_analyses(
             handle,
             tasks,
@@ -378,11 +377,12 @@ def test_a_resumed_map_reads_the_stored_points_so_an_upstream_difference_cannot_
             only=("embedding_map",),
         )
         assert document.errors == {}
-        mapped: dict[str, Any] = document.results["embedding_map"]
+        mapped = document.result(EMBEDDING_MAP)
+        assert mapped is not None
         return mapped
 
     first = analyse()
-    assert first["method"] == "tsne"
+    assert first.method == "tsne"
     (points_file,) = (cache.root / "analysis" / "embedding_map" / "points").glob("*.safetensors")
     (map_entry,) = (cache.root / "analysis" / "embedding_map").glob("*.json")
 
@@ -409,5 +409,5 @@ def test_a_resumed_map_reads_the_stored_points_so_an_upstream_difference_cannot_
     moved = embedding_map(
         replace(points, vectors=points.vectors + np.float32(1e-7)), settings.projection, settings.seed
     )
-    shift = np.abs(np.asarray(moved["vectors"]["xy"]) - np.asarray(first["vectors"]["xy"])).max()
+    shift = np.abs(np.asarray(moved.vectors.xy) - np.asarray(first.vectors.xy)).max()
     assert shift > 0.01

@@ -14,6 +14,7 @@ from run_fixtures import tiny_base_lm, tiny_config, write_task_file
 from taskvec.caching import StepCache
 from taskvec.evaluation import (
     LayerPatch,
+    generate_answers,
     generate_patched_answers,
     is_correct_by,
     sweep_accuracy,
@@ -22,10 +23,11 @@ from taskvec.evaluation import (
 from taskvec.experiments import RunConfig, RunResults, plan_conditions, run_experiments
 from taskvec.experiments.execution.runner import load_run_tasks
 from taskvec.experiments.execution.steps import StepRunner
-from taskvec.experiments.execution.vector_store import VectorStore
-from taskvec.function_vectors import find_function_vector, top_heads
-from taskvec.layer_choice import choose_scale_and_layer
+from taskvec.experiments.execution.vector_store import VectorStore, run_models
+from taskvec.experiments.protocol.recipes import FunctionVector
+from taskvec.function_vectors import FunctionVectorSettings, find_function_vector, top_heads
 from taskvec.prompts import build_query_prompt
+from taskvec.prompts.settings import PromptSettings
 from taskvec.tasks import load_task
 from taskvec.vectors import load_task_vector
 
@@ -52,7 +54,9 @@ def test_function_vector_conditions_run_beside_the_residual_ones(fv_run: Run) ->
     assert {"FV llm->image", "TV llm->image", "FV image->image", "TV image->image"} <= set(columns)
     for name in FUNCTION_VECTOR_CONDITIONS:
         choice = results.layers[name]
-        assert choice.scale in (1.0, 4.0) and set(choice.validation_per_scale) == {"1.0", "4.0"}
+        assert set(choice.validation_per_scale) == {"1.0", "4.0"}
+        # A scale is chosen with the layer; where no layer helped, neither is (tested unpatched).
+        assert choice.scale in ((1.0, 4.0) if choice.helped else (None,))
         assert all(row.scale == choice.scale for row in results.results if row.condition == name)
     assert results.layers["text->image"].scale is None  # a residual task vector is not scaled
 
@@ -65,12 +69,10 @@ def test_saved_function_vector_is_the_protocols(fv_run: Run) -> None:
         handle,
         task,
         "image-icl",
-        shots=config.fv_shots,
-        mean_prompts=config.fv_mean_prompts,
-        effect_prompts=config.fv_effect_prompts,
-        k=config.fv_heads,
-        seed=0,
-        batch_size=config.batch_size,
+        settings=FunctionVectorSettings(
+            config.fv_shots, config.fv_mean_prompts, config.fv_effect_prompts, config.fv_heads
+        ),
+        prompts=PromptSettings(seed=0, batch_size=config.batch_size),
     )
     torch.testing.assert_close(saved.vectors[0], reference.vector, atol=1e-5, rtol=1e-4)
     assert torch.equal(saved.vectors[0], saved.vectors[-1])  # the same vector at every layer
@@ -94,26 +96,42 @@ def test_layer_and_scale_are_the_best_of_a_sweep_per_scale(fv_run: Run) -> None:
         ((scale, layer) for scale in config.fv_scales for layer in candidates),
         key=lambda pair: (curves[pair[0]][pair[1]], -pair[1], -pair[0]),
     )
-    assert (choice.scale, choice.chosen) == best
+    ids: list[int] = []
+    generate_answers(handle, queries, max_new_tokens=1, first_tokens=ids)
+    first_tokens = handle.tokenizer.batch_decode([[token] for token in ids])
+    unpatched = [is_correct_by(t, a, "prefix") for t, a in zip(first_tokens, answers, strict=True)]
+    assert choice.unpatched_validation == pytest.approx(sum(unpatched) / len(queries))
+    # The best (scale, layer) is chosen only if it beats the queries unpatched; else neither is.
+    helped = curves[best[0]][best[1]] > sum(unpatched) / len(queries)
+    assert (choice.scale, choice.chosen) == (best if helped else (None, None))
     for scale, curve in curves.items():
         assert choice.validation_per_scale[str(scale)] == pytest.approx(curve)
 
 
 def test_test_answers_are_the_function_vector_added_at_its_layer_and_scale(fv_run: Run) -> None:
-    out, config, results = fv_run
+    _assert_fv_text_to_text_answers_are_added_at_its_layer_and_scale(fv_run)
+
+
+def _assert_fv_text_to_text_answers_are_added_at_its_layer_and_scale(run: Run) -> None:
+    """fv-text->text's test answers (seed 0) are its vector added at its layer and scale, or the
+    unpatched answers where no layer helped."""
+    out, config, results = run
     handle, task = tiny_handle("llava"), load_task(config.tasks[0])
     vector = load_task_vector(out / "vectors/vlm/country-capital/fv-text-icl-seed0.safetensors").vectors
     choice = results.layers["fv-text->text"]
-    assert choice.scale is not None
     queries = [build_query_prompt(item, modality="text") for item in task.split("test")]
-    patch = LayerPatch(vector[choice.chosen], choice.chosen, "add", choice.scale)
-    (expected,) = generate_patched_answers(handle, queries, [patch], max_new_tokens=config.max_new_tokens)
-    row = next(r for r in results.results if (r.condition, r.metric) == ("fv-text->text", "prefix"))
+    texts = generate_answers(handle, queries, max_new_tokens=config.max_new_tokens)
+    if choice.chosen is not None:
+        assert choice.scale is not None
+        patch = LayerPatch(vector[choice.chosen], choice.chosen, "add", choice.scale)
+        (patched,) = generate_patched_answers(handle, queries, [patch], max_new_tokens=config.max_new_tokens)
+        assert patched.texts != texts, "the tiny model should answer differently under the patch"
+        texts = patched.texts
+    row = next(
+        r for r in results.results if (r.condition, r.seed, r.metric) == ("fv-text->text", 0, "prefix")
+    )
     items = task.split("test")
-    hits = [
-        is_correct_by(text, item.answers(), "prefix")
-        for text, item in zip(expected.texts, items, strict=True)
-    ]
+    hits = [is_correct_by(text, item.answers(), "prefix") for text, item in zip(texts, items, strict=True)]
     assert row.hits == "".join("1" if hit else "0" for hit in hits)
     assert row.layer == choice.chosen and row.scale == choice.scale
 
@@ -127,7 +145,8 @@ def test_one_shared_sweep_equals_each_scale_swept_alone(tmp_path: Path) -> None:
 
     def runner(directory: Path) -> StepRunner:
         cache = StepCache(directory / "cache")
-        return StepRunner(handle, None, config, cache, VectorStore(directory, config, cache, False), False)
+        store = VectorStore(directory, config, cache, run_models(handle, None), False)
+        return StepRunner(handle, None, config, cache, store, False)
 
     shared = runner(tmp_path / "shared").sweeps(task, work)
     queries = [build_query_prompt(item, modality="image") for item in task.split("val")]
@@ -136,11 +155,11 @@ def test_one_shared_sweep_equals_each_scale_swept_alone(tmp_path: Path) -> None:
         found = alone.vector_for(condition, task, seed)
         assert found is not None
         vector = found[0]
-        if not condition.function_vector:
-            assert result["tokens"] == sweep_first_tokens(handle, queries, vector)
+        if not isinstance(condition.vector, FunctionVector):
+            assert result.tokens == sweep_first_tokens(handle, queries, vector)
             continue
-        assert result["scales"] == list(config.fv_scales)
-        for scale, tokens in zip(config.fv_scales, result["tokens_per_scale"], strict=True):
+        assert result.scales == list(config.fv_scales)
+        for scale, tokens in zip(config.fv_scales, result.tokens_per_scale, strict=True):
             assert tokens == sweep_first_tokens(handle, queries, vector, mode="add", scale=scale)
 
 
@@ -166,30 +185,12 @@ def test_function_vectors_can_be_left_out_and_tasks_too_small_for_them_are_named
     handle, task = tiny_handle("llava"), load_task(str(task_file))
     off = tiny_config(task_file, function_vectors=False)
     conditions, _ = plan_conditions(handle, [task], off, None)
-    assert not any(c.function_vector for c in conditions)
+    assert not any(isinstance(c.vector, FunctionVector) for c in conditions)
     with pytest.raises(ValueError, match="function vectors of 7 demonstrations"):
         load_run_tasks(tiny_config(task_file, fv_shots=7))
     load_run_tasks(tiny_config(task_file, fv_shots=7, function_vectors=False))
     with pytest.raises(ValueError, match="fv_scales"):
         tiny_config(task_file, fv_scales=(0.0,))
-
-
-def test_scale_ties_go_to_the_lowest_layer_then_the_smallest_scale() -> None:
-    tokens = {0: ["x", "Paris", "Paris"], 1: ["Paris", "Paris", "x"]}  # [scale index][layer]
-    sweeps = {
-        "t": [
-            {
-                "expected": [["Paris"]],
-                "scales": [1.0, 2.0],
-                "tokens_per_scale": [[tokens[0]], [tokens[1]]],
-                "tokens": [tokens[0]],
-            }
-        ]
-    }
-    choice = choose_scale_and_layer(sweeps, [0, 1, 2])
-    assert (choice.chosen, choice.scale) == (0, 2.0)
-    choice = choose_scale_and_layer(sweeps, [1, 2])
-    assert (choice.chosen, choice.scale) == (1, 1.0)
 
 
 def test_a_fixed_layer_adds_function_vectors_at_their_first_scale(tmp_path: Path) -> None:
@@ -204,6 +205,7 @@ def test_a_fixed_layer_adds_function_vectors_at_their_first_scale(tmp_path: Path
     choice = results.layers["fv-text->text"]
     assert (choice.chosen, choice.scale, choice.fixed) == (1, 2.0, True)
     assert results.layers["text->text"].scale is None
+    _assert_fv_text_to_text_answers_are_added_at_its_layer_and_scale((tmp_path / "out", config, results))
 
 
 @pytest.mark.parametrize(("fv_seeds", "expected"), [(1, {0}), (None, {0, 1})])

@@ -17,6 +17,7 @@ from tiny_tasks import make_tiny_tasks
 from taskvec.engine import head_contribution, head_layout
 from taskvec.evaluation import sweep_accuracy
 from taskvec.function_vectors import (
+    FunctionVectorSettings,
     compare_modalities,
     cycled_queries,
     find_function_vector,
@@ -28,6 +29,7 @@ from taskvec.function_vectors import (
 )
 from taskvec.models import ModelHandle
 from taskvec.prompts import Modality, build_query_prompt
+from taskvec.prompts.settings import PromptSettings
 from taskvec.tasks import Task
 from taskvec.vectors import load_task_vector, save_task_vector
 
@@ -118,7 +120,11 @@ def test_the_protocol_saves_a_vector_that_patches_like_a_task_vector(
 ) -> None:
     handle = tiny_handle("llava")
     found = find_function_vector(
-        handle, capital, spec, shots=2, mean_prompts=5, effect_prompts=3, k=3, batch_size=4
+        handle,
+        capital,
+        spec,
+        settings=FunctionVectorSettings(shots=2, mean_prompts=5, effect_prompts=3, heads=3),
+        prompts=PromptSettings(batch_size=4),
     )
     assert len(found.heads) == 3 and len(set(found.heads)) == 3
     assert found.effects.shape == (handle.num_layers, head_layout(handle).heads)
@@ -152,7 +158,7 @@ def test_cli_heads_prints_the_top_heads_and_saves_a_vector_patch_adds(
     task = ["--task", str(write_task_file(tmp_path / "task"))]
     vector = tmp_path / "fv.safetensors"
     heads = ["heads", *model, *task, "--shots", "2", "--mean-prompts", "4", "--effect-prompts", "2"]
-    assert main([*heads, "--k", "2", "--out", str(vector)]) == 0
+    assert main([*heads, "--heads", "2", "--out", str(vector)]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert len(printed["top_heads"]) == 2 and printed["out"] == str(vector)
     assert printed["kind"] == "function-vector" and printed["k"] == 2
@@ -186,9 +192,15 @@ def test_across_modalities_compares_heads_and_applies_every_vector_to_both_query
     test = capital.split("test")
     answers = [item.answers() for item in test]
     for transfer in comparison.transfers:
-        assert transfer.validation_per_layer[transfer.layer] == max(transfer.validation_per_layer)
-        assert transfer.interval.low <= transfer.test_accuracy <= transfer.interval.high
         assert transfer.test_items == len(test)
+        candidates = transfer.validation_per_layer[:-1]  # the run's candidates: all but the last layer
+        if transfer.layer is None:  # no layer helped: not tested
+            assert max(candidates) <= transfer.unpatched_validation and transfer.test_accuracy is None
+            continue
+        assert transfer.validation_per_layer[transfer.layer] == max(candidates)
+        assert max(candidates) > transfer.unpatched_validation
+        assert transfer.interval is not None and transfer.test_accuracy is not None
+        assert transfer.interval.low <= transfer.test_accuracy <= transfer.interval.high
         # The test answers (greedy generation at the chosen layer) agree with the one-pass sweep.
         queries = [build_query_prompt(item, modality=transfer.target) for item in test]
         if transfer.kind == "function-vector":
@@ -210,7 +222,10 @@ def test_across_modalities_compares_heads_and_applies_every_vector_to_both_query
 def comparison_vector(handle: ModelHandle, task: Task, modality: str) -> torch.Tensor:
     """The function vector compare_modalities builds from `modality` demonstrations (same options)."""
     found = find_function_vector(
-        handle, task, f"{modality}-icl", shots=2, mean_prompts=4, effect_prompts=2, k=3
+        handle,
+        task,
+        f"{modality}-icl",
+        settings=FunctionVectorSettings(shots=2, mean_prompts=4, effect_prompts=2, heads=3),
     )
     return found.vector
 
@@ -219,7 +234,7 @@ def test_cli_heads_across_modalities_needs_a_vlm(tmp_path: Path, capsys: pytest.
     from taskvec.cli import main
 
     task = ["--task", str(write_task_file(tmp_path / "task"))]
-    small = ["--shots", "2", "--mean-prompts", "3", "--effect-prompts", "2", "--k", "2", "--scales", "1"]
+    small = ["--shots", "2", "--mean-prompts", "3", "--effect-prompts", "2", "--heads", "2", "--scales", "1"]
     vlm = ["--model", str(save_tiny_checkpoint("llava", tmp_path / "tiny-llava"))]
     figure = tmp_path / "heads.png"
     assert main(["heads", *vlm, *task, *small, "--across-modalities", "--json", "--figure", str(figure)]) == 0

@@ -37,7 +37,7 @@ from conftest import (
 from tiny_models import VLM_FAMILIES, build_tiny
 from tiny_tasks import make_tiny_tasks
 
-from taskvec.analysis import QUICK, analysis_vectors, lens_phases, run_analyses
+from taskvec.analysis import QUICK, AnalysisDocument, analysis_vectors, lens_phases, run_analyses
 from taskvec.caching import StepCache
 from taskvec.engine import record_residuals, sweep_layers
 from taskvec.models import ModelHandle
@@ -203,13 +203,13 @@ def handle_on(family: str, device: torch.device, dtype: torch.dtype) -> ModelHan
     return ModelHandle.wrap(model.to(device), tiny.processor, name=f"tiny-{family}-{device}")
 
 
-def analysis_results(handle: ModelHandle, tasks: list[Task], cache: Path) -> dict[str, Any]:
+def analysis_results(handle: ModelHandle, tasks: list[Task], cache: Path) -> AnalysisDocument:
     vectors = analysis_vectors(handle, tasks, settings=SETTINGS)
     document = run_analyses(
         handle, tasks, layer=1, vectors=vectors, cache=StepCache(cache), settings=SETTINGS, progress=False
     )
     assert document.errors == {}
-    return document.results
+    return document
 
 
 @pytest.mark.gpu

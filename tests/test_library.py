@@ -23,6 +23,7 @@ from taskvec.models import (
 )
 from taskvec.models.default_lm import _write_completion_record, is_complete
 from taskvec.prompts import build_icl_prompt, build_query_prompt
+from taskvec.prompts.settings import PromptSettings
 from taskvec.tasks import Item, Task
 from taskvec.vectors import (
     TooFewDemonstrationsError,
@@ -95,7 +96,9 @@ def test_text_exemplar_vector_is_the_mean_residual_at_the_last_demonstrations_ma
 def test_extract_vector_is_the_mean_of_its_per_prompt_residuals_read_at_the_marker() -> None:
     handle = tiny_handle("llama")
     task = tiny_task()
-    extraction = extract_vector(handle, task, VectorSpec.TEXT_ICL, shots=2, seed=1, limit=5, batch_size=2)
+    extraction = extract_vector(
+        handle, task, VectorSpec.TEXT_ICL, settings=PromptSettings(shots=2, seed=1, batch_size=2), limit=5
+    )
     per_prompt = extraction.per_prompt
     assert per_prompt is not None and per_prompt.dtype == torch.float32
     assert per_prompt.shape == (5, handle.num_layers, handle.hidden_size)  # the first 5 queries
@@ -109,7 +112,7 @@ def test_extract_vector_is_the_mean_of_its_per_prompt_residuals_read_at_the_mark
     inputs = handle.build_inputs([prompts[3].text])
     position = marker_position(handle.tokenizer, inputs["input_ids"][0], "A:", -2)
     torch.testing.assert_close(per_prompt[3], record_residuals(handle, inputs, position)[0, :, 0])
-    full = extract_vector(handle, task, "text-icl", shots=2, seed=1, batch_size=2)
+    full = extract_vector(handle, task, "text-icl", settings=PromptSettings(shots=2, seed=1, batch_size=2))
     torch.testing.assert_close(full.per_prompt[:5], per_prompt, atol=1e-5, rtol=1e-4)  # type: ignore[index]
     torch.testing.assert_close(exemplar_vector(handle, task, shots=2, seed=1).vectors, full.vector.vectors)
     instruction = extract_vector(handle, task, VectorSpec.INSTRUCTION)
@@ -135,7 +138,7 @@ def test_too_few_demonstrations_is_an_error_naming_the_task_and_counts() -> None
     handle = tiny_handle("llama")
     task = tiny_task()  # 8 validation items: 7 besides each query
     with pytest.raises(TooFewDemonstrationsError, match=r"task 'tiny-capital': 8-shot .* has 7"):
-        extract_vector(handle, task, VectorSpec.TEXT_ICL, shots=8)
+        extract_vector(handle, task, VectorSpec.TEXT_ICL, settings=PromptSettings(shots=8))
     with pytest.raises(ValueError, match="made from other vectors"):
         extract_vector(handle, task, VectorSpec.ENSEMBLE)
     with pytest.raises(ValueError, match="unknown vector spec 'text'"):
@@ -155,12 +158,15 @@ def test_the_demo_scores_one_generated_token_by_default_like_the_run(monkeypatch
         return generate(*args, max_new_tokens=max_new_tokens, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(demo_module, "generate_answers", counting)
+    # Layer 1 helps whatever the tiny model answers unpatched, so the patched queries are tested.
+    monkeypatch.setattr(demo_module, "sweep_accuracy", lambda *args, **kwargs: [0.0, 1.0, 0.0, 0.0])
     task = replace(tiny_task(), splits={"val": (0, 1, 2, 3, 4, 5), "test": (6, 7)})
     result = demo_module.run_demo(tiny_handle("llama"), task, shots=2, progress=False)
-    assert calls == [1, 1, 1] and result.max_new_tokens == 1 and result.metric == "prefix"
-    assert result.test_items == 2 and 0 <= result.best_layer < len(result.validation_accuracy_per_layer)
+    # The bare validation queries first, scored as the sweep is (one token), then the three test runs.
+    assert calls == [1, 1, 1, 1] and result.max_new_tokens == 1 and result.metric == "prefix"
+    assert result.test_items == 2 and result.best_layer == 1
     demo_module.run_demo(tiny_handle("llama"), task, shots=2, max_new_tokens=3, progress=False)
-    assert calls[3:] == [3, 3, 3]
+    assert calls[4:] == [1, 3, 3, 3]
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])

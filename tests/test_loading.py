@@ -212,17 +212,19 @@ def test_function_vectors_of_a_4bit_model_project_through_its_quantized_heads(tm
     """The run's function-vector step on a 4-bit model: heads are read at the quantized output
     projection's input and projected by it, close to the full-precision model's."""
     pytest.importorskip("bitsandbytes")
-    from taskvec.function_vectors import find_function_vector, function_vector
+    from taskvec.function_vectors import FunctionVectorSettings, find_function_vector, function_vector
     from taskvec.tasks import load_task
+
+    small = FunctionVectorSettings(shots=2, mean_prompts=4, effect_prompts=2, heads=4)
 
     directory = save_wide_llama(tmp_path / "llama")
     task = load_task(str(write_task_file(tmp_path / "task")))
     reference = load_model(directory)
     quantized = load_model(directory, device="cpu", dtype="bf16", quantization="4bit")
-    found = find_function_vector(quantized, task, shots=2, mean_prompts=4, effect_prompts=2, k=4)
+    found = find_function_vector(quantized, task, settings=small)
     assert found.vector.shape == (64,) and torch.isfinite(found.vector).all()
     assert found.effects.shape == (quantized.num_layers, quantized.text_config.num_attention_heads)
-    full = find_function_vector(reference, task, shots=2, mean_prompts=4, effect_prompts=2, k=4)
+    full = find_function_vector(reference, task, settings=small)
     means = [
         torch.ones(quantized.text_config.num_attention_heads, 64 // 4) for _ in range(quantized.num_layers)
     ]

@@ -13,16 +13,20 @@ import pytest
 from taskvec.cli import build_parser, main
 from taskvec.cli.run_command import RunCommandOptions, config_from_args
 from taskvec.experiments.config import QUICK_TASKS, RunConfig
+from taskvec.function_vectors.settings import FunctionVectorSettings
 from taskvec.models.load_options import LoadOptions
 from taskvec.options import (
     CliOption,
     ModelOptions,
     add_options,
+    nested,
     option,
     option_flags,
     options_from_args,
+    options_instance,
     to_argv,
 )
+from taskvec.prompts.settings import PromptSettings
 
 # A value other than the default for every RunConfig field (valid with the other fields at default).
 NON_DEFAULTS: dict[str, Any] = {
@@ -112,7 +116,9 @@ def test_custom_flags_parse_as_documented() -> None:
     assert parsed_config("--sweep-seeds", "2").layer_sweep_seeds == 2
 
 
-@pytest.mark.parametrize("cls", [RunConfig, RunCommandOptions, ModelOptions, LoadOptions])
+@pytest.mark.parametrize(
+    "cls", [RunConfig, RunCommandOptions, ModelOptions, LoadOptions, PromptSettings, FunctionVectorSettings]
+)
 def test_help_shows_the_dataclass_default(cls: type) -> None:
     parser = argparse.ArgumentParser()
     add_options(parser, cls)
@@ -212,3 +218,162 @@ def test_a_field_without_option_is_refused() -> None:
 
     with pytest.raises(TypeError, match="'plain' is not declared"):
         add_options(argparse.ArgumentParser(), Partial)
+
+
+@dataclasses.dataclass(frozen=True)
+class Inner:
+    shots: int = option(5, "demonstrations")
+    style: str | None = option(None, "a style")
+    scales: tuple[float, ...] = option((1.0,), "scales")
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    name: str = option("a", "a name")
+    inner: Inner = nested(Inner())
+    fv: Inner = nested(Inner(shots=10), prefix="fv-")
+
+
+@dataclasses.dataclass(frozen=True)
+class Deep:
+    outer: Outer = nested(Outer(), prefix="x-")
+
+
+def outer_args(*argv: str, cls: type = Outer) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_options(parser, cls)
+    return parser.parse_args(list(argv))
+
+
+def test_a_nested_dataclass_gives_its_fields_as_flags_with_its_prefix() -> None:
+    parser = argparse.ArgumentParser()
+    add_options(parser, Outer)
+    flags = {flag for action in parser._actions for flag in action.option_strings} - {"-h", "--help"}
+    assert flags == {"--name", "--shots", "--style", "--scales", "--fv-shots", "--fv-style", "--fv-scales"}
+    assert option_flags(Outer)["fv_shots"] == "--fv-shots"
+    helps = {action.dest: action.help for action in parser._actions}
+    assert helps["fv_shots"] == "demonstrations (default: 10)"  # the nested default instance's value
+    assert helps["shots"] == "demonstrations (default: 5)"
+    assert option_flags(Deep)["x_fv_shots"] == "--x-fv-shots"  # prefixes add up
+
+
+def test_nested_options_come_back_as_nested_instances() -> None:
+    given = options_from_args(Outer, outer_args("--fv-shots", "3", "--style", "noto"))
+    assert given == {"inner": Inner(style="noto"), "fv": Inner(shots=3)}
+    assert options_from_args(Outer, outer_args()) == {}
+    assert options_instance(Outer, outer_args("--fv-scales", "2", "4")) == Outer(
+        fv=Inner(shots=10, scales=(2.0, 4.0))
+    )
+    deep = options_instance(Deep, outer_args("--x-fv-shots", "2", "--x-name", "b", cls=Deep))
+    assert deep == Deep(Outer(name="b", fv=Inner(shots=2)))
+
+
+def test_nested_options_round_trip_and_fill_their_defaults() -> None:
+    config = Outer(name="b", inner=Inner(scales=(3.0,)), fv=Inner(shots=3, style="plain"))
+    argv = to_argv(config)
+    assert argv == ["--name", "b", "--scales", "3.0", "--fv-shots", "3", "--fv-style", "plain"]
+    assert options_instance(Outer, outer_args(*argv)) == config
+    assert to_argv(Outer()) == []  # fv's shots=10 is its default, not a change
+    parser = argparse.ArgumentParser()
+    add_options(parser, Outer, fill_defaults=True)
+    filled = parser.parse_args([])
+    assert (filled.shots, filled.fv_shots, filled.fv_scales) == (5, 10, (1.0,))
+
+
+@dataclasses.dataclass(frozen=True)
+class Partly:
+    inner: Inner = nested(Inner(style="noto"), only=("shots",))
+
+
+def test_a_nested_field_can_put_only_some_of_its_fields_on_the_command_line() -> None:
+    assert option_flags(Partly) == {"shots": "--shots"}
+    assert options_instance(Partly, outer_args("--shots", "2", cls=Partly)) == Partly(
+        Inner(shots=2, style="noto")
+    )
+    assert to_argv(Partly(Inner(shots=2, style="noto"))) == ["--shots", "2"]
+    with pytest.raises(ValueError, match="not on the command line"):
+        to_argv(Partly(Inner(style="plain")))
+    with pytest.raises(TypeError, match="no fields"):
+        nested(Inner(), only=("shot",))
+
+
+def test_only_puts_the_named_fields_on_the_command_line() -> None:
+    parser = argparse.ArgumentParser()
+    add_options(parser, PromptSettings, only=("template",))
+    assert [action.dest for action in parser._actions] == ["help", "template"]
+    assert options_instance(PromptSettings, parser.parse_args(["--template", "chat"])) == PromptSettings(
+        template="chat"
+    )
+    with pytest.raises(TypeError, match="no options"):
+        add_options(argparse.ArgumentParser(), PromptSettings, only=("shot",))
+
+
+SHARED_FLAGS = ("--shots", "--seed", "--style", "--template", "--batch-size")
+# Per command, the arguments it requires besides the flags under test, and the shared flags it uses.
+REQUIRED = {
+    "demo": [],
+    "extract": ["--task", "t", "--out", "v.safetensors"],
+    "patch": ["--vector", "v", "--layer", "0", "--text", "x"],
+    "sweep": ["--vector", "v", "--task", "t"],
+    "heads": ["--task", "t"],
+    "lens": ["--task", "t"],
+    "check": [],
+}
+USED = {
+    "demo": {"--shots", "--seed", "--template"},
+    "extract": set(SHARED_FLAGS),
+    "patch": {"--template"},
+    "sweep": {"--style", "--template"},
+    "heads": set(SHARED_FLAGS),
+    "lens": {"--shots", "--seed", "--style", "--template"},
+    "check": {"--template"},
+}
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def _shown(action: argparse.Action) -> tuple[Any, ...]:
+    return (action.help, action.default, action.metavar, action.choices, action.nargs)
+
+
+def test_every_commands_prompt_flags_are_generated_from_the_settings() -> None:
+    """--shots/--seed/--style/--template/--batch-size of every command but run (RunConfig) and
+    train-vlm (its --seed seeds training, not prompts) are PromptSettings' flags (heads' --shots:
+    FunctionVectorSettings'): the same help, default, metavar and choices."""
+    reference = argparse.ArgumentParser()
+    add_options(reference, PromptSettings, fill_defaults=True)
+    generated = {a.option_strings[0]: a for a in reference._actions if a.option_strings[0] in SHARED_FLAGS}
+    fv_reference = argparse.ArgumentParser()
+    add_options(fv_reference, FunctionVectorSettings, fill_defaults=True)
+    fv_shots = next(a for a in fv_reference._actions if "--shots" in a.option_strings)
+    commands = _commands()
+    assert set(commands) - set(REQUIRED) == {"models", "tasks", "report", "train-vlm", "export-vlm", "run"}
+    for name, used in USED.items():
+        found = set()
+        for action in commands[name]._actions:
+            for flag in set(action.option_strings) & set(SHARED_FLAGS):
+                found.add(flag)
+                expected = fv_shots if name == "heads" and flag == "--shots" else generated[flag]
+                assert _shown(action) == _shown(expected), (name, flag)
+        assert found == used, name
+
+
+@pytest.mark.parametrize("command", ["demo", "extract", "lens"])
+def test_shots_and_seed_parse_into_prompt_settings(command: str) -> None:
+    from taskvec.cli import _prompt_settings
+
+    args = build_parser().parse_args([command, *REQUIRED[command], "--seed", "3", "--shots", "2"])
+    assert _prompt_settings(args) == PromptSettings(shots=2, seed=3)
+
+
+def test_heads_takes_the_protocols_shots_and_the_prompt_seed() -> None:
+    from taskvec.cli import _function_vector_settings, _prompt_settings
+
+    args = build_parser().parse_args(["heads", "--task", "t", "--seed", "3", "--shots", "2", "--heads", "4"])
+    assert _function_vector_settings(args) == FunctionVectorSettings(shots=2, heads=4)
+    assert _prompt_settings(args) == PromptSettings(shots=2, seed=3)  # one --shots: the protocol's
+    defaults = build_parser().parse_args(["heads", "--task", "t"])
+    assert _function_vector_settings(defaults) == FunctionVectorSettings()

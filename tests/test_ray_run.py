@@ -23,6 +23,7 @@ from tiny_models import save_tiny_checkpoint
 from taskvec.experiments import RunConfig, run_experiments
 from taskvec.experiments.execution.executors import SequentialExecutor, TestJob
 from taskvec.experiments.execution.steps import StepRunner
+from taskvec.experiments.results.step_results import TestAnswers
 from taskvec.models import load_model
 from taskvec.models.load_options import LoadOptions
 
@@ -120,7 +121,7 @@ def test_a_run_stopped_on_ray_resumes_locally(cluster: None, setup: Setup, tmp_p
 
 
 class _StopBeforeTests(SequentialExecutor):
-    def tests(self, steps: StepRunner, jobs: Sequence[TestJob]) -> list[list[dict[str, Any]]]:
+    def tests(self, steps: StepRunner, jobs: Sequence[TestJob]) -> list[list[TestAnswers]]:
         raise KeyboardInterrupt
 
 
@@ -196,7 +197,7 @@ def test_analyses_on_ray_equal_the_local_analyses_and_the_driver_computes_no_exp
 ) -> None:
     import shutil
 
-    from taskvec.analysis import registry
+    from taskvec.analysis import EMBEDDING_MAP, LENS, paper_analyses
     from taskvec.experiments import RunResults
     from taskvec.experiments.execution.run_analyses import run_analyses_of_run
 
@@ -207,13 +208,13 @@ def test_analyses_on_ray_equal_the_local_analyses_and_the_driver_computes_no_exp
     local = run_analyses_of_run(
         handle, RunResults.read(local_dir / "results.json"), local_dir, llm=llm, progress=False
     )
-    assert local.results["lens"] and local.results["embedding_map"]
+    assert local.result(LENS) and local.result(EMBEDDING_MAP)
 
     def not_here(*args: object, **kwargs: object) -> object:
         raise AssertionError("the driver computed an analysis step the workers should have")
 
     for expensive in ("lens_phases", "collect_prompt_points", "task_conflict"):
-        monkeypatch.setattr(registry, expensive, not_here)  # the driver's process only
+        monkeypatch.setattr(paper_analyses, expensive, not_here)  # the driver's process only
     executor = _executor(setup)
     try:
         on_ray = run_analyses_of_run(

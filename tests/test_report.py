@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,11 @@ from conftest import tiny_handle
 from PIL import Image
 from run_fixtures import tiny_base_lm, tiny_config, write_shared_input_task_file
 
-from taskvec.analysis import Analysis, register_analysis, registered_analyses
-from taskvec.analysis.registry import unregister_analysis
+from taskvec.analysis import PAPER_ANALYSES, Analysis, AnalysisContext, AnalysisDocument, with_analysis
 from taskvec.cli import main
 from taskvec.experiments import RunResults, run_analyses_of_run, run_experiments
-from taskvec.report import write_report
+from taskvec.report import PAPER_SECTIONS, ReportContext, ReportSection, with_section, write_report
 from taskvec.report.claims import evaluate_claims
-from taskvec.report.writer import ReportSection, register_section, unregister_section
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +89,7 @@ def test_report_is_self_contained_with_every_section(run_dir: Path) -> None:
 
 def test_the_claims_table_has_a_computed_verdict_for_each_claim(run_dir: Path) -> None:
     results = RunResults.read(run_dir / "results.json")
-    analysis = json.loads((run_dir / "analysis.json").read_text())["results"]
-    claims = evaluate_claims(results, analysis)
+    claims = evaluate_claims(results, AnalysisDocument.read(run_dir / "analysis.json"))
     assert [claim.number for claim in claims] == [1, 2, 3, 4, 5, 6]
     assert all(
         claim.verdict in ("holds", "does not hold", "not testable") and claim.evidence for claim in claims
@@ -114,32 +112,63 @@ def test_a_condition_that_ignores_the_query_is_no_transfer(run_dir: Path) -> Non
     assert any("does not depend on the query" in line for line in claim.evidence)
 
 
-def test_a_registered_analysis_reaches_analysis_json_and_the_report(run_dir: Path, tmp_path: Path) -> None:
+@dataclass
+class LayerCount:
+    layers: int
+
+
+def _layer_count(context: AnalysisContext) -> LayerCount:
+    return LayerCount(context.handle.num_layers)
+
+
+LAYER_COUNT = Analysis("layer-count", _layer_count, LayerCount)
+
+
+def _layer_count_section(context: ReportContext) -> str:
+    assert context.analysis is not None
+    found = context.analysis.result(LAYER_COUNT)
+    return f"<p>layers: {found.layers if found is not None else '?'}</p>"
+
+
+def test_an_added_analysis_reaches_analysis_json_and_the_report(run_dir: Path, tmp_path: Path) -> None:
     shutil.copytree(run_dir, tmp_path / "run")
-    analysis = Analysis("layer-count", lambda context: {"layers": context.handle.num_layers})
-    register_analysis(analysis)
-    register_section(
-        ReportSection(
-            "layer-count",
-            "Layer count",
-            "analysis",
-            lambda context: f"<p>layers: {context.analysis_results['layer-count']['layers']}</p>",
-        )
+    analyses = with_analysis(PAPER_ANALYSES, LAYER_COUNT)
+    section = ReportSection("layer-count", "Layer count", "analysis", _layer_count_section, (LAYER_COUNT,))
+    sections = with_section(PAPER_SECTIONS, section)
+    vlm = tiny_handle("llava")
+    results = RunResults.read(tmp_path / "run" / "results.json")
+    document = run_analyses_of_run(
+        vlm, results, tmp_path / "run", llm=tiny_base_lm(vlm), progress=False, analyses=analyses
     )
-    try:
-        vlm = tiny_handle("llava")
-        results = RunResults.read(tmp_path / "run" / "results.json")
-        document = run_analyses_of_run(vlm, results, tmp_path / "run", llm=tiny_base_lm(vlm), progress=False)
-        text = write_report(tmp_path / "run").read_text(encoding="utf-8")
-    finally:
-        unregister_analysis("layer-count")
-        unregister_section("layer-count")
-    assert document.results["layer-count"] == {"layers": vlm.num_layers}
-    assert (
-        json.loads((tmp_path / "run" / "analysis.json").read_text())["results"]["layer-count"]["layers"] == 3
-    )
+    text = write_report(tmp_path / "run", sections=sections).read_text(encoding="utf-8")
+    assert document.result(LAYER_COUNT) == LayerCount(vlm.num_layers)
+    assert json.loads((tmp_path / "run" / "analysis.json").read_text())["results"]["layer-count"] == {
+        "layers": 3
+    }
     assert "<p>layers: 3</p>" in text
-    assert "layer-count" not in [a.name for a in registered_analyses()]
+    assert [s.anchor for s in sections].index("layer-count") == [s.anchor for s in sections].index(
+        "examples"
+    ) - 1
+    # The library's lists are untouched: a report with the defaults has no such section.
+    assert "layer-count" not in [a.name for a in PAPER_ANALYSES]
+    assert "<p>layers:" not in write_report(tmp_path / "run").read_text(encoding="utf-8")
+
+
+def test_adding_an_analysis_or_section_of_an_existing_name_replaces_it() -> None:
+    """Running a notebook cell twice gives the same lists, not an error or a duplicate."""
+    once = with_analysis(PAPER_ANALYSES, LAYER_COUNT)
+    assert with_analysis(once, LAYER_COUNT) == once
+    other_lens = Analysis("lens", _layer_count, LayerCount)
+    replaced = with_analysis(PAPER_ANALYSES, other_lens)
+    assert [a.name for a in replaced] == [a.name for a in PAPER_ANALYSES]
+    assert replaced[0] is other_lens
+    section = ReportSection("layer-count", "Layer count", "analysis", _layer_count_section)
+    sections = with_section(PAPER_SECTIONS, section)
+    assert with_section(sections, section) == sections
+    renamed = ReportSection("layer-count", "Layers", "analysis", _layer_count_section)
+    again = with_section(sections, renamed, before=None)
+    assert [s.anchor for s in again] == [s.anchor for s in sections]
+    assert again[[s.anchor for s in again].index("layer-count")].heading == "Layers"
 
 
 def test_report_of_a_partial_run_says_what_is_missing(run_dir: Path, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import json
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -24,6 +24,9 @@ from safetensors import SafetensorError, safe_open
 from taskvec.atomic_files import write_json_atomically
 from taskvec.models import ModelHandle
 from taskvec.tasks import Task
+from taskvec.typed_json import from_json, to_json
+
+T = TypeVar("T")
 
 # Bump when a change in the code makes earlier cached results wrong.
 CACHE_VERSION = 1
@@ -120,6 +123,31 @@ class StepCache:
 
     def store(self, kind: str, task: str, key: str, data: Mapping[str, Any]) -> None:
         write_json_atomically(self.path(kind, task, key), data)
+
+    def load_typed(
+        self, kind: str, task: str, key: str, cls: type[T], usable: Callable[[T], bool] | None = None
+    ) -> T | None:
+        """The stored entry as a `cls` (a dataclass written by `store_typed`), or None when there is
+        none or it cannot be used: unreadable, not a `cls`, or (given `usable`) not the whole step."""
+        path = self.path(kind, task, key)
+        data = read_json_entry(path)
+        result = None
+        if data is not None:
+            try:
+                result = from_json(cls, data)
+            except ValueError as error:
+                warn_unusable(path, f"not a {kind} entry ({error})")
+        if result is not None and usable is not None and not usable(result):
+            warn_unusable(path, f"not a complete {kind} entry")
+            result = None
+        if result is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return result
+
+    def store_typed(self, kind: str, task: str, key: str, value: object) -> None:
+        write_json_atomically(self.path(kind, task, key), to_json(value))
 
 
 def read_json_entry(path: Path) -> dict[str, Any] | None:

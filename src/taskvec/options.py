@@ -10,6 +10,10 @@ Types come from the field annotations: int, float, str; bool as a flag (`--x` wh
 off, `--x/--no-x` when it is on); `tuple[X, ...]` as one or more values; `Literal[...]` as choices;
 `X | None` (with `none_word`, a word such as "all" that gives None). Anything else takes `parse`.
 
+A field declared with `nested(default, prefix=...)` holds another such dataclass: its fields become
+flags of the same command (named with the prefix, e.g. "fv-" gives `--fv-shots`), their defaults
+those of the nested default instance, and `options_from_args` gives back a nested instance.
+
 Depends on nothing else in taskvec, so any command can use it.
 """
 
@@ -19,12 +23,13 @@ import argparse
 import dataclasses
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
 
 _METADATA_KEY = "taskvec.option"
+_NESTED_KEY = "taskvec.nested"
 
 
 # What a `none_word` converts to inside the namespace: argparse's own None means "not given", so a
@@ -74,10 +79,34 @@ def option(
 
 
 @dataclasses.dataclass(frozen=True)
+class _Nested:
+    """A field holding an option dataclass whose fields are flags of the command; built by `nested`."""
+
+    prefix: str
+    only: tuple[str, ...] | None  # the inner fields on the command line; None: all
+
+
+def nested(default: T, *, prefix: str = "", only: Sequence[str] | None = None) -> T:
+    """A dataclass field holding `default`, an instance of a dataclass declared with `option`, whose
+    fields `add_options` puts on the command line: flags and destinations start with `prefix`
+    (e.g. "fv-": `--fv-shots`, `args.fv_shots`), defaults are `default`'s values. `only`: the inner
+    fields that are flags (the others keep `default`'s values, e.g. set per task by the caller)."""
+    if not dataclasses.is_dataclass(default) or isinstance(default, type):
+        raise TypeError(f"nested(...) takes an instance of an option dataclass, got {default!r}")
+    if only is not None:
+        unknown = set(only) - {field.name for field in dataclasses.fields(default)}
+        if unknown:
+            raise TypeError(f"{type(default).__name__} has no fields {sorted(unknown)}")
+    cli = _Nested(prefix, None if only is None else tuple(only))
+    return dataclasses.field(default=default, metadata={_NESTED_KEY: cli})
+
+
+@dataclasses.dataclass(frozen=True)
 class _Argument:
     """One field resolved into what argparse needs, and back."""
 
-    name: str
+    name: str  # the namespace attribute: the field's name, after its nested fields' prefixes
+    path: tuple[str, ...]  # field names from the outer dataclass down to this field
     flag: str
     default: Any
     cli: CliOption
@@ -174,11 +203,14 @@ def _custom_converter(parse: Callable[[str], Any], none_word: str | None) -> Cal
 _METAVARS: dict[tuple[Any, ...], str] = {(int,): "N", (float,): "X"}
 
 
-def _resolve(field: dataclasses.Field[Any], hint: Any) -> _Argument:
+def _resolve(
+    field: dataclasses.Field[Any], hint: Any, prefix: str, path: tuple[str, ...], default: Any
+) -> _Argument:
     cli = field.metadata.get(_METADATA_KEY)
     if not isinstance(cli, CliOption):
         raise TypeError(f"field {field.name!r} is not declared with taskvec.options.option(...)")
-    flag = cli.flag or "--" + field.name.replace("_", "-")
+    flag = "--" + prefix + (cli.flag.removeprefix("--") if cli.flag else field.name.replace("_", "-"))
+    name = (prefix + field.name).replace("-", "_")
     kinds: list[Any] = [hint]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)]
@@ -202,26 +234,51 @@ def _resolve(field: dataclasses.Field[Any], hint: Any) -> _Argument:
             choices = typing.get_args(kinds[0])
     element_kinds = list(typing.get_args(kinds[0])[:1]) if many else kinds
     metavar = cli.metavar or _METAVARS.get(tuple(element_kinds), flag.removeprefix("--").upper())
-    return _Argument(field.name, flag, field.default, cli, boolean, convert, choices, many, metavar)
+    return _Argument(name, path, flag, default, cli, boolean, convert, choices, many, metavar)
 
 
-def _arguments(cls: type) -> list[_Argument]:
+def _arguments(
+    cls: type, prefix: str = "", path: tuple[str, ...] = (), defaults: Any = None
+) -> list[_Argument]:
+    """The command-line arguments of `cls`'s fields, nested dataclasses' fields in their place;
+    `defaults` (an instance) overrides the fields' own defaults, as a nested field's default does."""
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     hints = typing.get_type_hints(cls)
-    return [_resolve(field, hints[field.name]) for field in dataclasses.fields(cls)]
+    arguments: list[_Argument] = []
+    for field in dataclasses.fields(cls):
+        default = field.default if defaults is None else getattr(defaults, field.name)
+        inner = field.metadata.get(_NESTED_KEY)
+        if isinstance(inner, _Nested):
+            within = _arguments(hints[field.name], prefix + inner.prefix, (*path, field.name), default)
+            depth = len(path) + 1  # where the inner field's name sits in an argument's path
+            arguments += [a for a in within if inner.only is None or a.path[depth] in inner.only]
+        else:
+            arguments.append(_resolve(field, hints[field.name], prefix, (*path, field.name), default))
+    return arguments
 
 
 def add_options(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *, fill_defaults: bool = False
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    *,
+    fill_defaults: bool = False,
+    only: Collection[str] | None = None,
 ) -> None:
     """One argparse argument per field of the dataclass `cls` (each declared with `option`).
 
     Unset options are None in the namespace, so `options_from_args` returns only what the user gave
     and a preset can supply its own values for the rest. fill_defaults=True puts each field's default
-    in the namespace instead, for code that reads `args.<field>` directly.
+    in the namespace instead, for code that reads `args.<field>` directly. `only`: the fields a
+    command uses (by namespace attribute); the others keep their defaults.
     """
-    for argument in _arguments(cls):
+    arguments = _arguments(cls)
+    if only is not None:
+        unknown = set(only) - {argument.name for argument in arguments}
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no options {sorted(unknown)}")
+        arguments = [argument for argument in arguments if argument.name in only]
+    for argument in arguments:
         cli = argument.cli
         help_text = (cli.help + argument.shown_default()).replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": argument.name, "default": None, "help": help_text}
@@ -244,21 +301,50 @@ def add_options(
 
 
 def options_from_args(cls: type, namespace: argparse.Namespace) -> dict[str, Any]:
-    """{field: value} for the options of `cls` set in the namespace (unset ones are left out)."""
-    overrides: dict[str, Any] = {}
+    """{field: value} for the options of `cls` set in the namespace (unset ones are left out); a
+    nested field with any option set is its default instance with those options replaced."""
+    given: dict[tuple[str, ...], Any] = {}
     for argument in _arguments(cls):
         value = getattr(namespace, argument.name, None)
         if value is not None:
-            overrides[argument.name] = argument.finish(value)
+            given[argument.path] = argument.finish(value)
+    return _grouped(cls, given)
+
+
+def _grouped(cls: type, given: dict[tuple[str, ...], Any], defaults: Any = None) -> dict[str, Any]:
+    """{(field, inner field, ...): value} -> {field: value or nested instance} for `cls`."""
+    overrides: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        inner = {path[1:]: value for path, value in given.items() if len(path) > 1 and path[0] == field.name}
+        if (field.name,) in given:
+            overrides[field.name] = given[(field.name,)]
+        elif inner:
+            default: Any = field.default if defaults is None else getattr(defaults, field.name)
+            overrides[field.name] = dataclasses.replace(default, **_grouped(type(default), inner, default))
     return overrides
+
+
+def options_instance(cls: type[T], namespace: argparse.Namespace) -> T:
+    """An instance of `cls` with the options set in the namespace, the fields' defaults elsewhere."""
+    return cls(**options_from_args(cls, namespace))
+
+
+def _value_at(instance: Any, path: tuple[str, ...]) -> Any:
+    for name in path:
+        instance = getattr(instance, name)
+    return instance
 
 
 def to_argv(instance: Any) -> list[str]:
     """The command-line arguments that give the instance's non-default values (ValueError if a
     value has no command-line form, e.g. seeds that are not 0..N-1)."""
+    arguments = _arguments(type(instance))
+    flagged = {argument.path: _value_at(instance, argument.path) for argument in arguments}
+    if type(instance)(**_grouped(type(instance), flagged)) != instance:
+        raise ValueError(f"{instance!r} sets fields that are not on the command line (nested(only=...))")
     argv: list[str] = []
-    for argument in _arguments(type(instance)):
-        value = getattr(instance, argument.name)
+    for argument in arguments:
+        value = flagged[argument.path]
         if value == argument.default:
             continue
         if argument.boolean:
@@ -272,7 +358,8 @@ def to_argv(instance: Any) -> list[str]:
 
 
 def option_flags(cls: type) -> dict[str, str]:
-    """{field name: its flag} for a dataclass declared with `option`."""
+    """{namespace attribute: its flag} for a dataclass declared with `option` (a field's name,
+    after the prefixes of the nested fields it is inside)."""
     return {argument.name: argument.flag for argument in _arguments(cls)}
 
 

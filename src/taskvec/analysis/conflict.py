@@ -31,6 +31,17 @@ OUTCOMES = ("a", "b", "both", "neither")
 
 
 @dataclass
+class ConflictExample:
+    """One query: its input, both tasks' answers, and what the model said without and with B's vector."""
+
+    input: str
+    answer_a: str
+    answer_b: str
+    baseline: str
+    patched: str
+
+
+@dataclass
 class ConflictCounts:
     """Outcome counts over `items` queries; each count dict sums to `items`."""
 
@@ -42,7 +53,7 @@ class ConflictCounts:
     baseline: dict[str, int]  # A's prompt alone
     patched: dict[str, int]  # A's prompt with B's vector at `layer`
     ambiguous_skipped: int  # queries whose A and B answers cannot be told apart
-    examples: list[dict[str, str]] = field(default_factory=list)
+    examples: list[ConflictExample] = field(default_factory=list)
     max_new_tokens: int = 1  # tokens generated per answer
     metric: str = "prefix"  # how an answer is matched (taskvec.evaluation.is_correct_by)
 
@@ -125,20 +136,12 @@ def task_conflict(
     )
     baseline_counts = dict.fromkeys(OUTCOMES, 0)
     patched_counts = dict.fromkeys(OUTCOMES, 0)
-    shown: list[dict[str, str]] = []
+    shown: list[ConflictExample] = []
     for (item_a, item_b), before, after in zip(pairs, plain, patched, strict=True):
         baseline_counts[winner(before, item_a.answers(), item_b.answers(), metric)] += 1
         patched_counts[winner(after, item_a.answers(), item_b.answers(), metric)] += 1
         if len(shown) < examples:
-            shown.append(
-                {
-                    "input": item_a.input,
-                    "answer_a": item_a.output,
-                    "answer_b": item_b.output,
-                    "baseline": before,
-                    "patched": after,
-                }
-            )
+            shown.append(ConflictExample(item_a.input, item_a.output, item_b.output, before, after))
     return ConflictCounts(
         task_a=task_a.name,
         task_b=task_b.name,
@@ -154,14 +157,34 @@ def task_conflict(
     )
 
 
-def conflict_totals(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, int]]]:
-    """Outcome counts summed over task pairs, per context (ConflictCounts.as_dict() rows)."""
-    totals: dict[str, dict[str, dict[str, int]]] = {}
+@dataclass
+class ConflictResults:
+    """The `conflict` analysis: one row per ordered pair of tasks sharing inputs and way of giving A."""
+
+    rows: list[ConflictCounts]
+
+
+@dataclass
+class OutcomeTotals:
+    baseline: dict[str, int]  # outcome -> count, without the patch
+    patched: dict[str, int]  # with B's vector
+
+
+@dataclass
+class ConflictTotals:
+    """The `conflict_totals` analysis: outcome counts summed over task pairs, per way of giving A."""
+
+    per_context: dict[str, OutcomeTotals]
+
+
+def conflict_totals(rows: Sequence[ConflictCounts]) -> ConflictTotals:
+    """Outcome counts summed over task pairs, per context."""
+    totals: dict[str, OutcomeTotals] = {}
     for row in rows:
         entry = totals.setdefault(
-            row["context"], {"baseline": dict.fromkeys(OUTCOMES, 0), "patched": dict.fromkeys(OUTCOMES, 0)}
+            row.context, OutcomeTotals(dict.fromkeys(OUTCOMES, 0), dict.fromkeys(OUTCOMES, 0))
         )
-        for which in ("baseline", "patched"):
-            for outcome in OUTCOMES:
-                entry[which][outcome] += row[which][outcome]
-    return totals
+        for outcome in OUTCOMES:
+            entry.baseline[outcome] += row.baseline[outcome]
+            entry.patched[outcome] += row.patched[outcome]
+    return ConflictTotals(totals)

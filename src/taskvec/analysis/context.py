@@ -1,6 +1,7 @@
 """What an analysis computes from, and how its steps are cached: `Analysis` and `AnalysisContext`.
 
-An analysis is a name and a function of the context returning JSON-able data. The context holds
+An analysis is a name, a function of the context returning its typed result (a dataclass that
+`taskvec.typed_json` writes and reads), and how it splits into worker steps. The context holds
 the models, tasks, chosen layer, vectors and settings given to `run_analyses`, and caches steps in
 the run's `StepCache` under a key built from their content: the model's fingerprint (and the base
 LM's when the step uses it), each involved task's fingerprint, the settings, the layer when the step
@@ -14,7 +15,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 import torch
 
@@ -31,6 +32,7 @@ from taskvec.caching import (
 from taskvec.engine.devices import to_cpu_float32
 from taskvec.models import ModelHandle
 from taskvec.tasks import Task
+from taskvec.typed_json import from_json, to_json
 
 # The StepCache kind of the analyses' steps: DIR/cache/analysis/<step>/<key>.json (or .safetensors).
 CACHE_KIND = "analysis"
@@ -38,27 +40,62 @@ CACHE_KIND = "analysis"
 StoredTensors = tuple[dict[str, torch.Tensor], dict[str, str]]
 
 
+R = TypeVar("R")
+S = TypeVar("S")
+# How an analysis splits into worker steps: the groups of tasks each step covers.
+TaskGroups = Callable[[Sequence[Task]], list[list[Task]]]
+
+
 @dataclass(frozen=True)
-class Analysis:
-    """One analysis: `compute(context)` returns its JSON-able result, stored under `name`.
+class Analysis(Generic[R]):
+    """One analysis: `compute(context)` returns its result, an instance of `result_type`, stored
+    under `name` (analysis.json holds it as `taskvec.typed_json` writes it).
 
     `version` is part of every cache key of its steps: raise it when a change to `compute` makes
-    earlier cached results wrong.
+    earlier cached results wrong. `worker_steps` says how a distributed run splits it: one worker
+    step per group of tasks it returns (a task's lens, a pair's conflict); None keeps the analysis
+    on the driver (it is cheap, or reads other analyses' results).
     """
 
     name: str
-    compute: Callable[[AnalysisContext], Any]
+    compute: Callable[[AnalysisContext], R]
+    result_type: type[R]
     description: str = ""
     version: int = 1
+    worker_steps: TaskGroups | None = None
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise ValueError(f"an analysis name must be non-empty without '/', got {self.name!r}")
 
+    def decode(self, data: Any, path: str = "") -> R:
+        """The result of `to_json` data; a ValueError naming the field when it does not fit."""
+        return from_json(self.result_type, data, path or self.name)
 
-def as_json(value: Any) -> Any:
-    """The value as it reads back from JSON (tuples become lists); a TypeError if it is not JSON-able."""
-    return json.loads(json.dumps(value))
+    def holds(self, value: object) -> R | None:
+        """`value` as this analysis's result, or None when it is something else."""
+        return cast(R, value) if isinstance(value, self.result_type) else None
+
+
+def with_analysis(analyses: Sequence[Analysis[Any]], analysis: Analysis[Any]) -> tuple[Analysis[Any], ...]:
+    """The list with `analysis` in place of the one of its name, or after the others when none has it
+    (so running the same notebook cell twice gives the same list)."""
+    names = [existing.name for existing in analyses]
+    if analysis.name in names:
+        index = names.index(analysis.name)
+        return (*analyses[:index], analysis, *analyses[index + 1 :])
+    return (*analyses, analysis)
+
+
+def _decodes(result_type: type[Any]) -> Callable[[dict[str, Any]], bool]:
+    def usable(entry: dict[str, Any]) -> bool:
+        try:
+            from_json(result_type, entry.get("result"))
+        except (ValueError, TypeError):
+            return False
+        return True
+
+    return usable
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
@@ -80,8 +117,8 @@ class AnalysisContext:
     vectors: Mapping[VectorKey, torch.Tensor]
     settings: AnalysisSettings
     cache: StepCache
-    analysis: Analysis | None = None  # the analysis being run
-    results: dict[str, Any] = field(default_factory=dict)
+    analysis: Analysis[Any] | None = None  # the analysis being run
+    results: dict[str, object] = field(default_factory=dict)  # typed results by analysis name
     errors: dict[str, str] = field(default_factory=dict)
     _fingerprints: dict[int, str] = field(default_factory=dict, repr=False)
     _digests: dict[VectorKey, str] = field(default_factory=dict, repr=False)
@@ -90,6 +127,13 @@ class AnalysisContext:
         if id(handle) not in self._fingerprints:
             self._fingerprints[id(handle)] = model_fingerprint(handle)
         return self._fingerprints[id(handle)]
+
+    def earlier(self, analysis: Analysis[S]) -> S:
+        """The result of an analysis that ran before this one; a LookupError when it did not finish."""
+        result = analysis.holds(self.results.get(analysis.name))
+        if result is None:
+            raise LookupError(f"needs the {analysis.name!r} analysis, which did not finish")
+        return result
 
     def vector(self, key: VectorKey) -> torch.Tensor:
         """A [layers, hidden] vector given to the analyses, or an error naming it."""
@@ -130,21 +174,24 @@ class AnalysisContext:
     def cached(
         self,
         step: str,
-        compute: Callable[[], Any],
+        compute: Callable[[], S],
+        result_type: type[S],
         *,
         tasks: Sequence[Task] | None = None,
         layer: bool = True,
         vectors: Iterable[VectorKey] | None = None,
         llm: bool = True,
-    ) -> Any:
-        """The step's result from the cache, else computed (as JSON data) and stored."""
+    ) -> S:
+        """The step's `result_type` result from the cache, else computed and stored (as JSON). An
+        entry that does not read back as `result_type` is computed again."""
         key = self.cache.key(self.identity(step, tasks=tasks, layer=layer, vectors=vectors, llm=llm))
-        stored = self.cache.load(CACHE_KIND, step, key, lambda entry: "result" in entry)
+        stored = self.cache.load(CACHE_KIND, step, key, _decodes(result_type))
         if stored is not None:
-            return stored["result"]
-        result = as_json(compute())
-        self.cache.store(CACHE_KIND, step, key, {"step": step, "result": result})
-        return result
+            return from_json(result_type, stored["result"], step)
+        result = compute()
+        data = json.loads(json.dumps(to_json(result)))  # a TypeError here if it is not JSON-able
+        self.cache.store(CACHE_KIND, step, key, {"step": step, "result": data})
+        return from_json(result_type, data, step)
 
     def cached_tensors(
         self,
@@ -170,11 +217,11 @@ class AnalysisContext:
         write_tensors_atomically(path, tensors, metadata)
         return tensors, metadata
 
-    def attempt(self, step: str, compute: Callable[[], Any], **scope: Any) -> Any | None:
+    def attempt(self, step: str, compute: Callable[[], S], result_type: type[S], **scope: Any) -> S | None:
         """`cached` (with the same keyword scope), but a failure is recorded under `errors[step]` and
         gives None: one part of an analysis (a task's lens, a pair's conflict) failing keeps the others."""
         try:
-            return self.cached(step, compute, **scope)
+            return self.cached(step, compute, result_type, **scope)
         except Exception as error:  # one failed part must not lose the others
             self.errors[step] = f"{type(error).__name__}: {error}"
             return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -60,6 +60,27 @@ class PromptPoints:
         except (KeyError, ValueError, TypeError):
             return False
         return True
+
+
+@dataclass
+class MapPoints:
+    """One 2-D map, and how often a point's nearest neighbour in the full space shares its label."""
+
+    xy: list[list[float]]  # one [x, y] per prompt
+    same_task_neighbour: float | None
+    same_spec_neighbour: float | None
+
+
+@dataclass
+class EmbeddingMap:
+    """The `embedding_map` analysis: 2-D maps of per-prompt task vectors and of raw input embeddings,
+    one row per prompt in `tasks` / `specs` order."""
+
+    method: ProjectionMethod
+    tasks: list[str]
+    specs: list[str]
+    vectors: MapPoints
+    embeddings: MapPoints
 
 
 def prompt_points(
@@ -156,13 +177,14 @@ def neighbour_agreement(points: np.ndarray, labels: Sequence[str]) -> float | No
     return float(np.mean([labels[i] == labels[j] for i, j in enumerate(nearest)]))
 
 
-def embedding_map(points: PromptPoints, method: ProjectionMethod = "tsne", seed: int = 0) -> dict[str, Any]:
+def embedding_map(points: PromptPoints, method: ProjectionMethod = "tsne", seed: int = 0) -> EmbeddingMap:
     """2-D maps of the task vectors and of the raw input embeddings, with neighbour agreements."""
-    result: dict[str, Any] = {"method": method, "tasks": points.tasks, "specs": points.specs}
-    for name, matrix in (("vectors", points.vectors), ("embeddings", points.embeddings)):
-        result[name] = {
-            "xy": np.round(project_2d(matrix, method, seed), 4).tolist(),
-            "same_task_neighbour": neighbour_agreement(matrix, points.tasks),
-            "same_spec_neighbour": neighbour_agreement(matrix, points.specs),
-        }
-    return result
+
+    def mapped(matrix: np.ndarray) -> MapPoints:
+        return MapPoints(
+            xy=np.round(project_2d(matrix, method, seed), 4).tolist(),
+            same_task_neighbour=neighbour_agreement(matrix, points.tasks),
+            same_spec_neighbour=neighbour_agreement(matrix, points.specs),
+        )
+
+    return EmbeddingMap(method, points.tasks, points.specs, mapped(points.vectors), mapped(points.embeddings))

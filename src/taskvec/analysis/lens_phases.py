@@ -236,17 +236,33 @@ def lens_phases(
     return LensPhases(task.name, curves, skipped, task_word_reduce=task_word_reduce, template=template.name)
 
 
-def mean_peak_layers(lens: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+@dataclass
+class LensResults:
+    """The `lens` analysis: each task's three phases (a task whose lens failed is left out)."""
+
+    per_task: dict[str, LensPhases]
+
+
+@dataclass
+class LensPeaks:
+    """The `lens_peaks` analysis: per spec and phase, the mean over tasks of the peak layer (None
+    when no task has a peak for that phase); specs without any peak are left out."""
+
+    per_spec: dict[str, dict[str, float | None]]
+
+
+def mean_peak_layers(lens: LensResults) -> LensPeaks:
     """Per spec and phase, the mean over tasks of the peak layer."""
     summary: dict[str, dict[str, float | None]] = {}
     for spec in (kind.value for kind in EXTRACTABLE_SPECS):
         summary[spec] = {}
         for phase in PHASES:
             peaks = [
-                result["curves"][spec]["peak_layer"][phase]
-                for result in lens.values()
-                if spec in result.get("curves", {})
-                and result["curves"][spec]["peak_layer"][phase] is not None
+                peak
+                for result in lens.per_task.values()
+                if spec in result.curves and (peak := result.curves[spec].peak_layer.get(phase)) is not None
             ]
             summary[spec][phase] = sum(peaks) / len(peaks) if peaks else None
-    return {spec: phases for spec, phases in summary.items() if any(v is not None for v in phases.values())}
+    return LensPeaks(
+        {spec: phases for spec, phases in summary.items() if any(v is not None for v in phases.values())}
+    )

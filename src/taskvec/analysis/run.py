@@ -1,4 +1,4 @@
-"""`run_analyses`: every registered analysis over given vectors at a given layer -> AnalysisDocument.
+"""`run_analyses`: a list of analyses (the paper's by default) over given vectors at a given layer.
 
 The caller decides the layer and the vectors: a run passes the layer it chose on validation and
 the vectors it extracted; a caller without a run computes vectors with `analysis_vectors`. Steps are
@@ -13,24 +13,28 @@ resumes and an identical one is served from the cache. An analysis that fails is
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from taskvec.analysis.context import AnalysisContext, as_json
+from taskvec.analysis.context import Analysis, AnalysisContext
 from taskvec.analysis.document import AnalysisDocument, AnalysisLayer, AnalysisMeta
+from taskvec.analysis.paper_analyses import PAPER_ANALYSES
 from taskvec.analysis.prompt_sets import unsupported_reason
-from taskvec.analysis.registry import registered_analyses
 from taskvec.analysis.settings import QUICK, AnalysisSettings
 from taskvec.analysis.similarity import VectorKey
 from taskvec.caching import StepCache
 from taskvec.engine.devices import to_cpu_float32
 from taskvec.models import ModelHandle
 from taskvec.progress import with_progress
+from taskvec.prompts.settings import PromptSettings
 from taskvec.tasks import Task
+from taskvec.typed_json import to_json
 from taskvec.vectors import EXTRACTABLE_SPECS, VectorSpec, extract_vector
 from taskvec.version import __version__
 
@@ -75,15 +79,18 @@ def run_analyses(
     layer_source: str = "given by the caller",
     vector_sources: Mapping[VectorKey, str] | None = None,
     only: Collection[str] | None = None,
+    analyses: Sequence[Analysis[Any]] = PAPER_ANALYSES,
 ) -> AnalysisDocument:
-    """Run every registered analysis (`taskvec.analysis.registry`) and collect their results.
+    """Run `analyses` in order (the paper's, `taskvec.analysis.paper_analyses`) and collect their results.
 
     `layer` is the layer the layer-dependent analyses read (similarity summary, 2-D map, conflict
     patching), `layer_source` says where it came from. `vectors` are [layers, hidden] per (model,
     task, spec), model "vlm" for `handle`, "llm" for the base LM `llm`; `vector_sources` describes
     them for the document (default: their spec, task and model). `settings` default to the full
-    analyses, or to QUICK with `quick`. `only` runs just the analyses of those names (a part of the
-    work computed elsewhere, e.g. on a Ray worker, into the cache a full call then reads).
+    analyses, or to QUICK with `quick`; every prompt follows their template and batch size. `only`
+    runs just the analyses of those names (a part of the work computed elsewhere, e.g. on a Ray
+    worker, into the cache a full call then reads). An analysis may read the result of one before
+    it in the list (`AnalysisContext.earlier`).
     """
     started = time.monotonic()
     if not 0 <= layer < handle.num_layers:
@@ -99,11 +106,19 @@ def run_analyses(
         settings=config,
         cache=cache,
     )
-    analyses = tuple(a for a in registered_analyses() if only is None or a.name in only)
-    for analysis in with_progress(analyses, "analyses", enabled=progress):
+    chosen = [analysis for analysis in analyses if only is None or analysis.name in only]
+    if len({analysis.name for analysis in chosen}) != len(chosen):
+        raise ValueError("two analyses of one name in the list (`with_analysis` replaces one by name)")
+    for analysis in with_progress(chosen, "analyses", enabled=progress):
         context.analysis = analysis
         try:
-            context.results[analysis.name] = as_json(analysis.compute(context))
+            result = analysis.compute(context)
+            if not isinstance(result, analysis.result_type):
+                raise TypeError(
+                    f"returned a {type(result).__name__}, not the {analysis.result_type.__name__} it declares"
+                )
+            # As analysis.json will hold it: a result that is not JSON-able fails here, not at write.
+            context.results[analysis.name] = analysis.decode(json.loads(json.dumps(to_json(result))))
         except Exception as error:  # one failed analysis must not lose the others
             context.errors[analysis.name] = f"{type(error).__name__}: {error}"
             if progress:
@@ -117,7 +132,7 @@ def run_analyses(
             taskvec=__version__,
             model_fingerprint=context.fingerprint(handle),
             llm_fingerprint=context.fingerprint(llm) if llm is not None else None,
-            settings=config.as_dict(),
+            settings=config,
             quick=quick,
             finished=datetime.now(UTC).isoformat(timespec="seconds"),
             seconds=round(time.monotonic() - started, 1),
@@ -142,11 +157,14 @@ def analysis_vectors(
 
     The model's text-ICL, image-ICL and instruction vectors, and the base LM's text-ICL vectors
     (LLM -> VLM transfers text-derived vectors), by `taskvec.vectors.extract_vector` on the
-    validation split with the settings' shots and seed; `settings.vector_prompts` keeps only the
-    first N validation queries (None: all, the paper's protocol). Vectors are float32 on the CPU
-    whatever the models' devices and dtypes.
+    validation split with the settings' shots, seed, template and batch size;
+    `settings.vector_prompts` keeps only the first N validation queries (None: all, the paper's
+    protocol). Vectors are float32 on the CPU whatever the models' devices and dtypes.
     """
     config = settings or AnalysisSettings()
+    prompts = PromptSettings(
+        shots=config.shots, seed=config.seed, template=config.template, batch_size=config.batch_size
+    )
     jobs: list[tuple[str, ModelHandle, Sequence[VectorSpec]]] = [("vlm", handle, EXTRACTABLE_SPECS)]
     if llm is not None:
         jobs.append(("llm", llm, (VectorSpec.TEXT_ICL,)))
@@ -160,8 +178,7 @@ def analysis_vectors(
                     owner,
                     task,
                     spec,
-                    shots=config.shots,
-                    seed=config.seed,
+                    settings=prompts,
                     limit=config.vector_prompts,
                     progress=f"{model} {spec.value} {task.name}" if progress else None,
                 )

@@ -43,6 +43,41 @@ class VectorKey:
         return f"{prefix}{self.task} / {self.spec.value}"
 
 
+@dataclass
+class PairSummary:
+    """Mean cosine over pairs of VLM vectors (None when no pair of that kind exists)."""
+
+    within_task_cross_spec: float | None  # same task, different specification
+    within_task_text_image: float | None  # same task, text ICL vs image ICL
+    cross_task: float | None  # different tasks
+    cross_task_same_spec: float | None  # different tasks, same specification
+
+
+@dataclass
+class LlmVsVlm:
+    """Per task, the cosine of the base LM's and the VLM's text-ICL vectors at each layer."""
+
+    per_task: dict[str, list[float]]
+    mean_per_layer: list[float]
+    mean_at_layer: float
+
+
+@dataclass
+class Similarity:
+    """The `similarity` analysis: cosine matrices of every vector (rows and columns in `keys` order)
+    at `layer` and per layer, and the VLM's pair summaries, raw and mean-centred."""
+
+    layer: int
+    labels: list[str]
+    keys: list[VectorKey]
+    matrix: list[list[float]]
+    matrix_per_layer: list[list[list[float]]]
+    summary: PairSummary
+    summary_per_layer: list[PairSummary]
+    summary_centered: PairSummary
+    llm_vs_vlm: LlmVsVlm | None
+
+
 def _rounded(matrix: torch.Tensor) -> list[Any]:
     # Four decimals keep analysis.json small and are far below any difference worth plotting.
     return torch.round(matrix * 1e4).div(1e4).tolist()
@@ -61,29 +96,28 @@ def centered_cosine(vectors: torch.Tensor) -> torch.Tensor:
     return unit @ unit.T
 
 
-def pair_summary(keys: list[VectorKey], matrix: torch.Tensor) -> dict[str, float | None]:
+def pair_summary(keys: list[VectorKey], matrix: torch.Tensor) -> PairSummary:
     """Mean cosine over pairs of the same task across specs, and over pairs of different tasks."""
-    groups: dict[str, list[float]] = {
-        "within_task_cross_spec": [],
-        "within_task_text_image": [],
-        "cross_task": [],
-        "cross_task_same_spec": [],
-    }
+    within, text_image, cross, cross_same = [], [], [], []
     for i, j in combinations(range(len(keys)), 2):
         a, b = keys[i], keys[j]
         value = float(matrix[i, j])
         if a.task == b.task and a.spec != b.spec:
-            groups["within_task_cross_spec"].append(value)
+            within.append(value)
             if {a.spec, b.spec} == {VectorSpec.TEXT_ICL, VectorSpec.IMAGE_ICL}:
-                groups["within_task_text_image"].append(value)
+                text_image.append(value)
         elif a.task != b.task:
-            groups["cross_task"].append(value)
+            cross.append(value)
             if a.spec == b.spec:
-                groups["cross_task_same_spec"].append(value)
-    return {name: (sum(values) / len(values) if values else None) for name, values in groups.items()}
+                cross_same.append(value)
+    return PairSummary(_mean(within), _mean(text_image), _mean(cross), _mean(cross_same))
 
 
-def similarity_analysis(vectors: Mapping[VectorKey, torch.Tensor], layer: int) -> dict[str, Any]:
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def similarity_analysis(vectors: Mapping[VectorKey, torch.Tensor], layer: int) -> Similarity:
     """Cosine matrices of all vectors (VLM and base-LM), at `layer` and per layer, with summaries.
 
     The summaries use the VLM's vectors only (the cross-modal claim); the base-LM comparison is
@@ -98,22 +132,22 @@ def similarity_analysis(vectors: Mapping[VectorKey, torch.Tensor], layer: int) -
     vlm_rows = [index for index, key in enumerate(keys) if key.model == "vlm"]
     vlm_keys = [keys[index] for index in vlm_rows]
     vlm_per_layer = per_layer[:, vlm_rows][:, :, vlm_rows]
-    return {
-        "layer": layer,
-        "labels": [key.label for key in keys],
-        "keys": [{"model": key.model, "task": key.task, "spec": key.spec.value} for key in keys],
-        "matrix": _rounded(per_layer[layer]),
-        "matrix_per_layer": _rounded(per_layer),
-        "summary": pair_summary(vlm_keys, vlm_per_layer[layer]),
-        "summary_per_layer": [pair_summary(vlm_keys, matrix) for matrix in vlm_per_layer],
+    return Similarity(
+        layer=layer,
+        labels=[key.label for key in keys],
+        keys=keys,
+        matrix=_rounded(per_layer[layer]),
+        matrix_per_layer=_rounded(per_layer),
+        summary=pair_summary(vlm_keys, vlm_per_layer[layer]),
+        summary_per_layer=[pair_summary(vlm_keys, matrix) for matrix in vlm_per_layer],
         # Residual streams share a large common direction (raw cosines near 1 for any two vectors of
         # a small model), so the same summary after subtracting the mean of the VLM's vectors.
-        "summary_centered": pair_summary(vlm_keys, centered_cosine(stacked[vlm_rows, layer])),
-        "llm_vs_vlm": llm_vs_vlm_cosine(vectors, layer),
-    }
+        summary_centered=pair_summary(vlm_keys, centered_cosine(stacked[vlm_rows, layer])),
+        llm_vs_vlm=llm_vs_vlm_cosine(vectors, layer),
+    )
 
 
-def llm_vs_vlm_cosine(vectors: Mapping[VectorKey, torch.Tensor], layer: int) -> dict[str, Any] | None:
+def llm_vs_vlm_cosine(vectors: Mapping[VectorKey, torch.Tensor], layer: int) -> LlmVsVlm | None:
     """Per task, cosine of base-LM and VLM text-ICL vectors at each layer (None without LM vectors)."""
     per_task: dict[str, list[float]] = {}
     for key, vector in vectors.items():
@@ -129,4 +163,4 @@ def llm_vs_vlm_cosine(vectors: Mapping[VectorKey, torch.Tensor], layer: int) -> 
         return None
     layers = len(next(iter(per_task.values())))
     mean = [sum(curve[i] for curve in per_task.values()) / len(per_task) for i in range(layers)]
-    return {"per_task": per_task, "mean_per_layer": mean, "mean_at_layer": mean[layer]}
+    return LlmVsVlm(per_task=per_task, mean_per_layer=mean, mean_at_layer=mean[layer])

@@ -8,6 +8,7 @@ capital city's name.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -15,6 +16,24 @@ from taskvec.engine import logit_lens, top_tokens
 from taskvec.models import ModelHandle
 
 DecodedTokens = list[list[tuple[str, float]]]  # [layer][rank] -> (token, probability)
+
+
+@dataclass
+class ScoredToken:
+    token: str
+    probability: float  # rounded to 4 decimals
+
+
+# [layer][rank] -> token and probability, as analysis.json holds them.
+DecodedLayers = list[list[ScoredToken]]
+
+
+@dataclass
+class DecodedVectors:
+    """The `decoded_tokens` analysis: {"vlm" | "llm": {vector label: top tokens per layer}}, each
+    vector decoded by the model it was read from."""
+
+    by_model: dict[str, dict[str, DecodedLayers]]
 
 
 @torch.no_grad()
@@ -25,10 +44,12 @@ def decode_vector(handle: ModelHandle, vectors: torch.Tensor, k: int = 5) -> Dec
 
 def decode_vectors(
     handle: ModelHandle, vectors: Mapping[str, torch.Tensor], k: int = 5
-) -> dict[str, DecodedTokens]:
-    """Top-k tokens per layer of each labelled vector (JSON-ready: lists of [token, probability])."""
-    decoded: dict[str, DecodedTokens] = {}
+) -> dict[str, DecodedLayers]:
+    """Top-k tokens per layer of each labelled vector."""
+    decoded: dict[str, DecodedLayers] = {}
     for label, vector in vectors.items():
         rows = decode_vector(handle, vector, k)
-        decoded[label] = [[(token, round(probability, 4)) for token, probability in row] for row in rows]
+        decoded[label] = [
+            [ScoredToken(token, round(probability, 4)) for token, probability in row] for row in rows
+        ]
     return decoded

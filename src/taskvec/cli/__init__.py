@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from taskvec.cli.run_command import ModelOutcome
     from taskvec.engine import PatchMode
+    from taskvec.function_vectors.settings import FunctionVectorSettings
+    from taskvec.prompts.settings import PromptSettings
 
 # Function vectors are added to the residual, task vectors replace it (the paper's protocol).
 MODE_HELP = "replace or add to the residual (default: add for a function vector, else replace)"
@@ -22,7 +24,7 @@ def _command_models(args: argparse.Namespace) -> int:
 
     from taskvec.models import ARCHITECTURES
     from taskvec.models.image_settings import image_settings_for
-    from taskvec.models.loading import named_models
+    from taskvec.models.loading import NAMED_MODELS
 
     if args.json:
         named = [
@@ -32,7 +34,7 @@ def _command_models(args: argparse.Namespace) -> int:
                 "description": m.description,
                 "image_width": m.image_width,
             }
-            for m in named_models()
+            for m in NAMED_MODELS
         ]
         architectures = [
             {**asdict(entry), "image_settings": image_settings_for(entry).as_record()}
@@ -49,7 +51,7 @@ def _command_models(args: argparse.Namespace) -> int:
         shown = settings if entry.is_vision_language else ""
         print(f"{entry.family:16s} {entry.model_class:42s} {images:7s} {sweep:9s} {shown}")
     print()
-    for model in named_models():
+    for model in NAMED_MODELS:
         print(f"{model.names[0]!r}: {model.description}")
     print(
         "Checkpoints of the classes above load by directory or hub id (org/name, --revision); other"
@@ -72,14 +74,15 @@ def _command_demo(args: argparse.Namespace) -> int:
 
     task = load_task(args.task, strict=args.strict)  # before the model: a bad task fails in milliseconds
     handle = load_model(args.model, _load_options(args))
+    prompts = _prompt_settings(args)
     result = run_demo(
         handle,
         task,
-        shots=args.shots,
-        seed=args.seed,
+        shots=prompts.shots,
+        seed=prompts.seed,
         limit=args.limit,
         max_new_tokens=args.max_new_tokens,
-        template=args.template,
+        template=prompts.template,
     )
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
@@ -91,15 +94,19 @@ def _command_demo(args: argparse.Namespace) -> int:
         f"vector from {result.shots}-shot text prompts (seed {result.seed})"
     )
     print(f"  accuracy: {result.metric} match, {count} generated token{'s' * (count > 1)} ({protocol})")
+    patched = "not tested" if result.patched is None else f"{result.patched:.2f}"
     rows = [
-        ("no context", result.no_context),
-        (f"{result.shots}-shot in context", result.in_context),
-        (f"patched at layer {result.best_layer}", result.patched),
+        ("no context", f"{result.no_context:.2f}"),
+        (f"{result.shots}-shot in context", f"{result.in_context:.2f}"),
+        (f"patched ({result.placement})", patched),
     ]
     for label, value in rows:
-        print(f"  {label:24s}{value:.2f}")
+        print(f"  {label:32s}{value}")
+    candidates = result.candidate_layers
     print(
-        f"  (patching layer chosen on validation; {len(result.validation_accuracy_per_layer)} layers swept)"
+        f"  (patching layer chosen on validation among layers {candidates[0]}-{candidates[-1]} of "
+        f"{len(result.validation_accuracy_per_layer)}; it must beat the unpatched validation queries' "
+        f"{result.unpatched_validation:.2f})"
     )
     curve = " ".join(f"{value:.2f}" for value in result.validation_accuracy_per_layer)
     print(f"  validation accuracy per layer: {curve}")
@@ -118,13 +125,10 @@ def _command_extract(args: argparse.Namespace) -> int:
         handle,
         task,
         spec,
-        shots=args.shots,
-        seed=args.seed,
+        settings=_prompt_settings(args),
         split=args.split,
         limit=args.limit,
-        style=args.style,
         progress=None if args.json else f"{task.name} {spec.value} vector",
-        template=args.template,
     )
     vector = extraction.vector
     path = save_task_vector(vector, args.out)
@@ -193,14 +197,9 @@ def _command_heads(args: argparse.Namespace) -> int:
         handle,
         task,
         args.spec,
-        shots=args.shots,
-        mean_prompts=args.mean_prompts,
-        effect_prompts=args.effect_prompts,
-        k=args.k,
-        seed=args.seed,
+        settings=_function_vector_settings(args),
+        prompts=_prompt_settings(args),
         split=args.split,
-        style=args.style,
-        template=args.template,
         memory_budget=args.sweep_memory,
         progress=not args.json,
     )
@@ -245,7 +244,7 @@ def _heads_across_modalities(args: argparse.Namespace, handle: Any, task: Any) -
     comparison = compare_modalities(
         handle,
         task,
-        k=args.k,
+        k=args.heads,
         shots=args.shots,
         mean_prompts=args.mean_prompts,
         effect_prompts=args.effect_prompts,
@@ -266,20 +265,27 @@ def _heads_across_modalities(args: argparse.Namespace, handle: Any, task: Any) -
     for modality, heads in comparison.top_heads.items():
         print(f"  {modality:5s} ICL: {' '.join(f'{layer}.{head}' for layer, head in heads)}")
     print(f"  shared: {len(comparison.shared_heads)} of {k}")
-    print("test accuracy (layer and scale chosen on validation):")
+    print("test accuracy (layer and scale chosen on validation, not tested when no layer helped):")
     for target, accuracy in comparison.no_context.items():
         print(f"  no context -> {target:5s}        {accuracy:.2f}")
     for transfer in comparison.transfers:
         interval = transfer.interval
+        if transfer.test_accuracy is None or interval is None:
+            print(
+                f"  {transfer.name:20s} -  {transfer.placement} (no candidate layer beat the "
+                f"unpatched validation queries' {transfer.unpatched_validation:.2f})"
+            )
+            continue
         print(
             f"  {transfer.name:20s} {transfer.test_accuracy:.2f} [{interval.low:.2f}, {interval.high:.2f}]"
-            f"  layer {transfer.layer}  x{transfer.scale:g}"
+            f"  {transfer.placement}"
         )
     return 0
 
 
 def _command_sweep(args: argparse.Namespace) -> int:
-    from taskvec.evaluation import sweep_accuracy
+    from taskvec.evaluation import accuracy, generate_answers, sweep_accuracy
+    from taskvec.layer_choice import choose_on_validation, default_candidates
     from taskvec.models import load_model
     from taskvec.prompts import build_query_prompt
     from taskvec.tasks import load_task
@@ -294,23 +300,35 @@ def _command_sweep(args: argparse.Namespace) -> int:
         build_query_prompt(item, modality=args.modality, style=args.style, template=args.template)
         for item in items
     ]
+    candidates = default_candidates(handle.num_layers)
+    answers = [item.answers() for item in items]
     per_layer = sweep_accuracy(
         handle,
         prompts,
-        [item.answers() for item in items],
+        answers,
         vector.vectors,
         progress="layer sweep",
         memory_budget=args.sweep_memory,
         mode=_patch_mode(args.mode, vector.metadata),
         scale=args.scale,
     )
+    # The bare queries scored as the sweep is (first token): the reference a layer must beat.
+    unpatched = accuracy(generate_answers(handle, prompts, max_new_tokens=1), answers)
+    choice = choose_on_validation(
+        {args.scale: {args.task: [per_layer]}}, candidates, unpatched={args.task: unpatched}, scaled=False
+    )
     if args.json:
-        print(
-            json.dumps({"task": args.task, "split": args.split, "items": len(items), "accuracy": per_layer})
-        )
+        record: dict[str, Any] = {"task": args.task, "split": args.split, "items": len(items)}
+        record |= {"accuracy": per_layer, "unpatched": unpatched, "candidates": candidates}
+        print(json.dumps({**record, "chosen": choice.chosen}))
     else:
+        marks = {layer: "  (not a candidate)" for layer in range(len(per_layer)) if layer not in candidates}
+        if choice.chosen is not None:
+            marks[choice.chosen] = "  <- chosen"
         for layer, value in enumerate(per_layer):
-            print(f"layer {layer:3d}  {value:.2f}")
+            print(f"layer {layer:3d}  {value:.2f}{marks.get(layer, '')}")
+        print(f"unpatched  {unpatched:.2f}")
+        print(f"the run's layer choice on these items: {choice.text}")
     return 0
 
 
@@ -546,12 +564,26 @@ def _add_json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _add_template_option(parser: argparse.ArgumentParser) -> None:
-    from taskvec.prompts import TEMPLATE_HELP, TEMPLATE_NAMES
+def _add_prompt_options(parser: argparse.ArgumentParser, *used: str) -> None:
+    """The fields of taskvec.prompts.settings.PromptSettings that a command uses, as its flags."""
+    from taskvec.options import add_options
+    from taskvec.prompts.settings import PromptSettings
 
-    parser.add_argument(
-        "--template", default="qa", choices=TEMPLATE_NAMES, help=f"{TEMPLATE_HELP} (default: qa)"
-    )
+    add_options(parser, PromptSettings, fill_defaults=True, only=used)
+
+
+def _prompt_settings(args: argparse.Namespace) -> PromptSettings:
+    from taskvec.options import options_instance
+    from taskvec.prompts.settings import PromptSettings
+
+    return options_instance(PromptSettings, args)
+
+
+def _function_vector_settings(args: argparse.Namespace) -> FunctionVectorSettings:
+    from taskvec.function_vectors.settings import FunctionVectorSettings
+    from taskvec.options import options_instance
+
+    return options_instance(FunctionVectorSettings, args)
 
 
 def _add_strict_option(parser: argparse.ArgumentParser) -> None:
@@ -602,35 +634,51 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     _add_load_options(parser)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from taskvec.byte_sizes import byte_size_argument
-    from taskvec.engine.sweep_memory import SWEEP_MEMORY_HELP
-    from taskvec.function_vectors import (
-        DEFAULT_EFFECT_PROMPTS,
-        DEFAULT_MEAN_PROMPTS,
-        DEFAULT_SHOTS,
-        DEFAULT_TOP_HEADS,
-    )
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser whose flags are added by `arguments` when it first parses or shows its
+    help: flags declared in heavy modules (torch, transformers) cost nothing to the other commands."""
+
+    def __init__(
+        self, *args: Any, arguments: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending_arguments = arguments
+
+    def add_declared_arguments(self) -> None:
+        if self._pending_arguments is not None:
+            add, self._pending_arguments = self._pending_arguments, None
+            add(self)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self.add_declared_arguments()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self.add_declared_arguments()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self.add_declared_arguments()
+        return super().format_help()
+
+
+def _models_arguments(models: argparse.ArgumentParser) -> None:
+    models.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _tasks_arguments(tasks: argparse.ArgumentParser) -> None:
+    tasks.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _demo_arguments(demo: argparse.ArgumentParser) -> None:
     from taskvec.options import at_least
 
-    parser = argparse.ArgumentParser(prog="taskvec", description="Task vectors in VLMs and language models.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    models = commands.add_parser("models", help="supported architectures and the named models")
-    models.add_argument("--json", action="store_true", help="machine-readable output")
-    models.set_defaults(run=_command_models)
-
-    tasks = commands.add_parser("tasks", help="built-in tasks, sizes per split and image style")
-    tasks.add_argument("--json", action="store_true", help="machine-readable output")
-    tasks.set_defaults(run=_command_tasks)
-
-    demo = commands.add_parser("demo", help="no context vs in-context vs patched task vector on one task")
     _add_model_options(demo)
     demo.add_argument("--task", default="country-capital", help="a built-in task name or a task file")
     _add_strict_option(demo)
-    _add_template_option(demo)
-    demo.add_argument("--shots", type=at_least(1), default=5)
-    demo.add_argument("--seed", type=int, default=0)
+    _add_prompt_options(demo, "shots", "seed", "template")
     demo.add_argument("--limit", type=at_least(1), default=None, help="score only the first N test items")
     demo.add_argument(
         "--max-new-tokens",
@@ -638,28 +686,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="tokens generated per answer, prefix-matched (default 1: the run's protocol)",
     )
-    demo.set_defaults(run=_command_demo)
 
+
+def _extract_arguments(extract: argparse.ArgumentParser) -> None:
+    from taskvec.options import at_least
     from taskvec.vectors import EXTRACTABLE_SPECS
 
     spec_names = [spec.value for spec in EXTRACTABLE_SPECS]
-    extract = commands.add_parser("extract", help="extract a task vector (all layers) to a .safetensors file")
+
     _add_model_options(extract)
     extract.add_argument("--task", required=True, help="a built-in task name or a task file")
     _add_strict_option(extract)
-    _add_template_option(extract)
+    _add_prompt_options(extract, "shots", "seed", "style", "template", "batch_size")
     extract.add_argument("--spec", default="text-icl", choices=spec_names)
-    extract.add_argument("--shots", type=at_least(1), default=5)
-    extract.add_argument("--seed", type=int, default=0)
     extract.add_argument("--split", default="val", help="prompts are built from this split")
     extract.add_argument(
         "--limit", type=at_least(1), default=None, help="only the first N queries of the split"
     )
-    extract.add_argument("--style", default=None, help="image style for image-icl (default: the first)")
     extract.add_argument("--out", required=True, help="output .safetensors path")
-    extract.set_defaults(run=_command_extract)
 
-    patch = commands.add_parser("patch", help="answer one query with a task vector patched in")
+
+def _patch_arguments(patch: argparse.ArgumentParser) -> None:
+    from taskvec.options import at_least
+
     _add_model_options(patch)
     patch.add_argument("--vector", required=True, help="a .safetensors task vector")
     patch.add_argument("--layer", type=int, required=True)
@@ -669,18 +718,21 @@ def build_parser() -> argparse.ArgumentParser:
     patch.add_argument("--mode", default=None, choices=["replace", "add"], help=MODE_HELP)
     patch.add_argument("--scale", type=float, default=1.0)
     patch.add_argument("--max-new-tokens", type=at_least(1), default=5)
-    _add_template_option(patch)
-    patch.set_defaults(run=_command_patch)
+    _add_prompt_options(patch, "template")
 
-    sweep = commands.add_parser("sweep", help="first-token accuracy per layer with a vector patched in")
+
+def _sweep_arguments(sweep: argparse.ArgumentParser) -> None:
+    from taskvec.byte_sizes import byte_size_argument
+    from taskvec.engine.sweep_memory import SWEEP_MEMORY_HELP
+    from taskvec.options import at_least
+
     _add_model_options(sweep)
     sweep.add_argument("--vector", required=True, help="a .safetensors task vector")
     sweep.add_argument("--task", required=True, help="a built-in task name or a task file")
     _add_strict_option(sweep)
-    _add_template_option(sweep)
+    _add_prompt_options(sweep, "style", "template")
     sweep.add_argument("--split", default="val")
     sweep.add_argument("--modality", default="text", choices=["text", "image"], help="the query's input")
-    sweep.add_argument("--style", default=None, help="image style for image queries")
     sweep.add_argument("--limit", type=at_least(1), default=None, help="only the first N items")
     sweep.add_argument(
         "--sweep-memory",
@@ -691,35 +743,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--mode", default=None, choices=["replace", "add"], help=MODE_HELP)
     sweep.add_argument("--scale", type=float, default=1.0)
-    sweep.set_defaults(run=_command_sweep)
 
-    heads = commands.add_parser(
-        "heads", help="attention heads carrying a task (causal indirect effect) and their function vector"
-    )
+
+def _heads_arguments(heads: argparse.ArgumentParser) -> None:
+    from taskvec.byte_sizes import byte_size_argument
+    from taskvec.engine.sweep_memory import SWEEP_MEMORY_HELP
+    from taskvec.function_vectors.settings import FunctionVectorSettings
+    from taskvec.options import add_options
+
     _add_model_options(heads)
     heads.add_argument("--task", required=True, help="a built-in task name or a task file")
     _add_strict_option(heads)
-    _add_template_option(heads)
     heads.add_argument("--spec", default="text-icl", choices=["text-icl", "image-icl"])
-    heads.add_argument(
-        "--k", type=at_least(1), default=DEFAULT_TOP_HEADS, help="heads summed into the vector"
-    )
-    heads.add_argument("--shots", type=at_least(1), default=DEFAULT_SHOTS)
-    heads.add_argument(
-        "--mean-prompts",
-        type=at_least(1),
-        default=DEFAULT_MEAN_PROMPTS,
-        help="clean prompts the head means average",
-    )
-    heads.add_argument(
-        "--effect-prompts",
-        type=at_least(1),
-        default=DEFAULT_EFFECT_PROMPTS,
-        help="prompts with shuffled labels the indirect effects average",
-    )
-    heads.add_argument("--seed", type=int, default=0)
+    # The protocol's own shots (10): the prompt settings give the rest of how its prompts are drawn.
+    add_options(heads, FunctionVectorSettings, fill_defaults=True)
+    _add_prompt_options(heads, "seed", "style", "template", "batch_size")
     heads.add_argument("--split", default="val", help="prompts are built from this split")
-    heads.add_argument("--style", default=None, help="image style for image-icl (default: the first)")
     heads.add_argument("--out", default=None, help="save the function vector to this .safetensors path")
     heads.add_argument(
         "--figure",
@@ -733,38 +772,31 @@ def build_parser() -> argparse.ArgumentParser:
         "function vectors and both residual task vectors to text and image test queries",
     )
     heads.add_argument(
-        "--scales",
-        type=float,
-        nargs="+",
-        default=[1.0, 2.0, 4.0, 8.0],
-        help="with --across-modalities: scales a function vector is added with, chosen on validation",
-    )
-    heads.add_argument(
         "--sweep-memory", type=byte_size_argument, default=None, metavar="BYTES", help=SWEEP_MEMORY_HELP
     )
-    heads.set_defaults(run=_command_heads)
 
-    lens = commands.add_parser("lens", help="input / task / answer probability per layer (three-phase lens)")
+
+def _lens_arguments(lens: argparse.ArgumentParser) -> None:
+    from taskvec.options import at_least
+    from taskvec.vectors import EXTRACTABLE_SPECS
+
+    spec_names = [spec.value for spec in EXTRACTABLE_SPECS]
+
     _add_model_options(lens)
     lens.add_argument("--task", required=True, help="a built-in task name or a task file")
     _add_strict_option(lens)
-    _add_template_option(lens)
+    _add_prompt_options(lens, "shots", "seed", "style", "template")
     lens.add_argument("--spec", default="text-icl", choices=[*spec_names, "all"])
     lens.add_argument("--prompts", type=at_least(1), default=100, help="test queries to average over")
-    lens.add_argument("--shots", type=at_least(1), default=5)
-    lens.add_argument("--seed", type=int, default=0)
-    lens.add_argument("--style", default=None, help="image style for image-icl (default: the first)")
     lens.add_argument("--task-word-reduce", default="max", choices=["max", "sum"], help="over task words")
-    lens.set_defaults(run=_command_lens)
 
+
+def _check_arguments(check: argparse.ArgumentParser) -> None:
     from taskvec.checks import CHECK_NAMES
 
-    check = commands.add_parser(
-        "check", help="the engine's invariants on this model as loaded, each against its tolerance"
-    )
     _add_model_options(check)
     check.add_argument("--llm", default=None, help="also check this base LM (loaded like --model)")
-    _add_template_option(check)
+    _add_prompt_options(check, "template")
     check.add_argument(
         "--only",
         nargs="+",
@@ -773,9 +805,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CHECK",
         help=f"run only these checks: {', '.join(CHECK_NAMES)}",
     )
-    check.set_defaults(run=_command_check)
 
-    report = commands.add_parser("report", help="write DIR/report.html (self-contained) from a run directory")
+
+def _report_arguments(report: argparse.ArgumentParser) -> None:
     report.add_argument("dir", help="a run directory (results.json and/or analysis.json)")
     report.add_argument("--analyse", action="store_true", help="run the analyses first (loads --model)")
     report.add_argument("--model", default="default-vlm", help="model to analyse with --analyse")
@@ -785,11 +817,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json_option(report)
     report.add_argument("--quick", action="store_true", help="few prompts per analysis")
     _add_load_options(report)
-    report.set_defaults(run=_command_report)
 
-    train_vlm = commands.add_parser(
-        "train-vlm", help="train the default VLM (LLaVA on Gemma-3-270M) on CPU; resumable"
-    )
+
+def _train_vlm_arguments(train_vlm: argparse.ArgumentParser) -> None:
+    from taskvec.options import at_least
+
     train_vlm.add_argument("--out", default="taskvec-vlm", help="checkpoints and trained parts go here")
     train_vlm.add_argument("--seed", type=int, default=0)
     train_vlm.add_argument("--threads", type=at_least(1), default=2)
@@ -803,14 +835,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("align", "caption"),
         help="retrain the stages after this one from its kept end checkpoint (e.g. a new instruct recipe)",
     )
-    train_vlm.set_defaults(run=_command_train_vlm)
 
-    export_vlm = commands.add_parser("export-vlm", help="write the default VLM as a plain HF checkpoint")
+
+def _export_vlm_arguments(export_vlm: argparse.ArgumentParser) -> None:
     export_vlm.add_argument("out", help="output directory")
     _add_json_option(export_vlm)
-    export_vlm.set_defaults(run=_command_export_vlm)
 
-    run = commands.add_parser("run", help="the whole reproduction: vectors, layer choice, every condition")
+
+def _run_arguments(run: argparse.ArgumentParser) -> None:
     _add_run_options(run)
     run.add_argument(
         "--ray",
@@ -822,20 +854,112 @@ def build_parser() -> argparse.ArgumentParser:
         'cluster); needs pip install -e ".[ray]"',
     )
     _add_json_option(run)
+
+
+def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
+    """The command line. lazy=True: each command's flags are added when that command parses or
+    shows its help (what `main` uses: a command imports only the modules its own flags need)."""
+    parser = argparse.ArgumentParser(prog="taskvec", description="Task vectors in VLMs and language models.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
+
+    models = commands.add_parser(
+        "models", help="supported architectures and the named models", arguments=_models_arguments
+    )
+    models.set_defaults(run=_command_models)
+
+    tasks = commands.add_parser(
+        "tasks", help="built-in tasks, sizes per split and image style", arguments=_tasks_arguments
+    )
+    tasks.set_defaults(run=_command_tasks)
+
+    demo = commands.add_parser(
+        "demo", help="no context vs in-context vs patched task vector on one task", arguments=_demo_arguments
+    )
+    demo.set_defaults(run=_command_demo)
+
+    extract = commands.add_parser(
+        "extract",
+        help="extract a task vector (all layers) to a .safetensors file",
+        arguments=_extract_arguments,
+    )
+    extract.set_defaults(run=_command_extract)
+
+    patch = commands.add_parser(
+        "patch", help="answer one query with a task vector patched in", arguments=_patch_arguments
+    )
+    patch.set_defaults(run=_command_patch)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="first-token accuracy per layer with a vector patched in, and the layer the run would choose",
+        arguments=_sweep_arguments,
+    )
+    sweep.set_defaults(run=_command_sweep)
+
+    heads = commands.add_parser(
+        "heads",
+        help="attention heads carrying a task (causal indirect effect) and their function vector",
+        arguments=_heads_arguments,
+    )
+    heads.set_defaults(run=_command_heads)
+
+    lens = commands.add_parser(
+        "lens",
+        help="input / task / answer probability per layer (three-phase lens)",
+        arguments=_lens_arguments,
+    )
+    lens.set_defaults(run=_command_lens)
+
+    check = commands.add_parser(
+        "check",
+        help="the engine's invariants on this model as loaded, each against its tolerance",
+        arguments=_check_arguments,
+    )
+    check.set_defaults(run=_command_check)
+
+    report = commands.add_parser(
+        "report",
+        help="write DIR/report.html (self-contained) from a run directory",
+        arguments=_report_arguments,
+    )
+    report.set_defaults(run=_command_report)
+
+    train_vlm = commands.add_parser(
+        "train-vlm",
+        help="train the default VLM (LLaVA on Gemma-3-270M) on CPU; resumable",
+        arguments=_train_vlm_arguments,
+    )
+    train_vlm.set_defaults(run=_command_train_vlm)
+
+    export_vlm = commands.add_parser(
+        "export-vlm", help="write the default VLM as a plain HF checkpoint", arguments=_export_vlm_arguments
+    )
+    export_vlm.set_defaults(run=_command_export_vlm)
+
+    run = commands.add_parser(
+        "run", help="the whole reproduction: vectors, layer choice, every condition", arguments=_run_arguments
+    )
     run.set_defaults(run=_command_run)
+
+    if not lazy:
+        for command in commands.choices.values():
+            command.add_declared_arguments()
     return parser
 
 
-def _show_taskvec_warnings_as_lines() -> None:
+def _show_taskvec_warnings_as_lines(loads_models: bool) -> None:
     """taskvec's warnings about the user's input (a task file's repeated inputs) and the run
     directory (a cached step computed again) as one line on stderr, shown even where warning filters
     would hide them; other warnings as Python shows them."""
     import warnings
 
-    from taskvec.caching import CacheEntryWarning
     from taskvec.tasks import DuplicateInputWarning
 
-    one_line = (DuplicateInputWarning, CacheEntryWarning)
+    one_line: tuple[type[Warning], ...] = (DuplicateInputWarning,)
+    if loads_models:  # a command without a model writes no cache, and need not import torch to say so
+        from taskvec.caching import CacheEntryWarning
+
+        one_line += (CacheEntryWarning,)
 
     show_as_python_does = warnings.showwarning
 
@@ -857,6 +981,10 @@ def _show_taskvec_warnings_as_lines() -> None:
         warnings.simplefilter("default", category)
 
 
+# Commands that load no model, so importing transformers to quiet its bars would be their whole cost.
+COMMANDS_WITHOUT_MODELS = frozenset({"tasks"})
+
+
 def _library_bars_only_on_a_terminal() -> None:
     """transformers' and the hub's own bars (loading weights, writing shards) off a terminal would
     write their frames into the log, as ours would (taskvec.progress)."""
@@ -873,10 +1001,12 @@ def _library_bars_only_on_a_terminal() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
-    args = build_parser().parse_args(argv)
-    _library_bars_only_on_a_terminal()
+    args = build_parser(lazy=True).parse_args(argv)
+    loads_models = args.command not in COMMANDS_WITHOUT_MODELS
+    if loads_models:
+        _library_bars_only_on_a_terminal()
     with warnings.catch_warnings():
-        _show_taskvec_warnings_as_lines()
+        _show_taskvec_warnings_as_lines(loads_models)
         try:
             return int(args.run(args))
         except (ValueError, OSError, LookupError) as error:

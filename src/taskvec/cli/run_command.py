@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from taskvec.experiments.config import RunConfig
-from taskvec.experiments.execution.run_lock import run_directory_locks
 from taskvec.experiments.execution.run_analyses import run_analyses_of_run
+from taskvec.experiments.execution.run_lock import run_directory_locks
 from taskvec.experiments.execution.runner import check_layer_options, load_run_tasks, run_experiments
 from taskvec.experiments.protocol.tables import format_tables
 from taskvec.experiments.results.run_results import RunResults

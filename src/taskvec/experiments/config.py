@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from taskvec.byte_sizes import format_byte_size, parse_byte_size
 from taskvec.engine.sweep_memory import SWEEP_MEMORY_HELP
+from taskvec.layer_choice import DEFAULT_FIRST_CANDIDATE_LAYER, DEFAULT_LAST_CANDIDATE_LAYER
 from taskvec.options import option
 from taskvec.prompts import TEMPLATE_HELP, TEMPLATE_NAMES, TemplateName
 from taskvec.tasks import PAPER_TASKS, STRICT_HELP
@@ -99,12 +100,12 @@ class RunConfig:
         metavar="L",
     )
     first_candidate_layer: int = option(
-        0,
+        DEFAULT_FIRST_CANDIDATE_LAYER,
         "lowest layer the validation layer choice may pick (negative counts from the top, as in Python)",
         metavar="L",
     )
     last_candidate_layer: int = option(
-        -2,
+        DEFAULT_LAST_CANDIDATE_LAYER,
         "highest layer the validation layer choice may pick, inclusive (negative counts from the top: "
         "-1 is the last layer). The default stops before the last layer: replacing the last layer's "
         "output at the last position leaves only the final norm and unembedding, so the answer cannot "

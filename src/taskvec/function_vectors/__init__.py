@@ -5,12 +5,13 @@ from taskvec.function_vectors.across_modalities import ModalityComparison, Trans
 from taskvec.function_vectors.indirect_effect import EffectMethod, IndirectEffects, indirect_effects
 from taskvec.function_vectors.means import mean_head_activations
 from taskvec.function_vectors.prompts import cycled_queries, function_prompts
-from taskvec.function_vectors.protocol import (
+from taskvec.function_vectors.protocol import find_function_vector
+from taskvec.function_vectors.settings import (
     DEFAULT_EFFECT_PROMPTS,
     DEFAULT_MEAN_PROMPTS,
     DEFAULT_SHOTS,
     DEFAULT_TOP_HEADS,
-    find_function_vector,
+    FunctionVectorSettings,
 )
 from taskvec.function_vectors.vector import FunctionVector, Head, function_vector, top_heads
 
@@ -21,6 +22,7 @@ __all__ = [
     "DEFAULT_TOP_HEADS",
     "EffectMethod",
     "FunctionVector",
+    "FunctionVectorSettings",
     "Head",
     "IndirectEffects",
     "ModalityComparison",

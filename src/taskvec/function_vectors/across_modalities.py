@@ -3,8 +3,10 @@
 For one task: the function vector from text ICL and from image ICL (heads scored on each), the
 overlap of their top-k heads, and each vector added to the queries of both modalities, side by side
 with the residual task vector of the same demonstrations patched into the same queries. Each
-transfer picks its layer (and, for function vectors, its scale) on validation, then answers the
-test queries there: accuracy with a bootstrap interval over test items, next to no context.
+transfer picks its layer (and, for function vectors, its scale) on validation by the run's rule
+(`taskvec.layer_choice`: the same candidate layers, ties, and "no layer helped" when no candidate
+beats the bare validation queries), then answers the test queries there: accuracy with a bootstrap
+interval over test items, next to no context. A transfer where no layer helped is not tested.
 """
 
 from __future__ import annotations
@@ -18,20 +20,23 @@ import torch
 from taskvec.engine import PatchMode
 from taskvec.evaluation import (
     LayerPatch,
+    accuracy,
     generate_answers,
     generate_patched_answers,
     is_correct_by,
     sweep_accuracy,
 )
-from taskvec.function_vectors.protocol import (
+from taskvec.function_vectors.protocol import find_function_vector
+from taskvec.function_vectors.settings import (
     DEFAULT_EFFECT_PROMPTS,
     DEFAULT_MEAN_PROMPTS,
     DEFAULT_SHOTS,
     DEFAULT_TOP_HEADS,
-    find_function_vector,
+    FunctionVectorSettings,
 )
 from taskvec.function_vectors.vector import FunctionVector, Head
 from taskvec.intervals import Interval, bootstrap_interval
+from taskvec.layer_choice import choose_on_validation, default_candidates, placement_text
 from taskvec.models import ModelHandle
 from taskvec.prompts import (
     DEFAULT_TEMPLATE,
@@ -42,6 +47,7 @@ from taskvec.prompts import (
     as_template,
     build_query_prompt,
 )
+from taskvec.prompts.settings import PromptSettings
 from taskvec.tasks import Task
 from taskvec.vectors import extract_vector
 
@@ -53,21 +59,30 @@ RESIDUAL_SHOTS = 5  # the run's default shots for residual task vectors (RunConf
 
 @dataclass(frozen=True)
 class Transfer:
-    """One vector (from `source` demonstrations) applied to `target` queries."""
+    """One vector (from `source` demonstrations) applied to `target` queries.
+
+    `layer` None: no candidate layer (at any scale) beat the bare validation queries, and the
+    vector was not tested (`test_accuracy` and `interval` None)."""
 
     kind: VectorKind
     source: Modality
     target: Modality
-    layer: int
-    scale: float
-    validation_per_layer: list[float]
-    test_accuracy: float
-    interval: Interval
+    layer: int | None
+    scale: float | None  # a function vector's, added; None for a replaced task vector
+    validation_per_layer: list[float]  # at the chosen scale (the best one when no layer helped)
+    unpatched_validation: float  # first-token accuracy of the bare validation queries
+    test_accuracy: float | None
+    interval: Interval | None
     test_items: int
 
     @property
     def name(self) -> str:
         return f"{'FV' if self.kind == 'function-vector' else 'TV'} {self.source} -> {self.target}"
+
+    @property
+    def placement(self) -> str:
+        """How the choice reads: "layer 6", "layer 6 x4" or "no layer helped"."""
+        return placement_text(self.layer, self.scale)
 
 
 @dataclass(frozen=True)
@@ -82,7 +97,9 @@ class ModalityComparison:
 
     def to_json(self) -> dict[str, Any]:
         record = asdict(self)
-        record["transfers"] = [{"name": t.name, **asdict(t)} for t in self.transfers]
+        record["transfers"] = [
+            {"name": t.name, "placement": t.placement, **asdict(t)} for t in self.transfers
+        ]
         return record
 
 
@@ -112,13 +129,8 @@ def compare_modalities(
             handle,
             task,
             f"{modality}-icl",
-            shots=shots,
-            mean_prompts=mean_prompts,
-            effect_prompts=effect_prompts,
-            k=k,
-            seed=seed,
-            style=style,
-            template=chosen,
+            settings=FunctionVectorSettings(shots, mean_prompts, effect_prompts, k),
+            prompts=PromptSettings(seed=seed, style=style, template=chosen.name),
             memory_budget=memory_budget,
             progress=progress,
         )
@@ -126,7 +138,10 @@ def compare_modalities(
     }
     residual: dict[Modality, torch.Tensor] = {
         modality: extract_vector(
-            handle, task, f"{modality}-icl", shots=residual_shots, seed=seed, style=style, template=chosen
+            handle,
+            task,
+            f"{modality}-icl",
+            settings=PromptSettings(shots=residual_shots, seed=seed, style=style, template=chosen.name),
         ).vector.vectors
         for modality in MODALITIES
     }
@@ -146,6 +161,8 @@ def compare_modalities(
             is_correct_by(text, answers, "prefix") for text, answers in zip(plain, test_answers, strict=True)
         ]
         no_context[target] = sum(hits) / len(hits)
+        # Scored as the sweeps are: the first generated token, prefix match.
+        unpatched = accuracy(generate_answers(handle, validation, max_new_tokens=1), validation_answers)
         for source in MODALITIES:
             fv = function_vectors[source].vector.expand(handle.num_layers, -1)
             fv_scales = {
@@ -163,7 +180,16 @@ def compare_modalities(
             }
             transfers.append(
                 _transfer(
-                    handle, "function-vector", source, target, fv, fv_scales, test, test_answers, chosen
+                    handle,
+                    "function-vector",
+                    source,
+                    target,
+                    fv,
+                    fv_scales,
+                    unpatched,
+                    test,
+                    test_answers,
+                    chosen,
                 )
             )
             tv = residual[source]
@@ -172,7 +198,16 @@ def compare_modalities(
             )
             transfers.append(
                 _transfer(
-                    handle, "task-vector", source, target, tv, {1.0: tv_curve}, test, test_answers, chosen
+                    handle,
+                    "task-vector",
+                    source,
+                    target,
+                    tv,
+                    {1.0: tv_curve},
+                    unpatched,
+                    test,
+                    test_answers,
+                    chosen,
                 )
             )
     text_heads, image_heads = (function_vectors[m].heads for m in MODALITIES)
@@ -194,18 +229,28 @@ def _transfer(
     target: Modality,
     vectors: torch.Tensor,
     per_scale: dict[float, list[float]],
+    unpatched: float,
     test: list[Prompt],
     test_answers: Sequence[Sequence[str]],
     template: QATemplate,
 ) -> Transfer:
-    """The best validation (scale, layer), earliest layer and smallest scale on ties, on test."""
-    scale, layer = max(
-        ((scale, layer) for scale in per_scale for layer in range(handle.num_layers)),
-        key=lambda pair: (per_scale[pair[0]][pair[1]], -pair[1], -pair[0]),
+    """The (scale, layer) chosen on validation (`per_scale` {scale: accuracy per layer}) against the
+    bare validation queries' `unpatched` accuracy, answered on test; untested when no layer helped."""
+    added = kind == "function-vector"
+    choice = choose_on_validation(
+        {scale: {"validation": [curve]} for scale, curve in per_scale.items()},
+        default_candidates(handle.num_layers),
+        unpatched={"validation": unpatched},
+        scaled=added,
     )
+    layer = choice.chosen
+    if layer is None:
+        return Transfer(
+            kind, source, target, None, None, choice.validation_mean, unpatched, None, None, len(test)
+        )
     # A function vector is added to the residual; a task vector replaces it (the paper's patch).
-    mode: PatchMode = "add" if kind == "function-vector" else "replace"
-    patch = LayerPatch(vectors[layer], layer, mode=mode, scale=scale)
+    mode: PatchMode = "add" if added else "replace"
+    patch = LayerPatch(vectors[layer], layer, mode=mode, scale=1.0 if choice.scale is None else choice.scale)
     answers = generate_patched_answers(handle, test, [patch], marker=template.marker)[0]
     hits = [
         is_correct_by(text, expected, "prefix")
@@ -216,8 +261,9 @@ def _transfer(
         source,
         target,
         layer,
-        scale,
-        per_scale[scale],
+        choice.scale,
+        choice.validation_mean,
+        unpatched,
         sum(hits) / len(hits),
         bootstrap_interval({"task": [hits]}),
         len(hits),

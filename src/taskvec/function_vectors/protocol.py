@@ -8,17 +8,13 @@ from taskvec.engine import attention_output_norm
 from taskvec.function_vectors.indirect_effect import indirect_effects
 from taskvec.function_vectors.means import mean_head_activations
 from taskvec.function_vectors.prompts import cycled_queries, function_prompts
+from taskvec.function_vectors.settings import PAPER_FUNCTION_VECTOR_SETTINGS, FunctionVectorSettings
 from taskvec.function_vectors.vector import FunctionVector, function_vector, top_heads
 from taskvec.models import ModelHandle
-from taskvec.prompts import DEFAULT_TEMPLATE, Prompt, QATemplate, TemplateName, as_template
+from taskvec.prompts import Prompt, as_template
+from taskvec.prompts.settings import DEFAULT_PROMPT_SETTINGS, PromptSettings
 from taskvec.tasks import Item, Task
 from taskvec.vectors.spec import VectorSpec, parse_spec
-
-# Todd et al.'s settings: 10-shot prompts, means over 100 of them, effects on 25, 10 heads.
-DEFAULT_SHOTS = 10
-DEFAULT_MEAN_PROMPTS = 100
-DEFAULT_EFFECT_PROMPTS = 25
-DEFAULT_TOP_HEADS = 10
 
 
 def find_function_vector(
@@ -26,28 +22,26 @@ def find_function_vector(
     task: Task,
     spec: VectorSpec | str = VectorSpec.TEXT_ICL,
     *,
-    shots: int = DEFAULT_SHOTS,
-    mean_prompts: int = DEFAULT_MEAN_PROMPTS,
-    effect_prompts: int = DEFAULT_EFFECT_PROMPTS,
-    k: int = DEFAULT_TOP_HEADS,
-    seed: int = 0,
+    settings: FunctionVectorSettings = PAPER_FUNCTION_VECTOR_SETTINGS,
+    prompts: PromptSettings = DEFAULT_PROMPT_SETTINGS,
     split: str = "val",
-    style: str | None = None,
-    template: QATemplate | TemplateName = DEFAULT_TEMPLATE,
-    batch_size: int = 8,
     memory_budget: int | None = None,
     progress: bool = False,
 ) -> FunctionVector:
     """The function vector of `task` from `spec`'s demonstrations (text-icl or image-icl), all
-    prompts drawn from `split` with `seed`: means over `mean_prompts` clean `shots`-shot prompts,
-    effects on `effect_prompts` prompts with shuffled labels (their own seed stream), top `k` heads."""
+    prompts drawn from `split` with `prompts.seed`: means over `settings.mean_prompts` clean
+    `settings.shots`-shot prompts, effects on `settings.effect_prompts` prompts with shuffled labels
+    (their own seed stream), the top `settings.heads` heads. Of `prompts`, the seed, image style,
+    template and batch size apply; the demonstrations per prompt are the protocol's `settings.shots`."""
     kind = parse_spec(spec)
     modality = kind.demo_modality
     if modality is None:
         raise ValueError(
             f"function vectors come from demonstrations (text-icl or image-icl), not {kind.value!r}"
         )
-    chosen = as_template(template)
+    shots, mean_prompts, effect_prompts = settings.shots, settings.mean_prompts, settings.effect_prompts
+    seed, style, batch_size = prompts.seed, prompts.style, prompts.batch_size
+    chosen = as_template(prompts.template)
     pool = task.split(split)
 
     def prompts_of(queries: list[Item], prompt_seed: int, shuffle_labels: bool) -> list[Prompt]:
@@ -78,7 +72,7 @@ def find_function_vector(
         memory_budget=memory_budget,
         progress=f"head effects {task.name}" if progress else None,
     )
-    heads = top_heads(effects.effects, k)
+    heads = top_heads(effects.effects, settings.heads)
     metadata = {
         "kind": "function-vector",
         "model": handle.name,
@@ -90,7 +84,7 @@ def find_function_vector(
         "style": style,
         "mean_prompts": mean_prompts,
         "effect_prompts": effect_prompts,
-        "k": k,
+        "k": settings.heads,
         "heads": [list(head) for head in heads],
         # Where the heads' outputs pass through a norm before the residual, the vector is their
         # first-order effect through it (engine.heads_in_residual).

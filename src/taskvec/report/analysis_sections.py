@@ -3,86 +3,98 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
+from taskvec.analysis import (
+    CONFLICT,
+    DECODED_TOKENS,
+    EMBEDDING_MAP,
+    LENS,
+    LENS_PEAKS,
+    PHASES,
+    SIMILARITY,
+    AnalysisDocument,
+    PairSummary,
+    ScoredToken,
+)
 from taskvec.report import figures
 from taskvec.report.html import escape, missing, note, number, table
 from taskvec.report.results_sections import FigureWriter
 
-PHASES = ("input", "task", "answer")
 
-
-def lens_section(analysis: Mapping[str, Any], writer: FigureWriter) -> str:
-    lens = analysis.get("lens") or {}
-    if not lens:
+def lens_section(analysis: AnalysisDocument, writer: FigureWriter) -> str:
+    lens = analysis.result(LENS)
+    if lens is None or not lens.per_task:
         return missing("lens phases in analysis.json")
-    first = next(iter(lens.values()))
+    first = next(iter(lens.per_task.values()))
     parts = [
         note(
             "Logit lens at the query's final ':' (the position before the answer). Each prompt's "
             "probability curve is divided by its sum over layers, then averaged over prompts. "
-            f"Tokens: {first.get('token_rule', '')}. Task words reduced by "
-            f"{first.get('task_word_reduce', 'max')}."
+            f"Tokens: {first.token_rule}. Task words reduced by {first.task_word_reduce}."
         )
     ]
-    peaks = analysis.get("lens_peaks") or {}
-    if peaks:
-        rows = [[escape(spec), *(number(phases.get(p), 1) for p in PHASES)] for spec, phases in peaks.items()]
+    peaks = analysis.result(LENS_PEAKS)
+    if peaks is not None and peaks.per_spec:
+        rows = [
+            [escape(spec), *(number(phases.get(p), 1) for p in PHASES)]
+            for spec, phases in peaks.per_spec.items()
+        ]
         parts.append("<h3>Peak layer (mean over tasks)</h3>" + table(["spec", *PHASES], rows))
     parts.append(
         writer.add(
             "lens_mean",
-            figures.lens_phases("Three phases, averaged over tasks", figures.mean_lens_curves(lens)),
+            figures.lens_phases(
+                "Three phases, averaged over tasks", figures.mean_lens_curves(lens), figures.mean_of_tasks
+            ),
             "mean lens phases",
         )
     )
-    for task, result in lens.items():
+    for task, result in lens.per_task.items():
         parts.append(f"<h3>{escape(task)}</h3>")
-        parts.append(
-            writer.add(f"lens_{task}", figures.lens_phases(task, result.get("curves") or {}), f"lens {task}")
-        )
-        for spec, reason in (result.get("skipped") or {}).items():
+        parts.append(writer.add(f"lens_{task}", figures.lens_phases(task, result.curves), f"lens {task}"))
+        for spec, reason in result.skipped.items():
             parts.append(note(f"{spec} not run: {reason}"))
     return "\n".join(parts)
 
 
-def similarity_section(analysis: Mapping[str, Any], writer: FigureWriter) -> str:
-    similarity = analysis.get("similarity")
-    if not similarity:
+def _pairs(summary: PairSummary) -> list[tuple[str, float | None]]:
+    """The pair summaries shown, each with what it averages over."""
+    return [
+        ("same task, different specification", summary.within_task_cross_spec),
+        ("same task, text ICL vs image ICL", summary.within_task_text_image),
+        ("different tasks", summary.cross_task),
+        ("different tasks, same specification", summary.cross_task_same_spec),
+    ]
+
+
+def similarity_section(analysis: AnalysisDocument, writer: FigureWriter) -> str:
+    similarity = analysis.result(SIMILARITY)
+    if similarity is None:
         return missing("similarity in analysis.json")
-    layer = similarity.get("layer")
+    layer = similarity.layer
     parts = [
         writer.add(
             "similarity",
             figures.similarity_heatmap(
-                similarity["labels"],
-                similarity["matrix"],
-                f"Cosine similarity of task vectors, layer {layer}",
+                similarity.labels, similarity.matrix, f"Cosine similarity of task vectors, layer {layer}"
             ),
             "similarity matrix",
         )
     ]
-    summary = similarity.get("summary") or {}
-    labels = {
-        "within_task_cross_spec": "same task, different specification",
-        "within_task_text_image": "same task, text ICL vs image ICL",
-        "cross_task": "different tasks",
-        "cross_task_same_spec": "different tasks, same specification",
-    }
-    centered = similarity.get("summary_centered") or {}
     rows = [
-        [escape(text), number(summary.get(key), 3), number(centered.get(key), 3)]
-        for key, text in labels.items()
+        [escape(text), number(raw, 3), number(centred, 3)]
+        for (text, raw), (_, centred) in zip(
+            _pairs(similarity.summary), _pairs(similarity.summary_centered), strict=True
+        )
     ]
     parts.append(
         table([f"pairs of VLM vectors (layer {layer})", "mean cosine", "mean cosine, mean-centred"], rows)
     )
-    per_layer = similarity.get("summary_per_layer") or []
-    series = {
-        text: [row.get(key) for row in per_layer]
-        for key, text in labels.items()
-        if key != "cross_task_same_spec"
-    }
+    # "different tasks, same specification" is left out of the plot: it follows "different tasks".
+    series: dict[str, list[float | None]] = {}
+    for row in similarity.summary_per_layer:
+        for text, value in _pairs(row)[:3]:
+            series.setdefault(text, []).append(value)
     parts.append(
         writer.add(
             "similarity_per_layer",
@@ -92,18 +104,15 @@ def similarity_section(analysis: Mapping[str, Any], writer: FigureWriter) -> str
             "similarity per layer",
         )
     )
-    comparison = similarity.get("llm_vs_vlm")
-    if comparison:
+    comparison = similarity.llm_vs_vlm
+    if comparison is not None:
         parts.append("<h3>Base LM vs VLM text-ICL vectors</h3>")
-        parts.append(note(f"mean cosine at layer {layer}: {number(comparison.get('mean_at_layer'), 3)}"))
+        parts.append(note(f"mean cosine at layer {layer}: {number(comparison.mean_at_layer, 3)}"))
         parts.append(
             writer.add(
                 "similarity_llm_vlm",
                 figures.per_layer_lines(
-                    comparison.get("per_task") or {},
-                    title="LM vs VLM vector cosine",
-                    ylabel="cosine",
-                    chosen=layer,
+                    comparison.per_task, title="LM vs VLM vector cosine", ylabel="cosine", chosen=layer
                 ),
                 "LM vs VLM cosine per layer",
             )
@@ -113,20 +122,16 @@ def similarity_section(analysis: Mapping[str, Any], writer: FigureWriter) -> str
     return "\n".join(parts)
 
 
-def embedding_map_section(analysis: Mapping[str, Any], writer: FigureWriter) -> str:
-    mapped = analysis.get("embedding_map")
-    if not mapped:
+def embedding_map_section(analysis: AnalysisDocument, writer: FigureWriter) -> str:
+    mapped = analysis.result(EMBEDDING_MAP)
+    if mapped is None:
         return missing("2-D map (t-SNE / PCA) in analysis.json")
     parts = [
         writer.add("embedding_map", figures.embedding_maps(mapped), "t-SNE of task vectors and raw inputs")
     ]
     rows = [
-        [
-            escape(name),
-            number((mapped.get(key) or {}).get("same_task_neighbour")),
-            number((mapped.get(key) or {}).get("same_spec_neighbour")),
-        ]
-        for key, name in (("vectors", "task vectors"), ("embeddings", "raw input embeddings"))
+        [escape(name), number(points.same_task_neighbour), number(points.same_spec_neighbour)]
+        for points, name in ((mapped.vectors, "task vectors"), (mapped.embeddings, "raw input embeddings"))
     ]
     parts.append(table(["points", "nearest neighbour: same task", "nearest neighbour: same spec"], rows))
     parts.append(
@@ -138,21 +143,20 @@ def embedding_map_section(analysis: Mapping[str, Any], writer: FigureWriter) -> 
     return "\n".join(parts)
 
 
-def decoded_tokens_section(analysis: Mapping[str, Any]) -> str:
-    decoded = analysis.get("decoded_tokens") or {}
-    if not decoded:
+def decoded_tokens_section(analysis: AnalysisDocument) -> str:
+    decoded = analysis.result(DECODED_TOKENS)
+    if decoded is None or not decoded.by_model:
         return missing("decoded tokens of the vectors in analysis.json")
-    layer = (analysis.get("layer") or {}).get("chosen")
+    layer = analysis.layer.chosen
     parts = [note("Logit lens of each task vector itself (final norm and softcap applied once).")]
-    for model, vectors in decoded.items():
-        if isinstance(layer, int):
-            rows = [
-                [escape(label), _tokens_cell(layers[layer])]
-                for label, layers in vectors.items()
-                if layer < len(layers)
-            ]
-            parts.append(f"<h3>{escape(model.upper())} vectors at layer {layer}</h3>")
-            parts.append(table(["vector", "top tokens (probability)"], rows, text_columns=2))
+    for model, vectors in decoded.by_model.items():
+        rows = [
+            [escape(label), _tokens_cell(layers[layer])]
+            for label, layers in vectors.items()
+            if layer < len(layers)
+        ]
+        parts.append(f"<h3>{escape(model.upper())} vectors at layer {layer}</h3>")
+        parts.append(table(["vector", "top tokens (probability)"], rows, text_columns=2))
         for label, layers in vectors.items():
             rows = [[number(i), _tokens_cell(tokens)] for i, tokens in enumerate(layers)]
             parts.append(
@@ -163,30 +167,29 @@ def decoded_tokens_section(analysis: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _tokens_cell(tokens: list[Any]) -> str:
+def _tokens_cell(tokens: list[ScoredToken]) -> str:
     return ", ".join(
-        f"<code>{escape(repr(token))}</code> {number(probability)}" for token, probability in tokens
+        f"<code>{escape(repr(scored.token))}</code> {number(scored.probability)}" for scored in tokens
     )
 
 
-def conflict_section(analysis: Mapping[str, Any]) -> str:
-    rows_data = analysis.get("conflict") or []
-    if not rows_data:
+def conflict_section(analysis: AnalysisDocument) -> str:
+    conflict = analysis.result(CONFLICT)
+    if conflict is None or not conflict.rows:
         return missing("task conflict in analysis.json (needs tasks sharing inputs)")
     outcomes = ("a", "b", "both", "neither")
-    rows = []
-    for row in rows_data:
-        rows.append(
-            [
-                escape(row["task_a"]),
-                escape(row["task_b"]),
-                escape(row["context"]),
-                number(row["layer"]),
-                number(row["items"]),
-                " / ".join(number(row["baseline"][o]) for o in outcomes),
-                " / ".join(number(row["patched"][o]) for o in outcomes),
-            ]
-        )
+    rows = [
+        [
+            escape(row.task_a),
+            escape(row.task_b),
+            escape(row.context),
+            number(row.layer),
+            number(row.items),
+            " / ".join(number(row.baseline[o]) for o in outcomes),
+            " / ".join(number(row.patched[o]) for o in outcomes),
+        ]
+        for row in conflict.rows
+    ]
     headers = [
         "prompted for A",
         "vector of B",
@@ -198,10 +201,10 @@ def conflict_section(analysis: Mapping[str, Any]) -> str:
     ]
     text = note("Counts are A's answer / B's answer / both / neither.") + table(headers, rows, text_columns=3)
     examples = [
-        [escape(row["task_a"]), escape(e["input"]), escape(e["answer_a"]), escape(e["answer_b"]),
-         escape(repr(e["baseline"])), escape(repr(e["patched"]))]
-        for row in rows_data
-        for e in row.get("examples", [])[:1]
+        [escape(row.task_a), escape(e.input), escape(e.answer_a), escape(e.answer_b),
+         escape(repr(e.baseline)), escape(repr(e.patched))]
+        for row in conflict.rows
+        for e in row.examples[:1]
     ]  # fmt: skip
     if examples:
         headers = ["A", "input", "A's answer", "B's answer", "without patch", "with B's vector"]

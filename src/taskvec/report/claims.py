@@ -3,17 +3,19 @@
 A verdict is "holds", "does not hold" or "not testable" (the run lacks the conditions or analyses
 the claim needs). A patched condition counts as beating a reference only when its 95% interval lies
 above the reference's interval (or above a floor's mean and interval), and never when its answers
-are mostly the vector's own decoded token, whatever the query: that is no transfer.
+are mostly the vector's own decoded token, whatever the query, or when no layer helped it on
+validation: that is no transfer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
+from taskvec.analysis import EMBEDDING_MAP, LENS_PEAKS, SIMILARITY, AnalysisDocument
 from taskvec.experiments.protocol import conditions as known
 from taskvec.experiments.results.run_results import Floor, RunResults, Summary
+from taskvec.layer_choice import NO_LAYER_HELPED
 
 PHASES = ("input", "task", "answer")
 Verdict = Literal["holds", "does not hold", "not testable"]
@@ -75,7 +77,17 @@ class _Judge:
         if summary is None:
             evidence.append(f"{patched.label} did not run")
             return "not testable"
-        ok = self.depends_on_query(summary, evidence)
+        ok = True
+        choice = self.results.layers.get(patched.name)
+        if choice is not None and not choice.helped:
+            unpatched = choice.unpatched_validation
+            against = "" if unpatched is None else f" ({unpatched:.2f})"
+            evidence.append(
+                f"{patched.label}: {NO_LAYER_HELPED} (no candidate layer beat the unpatched validation "
+                f"queries{against}): no transfer"
+            )
+            ok = False
+        ok = self.depends_on_query(summary, evidence) and ok
         for reference in references:
             other = self.summary(reference)
             if other is not None:
@@ -85,29 +97,29 @@ class _Judge:
         return "holds" if ok else "does not hold"
 
 
-def _similarity_claim(analysis: Mapping[str, Any] | None, evidence: list[str]) -> Verdict:
-    similarity = (analysis or {}).get("similarity")
-    mapped = (analysis or {}).get("embedding_map")
-    if not similarity:
+def _similarity_claim(analysis: AnalysisDocument | None, evidence: list[str]) -> Verdict:
+    similarity = analysis.result(SIMILARITY) if analysis is not None else None
+    mapped = analysis.result(EMBEDDING_MAP) if analysis is not None else None
+    if similarity is None:
         evidence.append("no similarity analysis")
         return "not testable"
-    centred = similarity.get("summary_centered") or {}
-    same, other = centred.get("within_task_text_image"), centred.get("cross_task")
+    centred = similarity.summary_centered
+    same, other = centred.within_task_text_image, centred.cross_task
     if same is None or other is None:
         evidence.append("no text-ICL and image-ICL vectors of the same task to compare")
         return "not testable"
     ok = same > other
     evidence.append(
-        f"mean-centred cosine at layer {similarity.get('layer')}: same task text vs image ICL {same:.3f}, "
+        f"mean-centred cosine at layer {similarity.layer}: same task text vs image ICL {same:.3f}, "
         f"different tasks {other:.3f}"
     )
-    if mapped:
-        vectors, inputs = mapped.get("vectors") or {}, mapped.get("embeddings") or {}
+    if mapped is not None:
+        vectors, inputs = mapped.vectors, mapped.embeddings
         found = [
-            vectors.get("same_task_neighbour"),
-            inputs.get("same_task_neighbour"),
-            vectors.get("same_spec_neighbour"),
-            inputs.get("same_spec_neighbour"),
+            vectors.same_task_neighbour,
+            inputs.same_task_neighbour,
+            vectors.same_spec_neighbour,
+            inputs.same_spec_neighbour,
         ]
         shares = [float(share) for share in found if share is not None]
         if len(shares) == len(found):
@@ -123,15 +135,16 @@ def _similarity_claim(analysis: Mapping[str, Any] | None, evidence: list[str]) -
     return "holds" if ok else "does not hold"
 
 
-def _lens_claim(analysis: Mapping[str, Any] | None, evidence: list[str]) -> Verdict:
-    peaks = (analysis or {}).get("lens_peaks") or {}
+def _lens_claim(analysis: AnalysisDocument | None, evidence: list[str]) -> Verdict:
+    found = analysis.result(LENS_PEAKS) if analysis is not None else None
+    peaks = found.per_spec if found is not None else {}
     if not peaks:
         evidence.append("no logit-lens analysis")
         return "not testable"
     ok = True
     for spec, phases in peaks.items():
-        values = [phases.get(phase) for phase in PHASES]
-        if any(value is None for value in values):
+        values = [value for value in (phases.get(phase) for phase in PHASES) if value is not None]
+        if len(values) < len(PHASES):
             evidence.append(f"{spec}: a phase has no token in the vocabulary")
             ok = False
             continue
@@ -168,7 +181,7 @@ def _combine(*verdicts: Verdict) -> Verdict:
     return "holds" if all(verdict == "holds" for verdict in tested) else "does not hold"
 
 
-def evaluate_claims(results: RunResults, analysis: Mapping[str, Any] | None) -> list[Claim]:
+def evaluate_claims(results: RunResults, analysis: AnalysisDocument | None) -> list[Claim]:
     """The six claims of the paper (`../PAPER.md` order) judged on one run and its analyses."""
     judge = _Judge(results)
     claims = []

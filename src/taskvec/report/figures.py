@@ -1,13 +1,14 @@
 """The report's figures, drawn with matplotlib (Agg: no display needed) from results/analysis data.
 
-Each function takes the plain JSON data of one section and returns a Figure, or None when the data
-is missing; `save_figure` writes it as PNG. Colours follow the three phases and the specs
-consistently across figures so a reader can compare them at a glance.
+Each function takes the data of one section (the analyses' typed results, or the run's tables)
+and returns a Figure, or None when the data is missing; `save_figure` writes it as PNG. Colours
+follow the three phases and the specs consistently across figures so a reader can compare them at
+a glance.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from taskvec.analysis import PHASES, EmbeddingMap, LensResults, MapPoints, PhaseCurves
 
 PHASE_COLOURS = {"input": "#1f77b4", "task": "#2ca02c", "answer": "#d62728"}
 SPEC_MARKERS = {"text-icl": "o", "image-icl": "s", "instruction": "^"}
@@ -94,21 +97,26 @@ def per_layer_lines(
     return figure
 
 
-def lens_phases(title: str, curves: Mapping[str, Any]) -> Figure | None:
-    """One panel per spec: relative probability of input, task and answer tokens over layers."""
+def _prompts(count: int) -> str:
+    return f"{count} prompts"
+
+
+def lens_phases(
+    title: str, curves: Mapping[str, PhaseCurves], counted: Callable[[int], str] = _prompts
+) -> Figure | None:
+    """One panel per spec: relative probability of input, task and answer tokens over layers;
+    `counted` names what each panel's `prompts` counts."""
     if not curves:
         return None
     specs = [spec for spec in SPEC_TITLES if spec in curves] + [s for s in curves if s not in SPEC_TITLES]
     figure, axes_row = plt.subplots(1, len(specs), figsize=(4.2 * len(specs), 3.4), squeeze=False)
     for axes, spec in zip(axes_row[0], specs, strict=True):
-        for phase, values in curves[spec]["relative"].items():
+        for phase, values in curves[spec].relative.items():
             axes.plot(range(len(values)), values, color=PHASE_COLOURS.get(phase), label=phase)
-            peak = curves[spec].get("peak_layer", {}).get(phase)
+            peak = curves[spec].peak_layer.get(phase)
             if peak is not None:
                 axes.axvline(peak, color=PHASE_COLOURS.get(phase), linestyle=":", alpha=0.6)
-        prompts = curves[spec].get("prompts", "?")
-        counted = f"{prompts} prompts" if isinstance(prompts, int) else str(prompts)
-        axes.set_title(f"{SPEC_TITLES.get(spec, spec)} ({counted})")
+        axes.set_title(f"{SPEC_TITLES.get(spec, spec)} ({counted(curves[spec].prompts)})")
         _integer_layers(axes)
         axes.set_xlabel("layer")
         axes.set_ylabel("relative probability")
@@ -118,21 +126,30 @@ def lens_phases(title: str, curves: Mapping[str, Any]) -> Figure | None:
     return figure
 
 
-def mean_lens_curves(lens: Mapping[str, Any]) -> dict[str, Any]:
-    """Per spec, the relative curves averaged over tasks (peaks of the averaged curves)."""
-    collected: dict[str, dict[str, list[list[float]]]] = {}
-    for result in lens.values():
-        for spec, curves in result.get("curves", {}).items():
-            for phase, values in curves["relative"].items():
-                collected.setdefault(spec, {}).setdefault(phase, []).append(values)
-    averaged: dict[str, Any] = {}
-    for spec, phases in collected.items():
-        relative = {phase: np.mean(rows, axis=0).tolist() for phase, rows in phases.items()}
-        averaged[spec] = {
-            "relative": relative,
-            "peak_layer": {phase: int(np.argmax(values)) for phase, values in relative.items()},
-            "prompts": f"mean of {len(next(iter(phases.values())))} tasks",
+def mean_of_tasks(count: int) -> str:
+    return f"mean of {count} tasks"
+
+
+def mean_lens_curves(lens: LensResults) -> dict[str, PhaseCurves]:
+    """Per spec, the curves averaged over tasks (peaks of the averaged curves); `prompts` holds the
+    number of tasks averaged (label it with `mean_of_tasks`)."""
+    collected: dict[str, list[PhaseCurves]] = {}
+    for result in lens.per_task.values():
+        for spec, curves in result.curves.items():
+            collected.setdefault(spec, []).append(curves)
+    averaged: dict[str, PhaseCurves] = {}
+    for spec, rows in collected.items():
+        relative = {
+            phase: np.mean([row.relative[phase] for row in rows], axis=0).tolist() for phase in PHASES
         }
+        averaged[spec] = PhaseCurves(
+            prompts=len(rows),
+            probability={
+                phase: np.mean([row.probability[phase] for row in rows], axis=0).tolist() for phase in PHASES
+            },
+            relative=relative,
+            peak_layer={phase: int(np.argmax(values)) for phase, values in relative.items()},
+        )
     return averaged
 
 
@@ -150,20 +167,21 @@ def similarity_heatmap(labels: Sequence[str], matrix: Sequence[Sequence[float]],
     return figure
 
 
-def embedding_maps(embedding_map: Mapping[str, Any]) -> Figure | None:
+def embedding_maps(embedding_map: EmbeddingMap) -> Figure | None:
     """Side by side: task vectors and raw input embeddings in 2-D; colour = task, marker = spec."""
-    tasks, specs = embedding_map.get("tasks") or [], embedding_map.get("specs") or []
+    tasks, specs = embedding_map.tasks, embedding_map.specs
     if not tasks:
         return None
     names = list(dict.fromkeys(tasks))
     colours = {name: plt.get_cmap("tab10")(index % 10) for index, name in enumerate(names)}
-    method = str(embedding_map.get("method", "")).upper().replace("TSNE", "t-SNE")
+    method = embedding_map.method.upper().replace("TSNE", "t-SNE")
     figure, axes_pair = plt.subplots(1, 2, figsize=(12, 5))
-    for axes, key, title in (
-        (axes_pair[0], "vectors", "task vectors (residual at the last demonstration's ':')"),
-        (axes_pair[1], "embeddings", "raw inputs (mean input embedding)"),
-    ):
-        xy = np.asarray(embedding_map[key]["xy"], dtype=float)
+    panels: tuple[tuple[Any, MapPoints, str], ...] = (
+        (axes_pair[0], embedding_map.vectors, "task vectors (residual at the last demonstration's ':')"),
+        (axes_pair[1], embedding_map.embeddings, "raw inputs (mean input embedding)"),
+    )
+    for axes, points, title in panels:
+        xy = np.asarray(points.xy, dtype=float)
         for task in names:
             for spec in dict.fromkeys(specs):
                 rows = [

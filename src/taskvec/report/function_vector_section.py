@@ -37,12 +37,19 @@ def function_vector_section(results: RunResults, writer: FigureWriter) -> str:
     result = results.table("function_vectors")
     if result is not None:
         parts.append(result_table(results, result))
+    # A function vector's choice carries its scale, or its curve per scale when no layer helped.
     placements = [
-        [escape(name), escape(placement(choice.chosen, choice.scale)), number(choice.validation_at_chosen)]
+        [
+            escape(name),
+            escape(placement(choice.chosen, choice.scale, choice)),
+            number(choice.validation_at_chosen),
+            number(choice.unpatched_validation),
+        ]
         for name, choice in results.layers.items()
-        if choice.scale is not None
+        if choice.scale is not None or choice.validation_per_scale
     ]
-    parts.append(table(["condition", "layer and scale (added)", "validation accuracy there"], placements))
+    headers = ["condition", "layer and scale (added)", "validation accuracy there", "unpatched"]
+    parts.append(table(headers, placements))
     overlaps = {overlap.task: overlap for overlap in results.head_overlaps}
     for task in results.tasks:
         of_task = [record for record in records if record.task == task]

@@ -12,9 +12,16 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from taskvec.atomic_files import temporary_beside
-from taskvec.experiments.protocol.tables import placement, protocol_line
+from taskvec.experiments.protocol.tables import (
+    NO_LAYER_MARK,
+    NO_LAYER_NOTE,
+    no_layer_helped,
+    protocol_line,
+    summary_placement,
+)
 from taskvec.experiments.results.run_results import Floor, ResultTable, RunResults
 from taskvec.intervals import Interval
+from taskvec.layer_choice import NO_LAYER_HELPED, placement_text
 from taskvec.report import figures
 from taskvec.report.claims import Claim
 from taskvec.report.html import escape, figure_tag, note, number, table, thumbnail_uri
@@ -153,6 +160,8 @@ def result_table(results: RunResults, result: ResultTable) -> str:
                 cell += f" ± {number(summary.seed_std)}"
             if summary.query_independent(threshold):
                 cell += " *"
+            if no_layer_helped(results.layers, column.condition):
+                cell += f" {NO_LAYER_MARK}"
             cells.append(cell)
         rows = [[escape(f"ours ({results.meta.model})"), *cells]]
         classes = [""]
@@ -163,7 +172,7 @@ def result_table(results: RunResults, result: ResultTable) -> str:
         shares = [
             [
                 escape(c.column),
-                escape(placement(c.summary.layer, c.summary.scale)),
+                escape(summary_placement(results, c.summary)),
                 number(c.summary.vector_answer_share),
                 number(c.summary.vector_answer_accuracy),
             ]
@@ -177,6 +186,8 @@ def result_table(results: RunResults, result: ResultTable) -> str:
                 + table(["column", "layer", "own-answer share", "own answer for every query"], shares)
                 + "</details>"
             )
+        if any(no_layer_helped(results.layers, c.condition) for c in columns):
+            parts.append(note(NO_LAYER_NOTE + "."))
         if any(c.summary.query_independent(threshold) for c in result.columns):
             parts.append(
                 note(
@@ -223,7 +234,7 @@ def all_conditions_section(results: RunResults) -> str:
             escape(s.condition),
             escape(s.label),
             escape(s.metric),
-            escape(placement(s.layer, s.scale)),
+            escape(summary_placement(results, s)),
             with_interval(s.mean, s.interval),
             number(s.seed_std),
             number(s.vector_answer_share),
@@ -253,7 +264,6 @@ def layer_section(results: RunResults, writer: FigureWriter) -> str:
     }
     rows = []
     for name, choice in results.layers.items():
-        at = choice.validation_at_chosen
         how = (
             "given (--layer)"
             if choice.fixed
@@ -262,11 +272,25 @@ def layer_section(results: RunResults, writer: FigureWriter) -> str:
             else "swept"
         )
         span = f"{choice.candidates[0]}-{choice.candidates[-1]}" if choice.candidates else "–"
-        rows.append([escape(name), number(choice.chosen), number(at), escape(span), escape(how)])
+        rows.append(
+            [
+                escape(name),
+                escape(placement_text(choice.chosen, choice.scale)),
+                number(choice.validation_at_chosen),
+                number(choice.unpatched_validation),
+                escape(span),
+                escape(how),
+            ]
+        )
     figure = writer.add("layer_sweeps", figures.layer_sweeps(layers), "validation accuracy per patched layer")
+    headers = ["condition", "chosen layer", "validation accuracy there", "unpatched", "candidates", "how"]
     return (
         figure
-        + table(["condition", "chosen layer", "validation accuracy there", "candidates", "how"], rows)
+        + table(headers, rows, text_columns=2)
+        + note(
+            "A layer is chosen only when it beats the unpatched validation queries (mean over tasks); "
+            f"otherwise the condition reads “{NO_LAYER_HELPED}” and its test queries run unpatched."
+        )
         + note(f"The analyses use layer {results.analysis_layer} ({results.analysis_layer_source}).")
     )
 
@@ -277,8 +301,14 @@ def llm_to_vlm_section(results: RunResults, writer: FigureWriter) -> str:
     if result is None or cosine is None:
         return note("No base language model in this run: LLM -> VLM not measured.")
     text = result_table(results, result)
-    text += note(f"Cosine of the base LM's and the model's text-ICL vectors at layer {cosine.layer}: "
-                 f"{number(cosine.at_layer)}.")  # fmt: skip
+    if cosine.layer is None:
+        text += note(
+            f"Cosine of the base LM's and the model's text-ICL vectors: {NO_LAYER_HELPED} for the base "
+            "LM's vectors, so no chosen layer to read it at (the figure shows every layer)."
+        )
+    else:
+        text += note(f"Cosine of the base LM's and the model's text-ICL vectors at layer {cosine.layer}: "
+                     f"{number(cosine.at_layer)}.")  # fmt: skip
     return text + writer.add(
         "llm_vlm_cosine",
         figures.per_layer_lines(

@@ -1,8 +1,10 @@
 """`write_report`: results.json + analysis.json -> figures/*.png and one self-contained report.html.
 
-The sections are an explicit list: each reads the typed run results, the analyses' document, or
-both; `register_section` adds one (an analysis registered with `taskvec.analysis` adds its section
-here). A file that is absent is named at the top of the report and the sections that need it say
+The sections are an explicit list, `PAPER_SECTIONS` by default: each reads the typed run results,
+the analyses' document, or both, and names the analyses whose results it reads (analysis.json is
+read with those, so a result that does not fit its type refuses the report). `with_section` adds
+one (the section of an analysis added with `taskvec.analysis.with_analysis`) or replaces one of the
+same anchor. A file that is absent is named at the top of the report and the sections that need it say
 they are missing. A file that is there but cannot be read (truncated, empty, another format, fields
 of the wrong type), or a directory with neither file, is refused with a ValueError naming it, and
 nothing is written: the report is built whole, then moved over the last one with its figures.
@@ -10,13 +12,22 @@ nothing is written: the report is built whole, then moved over the last one with
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from taskvec.analysis import AnalysisDocument
+from taskvec.analysis import (
+    CONFLICT,
+    DECODED_TOKENS,
+    EMBEDDING_MAP,
+    LENS,
+    LENS_PEAKS,
+    SIMILARITY,
+    Analysis,
+    AnalysisDocument,
+)
 from taskvec.atomic_files import write_text_atomically
 from taskvec.experiments.results.run_results import RunResults
 from taskvec.report import analysis_sections as analysis_parts
@@ -25,7 +36,6 @@ from taskvec.report.checks_section import engine_checks_section
 from taskvec.report.claims import evaluate_claims
 from taskvec.report.function_vector_section import function_vector_section
 from taskvec.report.html import missing, note, page
-from taskvec.typed_json import to_json
 
 
 @dataclass
@@ -35,20 +45,16 @@ class ReportContext:
     analysis: AnalysisDocument | None
     writer: results_parts.FigureWriter
 
-    @property
-    def analysis_results(self) -> dict[str, Any]:
-        """Each analysis's result by name, plus the layer the analyses read."""
-        if self.analysis is None:
-            return {}
-        return {**self.analysis.results, "layer": to_json(self.analysis.layer)}
-
 
 @dataclass(frozen=True)
 class ReportSection:
+    """One section; `analyses` are those whose results `build` reads from `context.analysis`."""
+
     anchor: str
     heading: str
     needs: str  # "results", "analysis" or "both"
     build: Callable[[ReportContext], str]
+    analyses: tuple[Analysis[Any], ...] = ()
 
 
 def _needs_results(build: Callable[[RunResults, ReportContext], str]) -> Callable[[ReportContext], str]:
@@ -59,14 +65,13 @@ def _needs_results(build: Callable[[RunResults, ReportContext], str]) -> Callabl
     return section
 
 
-SECTIONS: list[ReportSection] = [
+PAPER_SECTIONS: tuple[ReportSection, ...] = (
     ReportSection(
         "claims",
         "The paper's claims on this run",
         "both",
-        _needs_results(
-            lambda r, c: results_parts.claims_section(evaluate_claims(r, c.analysis_results or None))
-        ),
+        _needs_results(lambda r, c: results_parts.claims_section(evaluate_claims(r, c.analysis))),
+        (SIMILARITY, EMBEDDING_MAP, LENS_PEAKS),
     ),
     ReportSection("overview", "Run", "results", _needs_results(lambda r, _c: results_parts.overview(r))),
     ReportSection(
@@ -115,28 +120,36 @@ SECTIONS: list[ReportSection] = [
         "lens",
         "Three phases (logit lens)",
         "analysis",
-        lambda c: analysis_parts.lens_section(c.analysis_results, c.writer),
+        lambda c: analysis_parts.lens_section(_analysis(c), c.writer),
+        (LENS, LENS_PEAKS),
     ),
     ReportSection(
         "similarity",
         "Similarity of task vectors",
         "analysis",
-        lambda c: analysis_parts.similarity_section(c.analysis_results, c.writer),
+        lambda c: analysis_parts.similarity_section(_analysis(c), c.writer),
+        (SIMILARITY,),
     ),
     ReportSection(
         "map",
         "t-SNE of vectors and inputs",
         "analysis",
-        lambda c: analysis_parts.embedding_map_section(c.analysis_results, c.writer),
+        lambda c: analysis_parts.embedding_map_section(_analysis(c), c.writer),
+        (EMBEDDING_MAP,),
     ),
     ReportSection(
         "tokens",
         "Decoded task vectors",
         "analysis",
-        lambda c: analysis_parts.decoded_tokens_section(c.analysis_results),
+        lambda c: analysis_parts.decoded_tokens_section(_analysis(c)),
+        (DECODED_TOKENS,),
     ),
     ReportSection(
-        "conflict", "Task conflict", "analysis", lambda c: analysis_parts.conflict_section(c.analysis_results)
+        "conflict",
+        "Task conflict",
+        "analysis",
+        lambda c: analysis_parts.conflict_section(_analysis(c)),
+        (CONFLICT,),
     ),
     ReportSection(
         "examples",
@@ -144,20 +157,30 @@ SECTIONS: list[ReportSection] = [
         "results",
         _needs_results(lambda r, c: results_parts.examples_section(r, c.root)),
     ),
-]
+)
 
 
-def register_section(section: ReportSection, *, before: str | None = "examples") -> ReportSection:
-    """Add a section to every later report, before the section `before` (None: at the end)."""
-    if any(existing.anchor == section.anchor for existing in SECTIONS):
-        raise ValueError(f"a report section {section.anchor!r} is already registered")
-    anchors = [existing.anchor for existing in SECTIONS]
-    SECTIONS.insert(anchors.index(before) if before in anchors else len(SECTIONS), section)
-    return section
+def with_section(
+    sections: Sequence[ReportSection], section: ReportSection, *, before: str | None = "examples"
+) -> tuple[ReportSection, ...]:
+    """The list with `section` in place of the one of its anchor, or else inserted before the
+    section `before` (None, or an anchor not in the list: at the end)."""
+    anchors = [existing.anchor for existing in sections]
+    if section.anchor in anchors:
+        index = anchors.index(section.anchor)
+        return (*sections[:index], section, *sections[index + 1 :])
+    index = anchors.index(before) if before in anchors else len(sections)
+    return (*sections[:index], section, *sections[index:])
 
 
-def unregister_section(anchor: str) -> None:
-    SECTIONS[:] = [section for section in SECTIONS if section.anchor != anchor]
+def _analysis(context: ReportContext) -> AnalysisDocument:
+    assert context.analysis is not None  # a section that needs analysis.json runs only with it
+    return context.analysis
+
+
+def _read_analyses(sections: Sequence[ReportSection]) -> Callable[[Path], AnalysisDocument]:
+    analyses = {analysis.name: analysis for section in sections for analysis in section.analyses}
+    return lambda path: AnalysisDocument.read(path, tuple(analyses.values()))
 
 
 def _load(path: Path, read: Callable[[Path], Any], problems: list[str]) -> Any:
@@ -172,8 +195,9 @@ def _load(path: Path, read: Callable[[Path], Any], problems: list[str]) -> Any:
         raise ValueError(f"no report written: {error}") from None
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write `run_dir/report.html` (and `run_dir/figures/*.png`) from the run's results and analyses."""
+def write_report(run_dir: str | Path, sections: Sequence[ReportSection] = PAPER_SECTIONS) -> Path:
+    """Write `run_dir/report.html` (and `run_dir/figures/*.png`) from the run's results and analyses,
+    one part per section of `sections` (the paper's by default)."""
     root = Path(run_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"no run directory at {root}")
@@ -184,10 +208,10 @@ def write_report(run_dir: str | Path) -> Path:
         )
     problems: list[str] = []
     results = _load(root / "results.json", RunResults.read, problems)
-    analysis = _load(root / "analysis.json", AnalysisDocument.read, problems)
+    analysis = _load(root / "analysis.json", _read_analyses(sections), problems)
     writer = results_parts.FigureWriter(root / "figures")
     try:
-        target = _write_page(root, results, analysis, problems, writer)
+        target = _write_page(root, results, analysis, problems, writer, sections)
     finally:
         writer.discard()  # the figures of a report that failed (none left after commit)
     return target
@@ -199,10 +223,11 @@ def _write_page(
     analysis: AnalysisDocument | None,
     problems: list[str],
     writer: results_parts.FigureWriter,
+    chosen: Sequence[ReportSection],
 ) -> Path:
     context = ReportContext(root, results, analysis, writer)
     sections = []
-    for section in SECTIONS:
+    for section in chosen:
         lacking = [
             name
             for name, value in (("results.json", results), ("analysis.json", analysis))

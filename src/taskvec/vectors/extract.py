@@ -39,6 +39,7 @@ from taskvec.prompts import (
     marker_columns,
     text_end_columns,
 )
+from taskvec.prompts.settings import DEFAULT_PROMPT_SETTINGS, PromptSettings
 from taskvec.tasks import Item, Task
 from taskvec.vectors.spec import VectorSpec, parse_spec
 from taskvec.vectors.task_vector import TaskVector
@@ -322,25 +323,23 @@ def extract_vector(
     task: Task,
     spec: VectorSpec | str,
     *,
-    shots: int = 5,
-    seed: int = 0,
+    settings: PromptSettings = DEFAULT_PROMPT_SETTINGS,
     split: str = "val",
     limit: int | None = None,
-    style: str | None = None,
-    batch_size: int = 8,
     progress: str | None = None,
-    template: QATemplate | TemplateName = DEFAULT_TEMPLATE,
 ) -> Extraction:
     """The task vector of `task` specified by `spec` (text ICL, image ICL or the instruction).
 
     Exemplar specs build one prompt per query of `split` (the first `limit` queries; all by default),
-    each of `shots` demonstrations drawn from the whole split other than the query, seeded by `seed`,
-    and average the residuals at the last demonstration's answer marker. `style` picks the image
-    style of image ICL (default: the item's first). Instruction vectors ignore the ICL options.
-    `template` is "qa" (the paper's) or "chat" (the prompt as one user turn of the model's chat
-    template; the read positions are the same tokens, found by rule).
+    each of `settings.shots` demonstrations drawn from the whole split other than the query, seeded
+    by `settings.seed`, and average the residuals at the last demonstration's answer marker, read in
+    batches of `settings.batch_size`. `settings.style` picks the image style of image ICL (default:
+    the item's first). Instruction vectors take only the template. `settings.template` is "qa" (the
+    paper's) or "chat" (the prompt as one user turn of the model's chat template; the read positions
+    are the same tokens, found by rule).
     """
-    template = as_template(template)
+    template = as_template(settings.template)
+    shots, seed, style = settings.shots, settings.seed, settings.style
     kind = parse_spec(spec)
     if not kind.extractable:
         raise ValueError(
@@ -372,7 +371,7 @@ def extract_vector(
         handle,
         prompts,
         occurrence=LAST_DEMONSTRATION,
-        batch_size=batch_size,
+        batch_size=settings.batch_size,
         progress=progress,
         template=template,
     ).residuals
@@ -408,13 +407,9 @@ def exemplar_vector(
         handle,
         task,
         spec,
-        shots=shots,
-        seed=seed,
+        settings=PromptSettings(shots, seed, style, as_template(template).name, batch_size),
         split=split,
-        style=style,
-        batch_size=batch_size,
         progress=f"{task.name} {modality} vectors",
-        template=template,
     ).vector
 
 

@@ -18,6 +18,7 @@ import torch
 from taskvec.evaluation import accuracy, generate_answers
 from taskvec.models.handle import ModelHandle
 from taskvec.prompts import Modality, build_query_prompt
+from taskvec.prompts.settings import PromptSettings
 from taskvec.tasks import Task
 from taskvec.vectors import VectorSpec, extract_vector, icl_prompts
 from taskvec.vlm.data import EntityImage
@@ -70,7 +71,9 @@ def residual_cosine_per_layer(
     totals = torch.zeros(base.num_layers)
     for task in tasks:
         means = [
-            extract_vector(handle, task, VectorSpec.TEXT_ICL, shots=shots, seed=seed).vector.vectors
+            extract_vector(
+                handle, task, VectorSpec.TEXT_ICL, settings=PromptSettings(shots=shots, seed=seed)
+            ).vector.vectors
             for handle in (base, vlm)
         ]
         totals += torch.nn.functional.cosine_similarity(means[0], means[1], dim=-1)

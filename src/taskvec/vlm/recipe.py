@@ -22,11 +22,10 @@ from taskvec.models.default_lm import DEFAULT_LM_NAME, ensure_default_lm
 from taskvec.models.handle import ModelHandle
 from taskvec.models.load_options import LoadOptions
 from taskvec.models.loading import (
-    NamedModel,
+    DEFAULT_VLM_NAME,
     check_dtype,
     load_model,
     parse_dtype,
-    register_named_model,
     text_model_type,
 )
 from taskvec.models.sources import find_checkpoint
@@ -37,7 +36,6 @@ from taskvec.vlm.evaluation import accuracy_by_family, name_pictures
 from taskvec.vlm.processor import build_processor
 from taskvec.vlm.training import TrainConfig, train_vlm
 
-DEFAULT_VLM_NAME = "gemma-3-270m-llava"
 # The trained parts ship inside the package (package data), next to the task data they learned from.
 SHIPPED_PARTS_DIR = Path(__file__).resolve().parent.parent / "data" / "vlm"
 
@@ -155,15 +153,3 @@ def load_default_vlm(options: LoadOptions) -> ModelHandle:
         llava = architecture_for_class("LlavaForConditionalGeneration")
         check_dtype("default-vlm", llava, text_model_type(base_config), options.dtype)
     return load_vlm_from_parts(SHIPPED_PARTS_DIR, device=options.device, dtype=options.dtype)
-
-
-DEFAULT_VLM = register_named_model(
-    NamedModel(
-        ("default-vlm", DEFAULT_VLM_NAME),
-        load_default_vlm,
-        base_lm="default",
-        description="the LLaVA taskvec trained on Gemma-3-270M (shipped parts, see its model card)",
-        # Trained on the bundled 64 px images at its processor's size; resizing them would be a new input.
-        image_width=None,
-    )
-)

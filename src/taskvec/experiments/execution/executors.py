@@ -14,11 +14,12 @@ from typing import Any, Protocol
 
 import torch
 
-from taskvec.analysis import VectorKey
+from taskvec.analysis import PAPER_ANALYSES, Analysis, VectorKey
 from taskvec.analysis.settings import AnalysisSettings
 from taskvec.caching import StepCache
 from taskvec.experiments.execution.steps import StepRunner, TestStep
 from taskvec.experiments.protocol.conditions import Condition
+from taskvec.experiments.results.step_results import SweepResult, TestAnswers
 from taskvec.progress import with_progress
 from taskvec.tasks import Task
 
@@ -40,7 +41,7 @@ class EarlySteps:
 
 
 # Each sweep job's results and each test job's, in the jobs' order.
-EarlyResults = tuple[list[list[dict[str, Any]]], list[list[dict[str, Any]]]]
+EarlyResults = tuple[list[list[SweepResult]], list[list[TestAnswers]]]
 
 
 @dataclass(frozen=True)
@@ -52,16 +53,17 @@ class AnalysisJob:
     vectors: Mapping[VectorKey, torch.Tensor]
     settings: AnalysisSettings
     cache: StepCache
+    analyses: Sequence[Analysis[Any]] = PAPER_ANALYSES
 
 
 class StepExecutor(Protocol):
     def vectors(self, steps: StepRunner, jobs: Sequence[VectorJob]) -> None:
         """Every vector of `jobs` in the driver's vector store."""
 
-    def sweeps(self, steps: StepRunner, jobs: Sequence[SweepJob]) -> list[list[dict[str, Any]]]:
+    def sweeps(self, steps: StepRunner, jobs: Sequence[SweepJob]) -> list[list[SweepResult]]:
         """Each job's sweep results, in the job's order (as `StepRunner.sweeps` returns them)."""
 
-    def tests(self, steps: StepRunner, jobs: Sequence[TestJob]) -> list[list[dict[str, Any]]]:
+    def tests(self, steps: StepRunner, jobs: Sequence[TestJob]) -> list[list[TestAnswers]]:
         """Each job's test answers, in the job's order (as `StepRunner.tests` returns them)."""
 
     def before_layer_choice(self, steps: StepRunner, early: EarlySteps) -> EarlyResults:
@@ -78,11 +80,11 @@ class SequentialExecutor:
         for condition, task, seed in with_progress(jobs, "vectors", enabled=steps.progress):
             steps.vector_for(condition, task, seed)
 
-    def sweeps(self, steps: StepRunner, jobs: Sequence[SweepJob]) -> list[list[dict[str, Any]]]:
+    def sweeps(self, steps: StepRunner, jobs: Sequence[SweepJob]) -> list[list[SweepResult]]:
         label = "layer sweeps (validation), tasks"
         return [steps.sweeps(task, work) for task, work in with_progress(jobs, label, enabled=steps.progress)]
 
-    def tests(self, steps: StepRunner, jobs: Sequence[TestJob]) -> list[list[dict[str, Any]]]:
+    def tests(self, steps: StepRunner, jobs: Sequence[TestJob]) -> list[list[TestAnswers]]:
         label = "test, tasks"
         return [steps.tests(task, work) for task, work in with_progress(jobs, label, enabled=steps.progress)]
 

@@ -10,6 +10,7 @@ import torch
 from taskvec.engine import logit_lens
 from taskvec.experiments.execution.steps import StepRunner
 from taskvec.experiments.protocol.conditions import Condition
+from taskvec.experiments.protocol.recipes import FunctionVector
 from taskvec.experiments.results.run_results import HeadEffects, HeadOverlap
 from taskvec.function_vectors.vector import top_heads
 from taskvec.tasks import Task
@@ -22,18 +23,16 @@ def heads_of_run(
 ) -> list[HeadEffects]:
     """One record per (model, task, demonstration kind) the run's function-vector conditions used,
     read from the run's vector store (found there by the vector phase)."""
-    sources = []
+    recipes: dict[str, FunctionVector] = {}
     for condition in conditions:
-        if condition.function_vector and condition.vector is not None:
-            for task in tasks:
-                ((role, spec, _, _),) = steps.extractions(condition, task, seeds[0])
-                if (role, spec) not in sources:
-                    sources.append((role, spec))
+        if isinstance(condition.vector, FunctionVector):
+            recipes.setdefault(condition.vector.id, condition.vector)
     records = []
-    for role, spec in sources:
-        model = steps.model_of(role)
+    for recipe in recipes.values():
+        role, spec = recipe.role, recipe.spec
+        model = steps.store.model(role)
         for task in tasks:
-            found = [steps.store.function_vector(role, model, task, spec, seed)[0] for seed in seeds]
+            found = [steps.store.get(recipe, task, seed)[0] for seed in seeds]
             effects = torch.tensor([vector.metadata["effects"] for vector in found]).mean(dim=0)
             k = int(found[0].metadata["k"])
             mean_vector = torch.stack([vector.vectors[0] for vector in found]).float().mean(dim=0)

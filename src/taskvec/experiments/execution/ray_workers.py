@@ -21,11 +21,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from taskvec.analysis import VectorKey, run_analyses, shared_input_pairs
+from taskvec.analysis import PAPER_ANALYSES, Analysis, VectorKey, run_analyses
 from taskvec.analysis.context import CACHE_KIND
 from taskvec.analysis.settings import AnalysisSettings
 from taskvec.caching import StepCache, digest
@@ -38,15 +38,18 @@ from taskvec.experiments.execution.executors import (
     TestJob,
     VectorJob,
 )
-from taskvec.experiments.execution.steps import StepRunner, TestStep, VectorKind, VectorWork
-from taskvec.experiments.execution.vector_store import ModelRole, VectorStore
+from taskvec.experiments.execution.steps import StepRunner, TestStep, VectorWork
+from taskvec.experiments.execution.vector_store import VectorStore, run_models
+from taskvec.experiments.protocol.recipes import MadeVector, VectorRecipe
+from taskvec.experiments.results.step_results import SweepResult, TestAnswers
 from taskvec.models import load_model
 from taskvec.models.load_options import LoadOptions
 from taskvec.progress import progress_counter
 from taskvec.tasks import Task
-from taskvec.vectors import TaskVector, VectorSpec
 
 INSTALL = 'pip install -e ".[ray]"'
+# A step's record as a worker returns it.
+R = TypeVar("R", SweepResult, TestAnswers)
 
 
 class RayMissingError(LookupError):
@@ -99,15 +102,15 @@ def analysis_steps(cache: StepCache) -> AnalysisSteps:
     return steps
 
 
-def analysis_parts(tasks: Sequence[Task]) -> list[AnalysisPart]:
-    pairs: list[list[Task]] = []
-    for a, b in shared_input_pairs(tasks):
-        if not any({a.name, b.name} == {t.name for t in pair} for pair in pairs):
-            pairs.append([a, b])
+def analysis_parts(
+    tasks: Sequence[Task], analyses: Sequence[Analysis[Any]] = PAPER_ANALYSES
+) -> list[AnalysisPart]:
+    """One worker step per group of tasks each analysis splits into (`Analysis.worker_steps`)."""
     return [
-        *(("lens", [task]) for task in tasks),
-        ("embedding_map", list(tasks)),
-        *(("conflict", pair) for pair in pairs),
+        (analysis.name, group)
+        for analysis in analyses
+        if analysis.worker_steps is not None
+        for group in analysis.worker_steps(tasks)
     ]
 
 
@@ -146,7 +149,7 @@ class StepWorker:
         llm = load_model(spec.llm, spec.llm_loading or spec.loading) if spec.llm is not None else None
         self.directory = directory = Path(tempfile.mkdtemp(prefix="taskvec-worker-"))
         cache = StepCache(directory / "cache")
-        self.store = VectorStore(directory, spec.config, cache, progress=False)
+        self.store = VectorStore(directory, spec.config, cache, run_models(handle, llm), progress=False)
         self.steps = StepRunner(handle, llm, spec.config, cache, self.store, progress=False)
         self.exit_once = spec.exit_once
         self._tasks: dict[str, tuple[Task, dict[str, str]]] = {}
@@ -171,25 +174,9 @@ class StepWorker:
         """The private cache goes with the worker: the driver holds every result."""
         shutil.rmtree(self.directory, ignore_errors=True)
 
-    def vector(
-        self,
-        task: Task,
-        files: ImageFiles | None,
-        role: ModelRole,
-        spec: VectorSpec,
-        seed: int,
-        kind: VectorKind = "task-vector",
-    ) -> tuple[TaskVector, torch.Tensor | None]:
+    def vector(self, task: Task, files: ImageFiles | None, recipe: VectorRecipe, seed: int) -> MadeVector:
         self._maybe_exit()
-        task = self._local(task, files)
-        if kind == "function-vector":
-            found, _ = self.store.function_vector(role, self.steps.model_of(role), task, spec, seed)
-            return TaskVector(found.vectors.cpu(), dict(found.metadata)), None
-        vector, _ = self.store.get(role, self.steps.model_of(role), task, spec, seed)
-        per_prompt = None
-        if spec is not VectorSpec.INSTRUCTION:
-            per_prompt = self.store.per_prompt(role, self.steps.model_of(role), task, spec, seed).cpu()
-        return TaskVector(vector.vectors.cpu(), dict(vector.metadata)), per_prompt
+        return self.store.made(recipe, self._local(task, files), seed)
 
     def analyses(
         self,
@@ -199,6 +186,7 @@ class StepWorker:
         vectors: dict[VectorKey, torch.Tensor],
         settings: AnalysisSettings,
         known: AnalysisSteps,
+        analyses: Sequence[Analysis[Any]] = PAPER_ANALYSES,
     ) -> AnalysisSteps:
         """One part of the analyses in a cache of its own, seeded with the driver's finished steps
         (so a resumed run recomputes nothing); returns the steps it added."""
@@ -221,6 +209,7 @@ class StepWorker:
             settings=settings,
             progress=False,
             only=(name,),
+            analyses=analyses,
         )
         added = [step for step in analysis_steps(cache) if (step[0], step[1]) not in before]
         shutil.rmtree(cache.root, ignore_errors=True)
@@ -232,7 +221,7 @@ class StepWorker:
         files: ImageFiles | None,
         work: list[tuple[Any, int | None]],
         vectors: dict[VectorWork, tuple[torch.Tensor, str]],
-    ) -> list[dict[str, Any]]:
+    ) -> list[SweepResult]:
         self._maybe_exit()
         self.steps.supplied = vectors
         return self.steps.sweeps(self._local(task, files), work)
@@ -243,13 +232,13 @@ class StepWorker:
         files: ImageFiles | None,
         work: list[TestStep],
         vectors: dict[VectorWork, tuple[torch.Tensor, str]],
-    ) -> list[dict[str, Any]]:
+    ) -> list[TestAnswers]:
         self._maybe_exit()
         self.steps.supplied = vectors
         results = self.steps.tests(self._local(task, files), work)
         driver_paths = self._tasks[task.name][1] if files else {}
         for result in results:
-            result["images"] = [driver_paths.get(path, path) if path else path for path in result["images"]]
+            result.images = [driver_paths.get(path, path) if path else path for path in result.images]
         return results
 
 
@@ -405,35 +394,32 @@ class RayExecutor:
 
     # ---- planning ------------------------------------------------------------------------------
     def _vector_calls(self, steps: StepRunner, jobs: Sequence[VectorJob]) -> list[_Call]:
-        """One call per missing extracted vector, each kept in the driver's store when it returns."""
-        wanted: dict[tuple[ModelRole, str, VectorSpec, int, VectorKind], Task] = {}
+        """One call per missing stored vector, each kept in the driver's store when it returns."""
+        wanted: dict[tuple[str, str, int], tuple[Task, VectorRecipe, int]] = {}
         for condition, task, seed in jobs:
-            for extraction in steps.extractions(condition, task, seed):
-                if not steps.has_extracted(extraction, task):
-                    role, spec, run_seed, kind = extraction
-                    wanted.setdefault((role, task.name, spec, run_seed, kind), task)
+            if condition.vector is None:
+                continue
+            for recipe, recipe_seed in steps.store.missing(condition.vector, task, seed or 0):
+                wanted.setdefault((recipe.id, task.name, recipe_seed), (task, recipe, recipe_seed))
         # Task by task: the first tasks' sweeps can start while the last task's vectors run.
         order = {name: rank for rank, name in enumerate(dict.fromkeys(task.name for _, task, _ in jobs))}
-        ranked = sorted(wanted.items(), key=lambda entry: order[entry[1].name])
+        ranked = sorted(wanted.values(), key=lambda entry: order[entry[0].name])
 
-        def keep(task: Task, role: ModelRole, spec: VectorSpec, seed: int, kind: VectorKind) -> Finish:
-            def finish(result: Any) -> None:
-                if kind == "function-vector":
-                    steps.store.add_function_vector(role, task, spec, seed, result[0])
-                else:
-                    steps.store.add(role, task, spec, seed, *result)
+        def keep(task: Task, recipe: VectorRecipe, seed: int) -> Finish:
+            def finish(result: MadeVector) -> None:
+                steps.store.add(recipe, task, seed, result)
 
             return finish
 
         return [
             _Call(
                 "vector",
-                (task, self._files(task), role, spec, seed, kind),
-                keep(task, role, spec, seed, kind),
+                (task, self._files(task), recipe, seed),
+                keep(task, recipe, seed),
                 rank=0,
                 task=task.name,
             )
-            for (role, _, spec, seed, kind), task in ranked
+            for task, recipe, seed in ranked
         ]
 
     def _step_calls(
@@ -441,7 +427,7 @@ class RayExecutor:
         steps: StepRunner,
         kind: str,
         jobs: Sequence[tuple[Task, Sequence[Any]]],
-        results: list[list[dict[str, Any] | None]],
+        results: list[list[Any]],
         workers: int,
     ) -> list[_Call]:
         """Calls for the uncached sweeps ("sweeps") or test steps ("test") of `jobs`, whose rows of
@@ -482,21 +468,21 @@ class RayExecutor:
         for condition, task, seed in jobs:  # read back from the store, as a rerun reads them
             steps.vector_for(condition, task, seed)
 
-    def sweeps(self, steps: StepRunner, jobs: Sequence[SweepJob]) -> list[list[dict[str, Any]]]:
-        results: list[list[dict[str, Any] | None]] = [[] for _ in jobs]
+    def sweeps(self, steps: StepRunner, jobs: Sequence[SweepJob]) -> list[list[SweepResult]]:
+        results: list[list[SweepResult | None]] = [[] for _ in jobs]
         self._run(self._step_calls(steps, "sweeps", jobs, results, len(self.actors)))
         return [_complete(rows) for rows in results]
 
-    def tests(self, steps: StepRunner, jobs: Sequence[TestJob]) -> list[list[dict[str, Any]]]:
-        results: list[list[dict[str, Any] | None]] = [[] for _ in jobs]
+    def tests(self, steps: StepRunner, jobs: Sequence[TestJob]) -> list[list[TestAnswers]]:
+        results: list[list[TestAnswers | None]] = [[] for _ in jobs]
         self._run(self._step_calls(steps, "test", jobs, results, len(self.actors)))
         return [_complete(rows) for rows in results]
 
     def before_layer_choice(self, steps: StepRunner, early: EarlySteps) -> EarlyResults:
         """The vectors, each task's sweeps as soon as that task's vectors are in, and the tests that
         patch nothing alongside: no worker waits for a phase to end before the layer choice."""
-        sweeps: list[list[dict[str, Any] | None]] = [[] for _ in early.sweeps]
-        tests: list[list[dict[str, Any] | None]] = [[] for _ in early.tests]
+        sweeps: list[list[SweepResult | None]] = [[] for _ in early.sweeps]
+        tests: list[list[TestAnswers | None]] = [[] for _ in early.tests]
         vector_calls = self._vector_calls(steps, early.vectors)
         outstanding: dict[str, int] = {}
         for call in vector_calls:
@@ -505,7 +491,7 @@ class RayExecutor:
         def sweeps_of(task: str, workers: int) -> list[_Call]:
             indices = [i for i, (of_task, _) in enumerate(early.sweeps) if of_task.name == task]
             jobs = [early.sweeps[i] for i in indices]
-            rows: list[list[dict[str, Any] | None]] = [[] for _ in jobs]
+            rows: list[list[SweepResult | None]] = [[] for _ in jobs]
             calls = self._step_calls(steps, "sweeps", jobs, rows, workers)
             for index, row in zip(indices, rows, strict=True):
                 sweeps[index] = row  # the same list the calls fill
@@ -539,7 +525,8 @@ class RayExecutor:
         """The lens of each task, the 2-D map and the conflict of each task pair, one worker step each,
         into the driver's cache; the driver's own pass then reads them and does the cheap rest."""
         known = self.ray.put(analysis_steps(job.cache))
-        self._run([_analysis_call(self, job, part, known) for part in analysis_parts(job.tasks)])
+        parts = analysis_parts(job.tasks, job.analyses)
+        self._run([_analysis_call(self, job, part, known) for part in parts])
 
 
 def _analysis_call(
@@ -551,7 +538,8 @@ def _analysis_call(
 
     files = {task.name: executor._files(task) for task in part[1]}
     vectors = {key: vector.cpu() for key, vector in job.vectors.items()}
-    return _Call("analyses", (part, files, job.layer, vectors, job.settings, known), keep, len(part[1]))
+    args = (part, files, job.layer, vectors, job.settings, known, list(job.analyses))
+    return _Call("analyses", args, keep, len(part[1]))
 
 
 def _vector(steps: StepRunner, condition: Any, task: Task, seed: int | None) -> tuple[torch.Tensor, str]:
@@ -567,19 +555,19 @@ def _keeper(
     task: Task,
     group: list[int],
     keys: list[str],
-    rows: list[dict[str, Any] | None],
+    rows: list[Any],
 ) -> Callable[[Any], None]:
     """Write a returned chunk into the driver's cache and its rows, as StepRunner would have."""
 
-    def keep(returned: list[dict[str, Any]]) -> None:
+    def keep(returned: list[SweepResult] | list[TestAnswers]) -> None:
         for index, key, result in zip(group, keys, returned, strict=True):
-            steps.cache.store(kind, task.name, key, result)
+            steps.cache.store_typed(kind, task.name, key, result)
             rows[index] = result
 
     return keep
 
 
-def _complete(rows: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
+def _complete(rows: list[R | None]) -> list[R]:
     missing = [index for index, row in enumerate(rows) if row is None]
     if missing:
         raise RuntimeError(f"steps {missing} came back from no worker")

@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from taskvec.caching import StepCache
 from taskvec.checks import checks_before_run
-from taskvec.evaluation import first_line
-from taskvec.experiments.config import METRICS, RunConfig
+from taskvec.evaluation import first_line, is_correct, layer_accuracy
+from taskvec.experiments.config import RunConfig
 from taskvec.experiments.execution.executors import (
     EarlySteps,
     SequentialExecutor,
@@ -31,38 +30,17 @@ from taskvec.experiments.execution.executors import (
 )
 from taskvec.experiments.execution.function_vector_heads import head_overlaps, heads_of_run
 from taskvec.experiments.execution.steps import StepRunner, TestStep
-from taskvec.experiments.execution.vector_store import VectorStore
-from taskvec.experiments.protocol.baselines import model_free_floors
+from taskvec.experiments.execution.vector_store import VectorStore, run_models
 from taskvec.experiments.protocol.conditions import Condition, plan_conditions
 from taskvec.experiments.protocol.paper_numbers import paper_numbers
-from taskvec.experiments.protocol.tables import (
-    TABLE_DEFINITIONS,
-    build_tables,
-    score_rows,
-    summarise,
-    table_metric,
-)
-from taskvec.experiments.results.run_results import (
-    RESULTS_FORMAT,
-    ConditionResult,
-    Example,
-    Floor,
-    RunMeta,
-    RunResults,
-    Summary,
-    VectorCosine,
-)
-from taskvec.layer_choice import (
-    LayerChoice,
-    candidate_layers,
-    choose_from_sweeps,
-    choose_scale_and_layer,
-    fixed_layer,
-)
+from taskvec.experiments.protocol.recipes import LLM_TEXT_ICL, TEXT_ICL
+from taskvec.experiments.protocol.scoring import AnsweredStep, score_run
+from taskvec.experiments.results.run_results import RESULTS_FORMAT, RunMeta, RunResults, VectorCosine
+from taskvec.experiments.results.step_results import SweepResult, TestAnswers
+from taskvec.layer_choice import LayerChoice, candidate_layers, choose_on_validation, fixed_layer
 from taskvec.models import ModelHandle
 from taskvec.prompts import chat_template_of
 from taskvec.tasks import Task, load_task
-from taskvec.vectors import VectorSpec
 from taskvec.version import __version__
 
 PACKAGES = ("torch", "transformers", "safetensors", "tokenizers", "numpy", "pillow")
@@ -125,23 +103,19 @@ def _package_versions() -> dict[str, str]:
     return versions
 
 
-def _seeds(condition: Condition, config: RunConfig) -> list[int | None]:
-    if condition.function_vector:
-        return list(config.seeds[: config.fv_seeds])
-    return list(config.seeds) if condition.seeded else [None]
-
-
 def _borrowed_layer_choices(patched: list[Condition], config: RunConfig) -> dict[str, str]:
     """Ensemble-curve conditions that take their layer from the largest n of their kind (see
     `RunConfig.ensemble_layer_from`): {condition: condition whose sweep decides}."""
     if config.ensemble_layer_from == "each":
         return {}
+    curves: dict[type, list[Condition]] = {}
+    for condition in patched:
+        if condition.examples and condition.vector is not None:
+            curves.setdefault(type(condition.vector), []).append(condition)
     borrowed: dict[str, str] = {}
-    for spec in (VectorSpec.EXEMPLAR_SUBSET, VectorSpec.ENSEMBLE):
-        curve = [c for c in patched if c.vector is spec and c.examples]
-        if curve:
-            largest = max(curve, key=lambda c: c.examples or 0)
-            borrowed.update({c.name: largest.name for c in curve if c is not largest})
+    for curve in curves.values():
+        largest = max(curve, key=lambda c: c.examples or 0)
+        borrowed.update({c.name: largest.name for c in curve if c is not largest})
     return borrowed
 
 
@@ -172,10 +146,10 @@ def _test_jobs(work: list[Work], indices: Sequence[int], layers: dict[str, Layer
 
 
 def _answers_in_order(
-    work: list[Work], indices: Sequence[int], jobs: list[TestJob], results: list[list[dict[str, Any]]]
-) -> dict[int, dict[str, Any]]:
+    work: list[Work], indices: Sequence[int], jobs: list[TestJob], results: list[list[TestAnswers]]
+) -> dict[int, TestAnswers]:
     """{index into work: its test answers}, from jobs made by `_test_jobs(work, indices, ...)`."""
-    answers: dict[int, dict[str, Any]] = {}
+    answers: dict[int, TestAnswers] = {}
     for (task, _), rows in zip(jobs, results, strict=True):
         of_task = [index for index in indices if work[index][1] is task]
         answers.update(zip(of_task, rows, strict=True))
@@ -216,31 +190,65 @@ def _choose_layers(
     conditions: list[Condition],
     config: RunConfig,
     plan: _SweepPlan | None,
-    results: list[list[dict[str, Any]]],
+    results: list[list[SweepResult]],
 ) -> dict[str, LayerChoice]:
     if plan is None:
         assert isinstance(config.layer_choice, int)
         fixed = fixed_layer(config.layer_choice, handle.num_layers)
-        # A function vector at a given layer is added at the first of its scales.
+        # A scaled vector at a given layer is patched at the first of its scales.
         return {
-            c.name: dataclasses.replace(fixed, scale=config.fv_scales[0]) if c.function_vector else fixed
+            c.name: dataclasses.replace(fixed, scale=c.vector.scales(config)[0]) if c.vector.scaled else fixed
             for c in conditions
-            if c.patched
+            if c.vector is not None
         }
-    sweeps: dict[str, dict[str, list[dict[str, object]]]] = {c.name: {} for c in plan.swept}
+    sweeps: dict[str, dict[str, list[SweepResult]]] = {c.name: {} for c in plan.swept}
     for (task, task_work), rows in zip(plan.jobs, results, strict=True):
         for (condition, _), result in zip(task_work, rows, strict=True):
             sweeps[condition.name].setdefault(task.name, []).append(result)
     layers: dict[str, LayerChoice] = {}
     for condition in plan.swept:
+        assert condition.vector is not None  # only patched conditions are swept
         ignore_case = condition.ignores_case and config.ensemble_ignore_case
         ignore_case = ignore_case or config.metric == "prefix_ignore_case"
-        choose = choose_scale_and_layer if condition.function_vector else choose_from_sweeps
-        layers[condition.name] = choose(sweeps[condition.name], plan.candidates, ignore_case=ignore_case)
+        curves, unpatched = validation_curves(sweeps[condition.name], ignore_case=ignore_case)
+        layers[condition.name] = choose_on_validation(
+            curves, plan.candidates, unpatched=unpatched, scaled=condition.vector.scaled
+        )
     for name, source in plan.borrowed.items():
         chosen = layers[source]
-        layers[name] = LayerChoice(chosen.chosen, [], {}, chosen.candidates, shared_from=source)
+        layers[name] = LayerChoice(
+            chosen.chosen,
+            [],
+            {},
+            chosen.candidates,
+            shared_from=source,
+            unpatched_validation=chosen.unpatched_validation,
+        )
     return layers
+
+
+def validation_curves(
+    sweeps: dict[str, list[SweepResult]], *, ignore_case: bool
+) -> tuple[dict[float, dict[str, list[list[float]]]], dict[str, float]]:
+    """{scale: {task: one accuracy-per-layer curve per seed}} of a condition's sweeps, and each task's
+    accuracy of the same queries unpatched (the mean over its seeds' sweeps)."""
+    curves: dict[float, dict[str, list[list[float]]]] = {}
+    unpatched: dict[str, float] = {}
+    for task, runs in sweeps.items():
+        for run in runs:
+            for scale, tokens in zip(run.scales, run.tokens_per_scale, strict=True):
+                curve = layer_accuracy(tokens, run.expected, ignore_case=ignore_case)
+                curves.setdefault(scale, {}).setdefault(task, []).append(curve)
+        hits = [
+            sum(
+                is_correct(token, expected, ignore_case=ignore_case)
+                for token, expected in zip(run.unpatched, run.expected, strict=True)
+            )
+            / len(run.expected)
+            for run in runs
+        ]
+        unpatched[task] = sum(hits) / len(hits)
+    return curves, unpatched
 
 
 def _vector_cosine(
@@ -252,8 +260,8 @@ def _vector_cosine(
     curves = []
     for task in tasks:
         for seed in config.seeds:
-            vlm, _ = steps.store.get("vlm", steps.handle, task, VectorSpec.TEXT_ICL, seed)
-            llm, _ = steps.store.get("llm", steps.llm, task, VectorSpec.TEXT_ICL, seed)
+            vlm, _ = steps.store.get(TEXT_ICL, task, seed)
+            llm, _ = steps.store.get(LLM_TEXT_ICL, task, seed)
             curves.append(torch.nn.functional.cosine_similarity(vlm.vectors, llm.vectors, dim=-1))
     per_layer = [round(float(v), 4) for v in torch.stack(curves).mean(dim=0)]
     return VectorCosine(per_layer, layer, per_layer[layer] if layer is not None else None)
@@ -266,9 +274,37 @@ def _analysis_layer(
         (c for c in conditions if c.analysis_layer_rank is not None and c.name in layers),
         key=lambda c: c.analysis_layer_rank or 0,
     )
+    for condition in ranked:
+        layer = layers[condition.name].chosen
+        if layer is not None:
+            return layer, f"the layer chosen for {condition.name}"
     if ranked:
-        return layers[ranked[0].name].chosen, f"the layer chosen for {ranked[0].name}"
+        return num_layers // 2, "the middle layer (no layer helped any ranked condition)"
     return num_layers // 2, "the middle layer (the run patched nothing)"
+
+
+def _answered(
+    steps: StepRunner,
+    condition: Condition,
+    task: Task,
+    seed: int | None,
+    choice: LayerChoice | None,
+    answers: TestAnswers,
+) -> AnsweredStep:
+    """A test step's answers with where it was patched and the patched vector's own answer."""
+    layer = choice.chosen if choice is not None else None
+    if layer is None:
+        return AnsweredStep(condition, task.name, seed, None, None, answers)
+    token = steps.vector_token(condition, task, seed, layer)
+    # Decoded as the answers are (special tokens dropped, first line).
+    text = (
+        None
+        if token is None
+        else first_line(steps.handle.tokenizer.decode([token], skip_special_tokens=True))
+    )
+    return AnsweredStep(
+        condition, task.name, seed, layer, choice.scale if choice else None, answers, token, text
+    )
 
 
 def run_experiments(
@@ -280,10 +316,13 @@ def run_experiments(
     progress: bool = True,
     executor: StepExecutor | None = None,
     check: bool = True,
+    conditions: Sequence[Condition] | None = None,
 ) -> RunResults:
     """Run every condition the model supports; write results.json and summary.csv; return the results.
 
-    `executor` runs the expensive steps (default: here, one after another; see executors.py).
+    `conditions`: the run's list (default: `paper_conditions(config)`, the paper's and the ensemble
+    curve of `config`); a condition holds the recipe of the vector it patches. `executor` runs the
+    expensive steps (default: here, one after another; see executors.py).
     `check`: the engine's invariants are measured on every model of the run before any step, and a
     failing one stops the run (taskvec.checks); False records that they were not run."""
     executor = executor if executor is not None else SequentialExecutor()
@@ -292,7 +331,7 @@ def run_experiments(
     out.mkdir(parents=True, exist_ok=True)
     tasks = load_run_tasks(config)
     check_layer_options(config, handle)
-    conditions, notes = plan_conditions(handle, tasks, config, llm)
+    conditions, notes = plan_conditions(handle, tasks, config, llm, conditions)
     uses_llm = any(c.model_role == "llm" for c in conditions)
     if config.template == "chat":  # before any step, not at the first prompt of the model lacking one
         for model in (handle, llm if uses_llm else None):
@@ -301,10 +340,11 @@ def run_experiments(
     checked = [model for model in (handle, llm if uses_llm else None) if model is not None]
     engine_checks = checks_before_run(checked, config.template, enabled=check)
     cache = StepCache(out / "cache")
-    store = VectorStore(out, config, cache, progress)
+    models = run_models(handle, llm if uses_llm else None)
+    store = VectorStore(out, config, cache, models, progress)
     steps = StepRunner(handle, llm if uses_llm else None, config, cache, store, progress)
 
-    work: list[Work] = [(c, t, s) for c in conditions for t in tasks for s in _seeds(c, config)]
+    work: list[Work] = [(c, t, s) for c in conditions for t in tasks for s in c.seeds(config)]
     unpatched = [index for index, (condition, _, _) in enumerate(work) if not condition.patched]
     patched = [index for index, (condition, _, _) in enumerate(work) if condition.patched]
     plan = _plan_sweeps(handle, conditions, work, config)
@@ -316,68 +356,11 @@ def run_experiments(
     late_tests = _test_jobs(work, patched, layers)
     answers = _answers_in_order(work, unpatched, early_tests, early_answers)
     answers.update(_answers_in_order(work, patched, late_tests, executor.tests(steps, late_tests)))
-    test_answers = [answers[index] for index in range(len(work))]
-
-    rows: list[ConditionResult] = []
-    examples: list[Example] = []
-    for (condition, task, seed), test in zip(work, test_answers, strict=True):
-        layer = layers[condition.name].chosen if condition.patched else None
-        scale = layers[condition.name].scale if condition.patched else None
-        vector_token = steps.vector_token(condition, task, seed, layer) if layer is not None else None
-        vector_answer = None
-        if vector_token is not None:
-            # Decoded as the answers are (special tokens dropped, first line).
-            vector_answer = first_line(handle.tokenizer.decode([vector_token], skip_special_tokens=True))
-        rows += score_rows(
-            condition,
-            task.name,
-            seed,
-            layer,
-            test["generated"],
-            test["expected"],
-            first_tokens=test["first_tokens"],
-            vector_token=vector_token,
-            vector_answer=vector_answer,
-            samples=config.bootstrap_samples,
-            scale=scale,
-        )
-        if task is tasks[0] and seed in (None, config.seeds[0]):
-            examples += [
-                Example(
-                    task.name,
-                    condition.name,
-                    seed,
-                    layer,
-                    test["inputs"][index],
-                    test["images"][index],
-                    test["expected"][index][0],
-                    test["generated"][index],
-                )
-                for index in range(min(config.examples_per_condition, len(test["generated"])))
-            ]
-
-    floors: dict[str, list[Floor]] = {
-        metric: model_free_floors(
-            tasks, metric=metric, test_limit=config.test_limit, samples=config.bootstrap_samples
-        )
-        for metric in METRICS
-    }
-    summaries: dict[tuple[str, str], Summary] = {}
-    for condition in conditions:
-        for metric in METRICS:
-            summary = summarise(rows, condition, metric, samples=config.bootstrap_samples)
-            if summary is not None:
-                summaries[(condition.name, metric)] = summary
-    tables = build_tables(
-        conditions,
-        summaries,
-        floors,
-        metric=config.metric,
-        ensemble_ignore_case=config.ensemble_ignore_case,
-        max_new_tokens=config.max_new_tokens,
-    )
-    ensemble = next(d for d in TABLE_DEFINITIONS if d.id == "ensemble")
-    ensemble_metric = table_metric(ensemble, config.metric, config.ensemble_ignore_case)
+    answered = [
+        _answered(steps, condition, task, seed, layers.get(condition.name), answers[index])
+        for index, (condition, task, seed) in enumerate(work)
+    ]
+    scores = score_run(conditions, answered, tasks, config)
     llm_condition = next((c for c in conditions if c.model_role == "llm"), None)
     analysis_layer, analysis_source = _analysis_layer(conditions, layers, handle.num_layers)
     heads = heads_of_run(steps, conditions, tasks, config.seeds[: config.fv_seeds])
@@ -402,13 +385,11 @@ def run_experiments(
         config=config,
         tasks=[task.name for task in tasks],
         layers=layers,
-        results=rows,
-        summaries=[
-            summaries[(c.name, ensemble_metric if c.ignores_case else config.metric)] for c in conditions
-        ],
-        tables=tables,
-        floors=floors[config.metric],
-        examples=examples,
+        results=scores.rows,
+        summaries=scores.summaries,
+        tables=scores.tables,
+        floors=scores.floors,
+        examples=scores.examples,
         analysis_layer=analysis_layer,
         analysis_layer_source=analysis_source,
         vector_cosine=_vector_cosine(

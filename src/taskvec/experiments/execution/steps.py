@@ -1,20 +1,21 @@
 """The run's expensive steps for one (condition, task, seed): its vector, its sweep, its test answers.
 
 Each step is cached (see caching.py) under a key made of what it depends on, so the runner can ask
-for any step in any order and a rerun only computes what is missing.
+for any step in any order and a rerun only computes what is missing. Steps return typed records
+(experiments/results/step_results.py); a condition's vector is whatever its recipe makes.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, TypeGuard
+from typing import NamedTuple
 
 import torch
 
-from taskvec.caching import StepCache, digest, task_fingerprint
+from taskvec.caching import StepCache, task_fingerprint
 from taskvec.engine import PatchMode, logit_lens
 from taskvec.evaluation import (
     Answers,
@@ -24,38 +25,30 @@ from taskvec.evaluation import (
     sweep_first_tokens_of_vectors,
 )
 from taskvec.experiments.config import RunConfig
-from taskvec.experiments.execution.vector_store import (
-    ModelRole,
-    VectorStore,
-    ensemble_of,
-    exemplar_subset_vector,
-)
+from taskvec.experiments.execution.vector_store import VectorStore
 from taskvec.experiments.protocol.conditions import Condition
+from taskvec.experiments.results.step_results import StepIdentity, SweepResult, TestAnswers
 from taskvec.models import ModelHandle
 from taskvec.prompts import Prompt, as_template, build_icl_prompt
 from taskvec.tasks import Item, Task
-from taskvec.vectors import VectorSpec, sample_demonstrations
+from taskvec.vectors import sample_demonstrations
 
 # A condition's vector on one task and seed, by names: (condition, task, seed).
 VectorWork = tuple[str, str, int | None]
-# Residual task vectors (Hendel et al., the paper) or function vectors (Todd et al.).
-VectorKind = Literal["task-vector", "function-vector"]
-# One extracted vector a condition's vector is made from: (model role, spec, seed, kind).
-Extraction = tuple[ModelRole, VectorSpec, int, VectorKind]
 
 
 class TestStep(NamedTuple):
-    """One condition's test answers on a task: its seed, and the layer and scale it is patched at."""
+    """One condition's test answers on a task: its seed, and the layer and scale it is patched at
+    (no layer: the queries are asked unpatched, as for a condition no layer helped)."""
 
     condition: Condition
     seed: int | None
     layer: int | None = None
-    scale: float = 1.0  # a function vector's; a residual task vector replaces the residual as it is
+    scale: float = 1.0  # an added vector's; a replacing one is patched as it is
 
 
-def patch_mode(condition: Condition) -> PatchMode:
-    """A function vector is added to the residual; a residual task vector replaces it (the paper)."""
-    return "add" if condition.function_vector else "replace"
+def _patch_mode(condition: Condition) -> PatchMode:
+    return condition.vector.patch_mode if condition.vector is not None else "replace"
 
 
 @dataclass
@@ -66,78 +59,20 @@ class StepRunner:
     cache: StepCache
     store: VectorStore
     progress: bool = True
-    # Vectors sent by a driver (see executors.py): a worker patches them instead of extracting its own.
+    # Vectors sent by a driver (see executors.py): a worker patches them instead of making its own.
     supplied: dict[VectorWork, tuple[torch.Tensor, str]] = field(default_factory=dict)
 
     # ---- vectors -------------------------------------------------------------------------------
     def vector_for(
         self, condition: Condition, task: Task, seed: int | None
     ) -> tuple[torch.Tensor, str] | None:
-        """[layers, hidden] and its key, or None for an unpatched condition: the extracted vector of
-        `extractions`, or for the ensemble curve arithmetic on them."""
-        spec, run_seed = condition.vector, seed or 0
-        if spec is None:
+        """[layers, hidden] and its key, or None for an unpatched condition."""
+        if condition.vector is None:
             return None
         if (condition.name, task.name, seed) in self.supplied:
             return self.supplied[(condition.name, task.name, seed)]
-        extracted = [
-            self.extracted(extraction, task) for extraction in self.extractions(condition, task, seed)
-        ]
-        if condition.function_vector or spec.extractable or spec is VectorSpec.LLM_TEXT_ICL:
-            return extracted[0]
-        (_, text_key), *instruction = extracted
-        examples = condition.examples or 0
-        per_prompt = self.store.per_prompt("vlm", self.handle, task, VectorSpec.TEXT_ICL, run_seed)
-        exemplar = exemplar_subset_vector(per_prompt, examples, self.config.shots, run_seed)
-        subset_key = digest({"exemplar_of": text_key, "examples": examples, "seed": run_seed})
-        if spec is VectorSpec.EXEMPLAR_SUBSET:
-            return exemplar, subset_key
-        (instruction_vector, instruction_key), *_ = instruction
-        return ensemble_of(exemplar, instruction_vector), digest([subset_key, instruction_key])
-
-    def extracted(self, extraction: Extraction, task: Task) -> tuple[torch.Tensor, str]:
-        """One extracted vector [layers, hidden] of the run's store, and its key."""
-        role, spec, seed, kind = extraction
-        model = self.model_of(role)
-        if kind == "function-vector":
-            vector, key = self.store.function_vector(role, model, task, spec, seed)
-        else:
-            vector, key = self.store.get(role, model, task, spec, seed)
+        vector, key = self.store.get(condition.vector, task, seed or 0)
         return vector.vectors, key
-
-    def has_extracted(self, extraction: Extraction, task: Task) -> bool:
-        """Whether `extracted` would read this vector from the run directory instead of computing it."""
-        role, spec, seed, kind = extraction
-        model = self.model_of(role)
-        if kind == "function-vector":
-            return self.store.has_function_vector(role, model, task, spec, seed)
-        return self.store.has(role, model, task, spec, seed)
-
-    def extractions(self, condition: Condition, task: Task, seed: int | None) -> list[Extraction]:
-        """The extracted vectors `vector_for` reads for this condition (the rest is arithmetic on them)."""
-        spec, run_seed = condition.vector, seed or 0
-        if spec is None:
-            return []
-        kind: VectorKind = "function-vector" if condition.function_vector else "task-vector"
-        if spec.extractable:
-            return [("vlm", spec, run_seed, kind)]
-        if spec is VectorSpec.LLM_TEXT_ICL:
-            return [("llm", VectorSpec.TEXT_ICL, run_seed, kind)]
-        if condition.function_vector:
-            raise ValueError(f"condition {condition.name}: no function vector of {spec.value!r} vectors")
-        text: list[Extraction] = [("vlm", VectorSpec.TEXT_ICL, run_seed, kind)]
-        if spec is VectorSpec.EXEMPLAR_SUBSET:
-            return text
-        if spec is not VectorSpec.ENSEMBLE:
-            raise ValueError(f"condition {condition.name}: no rule to make a {spec.value} vector")
-        return [*text, ("vlm", VectorSpec.INSTRUCTION, 0, kind)]
-
-    def model_of(self, role: ModelRole) -> ModelHandle:
-        if role == "vlm":
-            return self.handle
-        if self.llm is None:
-            raise ValueError("a base-LM vector asked for, but no base LM given")
-        return self.llm
 
     def vector_token(self, condition: Condition, task: Task, seed: int | None, layer: int) -> int | None:
         """The token the patched vector decodes to by itself (final norm + unembedding), or None."""
@@ -169,7 +104,7 @@ class StepRunner:
             prompts.append(prompt)
         return prompts
 
-    def _prompt_identity(self, condition: Condition, task: Task, seed: int | None) -> dict[str, Any]:
+    def _prompt_identity(self, condition: Condition, task: Task, seed: int | None) -> StepIdentity:
         uses_images = condition.query == "image" or condition.demos == "image"
         return {
             "model": self.store.fingerprint(self.handle),
@@ -188,82 +123,66 @@ class StepRunner:
         return json.dumps(self._prompt_identity(condition, task, seed), sort_keys=True)
 
     # ---- layer sweep on validation -------------------------------------------------------------
+    def sweep_scales(self, condition: Condition) -> tuple[float, ...]:
+        """The scales a condition's sweep tries."""
+        return condition.vector.scales(self.config) if condition.vector is not None else (1.0,)
+
     def _sweep_identity(
         self, condition: Condition, task: Task, seed: int | None, vector_key: str
-    ) -> dict[str, Any]:
-        identity = {
+    ) -> StepIdentity:
+        identity: StepIdentity = {
             "step": "sweep",
             **self._prompt_identity(condition, task, seed),
             "vector": vector_key,
             "val_limit": self.config.val_limit,
+            "unpatched": True,
         }
-        if condition.function_vector:
-            return {**identity, "mode": "add", "scales": list(self.sweep_scales(condition))}
+        if condition.vector is not None and condition.vector.scaled:
+            scales = list(self.sweep_scales(condition))
+            return {**identity, "mode": condition.vector.patch_mode, "scales": scales}
         return identity
 
-    def sweep_scales(self, condition: Condition) -> tuple[float, ...]:
-        """The scales a condition's sweep tries: a function vector's, or the residual vector as it is."""
-        return self.config.fv_scales if condition.function_vector else (1.0,)
-
-    def sweep_key(self, condition: Condition, task: Task, seed: int | None) -> tuple[dict[str, Any], str]:
+    def sweep_key(self, condition: Condition, task: Task, seed: int | None) -> tuple[StepIdentity, str]:
         """The sweep's identity and cache key."""
         return self._sweep_key(condition, task, seed, self.vector_for(condition, task, seed))
 
     def _sweep_key(
         self, condition: Condition, task: Task, seed: int | None, vector: tuple[torch.Tensor, str] | None
-    ) -> tuple[dict[str, Any], str]:
+    ) -> tuple[StepIdentity, str]:
         if vector is None:
             raise ValueError(f"condition {condition.name} patches nothing: no sweep")
         identity = self._sweep_identity(condition, task, seed, vector[1])
         return identity, self.cache.key(identity)
 
-    def cached_sweep(self, condition: Condition, task: Task, seed: int | None) -> dict[str, Any] | None:
-        _, key = self.sweep_key(condition, task, seed)
-        return self.cache.load("sweeps", task.name, key, self._sweep_shape(condition, task))
-
-    def _sweep_shape(self, condition: Condition, task: Task) -> Callable[[dict[str, Any]], bool]:
-        """Whether a cached entry is a whole sweep of this condition on this task's validation queries."""
+    def _load_sweep(self, condition: Condition, task: Task, key: str) -> SweepResult | None:
         queries = len(task.split("val")[: self.config.val_limit])
+        scales = self.sweep_scales(condition)
         layers = self.handle.num_layers
-        scales = list(self.sweep_scales(condition)) if condition.function_vector else None
+        return self.cache.load_typed(
+            "sweeps", task.name, key, SweepResult, lambda result: result.fits(queries, layers, scales)
+        )
 
-        def usable(entry: dict[str, Any]) -> bool:
-            whole = (
-                _is_list(entry.get("inputs"), queries)
-                and _is_list(entry.get("expected"), queries)
-                and _is_token_grid(entry.get("tokens"), queries, layers)
-            )
-            if not whole or scales is None:
-                return whole
-            per_scale = entry.get("tokens_per_scale")
-            return (
-                entry.get("scales") == scales
-                and _is_list(per_scale, len(scales))
-                and all(_is_token_grid(grid, queries, layers) for grid in per_scale)
-            )
+    def cached_sweep(self, condition: Condition, task: Task, seed: int | None) -> SweepResult | None:
+        _, key = self.sweep_key(condition, task, seed)
+        return self._load_sweep(condition, task, key)
 
-        return usable
-
-    def sweep(self, condition: Condition, task: Task, seed: int | None) -> dict[str, Any]:
+    def sweep(self, condition: Condition, task: Task, seed: int | None) -> SweepResult:
         """First tokens per validation query and layer, with the condition's vector patched."""
         (result,) = self.sweeps(task, [(condition, seed)])
         return result
 
-    def sweeps(self, task: Task, work: Sequence[tuple[Condition, int | None]]) -> list[dict[str, Any]]:
+    def sweeps(self, task: Task, work: Sequence[tuple[Condition, int | None]]) -> list[SweepResult]:
         """The sweeps of `work` on one task; those asking the same validation prompts (bare queries:
-        every condition and seed) share one pass over each batch of prompts, a function vector with
-        one vector set per scale.
-
-        A result's "tokens" are [query][layer] at its first scale; a function vector's result also
-        has "scales" and "tokens_per_scale", [scale][query][layer]."""
+        every condition and seed) share one pass over each batch of prompts, an added vector with
+        one vector set per scale, and one unpatched pass over the prompts."""
         items = task.split("val")[: self.config.val_limit]
-        results: dict[int, dict[str, Any]] = {}
-        missing: dict[str, list[tuple[int, dict[str, Any], str, torch.Tensor]]] = {}
+        results: dict[int, SweepResult] = {}
+        missing: dict[str, list[tuple[int, StepIdentity, str, torch.Tensor]]] = {}
         for index, (condition, seed) in enumerate(work):
             vector = self.vector_for(condition, task, seed)
             identity, key = self._sweep_key(condition, task, seed, vector)
             assert vector is not None  # _sweep_key raised otherwise
-            cached = self.cache.load("sweeps", task.name, key, self._sweep_shape(condition, task))
+            cached = self._load_sweep(condition, task, key)
             if cached is not None:
                 results[index] = cached
                 continue
@@ -271,6 +190,7 @@ class StepRunner:
             missing.setdefault(prompts_key, []).append((index, identity, key, vector[0]))
         for group in missing.values():
             condition, seed = work[group[0][0]]
+            prompts = self.prompts(condition, task, items, seed)
             names = sorted({work[index][0].name for index, *_ in group})
             label = f"sweep {', '.join(names)} {task.name}" if self.progress else None
             sets: list[torch.Tensor] = []
@@ -279,11 +199,11 @@ class StepRunner:
                 row_condition = work[row][0]
                 for scale in self.sweep_scales(row_condition):
                     sets.append(vectors)
-                    set_modes.append((patch_mode(row_condition), scale))
+                    set_modes.append((_patch_mode(row_condition), scale))
             tokens = iter(
                 sweep_first_tokens_of_vectors(
                     self.handle,
-                    self.prompts(condition, task, items, seed),
+                    prompts,
                     sets,
                     progress=label,
                     marker=self._marker(),
@@ -291,91 +211,91 @@ class StepRunner:
                     set_modes=set_modes,
                 )
             )
+            unpatched = self._unpatched_first_tokens(prompts)
             for row, row_identity, row_key, _ in group:
-                row_condition = work[row][0]
-                scales = self.sweep_scales(row_condition)
+                scales = self.sweep_scales(work[row][0])
                 per_scale = [next(tokens) for _ in scales]
-                results[row] = {
-                    "key": row_identity,
-                    "inputs": [item.input for item in items],
-                    "expected": [list(item.answers()) for item in items],
-                    "tokens": per_scale[0],
-                }
-                if row_condition.function_vector:
-                    results[row].update({"scales": list(scales), "tokens_per_scale": per_scale})
-                self.cache.store("sweeps", task.name, row_key, results[row])
+                results[row] = SweepResult(
+                    key=row_identity,
+                    inputs=[item.input for item in items],
+                    expected=[list(item.answers()) for item in items],
+                    tokens=per_scale[0],
+                    unpatched=unpatched,
+                    scales=list(scales),
+                    tokens_per_scale=per_scale,
+                )
+                self.cache.store_typed("sweeps", task.name, row_key, results[row])
         return [results[index] for index in range(len(work))]
+
+    def _unpatched_first_tokens(self, prompts: list[Prompt]) -> list[str]:
+        """Each prompt's greedy first token with nothing patched, decoded as a sweep decodes its tokens."""
+        ids: list[int] = []
+        generate_answers(
+            self.handle, prompts, max_new_tokens=1, batch_size=self.config.query_batch_size, first_tokens=ids
+        )
+        return list(self.handle.tokenizer.batch_decode([[token] for token in ids]))
 
     def _marker(self) -> str:
         return as_template(self.config.template).marker
 
     # ---- test generations ----------------------------------------------------------------------
-    def _test_identity(self, step: TestStep, task: Task, vector_key: str | None) -> dict[str, Any]:
-        identity = {
+    def _test_identity(self, step: TestStep, task: Task, vector_key: str | None) -> StepIdentity:
+        patched = vector_key is not None and step.layer is not None
+        identity: StepIdentity = {
             "step": "test",
             **self._prompt_identity(step.condition, task, step.seed),
-            "vector": vector_key,
-            "layer": step.layer if vector_key is not None else None,
+            "vector": vector_key if patched else None,
+            "layer": step.layer if patched else None,
             "test_limit": self.config.test_limit,
             "max_new_tokens": self.config.max_new_tokens,
         }
-        if step.condition.function_vector:
-            return {**identity, "mode": "add", "scale": step.scale}
+        vector = step.condition.vector
+        if patched and vector is not None and vector.scaled:
+            return {**identity, "mode": vector.patch_mode, "scale": step.scale}
         return identity
 
-    def test_key(self, step: TestStep, task: Task) -> tuple[dict[str, Any], str]:
+    def test_key(self, step: TestStep, task: Task) -> tuple[StepIdentity, str]:
         """The test step's identity and cache key."""
         return self._test_key(step, task, self.vector_for(step.condition, task, step.seed))
 
     def _test_key(
         self, step: TestStep, task: Task, vector: tuple[torch.Tensor, str] | None
-    ) -> tuple[dict[str, Any], str]:
+    ) -> tuple[StepIdentity, str]:
         identity = self._test_identity(step, task, vector[1] if vector else None)
         return identity, self.cache.key(identity)
 
-    def cached_test(self, step: TestStep, task: Task) -> dict[str, Any] | None:
-        _, key = self.test_key(step, task)
-        return self.cache.load("test", task.name, key, self._test_shape(task))
-
-    def _test_shape(self, task: Task) -> Callable[[dict[str, Any]], bool]:
-        """Whether a cached entry holds whole test answers to this task's test queries."""
+    def _load_test(self, task: Task, key: str) -> TestAnswers | None:
         queries = len(task.split("test")[: self.config.test_limit])
+        return self.cache.load_typed(
+            "test", task.name, key, TestAnswers, lambda answers: answers.fits(queries)
+        )
 
-        def usable(entry: dict[str, Any]) -> bool:
-            generated, first_tokens = entry.get("generated"), entry.get("first_tokens")
-            return (
-                all(_is_list(entry.get(name), queries) for name in ("inputs", "images", "expected"))
-                and isinstance(entry.get("prompts"), list)
-                and _is_list(generated, queries)
-                and all(isinstance(text, str) for text in generated)
-                and _is_list(first_tokens, queries)
-                and all(_is_int(token) for token in first_tokens)
-            )
+    def cached_test(self, step: TestStep, task: Task) -> TestAnswers | None:
+        _, key = self.test_key(step, task)
+        return self._load_test(task, key)
 
-        return usable
-
-    def test(self, step: TestStep, task: Task) -> dict[str, Any]:
+    def test(self, step: TestStep, task: Task) -> TestAnswers:
         """Greedy answers to the test queries (under the patch at the step's layer if it patches)."""
         (result,) = self.tests(task, [step])
         return result
 
-    def tests(self, task: Task, work: Sequence[TestStep]) -> list[dict[str, Any]]:
+    def tests(self, task: Task, work: Sequence[TestStep]) -> list[TestAnswers]:
         """The test answers of `work` on one task; patched conditions asking the same test prompts
         (bare queries: every condition and seed) share one pass over each batch of prompts."""
         items = task.split("test")[: self.config.test_limit]
-        results: dict[int, dict[str, Any]] = {}
-        missing: dict[str, list[tuple[int, dict[str, Any], str, LayerPatch | None]]] = {}
+        results: dict[int, TestAnswers] = {}
+        missing: dict[str, list[tuple[int, StepIdentity, str, LayerPatch | None]]] = {}
         for index, step in enumerate(work):
             condition, seed, layer, scale = step
-            vector = self.vector_for(condition, task, seed)
+            vector = self.vector_for(condition, task, seed) if layer is not None else None
             identity, key = self._test_key(step, task, vector)
-            cached = self.cache.load("test", task.name, key, self._test_shape(task))
+            cached = self._load_test(task, key)
             if cached is not None:
                 results[index] = cached
                 continue
             patch = None
             if vector is not None and layer is not None:
-                patch = LayerPatch(vector[0][layer], layer, patch_mode(condition), scale)
+                patch = LayerPatch(vector[0][layer], layer, _patch_mode(condition), scale)
             # Unpatched conditions each have prompts of their own (or nothing to share a pass with).
             prompts_key = self.prompt_group(condition, task, seed)
             group_key = prompts_key if patch is not None else f"unpatched {index}"
@@ -411,31 +331,14 @@ class StepRunner:
                 answers = [Answers(texts, first_tokens)]
             style = self.config.style_for(task.name)
             for (row, row_identity, row_key, _), answer in zip(group, answers, strict=True):
-                results[row] = {
-                    "key": row_identity,
-                    "inputs": [item.input for item in items],
-                    "images": [
-                        str(item.image(style)) if condition.query == "image" else None for item in items
-                    ],
-                    "prompts": [prompt.text for prompt in prompts[:2]],
-                    "expected": [list(item.answers()) for item in items],
-                    "generated": answer.texts,
-                    "first_tokens": answer.first_tokens,
-                }
-                self.cache.store("test", task.name, row_key, results[row])
+                results[row] = TestAnswers(
+                    key=row_identity,
+                    inputs=[item.input for item in items],
+                    images=[str(item.image(style)) if condition.query == "image" else None for item in items],
+                    prompts=[prompt.text for prompt in prompts[:2]],
+                    expected=[list(item.answers()) for item in items],
+                    generated=answer.texts,
+                    first_tokens=answer.first_tokens,
+                )
+                self.cache.store_typed("test", task.name, row_key, results[row])
         return [results[index] for index in range(len(work))]
-
-
-def _is_list(value: Any, length: int) -> TypeGuard[list[Any]]:
-    return isinstance(value, list) and len(value) == length
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_token_grid(value: Any, rows: int, columns: int) -> bool:
-    """[rows][columns] decoded tokens."""
-    return _is_list(value, rows) and all(
-        _is_list(row, columns) and all(isinstance(token, str) for token in row) for row in value
-    )

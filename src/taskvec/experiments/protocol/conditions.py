@@ -1,28 +1,35 @@
 """The paper's conditions as data: what is in the context, what is patched, what is asked, where it is shown.
 
-One registry instead of one function per condition: the runner treats every condition alike, a
-condition the model cannot run (image input on a text-only model, several images on a one-image
-model, vectors of a base LM that is missing or differently shaped) is skipped with a note, and the
-tables, the CSV and the report place a condition by its `tables` slots, never by its name.
+A list instead of one function per condition: the runner treats every condition alike, a condition
+the model cannot run (image input on a text-only model, several images on a one-image model, vectors
+of a base LM that is missing or differently shaped) is skipped with a note, and the tables, the CSV
+and the report place a condition by its `tables` slots, never by its name. A run takes its list
+(`run_experiments(..., conditions=...)`); the default is `paper_conditions(config)`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
 
 from taskvec.experiments.config import RunConfig
+from taskvec.experiments.protocol.recipes import (
+    IMAGE_ICL as IMAGE_ICL_VECTOR,
+)
+from taskvec.experiments.protocol.recipes import (
+    INSTRUCTION,
+    LLM_TEXT_ICL,
+    TEXT_ICL,
+    Ensemble,
+    ExemplarSubset,
+    FunctionVector,
+    ModelRole,
+    VectorRecipe,
+)
 from taskvec.models import ModelHandle
 from taskvec.prompts import Modality
 from taskvec.tasks import Task
 from taskvec.vectors import VectorSpec
-
-ModelRole = Literal["vlm", "llm"]
-
-
-def heads_used(handle: ModelHandle, k: int) -> int:
-    """The run's top-k, or every head of a model that has fewer (a tiny test model)."""
-    return min(k, handle.num_layers * int(handle.text_config.num_attention_heads))
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,7 @@ class Condition:
     label: str  # what the tables and the report call it
     query: Modality  # the modality of the test query
     demos: Modality | None = None  # in-context demonstrations before the query, if any
-    vector: VectorSpec | None = None  # patched at the query's answer marker if set
+    vector: VectorRecipe | None = None  # patched at the query's answer marker if set
     instruction_prompt: bool = False  # the instruction is written before the query
     examples: int | None = None  # ensemble curve: demonstrations behind the exemplar vector
     seeded: bool = False  # depends on the sampled demonstrations, so it is run once per seed
@@ -49,9 +56,6 @@ class Condition:
     tables: tuple[TableSlot, ...] = ()
     # The analyses use the layer chosen for the run's patched condition of lowest rank.
     analysis_layer_rank: int | None = None
-    # Patches the function vector of `vector`'s demonstrations (its top heads' mean outputs, added
-    # at a layer and scale chosen on validation) instead of their residual task vector.
-    function_vector: bool = False
 
     @property
     def patched(self) -> bool:
@@ -59,25 +63,32 @@ class Condition:
 
     @property
     def needs_images(self) -> bool:
-        return self.query == "image" or self.demos == "image" or self.vector == VectorSpec.IMAGE_ICL
+        vector_images = self.vector is not None and self.vector.needs().images
+        return self.query == "image" or self.demos == "image" or vector_images
 
     @property
     def needs_several_images(self) -> bool:
-        return self.demos == "image" or self.vector == VectorSpec.IMAGE_ICL
+        return self.demos == "image" or (self.vector is not None and self.vector.needs().several_images)
 
     @property
     def uses_instruction(self) -> bool:
-        return self.instruction_prompt or (self.vector is not None and self.vector.uses_instruction)
+        return self.instruction_prompt or (self.vector is not None and self.vector.needs().instruction)
 
     @property
     def model_role(self) -> ModelRole:
         """Which model's vectors the condition patches (the results' "model" field)."""
-        return "llm" if self.vector is not None and self.vector.from_base_lm else "vlm"
+        return self.vector.role if self.vector is not None else "vlm"
 
     @property
     def ignores_case(self) -> bool:
         """The ensemble curve is scored as the reference scores its ensembling runs (lower case allowed)."""
         return self.examples is not None
+
+    def seeds(self, config: RunConfig) -> list[int | None]:
+        """The seeds the condition is tested on (None: it samples nothing)."""
+        if self.vector is not None and self.seeded:
+            return list(self.vector.seeds(config))
+        return list(config.seeds) if self.seeded else [None]
 
 
 def _paper(column: str) -> TableSlot:
@@ -97,7 +108,7 @@ NO_CONTEXT_TEXT = Condition("no-context-text", "no context (text query)", "text"
 IMAGE_ICL = Condition(
     "image-icl", "image ICL", "image", demos="image", seeded=True, tables=(_paper("image-icl"),)
 )
-TEXT_ICL = Condition("text-icl", "text ICL (text query)", "text", demos="text", seeded=True)
+TEXT_ICL_CONDITION = Condition("text-icl", "text ICL (text query)", "text", demos="text", seeded=True)
 TEXT_ICL_XBASE = Condition(
     "text-icl-xbase",
     "text examples + image query (xBase)",
@@ -109,7 +120,7 @@ TEXT_ICL_XBASE = Condition(
 
 
 def _patched(
-    name: str, vector: VectorSpec, query: Modality, tables: tuple[TableSlot, ...], rank: int | None = None
+    name: str, vector: VectorRecipe, query: Modality, tables: tuple[TableSlot, ...], rank: int | None = None
 ) -> Condition:
     label = f"{vector.label} vector -> {query} query"
     return Condition(name, label, query, vector=vector, seeded=True, tables=tables, analysis_layer_rank=rank)
@@ -117,14 +128,14 @@ def _patched(
 
 IMAGE_TO_IMAGE = _patched(
     "image->image",
-    VectorSpec.IMAGE_ICL,
+    IMAGE_ICL_VECTOR,
     "image",
     (_paper("image-icl-patch"), _direction("image->image"), _beside_function_vector("image->image")),
     3,
 )
 TEXT_TO_IMAGE = _patched(
     "text->image",
-    VectorSpec.TEXT_ICL,
+    TEXT_ICL,
     "image",
     (
         _paper("text-icl-xpatch"),
@@ -136,41 +147,39 @@ TEXT_TO_IMAGE = _patched(
 )
 TEXT_TO_TEXT = _patched(
     "text->text",
-    VectorSpec.TEXT_ICL,
+    TEXT_ICL,
     "text",
     (_direction("text->text"), _beside_function_vector("text->text")),
     2,
 )
-IMAGE_TO_TEXT = _patched("image->text", VectorSpec.IMAGE_ICL, "text", (_direction("image->text"),))
+IMAGE_TO_TEXT = _patched("image->text", IMAGE_ICL_VECTOR, "text", (_direction("image->text"),))
 LLM_TO_VLM = _patched(
     "llm-xpatch",
-    VectorSpec.LLM_TEXT_ICL,
+    LLM_TEXT_ICL,
     "image",
     (TableSlot("llm_to_vlm", "llm_vectors"), _beside_function_vector("llm->image")),
     4,
 )
 
 
-def _function_vector(direction: str, vector: VectorSpec, query: Modality) -> Condition:
+def _function_vector(direction: str, vector: FunctionVector, query: Modality) -> Condition:
     """The function vector of `vector`'s demonstrations added to `query` queries; its table column
     sits beside the residual task vector's of the same direction (`_beside_function_vector`)."""
     label = f"{vector.label} function vector -> {query} query"
     slots = (TableSlot("function_vectors", f"FV {direction}"),)
-    return Condition(
-        f"fv-{direction}", label, query, vector=vector, seeded=True, tables=slots, function_vector=True
-    )
+    return Condition(f"fv-{direction}", label, query, vector=vector, seeded=True, tables=slots)
 
 
-FV_TEXT_TO_IMAGE = _function_vector("text->image", VectorSpec.TEXT_ICL, "image")
-FV_TEXT_TO_TEXT = _function_vector("text->text", VectorSpec.TEXT_ICL, "text")
-FV_IMAGE_TO_IMAGE = _function_vector("image->image", VectorSpec.IMAGE_ICL, "image")
-FV_LLM_TO_VLM = _function_vector("llm->image", VectorSpec.LLM_TEXT_ICL, "image")
+FV_TEXT_TO_IMAGE = _function_vector("text->image", FunctionVector(VectorSpec.TEXT_ICL), "image")
+FV_TEXT_TO_TEXT = _function_vector("text->text", FunctionVector(VectorSpec.TEXT_ICL), "text")
+FV_IMAGE_TO_IMAGE = _function_vector("image->image", FunctionVector(VectorSpec.IMAGE_ICL), "image")
+FV_LLM_TO_VLM = _function_vector("llm->image", FunctionVector(VectorSpec.TEXT_ICL, role="llm"), "image")
 
 INSTRUCTION_PATCH = Condition(
     "instruction-patch",
     "instruction vector patched",
     "image",
-    vector=VectorSpec.INSTRUCTION,
+    vector=INSTRUCTION,
     text_fallback=True,
     tables=(TableSlot("instruction", "instruction-patch"),),
 )
@@ -183,12 +192,12 @@ INSTRUCTION_PROMPT = Condition(
     tables=(TableSlot("instruction", "instruction-prompt"),),
 )
 
-# The registry: the run plans these in order (then the ensemble curve, built from the options).
-CONDITIONS: list[Condition] = [
+# The paper's conditions, in the order the run plans them (then the ensemble curve of the options).
+PAPER_CONDITIONS: tuple[Condition, ...] = (
     NO_CONTEXT,
     NO_CONTEXT_TEXT,
     IMAGE_ICL,
-    TEXT_ICL,
+    TEXT_ICL_CONDITION,
     TEXT_ICL_XBASE,
     IMAGE_TO_IMAGE,
     TEXT_TO_IMAGE,
@@ -201,22 +210,20 @@ CONDITIONS: list[Condition] = [
     FV_LLM_TO_VLM,
     INSTRUCTION_PATCH,
     INSTRUCTION_PROMPT,
-]
+)
 
 
-def register_condition(condition: Condition) -> Condition:
-    """Add a condition to every later run (its name must be new)."""
-    if any(existing.name == condition.name for existing in CONDITIONS):
-        raise ValueError(f"a condition named {condition.name!r} is already registered")
-    CONDITIONS.append(condition)
-    return condition
+def with_condition(conditions: Sequence[Condition], condition: Condition) -> list[Condition]:
+    """`conditions` with `condition` added, or in place of the condition of the same name."""
+    names = [existing.name for existing in conditions]
+    if condition.name in names:
+        listed = list(conditions)
+        listed[names.index(condition.name)] = condition
+        return listed
+    return [*conditions, condition]
 
 
-def unregister_condition(name: str) -> None:
-    CONDITIONS[:] = [condition for condition in CONDITIONS if condition.name != name]
-
-
-def _curve_point(name: str, label: str, n: int, vector: VectorSpec | None, series: str) -> Condition:
+def _curve_point(name: str, label: str, n: int, vector: VectorRecipe | None, series: str) -> Condition:
     return Condition(
         name,
         label,
@@ -229,7 +236,7 @@ def _curve_point(name: str, label: str, n: int, vector: VectorSpec | None, serie
     )
 
 
-def ensemble_conditions(counts: tuple[int, ...]) -> list[Condition]:
+def ensemble_conditions(counts: Sequence[int]) -> list[Condition]:
     """The curve: exemplar-only vs (exemplar + instruction) / 2 for each number of examples.
 
     n=0 has no exemplar: the ensemble is the instruction vector alone and exemplar-only is the
@@ -240,28 +247,41 @@ def ensemble_conditions(counts: tuple[int, ...]) -> list[Condition]:
         if n == 0:
             conditions.append(_curve_point("exemplar-0", "no vector (n=0)", 0, None, "exemplar"))
             conditions.append(
-                _curve_point(
-                    "ensemble-0", "instruction vector alone (n=0)", 0, VectorSpec.INSTRUCTION, "ensemble"
-                )
+                _curve_point("ensemble-0", "instruction vector alone (n=0)", 0, INSTRUCTION, "ensemble")
             )
             continue
         conditions.append(
             _curve_point(
-                f"exemplar-{n}", f"exemplar vector of {n} examples", n, VectorSpec.EXEMPLAR_SUBSET, "exemplar"
+                f"exemplar-{n}", f"exemplar vector of {n} examples", n, ExemplarSubset(n), "exemplar"
             )
         )
         conditions.append(
-            _curve_point(
-                f"ensemble-{n}", f"(exemplar of {n} + instruction) / 2", n, VectorSpec.ENSEMBLE, "ensemble"
-            )
+            _curve_point(f"ensemble-{n}", f"(exemplar of {n} + instruction) / 2", n, Ensemble(n), "ensemble")
         )
     return conditions
 
 
+def paper_conditions(config: RunConfig) -> list[Condition]:
+    """The paper's conditions and the ensemble curve at the configured numbers of examples."""
+    return [*PAPER_CONDITIONS, *ensemble_conditions(config.ensemble_examples)]
+
+
 def plan_conditions(
-    handle: ModelHandle, tasks: list[Task], config: RunConfig, llm: ModelHandle | None
+    handle: ModelHandle,
+    tasks: list[Task],
+    config: RunConfig,
+    llm: ModelHandle | None,
+    conditions: Sequence[Condition] | None = None,
 ) -> tuple[list[Condition], list[str]]:
-    """The conditions this model can run, and a note for each group it cannot."""
+    """The conditions of `conditions` (default: `paper_conditions(config)`) this model can run, and a
+    note for each group it cannot."""
+    conditions = paper_conditions(config) if conditions is None else list(conditions)
+    names = [condition.name for condition in conditions]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(
+            f"conditions repeat a name: {', '.join(repeated)} (use with_condition to replace one)"
+        )
     notes: list[str] = []
     architecture = handle.architecture
     images_ok = architecture.is_vision_language
@@ -286,14 +306,11 @@ def plan_conditions(
             )
     elif llm is None and images_ok:
         notes.append("no base LM given: base-LM vector conditions skipped")
-    heads = heads_used(handle, config.fv_heads)
-    if config.function_vectors and heads < config.fv_heads:
-        notes.append(f"{handle.name} has {heads} attention heads: function vectors sum all of them")
     instructions_ok = all(task.instruction for task in tasks)
     if not instructions_ok:
         notes.append("a task has no instruction: instruction and ensemble conditions skipped")
     planned = []
-    for condition in [*CONDITIONS, *ensemble_conditions(config.ensemble_examples)]:
+    for condition in conditions:
         if not images_ok and condition.text_fallback and condition.query == "image":
             condition = replace(condition, query="text")
         if condition.needs_images and not images_ok:
@@ -304,7 +321,12 @@ def plan_conditions(
             continue
         if condition.uses_instruction and not instructions_ok:
             continue
-        if condition.function_vector and not config.function_vectors:
+        if condition.vector is not None and not condition.vector.enabled(config):
             continue
         planned.append(condition)
+    recipes = {c.vector.id: c.vector for c in planned if c.vector is not None}
+    for recipe in recipes.values():
+        note = recipe.plan_note(handle, config)
+        if note is not None and note not in notes:
+            notes.append(note)
     return planned, notes

@@ -7,7 +7,7 @@ None means the paper reports no number there (LLaVA-1.5 takes one image, so no i
 
 from __future__ import annotations
 
-from typing import Any
+from taskvec.experiments.results.run_results import PaperNumbers
 
 PAPER_COLUMNS = ("no-context", "image-icl", "image-icl-patch", "text-icl-xbase", "text-icl-xpatch")
 
@@ -50,23 +50,28 @@ PAPER_LLM_TO_VLM: dict[str, dict[str, float | None]] = {
 }
 PAPER_LLM_VLM_COSINE = (0.89, 0.95)
 
-PAPER_BEST_LAYERS = {"LLaVA-1.5-7B": [15, 32], "Idefics2-8B": [16, 32], "Mantis-Fuyu-8B": [23, 36]}
+PAPER_BEST_LAYERS: dict[str, list[int]] = {
+    "LLaVA-1.5-7B": [15, 32],
+    "Idefics2-8B": [16, 32],
+    "Mantis-Fuyu-8B": [23, 36],
+}
 
-PAPER_EFFICIENCY = {
+PAPER_EFFICIENCY: dict[str, dict[str, float] | float] = {
     "patching": {"seconds": 0.20, "gb": 8.21},
     "prompting_30_examples": {"seconds": 2.20, "gb": 20.02},
     "ensemble_sample_efficiency_gain": 0.18,
 }
 
 
-def paper_numbers() -> dict[str, Any]:
-    """Everything above as one JSON-able dict (results.json's "paper_numbers")."""
-    return {
-        "source": "arXiv 2410.22330 (ICML 2025: Vision-Language Models Create Cross-Modal Task ...)",
-        "table": PAPER_TABLE,
-        "directions": {"model": PAPER_DIRECTIONS_MODEL, **PAPER_DIRECTIONS},
-        "llm_to_vlm": PAPER_LLM_TO_VLM,
-        "llm_vlm_cosine_range": list(PAPER_LLM_VLM_COSINE),
-        "best_layers": PAPER_BEST_LAYERS,
-        "efficiency": PAPER_EFFICIENCY,
-    }
+def paper_numbers() -> PaperNumbers:
+    """Everything above as one record (results.json's "paper_numbers")."""
+    return PaperNumbers(
+        source="arXiv 2410.22330 (ICML 2025: Vision-Language Models Create Cross-Modal Task ...)",
+        table=PAPER_TABLE,
+        directions_model=PAPER_DIRECTIONS_MODEL,
+        directions=PAPER_DIRECTIONS,
+        llm_to_vlm=PAPER_LLM_TO_VLM,
+        llm_vlm_cosine_range=list(PAPER_LLM_VLM_COSINE),
+        best_layers=PAPER_BEST_LAYERS,
+        efficiency=PAPER_EFFICIENCY,
+    )

@@ -31,6 +31,7 @@ from taskvec.experiments.results.run_results import (
     TableColumn,
 )
 from taskvec.intervals import Interval, bootstrap_interval
+from taskvec.layer_choice import NO_LAYER_HELPED, LayerChoice, layer_and_scale
 
 
 @dataclass(frozen=True)
@@ -254,15 +255,38 @@ def floors_line(floors: Sequence[Floor]) -> str:
     )
 
 
-def format_table(table: ResultTable, model: str, threshold: float) -> str:
+NO_LAYER_MARK = "†"
+NO_LAYER_NOTE = (
+    f"{NO_LAYER_MARK} {NO_LAYER_HELPED}: no candidate layer beat the unpatched queries on validation, "
+    "so the condition's test queries ran unpatched"
+)
+
+
+def no_layer_helped(layers: Mapping[str, LayerChoice], condition: str) -> bool:
+    """Whether `condition` is patched but its validation layer choice found no layer that helped."""
+    choice = layers.get(condition)
+    return choice is not None and not choice.helped
+
+
+def format_table(
+    table: ResultTable, model: str, threshold: float, layers: Mapping[str, LayerChoice] | None = None
+) -> str:
+    """`layers` (the run's layer choices) marks the columns where no layer helped."""
     ours = f"ours ({model})"
+    unhelped = {c.condition for c in table.columns if no_layer_helped(layers or {}, c.condition)}
+
+    def marked(column: TableColumn, cell: str) -> str:
+        return f"{cell} {NO_LAYER_MARK}" if column.condition in unhelped else cell
+
     if table.curve:
         series = list(dict.fromkeys(column.column for column in table.columns))
         xs = sorted({column.x or 0 for column in table.columns})
         body = []
         for name in series:
-            by_x = {column.x or 0: column.summary for column in table.series(name)}
-            body.append([name, *(_summary_cell(by_x[x]) if x in by_x else "-" for x in xs)])
+            by_x = {column.x or 0: column for column in table.series(name)}
+            body.append(
+                [name, *(marked(by_x[x], _summary_cell(by_x[x].summary)) if x in by_x else "-" for x in xs)]
+            )
         grid = _grid(["n", *map(str, xs)], body)
     else:
         names = [column.column for column in table.columns]
@@ -277,12 +301,14 @@ def format_table(table: ResultTable, model: str, threshold: float) -> str:
                 cell += f" ±{column.summary.seed_std:.2f}"
             if column.summary.query_independent(threshold):
                 cell += " *"
-            cells.append(cell)
+            cells.append(marked(column, cell))
         body.append([ours, *cells])
         grid = _grid(["model", *names], body)
     lines = [f"{table.title}\n({protocol_line(table.metric, table.max_new_tokens)})", grid]
     if table.floors:
         lines.append(floors_line(table.floors))
+    if unhelped:
+        lines.append(NO_LAYER_NOTE)
     if any(column.summary.query_independent(threshold) for column in table.columns):
         lines.append(
             f"* at least {threshold:.0%} of the answers are the patched vector's own decoded answer: "
@@ -294,7 +320,9 @@ def format_table(table: ResultTable, model: str, threshold: float) -> str:
 def format_tables(results: RunResults) -> str:
     """The tables with the paper's numbers above ours, then our per-task breakdown."""
     threshold = results.config.query_independent_share
-    sections = [format_table(table, results.meta.model, threshold) for table in results.tables]
+    sections = [
+        format_table(table, results.meta.model, threshold, results.layers) for table in results.tables
+    ]
     cosine = results.vector_cosine
     if cosine is not None and cosine.at_layer is not None:
         low, high = PAPER_LLM_VLM_COSINE
@@ -306,11 +334,20 @@ def format_tables(results: RunResults) -> str:
     return "\n\n".join(sections)
 
 
-def placement(layer: int | None, scale: float | None) -> str:
-    """Where a condition patches: "-", its layer, or a function vector's layer and scale ("6 x4")."""
+def placement(layer: int | None, scale: float | None, choice: LayerChoice | None = None) -> str:
+    """Where a condition patches: "-" (unpatched), its layer, a function vector's layer and scale
+    ("6 x4"), or "no layer helped" when its layer `choice` found no candidate that beat the
+    unpatched queries on validation (its rows then carry no layer)."""
+    if choice is not None and not choice.helped:
+        return NO_LAYER_HELPED
     if layer is None:
         return "-"
-    return str(layer) if scale is None else f"{layer} x{scale:g}"
+    return layer_and_scale(layer, scale)
+
+
+def summary_placement(results: RunResults, summary: Summary) -> str:
+    """`placement` of a condition's summary, read with the run's layer choice for it."""
+    return placement(summary.layer, summary.scale, results.layers.get(summary.condition))
 
 
 def per_task_table(results: RunResults) -> str:
@@ -320,7 +357,7 @@ def per_task_table(results: RunResults) -> str:
         body.append(
             [
                 summary.condition,
-                placement(summary.layer, summary.scale),
+                summary_placement(results, summary),
                 *(interval_cell(summary.per_task.get(task)) for task in results.tasks),
                 interval_cell(summary.mean, summary.interval),
                 "-" if share is None else f"{share:.2f}",

@@ -20,7 +20,7 @@ from taskvec.intervals import Interval
 from taskvec.layer_choice import LayerChoice
 from taskvec.typed_json import from_json, to_json
 
-RESULTS_FORMAT = 2
+RESULTS_FORMAT = 3
 SUMMARY_FIELDS = (
     "model",
     "condition",
@@ -175,6 +175,20 @@ class HeadOverlap:
 
 
 @dataclass
+class PaperNumbers:
+    """The paper's own figures, recorded beside the run's (experiments/protocol/paper_numbers.py)."""
+
+    source: str
+    table: dict[str, dict[str, float | None]]
+    directions_model: str
+    directions: dict[str, float]
+    llm_to_vlm: dict[str, dict[str, float | None]]
+    llm_vlm_cosine_range: list[float]
+    best_layers: dict[str, list[int]]
+    efficiency: dict[str, dict[str, float] | float]
+
+
+@dataclass
 class RunMeta:
     model: str
     llm: str | None
@@ -208,7 +222,7 @@ class RunResults:
     analysis_layer: int
     analysis_layer_source: str
     vector_cosine: VectorCosine | None = None
-    paper_numbers: dict[str, Any] = field(default_factory=dict)
+    paper_numbers: PaperNumbers | None = None
     function_vectors: list[HeadEffects] = field(default_factory=list)
     head_overlaps: list[HeadOverlap] = field(default_factory=list)
     # The engine's invariants on each model of the run (the model, then its base LM), before any step.
