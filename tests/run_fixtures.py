@@ -11,7 +11,9 @@ from conftest import random_image
 from safetensors.torch import load_file
 
 from taskvec.experiments import RunConfig
+from taskvec.function_vectors import FunctionVectorSettings
 from taskvec.models import ModelHandle
+from taskvec.prompts.settings import PromptSettings
 
 PAIRS = [
     ("France", "Paris"),
@@ -95,16 +97,14 @@ def tiny_config(task_file: Path, **changes: Any) -> RunConfig:
     options: dict[str, Any] = {
         "tasks": (str(task_file),),
         "seeds": (0, 1),
-        "shots": 2,
+        "prompts": PromptSettings(shots=2, batch_size=4),
         "ensemble_examples": (0, 2, 4),
         "max_new_tokens": 2,
-        "batch_size": 4,
         # Function vectors from 2-shot prompts, ranked on a few prompts: the tiny task has 7
         # validation items.
-        "fv_shots": 2,
-        "fv_mean_prompts": 4,
-        "fv_effect_prompts": 3,
-        "fv_scales": (1.0, 4.0),
+        "function_vector": FunctionVectorSettings(
+            shots=2, mean_prompts=4, effect_prompts=3, scales=(1.0, 4.0)
+        ),
     }
     options.update(changes)
     return RunConfig(**options)

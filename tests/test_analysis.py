@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,6 +33,7 @@ from taskvec.analysis import (
     AnalysisLayer,
     AnalysisMeta,
     AnalysisSettings,
+    PhaseCurves,
     VectorKey,
     analysis_vectors,
     collect_prompt_points,
@@ -100,7 +102,7 @@ def test_word_probability_is_the_max_over_leading_space_variants() -> None:
 
 def test_lens_phases_are_relative_curves_over_layers_with_their_peaks(tasks: list[Task]) -> None:
     handle = tiny_handle("llava")
-    result = lens_phases(handle, tasks[0], max_prompts=3, shots=2)
+    result = lens_phases(handle, tasks[0], max_prompts=3, prompts=PromptSettings(shots=2))
     assert set(result.curves) == {"text-icl", "image-icl", "instruction"} and not result.skipped
     for curves in result.curves.values():
         assert curves.prompts == 3
@@ -115,7 +117,7 @@ def test_lens_phases_are_relative_curves_over_layers_with_their_peaks(tasks: lis
 
 
 def test_lens_phases_skip_image_icl_on_a_text_model(tasks: list[Task]) -> None:
-    result = lens_phases(tiny_handle("gemma3_text"), tasks[0], max_prompts=2, shots=2)
+    result = lens_phases(tiny_handle("gemma3_text"), tasks[0], max_prompts=2, prompts=PromptSettings(shots=2))
     assert set(result.curves) == {"text-icl", "instruction"}
     assert "text-only" in result.skipped["image-icl"]
 
@@ -183,7 +185,7 @@ def test_projections_keep_one_point_per_row_and_neighbours_follow_clusters() -> 
 
 def test_prompt_points_cover_every_task_and_spec(tasks: list[Task]) -> None:
     handle = tiny_handle("llava")
-    points = collect_prompt_points(handle, tasks, 1, prompts_per_task=3, shots=2)
+    points = collect_prompt_points(handle, tasks, 1, prompts_per_task=3, prompts=PromptSettings(shots=2))
     assert len(points.tasks) == len(points.specs) == 3 * 2 * 3
     assert points.vectors.shape == points.embeddings.shape == (18, handle.hidden_size)
     # Image prompts average their image tokens, text prompts their text: the embeddings differ.
@@ -201,14 +203,16 @@ def test_conflict_pairs_share_inputs_and_counts_sum_to_the_queries(tasks: list[T
     assert winner("Tokyo", ["Paris"], ["blue"]) == "neither"
     handle = tiny_handle("llama")
     vector = torch.randn(handle.num_layers, handle.hidden_size)
+    two_shots = PromptSettings(shots=2)
     for context in ("text-icl", "instruction"):
-        counts = task_conflict(handle, tasks[0], tasks[1], vector, 1, context=context, shots=2)  # type: ignore[arg-type]
+        counts = task_conflict(handle, tasks[0], tasks[1], vector, 1, context=context, prompts=two_shots)
         assert counts.items == 3  # the test split of tiny-capital
         assert sum(counts.baseline.values()) == sum(counts.patched.values()) == counts.items
         assert len(counts.examples) == 3 and counts.examples[0].answer_b in {"white", "orange", "purple"}
 
 
-SETTINGS = replace(QUICK, shots=2)  # the tiny tasks' validation splits hold 4 or 5 items
+# The tiny tasks' validation splits hold 4 or 5 items.
+SETTINGS = replace(QUICK, prompts=replace(QUICK.prompts, shots=2))
 
 
 def _run(handle: Any, tasks: list[Task], cache: StepCache, **options: Any) -> AnalysisDocument:
@@ -248,8 +252,8 @@ def test_run_analyses_fills_the_document_from_the_given_layer_and_vectors(
     document = _run(handle, tasks, StepCache(tmp_path / "cache"), vectors=vectors, llm=llm, layer_source="t")
     assert document.errors == {}
     assert list(document.results) == [analysis.name for analysis in PAPER_ANALYSES]
-    assert document.format == 3 and document.layer == AnalysisLayer(2, handle.num_layers, "t")
-    assert document.meta.model == "tiny-llava" and document.meta.settings.shots == 2
+    assert document.format == 4 and document.layer == AnalysisLayer(2, handle.num_layers, "t")
+    assert document.meta.model == "tiny-llava" and document.meta.settings.prompts.shots == 2
     assert document.meta.llm_fingerprint == document.meta.model_fingerprint  # the same tiny weights
     assert (
         set(document.vectors) == {key.label for key in vectors}
@@ -302,8 +306,12 @@ def test_analysis_documents_of_another_format_or_missing_fields_are_refused(tmp_
     )
     data = document.to_json()
     assert AnalysisDocument.from_json(data) == document
-    with pytest.raises(ValueError, match="format 2, this taskvec reads format 3"):
-        AnalysisDocument.from_json({**data, "format": 2})
+    # Format 2's settings, the prompt settings flat among them: refused, not read as the defaults.
+    flat_settings = {k: v for k, v in data["meta"]["settings"].items() if k != "prompts"}
+    flat_settings |= {"shots": 2, "seed": 0, "template": "qa", "batch_size": 4}
+    format_2 = {**data, "format": 2, "meta": {**data["meta"], "settings": flat_settings}}
+    with pytest.raises(ValueError, match="format 2, this taskvec reads format 3: run the analyses again"):
+        AnalysisDocument.from_json(format_2)
     with pytest.raises(ValueError, match="format 1, this taskvec reads format 3"):
         AnalysisDocument.from_json({**data, "format": 1})
     with pytest.raises(ValueError, match="analysis: missing field 'results'"):
@@ -384,6 +392,20 @@ def test_step_keys_follow_model_weights_task_content_and_settings(tasks: list[Ta
     edited = replace(tasks[0], items=(tasks[0].items[1], tasks[0].items[0], *tasks[0].items[2:]))
     assert key(task=edited) != base
     assert key(settings=replace(SETTINGS, conflict_max_new_tokens=4)) != base
+    # Every prompt setting, nested in the analyses' settings, is part of the key.
+    other_prompts: dict[str, Any] = {
+        "shots": 3,
+        "seed": 1,
+        "style": "sketch",
+        "template": "chat",
+        "batch_size": 2,
+    }
+    assert set(other_prompts) == {setting.name for setting in fields(PromptSettings)}
+    prompt_keys = set()
+    for name, value in other_prompts.items():
+        assert getattr(SETTINGS.prompts, name) != value
+        prompt_keys.add(key(settings=replace(SETTINGS, prompts=replace(SETTINGS.prompts, **{name: value}))))
+    assert len(prompt_keys) == len(other_prompts) and base not in prompt_keys
 
 
 @dataclass
@@ -444,7 +466,7 @@ def test_the_conflict_generates_in_batches_of_the_settings_batch_size(
         return answers
 
     monkeypatch.setattr(conflict_module, "generate_answers", recording)
-    settings = replace(SETTINGS, batch_size=3)
+    settings = replace(SETTINGS, prompts=replace(SETTINGS.prompts, batch_size=3))
     document = _run(
         tiny_handle("llava"),
         tasks,
@@ -481,7 +503,7 @@ def test_run_analyses_refuses_a_layer_or_vector_the_model_does_not_have(
 
 
 def test_lens_command_on_a_saved_checkpoint(
-    tasks: list[Task], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tasks: list[Task], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tiny_models import build_tiny
 
@@ -507,3 +529,22 @@ def test_lens_command_on_a_saved_checkpoint(
     assert curves["peak_layer"]["task"] is None and curves["prompts_without_token"]["task"] == 2
     assert main([*argv[:-2], "--spec", "text-icl", "--prompts", "2", "--shots", "2"]) == 0
     assert "peak layers: input" in capsys.readouterr().out
+
+    # The prompt flags reach the lens as its PromptSettings: one prompt per batch, the same curves.
+    batch_sizes: list[int] = []
+    # The package exports a function of the module's name: reach the module itself.
+    lens_module = importlib.import_module("taskvec.analysis.lens_phases")
+    curves_of = lens_module.phase_curves
+
+    def recording(*args: Any, batch_size: int, **kwargs: Any) -> PhaseCurves:
+        batch_sizes.append(batch_size)
+        return curves_of(*args, batch_size=batch_size, **kwargs)
+
+    monkeypatch.setattr(lens_module, "phase_curves", recording)
+    assert main([*argv, "--prompts", "2", "--shots", "2", "--batch-size", "1", "--json"]) == 0
+    one_at_a_time = json.loads(capsys.readouterr().out)
+    assert batch_sizes == [1, 1]  # text-icl and image-icl
+    for spec, expected in result["curves"].items():
+        for phase in PHASES:
+            got = one_at_a_time["curves"][spec]["relative"][phase]
+            assert got == pytest.approx(expected["relative"][phase], abs=1e-5), (spec, phase)

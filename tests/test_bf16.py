@@ -56,7 +56,14 @@ vector_tokens_module = importlib.import_module("taskvec.analysis.vector_tokens")
 BF16 = torch.bfloat16
 # Families the analyses run on in bf16: a text model and the VLM layouts that differ most.
 ANALYSIS_FAMILIES = ("llama", "llava", "qwen2_vl", "idefics2", "gemma3", "fuyu")
-SETTINGS = replace(QUICK, shots=2, lens_prompts=2, map_prompts_per_task=2, conflict_items=2, vector_prompts=2)
+SETTINGS = replace(
+    QUICK,
+    prompts=replace(QUICK.prompts, shots=2),
+    lens_prompts=2,
+    map_prompts_per_task=2,
+    conflict_items=2,
+    vector_prompts=2,
+)
 ENGINE_CASES = [(family, family in VLM_FAMILIES) for family in FAMILIES]
 
 
@@ -116,8 +123,10 @@ def test_every_analysis_runs_in_bf16_close_to_fp32(family: str, tasks: list[Task
     half_map = half_run.result(EMBEDDING_MAP)
     assert half_map is not None
     specs = sorted(set(half_map.specs))
-    points = collect_prompt_points(half, tasks, 1, specs=specs, prompts_per_task=2, shots=2)
-    full_points = collect_prompt_points(full, tasks, 1, specs=specs, prompts_per_task=2, shots=2)
+    points = collect_prompt_points(half, tasks, 1, specs=specs, prompts_per_task=2, prompts=SETTINGS.prompts)
+    full_points = collect_prompt_points(
+        full, tasks, 1, specs=specs, prompts_per_task=2, prompts=SETTINGS.prompts
+    )
     for name in ("vectors", "embeddings"):
         array, expected = getattr(points, name), getattr(full_points, name)
         assert array.dtype == np.float32
@@ -224,9 +233,9 @@ def test_lens_phases_aggregate_on_the_cpu_in_float32_whatever_device_the_lens_ru
     atlantis = Item("Atlantis", "Paris", images=capital.items[0].images)
     task = replace(capital, items=(*capital.items, atlantis), splits={**capital.splits, "test": (8, 5, 6)})
     handle = tiny_handle("llava")
-    expected = lens_phases(handle, task, max_prompts=3, shots=2).as_dict()
+    expected = lens_phases(handle, task, max_prompts=3, prompts=SETTINGS.prompts).as_dict()
     lens_elsewhere(monkeypatch, dtype)
-    moved = lens_phases(handle, task, max_prompts=3, shots=2).as_dict()
+    moved = lens_phases(handle, task, max_prompts=3, prompts=SETTINGS.prompts).as_dict()
     for spec, curves in expected["curves"].items():
         assert curves["prompts_without_token"]["input"] == 1  # Atlantis
         for kind in ("probability", "relative"):

@@ -330,9 +330,13 @@ def test_lens_reads_where_the_answer_is_produced(llama_chat: ModelHandle, tmp_pa
 
     task = _tiny_capital(tmp_path)
     chat = lens_phases(
-        llama_chat, task, specs=["text-icl", "instruction"], max_prompts=2, shots=2, template="chat"
+        llama_chat,
+        task,
+        specs=["text-icl", "instruction"],
+        max_prompts=2,
+        prompts=PromptSettings(shots=2, template="chat"),
     )
-    qa = lens_phases(llama_chat, task, specs=["text-icl"], max_prompts=2, shots=2)
+    qa = lens_phases(llama_chat, task, specs=["text-icl"], max_prompts=2, prompts=PromptSettings(shots=2))
     assert chat.as_dict()["template"] == "chat" and "template" not in qa.as_dict()
     assert set(chat.curves) == {"text-icl", "instruction"}
     # The last token's lens: the answer's probability there is what the chat curves record.
@@ -358,15 +362,16 @@ def test_run_config_takes_the_template_and_keys_cached_steps_by_it(tmp_path: Pat
     from taskvec.experiments.protocol.conditions import plan_conditions
     from taskvec.tasks import load_task
 
-    assert RunConfig().template == "qa" and RunConfig(template="chat").template == "chat"
+    chat = RunConfig(prompts=PromptSettings(template="chat"))
+    assert RunConfig().prompts.template == "qa" and chat.prompts.template == "chat"
     with pytest.raises(ValueError, match="unknown template"):
-        RunConfig(template="jinja")  # type: ignore[arg-type]
+        RunConfig(prompts=PromptSettings(template="jinja"))  # type: ignore[arg-type]
     assert build_parser().parse_args(["run", "--template", "chat"]).template == "chat"
     task = load_task(str(write_task_file(tmp_path / "task")))
     handle = tiny_handle("llava")
     identities = {}
     for name in ("qa", "chat"):
-        config = tiny_config(Path(task.name), template=name)
+        config = tiny_config(Path(task.name), prompts=PromptSettings(shots=2, batch_size=4, template=name))
         cache = StepCache(tmp_path / name)
         store = VectorStore(tmp_path / name, config, cache, run_models(handle, None), progress=False)
         runner = StepRunner(handle, None, config, cache, store, progress=False)
@@ -393,8 +398,8 @@ def test_vectors_for_the_analyses_are_read_under_the_template_they_are_given(
     from taskvec.analysis import QUICK, VectorKey, analysis_vectors
 
     task = _tiny_capital(tmp_path)
-    qa_settings = replace(QUICK, shots=2, batch_size=2)
-    chat_settings = replace(qa_settings, template="chat")
+    qa_settings = replace(QUICK, prompts=PromptSettings(shots=2, batch_size=2))
+    chat_settings = replace(qa_settings, prompts=PromptSettings(shots=2, batch_size=2, template="chat"))
     qa = analysis_vectors(llama_chat, [task], settings=qa_settings)
     chat = analysis_vectors(llama_chat, [task], settings=chat_settings)
     key = VectorKey("vlm", task.name, "text-icl")
@@ -411,7 +416,7 @@ def test_a_tiny_run_under_the_chat_template(tmp_path: Path) -> None:
     handle = chat_handle("llava", LLAVA_STYLE)
     config = tiny_config(
         write_task_file(tmp_path / "task"),
-        template="chat",
+        prompts=PromptSettings(shots=2, batch_size=4, template="chat"),
         seeds=(0,),
         ensemble_examples=(0, 2),
         val_limit=2,
@@ -420,8 +425,8 @@ def test_a_tiny_run_under_the_chat_template(tmp_path: Path) -> None:
     )
     out = tmp_path / "out"
     results = run_experiments(handle, config, out, progress=False)
-    assert results.config.template == "chat"
-    assert json.loads((out / "results.json").read_text())["config"]["template"] == "chat"
+    assert results.config.prompts.template == "chat"
+    assert json.loads((out / "results.json").read_text())["config"]["prompts"]["template"] == "chat"
     vectors = out / "vectors" / "vlm" / "country-capital"
     assert load_task_vector(vectors / "text-icl-seed0.safetensors").metadata["template"]["format"] == "chat"
     assert "user turn" in load_task_vector(vectors / "instruction-seed0.safetensors").metadata["position"]
@@ -431,7 +436,7 @@ def test_a_tiny_run_under_the_chat_template(tmp_path: Path) -> None:
 
     run_analyses_of_run(handle, results, out, progress=False)
     analysis = json.loads((out / "analysis.json").read_text())
-    assert analysis["meta"]["settings"]["template"] == "chat"
+    assert analysis["meta"]["settings"]["prompts"]["template"] == "chat"
     assert all(lens["template"] == "chat" for lens in analysis["results"]["lens"]["per_task"].values())
 
 

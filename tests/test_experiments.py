@@ -24,8 +24,10 @@ from taskvec.experiments import (
     TableSlot,
     choose_layer,
     format_tables,
+    paper_conditions,
     plan_conditions,
     run_experiments,
+    with_condition,
 )
 from taskvec.experiments.execution import steps as steps_module
 from taskvec.experiments.execution.vector_store import VectorStore, run_models
@@ -257,20 +259,18 @@ def test_a_rerun_resumes_from_the_run_directory(finished_run: Run, monkeypatch: 
     assert again.meta.steps["computed"] == 0 and again.meta.steps["vectors_extracted"] == 0
 
 
-def test_a_registered_condition_reaches_results_csv_and_report(tmp_path: Path) -> None:
+def test_an_added_condition_of_an_existing_recipe_reaches_results_csv_and_report(tmp_path: Path) -> None:
     from taskvec.report import write_report
 
     slot = TableSlot("directions", "text->image (dummy)")
-    copy = Condition(
-        "text->image-x2", "a registered copy of text->image", "image", vector=VectorSpec.TEXT_ICL
+    condition = Condition(
+        "text->image-x2", "a copy of text->image", "image", vector=TEXT_ICL, seeded=True, tables=(slot,)
     )
-    condition = dataclasses.replace(copy, seeded=True, tables=(slot,))
-    register_condition(condition)
-    try:
-        config = tiny_config(write_task_file(tmp_path / "task"), seeds=(0,), ensemble_examples=(0,))
-        results = run_experiments(tiny_handle("llava"), config, tmp_path / "out", progress=False)
-    finally:
-        unregister_condition(condition.name)
+    config = tiny_config(write_task_file(tmp_path / "task"), seeds=(0,), ensemble_examples=(0,))
+    conditions = with_condition(paper_conditions(config), condition)
+    results = run_experiments(
+        tiny_handle("llava"), config, tmp_path / "out", progress=False, conditions=conditions
+    )
     assert any(row.condition == "text->image-x2" for row in results.results)
     directions = results.table("directions")
     assert directions is not None and directions.column("text->image (dummy)") is not None
@@ -287,7 +287,9 @@ def test_a_changed_option_does_not_reuse_stale_steps(tmp_path: Path) -> None:
     assert isinstance(base, dict) and store.key(TEXT_ICL, task, 0) == cache.key(base)
     assert cache.key(base) == cache.key(dict(base))
     assert cache.key(base) == cache.key({**base, "spec": VectorSpec.TEXT_ICL})  # the enum keys like its value
-    other_config = config.with_options(shots=3, ensemble_examples=(0, 3))
+    other_config = config.with_options(
+        prompts=dataclasses.replace(config.prompts, shots=3), ensemble_examples=(0, 3)
+    )
     other_store = VectorStore(tmp_path, other_config, cache, run_models(handle, None), progress=False)
     assert other_store.key(TEXT_ICL, task, 0) != store.key(TEXT_ICL, task, 0)
     assert store.key(TEXT_ICL, task, 1) != store.key(TEXT_ICL, task, 0)

@@ -12,7 +12,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from taskvec.cli import main
 from taskvec.experiments import RunConfig, RunResults, run_experiments
 from taskvec.experiments.execution.run_lock import LOCK_FILE, run_directory_lock
 from taskvec.experiments.execution.steps import StepRunner
+from taskvec.experiments.results.run_results import RESULTS_FORMAT
 from taskvec.report import PAPER_SECTIONS, ReportSection, with_section, write_report
 
 Run = tuple[Path, RunConfig]
@@ -81,7 +82,7 @@ def _wrong_types(path: Path) -> None:
 @pytest.mark.parametrize(
     ("damage", "said"),
     [
-        (_future_format, "format 99; this taskvec reads format 2"),
+        (_future_format, f"format 99; this taskvec reads format {RESULTS_FORMAT}"),
         (_truncated, "is not JSON (truncated?)"),
         (_empty, "is empty"),
         (_wrong_types, "results.results: expected a list"),
@@ -206,17 +207,24 @@ def test_an_unusable_analysis_entry_is_recomputed_with_a_warning(tmp_path: Path)
     context = AnalysisContext(handle, None, (), 0, {}, QUICK, cache)
     computed: list[int] = []
 
-    def compute() -> dict[str, int]:
+    def compute() -> _Value:
         computed.append(1)
-        return {"value": 7}
+        return _Value(7)
 
-    assert context.cached("step", compute) == {"value": 7}
+    assert context.cached("step", compute, _Value) == _Value(7)
     (entry,) = (tmp_path / "cache" / "analysis" / "step").glob("*.json")
     for damage in (_empty_object, _not_utf8):
         damage(entry)
         with pytest.warns(CacheEntryWarning, match=f"^{entry}: .*computing it again$"):
-            assert context.cached("step", compute) == {"value": 7}
-    assert context.cached("step", compute) == {"value": 7} and len(computed) == 3
+            assert context.cached("step", compute, _Value) == _Value(7)
+    assert context.cached("step", compute, _Value) == _Value(7) and len(computed) == 3
+
+
+@dataclass
+class _Value:
+    """An analysis step's typed result."""
+
+    value: int
 
 
 def _write_many(path: Path, writer: int, times: int) -> list[str]:
@@ -362,7 +370,7 @@ def test_a_resumed_map_reads_the_stored_points_so_an_upstream_difference_cannot_
 ) -> None:
     handle = tiny_handle("llava")
     tasks = make_tiny_tasks(tmp_path / "images")
-    settings = replace(QUICK, shots=2)
+    settings = replace(QUICK, prompts=replace(QUICK.prompts, shots=2))
     cache = StepCache(tmp_path / "cache")
 
     def analyse() -> EmbeddingMap:
@@ -407,7 +415,7 @@ def test_a_resumed_map_reads_the_stored_points_so_an_upstream_difference_cannot_
     assert stored is not None
     points = PromptPoints.from_tensors(*stored)
     moved = embedding_map(
-        replace(points, vectors=points.vectors + np.float32(1e-7)), settings.projection, settings.seed
+        replace(points, vectors=points.vectors + np.float32(1e-7)), settings.projection, settings.prompts.seed
     )
     shift = np.abs(np.asarray(moved.vectors.xy) - np.asarray(first.vectors.xy)).max()
     assert shift > 0.01

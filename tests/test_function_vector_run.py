@@ -4,6 +4,7 @@ head records in results.json are what the vectors hold."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,6 @@ from taskvec.experiments.execution.vector_store import VectorStore, run_models
 from taskvec.experiments.protocol.recipes import FunctionVector
 from taskvec.function_vectors import FunctionVectorSettings, find_function_vector, top_heads
 from taskvec.prompts import build_query_prompt
-from taskvec.prompts.settings import PromptSettings
 from taskvec.tasks import load_task
 from taskvec.vectors import load_task_vector
 
@@ -69,10 +69,8 @@ def test_saved_function_vector_is_the_protocols(fv_run: Run) -> None:
         handle,
         task,
         "image-icl",
-        settings=FunctionVectorSettings(
-            config.fv_shots, config.fv_mean_prompts, config.fv_effect_prompts, config.fv_heads
-        ),
-        prompts=PromptSettings(seed=0, batch_size=config.batch_size),
+        settings=config.function_vector,
+        prompts=dataclasses.replace(config.prompts, seed=0),
     )
     torch.testing.assert_close(saved.vectors[0], reference.vector, atol=1e-5, rtol=1e-4)
     assert torch.equal(saved.vectors[0], saved.vectors[-1])  # the same vector at every layer
@@ -88,12 +86,12 @@ def test_layer_and_scale_are_the_best_of_a_sweep_per_scale(fv_run: Run) -> None:
     answers = [item.answers() for item in task.split("val")]
     curves = {
         scale: sweep_accuracy(handle, queries, answers, vector, mode="add", scale=scale)
-        for scale in config.fv_scales
+        for scale in config.function_vector.scales
     }
     choice = results.layers["fv-text->image"]
     candidates = choice.candidates
     best = max(
-        ((scale, layer) for scale in config.fv_scales for layer in candidates),
+        ((scale, layer) for scale in config.function_vector.scales for layer in candidates),
         key=lambda pair: (curves[pair[0]][pair[1]], -pair[1], -pair[0]),
     )
     ids: list[int] = []
@@ -158,8 +156,8 @@ def test_one_shared_sweep_equals_each_scale_swept_alone(tmp_path: Path) -> None:
         if not isinstance(condition.vector, FunctionVector):
             assert result.tokens == sweep_first_tokens(handle, queries, vector)
             continue
-        assert result.scales == list(config.fv_scales)
-        for scale, tokens in zip(config.fv_scales, result.tokens_per_scale, strict=True):
+        assert result.scales == list(config.function_vector.scales)
+        for scale, tokens in zip(config.function_vector.scales, result.tokens_per_scale, strict=True):
             assert tokens == sweep_first_tokens(handle, queries, vector, mode="add", scale=scale)
 
 
@@ -187,10 +185,12 @@ def test_function_vectors_can_be_left_out_and_tasks_too_small_for_them_are_named
     conditions, _ = plan_conditions(handle, [task], off, None)
     assert not any(isinstance(c.vector, FunctionVector) for c in conditions)
     with pytest.raises(ValueError, match="function vectors of 7 demonstrations"):
-        load_run_tasks(tiny_config(task_file, fv_shots=7))
-    load_run_tasks(tiny_config(task_file, fv_shots=7, function_vectors=False))
+        load_run_tasks(tiny_config(task_file, function_vector=FunctionVectorSettings(shots=7)))
+    load_run_tasks(
+        tiny_config(task_file, function_vector=FunctionVectorSettings(shots=7), function_vectors=False)
+    )
     with pytest.raises(ValueError, match="fv_scales"):
-        tiny_config(task_file, fv_scales=(0.0,))
+        tiny_config(task_file, function_vector=FunctionVectorSettings(scales=(0.0,)))
 
 
 def test_a_fixed_layer_adds_function_vectors_at_their_first_scale(tmp_path: Path) -> None:

@@ -53,7 +53,14 @@ SPREAD_FAMILIES = ("llama", "llava", "qwen2_vl", "idefics2")
 # cuDNN runs float32 convolutions (the vision towers' patch embeddings) in TF32 by default.
 FLOAT32_ON_GPU_TOLERANCE = 1e-2
 EXACT = 1e-6
-SETTINGS = replace(QUICK, shots=2, lens_prompts=2, map_prompts_per_task=2, conflict_items=2, vector_prompts=2)
+SETTINGS = replace(
+    QUICK,
+    prompts=replace(QUICK.prompts, shots=2),
+    lens_prompts=2,
+    map_prompts_per_task=2,
+    conflict_items=2,
+    vector_prompts=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +128,7 @@ def dispatched_handle(
 
 def lens_result(handle: ModelHandle, task: Task) -> dict[str, Any]:
     """The lens analysis of one task, as run_analyses reports it."""
-    return {task.name: lens_phases(handle, task, max_prompts=2, shots=2).as_dict()}
+    return {task.name: lens_phases(handle, task, max_prompts=2, prompts=SETTINGS.prompts).as_dict()}
 
 
 # ------------------------------------------------------------------- dispatch plumbing, any machine

@@ -97,6 +97,11 @@ def test_a_layer_must_be_strictly_above_the_unpatched_queries() -> None:
     equal = {1.0: {"t": [[0.0, 0.1, 0.0]] * 3}}
     choice = choose_on_validation(equal, [0, 1], unpatched={"t": 0.1}, scaled=False)
     assert choice.chosen is None and choice.unpatched_validation == 0.1
+    # A sweep's curve is float32 (evaluation.layer_accuracy): 1/3 there is 1/3 of the bare queries.
+    third = torch.tensor([0.0, 1.0]).div(3).tolist()
+    assert third[1] > 1 / 3
+    choice = choose_on_validation({1.0: {"t": [third]}}, [0, 1], unpatched={"t": 1 / 3}, scaled=False)
+    assert choice.chosen is None
     above = {1.0: {"t": [[0.0, 0.2, 0.0]]}}
     choice = choose_on_validation(above, [0, 1], unpatched={"t": 0.1}, scaled=False)
     assert choice.chosen == 1 and choice.helped and choice.validation_at_chosen == 0.2

@@ -33,12 +33,10 @@ NON_DEFAULTS: dict[str, Any] = {
     "tasks": ("country-capital", "food-color"),
     "strict": True,
     "seeds": (0, 1),
-    "shots": 1,
-    "template": "chat",
+    "prompts": PromptSettings(shots=1, template="chat", batch_size=4),
     "val_limit": 4,
     "test_limit": 7,
     "max_new_tokens": 3,
-    "batch_size": 4,
     "query_batch_size": 16,
     "quick": True,
     "layer_choice": 3,
@@ -55,12 +53,21 @@ NON_DEFAULTS: dict[str, Any] = {
     "bootstrap_samples": 200,
     "query_independent_share": 0.75,
     "function_vectors": False,
-    "fv_shots": 4,
-    "fv_mean_prompts": 50,
-    "fv_effect_prompts": 10,
-    "fv_heads": 5,
+    "function_vector": FunctionVectorSettings(
+        shots=4, mean_prompts=50, effect_prompts=10, heads=5, scales=(0.5, 3.0)
+    ),
     "fv_seeds": None,
-    "fv_scales": (0.5, 3.0),
+}
+# The flags of RunConfig's nested settings (the prompts' and the function vectors').
+NESTED_FLAGS = {
+    "prompts": {"--shots", "--template", "--batch-size"},
+    "function_vector": {
+        "--fv-shots",
+        "--fv-mean-prompts",
+        "--fv-effect-prompts",
+        "--fv-heads",
+        "--fv-scales",
+    },
 }
 
 
@@ -90,13 +97,16 @@ def test_every_field_is_a_run_option(capsys: pytest.CaptureFixture[str]) -> None
 def test_each_option_round_trips(name: str) -> None:
     config = RunConfig(**{name: NON_DEFAULTS[name]})
     argv = to_argv(config)
-    flag = option_flags(RunConfig)[name]
-    assert argv[0] in (flag, "--no-" + flag.removeprefix("--"))
+    flags = NESTED_FLAGS.get(name) or {option_flags(RunConfig)[name]}
+    assert argv[0] in flags | {"--no-" + flag.removeprefix("--") for flag in flags}
     assert parsed_config(*argv) == config
 
 
 def test_all_options_together_round_trip() -> None:
-    config = RunConfig(**{**NON_DEFAULTS, "shots": 2, "ensemble_examples": (0, 2, 4), "layer_sweep_seeds": 2})
+    prompts = dataclasses.replace(NON_DEFAULTS["prompts"], shots=2)
+    config = RunConfig(
+        **{**NON_DEFAULTS, "prompts": prompts, "ensemble_examples": (0, 2, 4), "layer_sweep_seeds": 2}
+    )
     assert parsed_config(*to_argv(config)) == config
     assert to_argv(RunConfig()) == []
 
@@ -124,6 +134,8 @@ def test_help_shows_the_dataclass_default(cls: type) -> None:
     add_options(parser, cls)
     actions = {action.dest: action for action in parser._actions}
     for field in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(field.default):
+            continue  # nested settings: their own fields are checked as their class
         help_text = actions[field.name].help or ""
         shown = re.search(r"\(default: ([^()]*)\)$", help_text)
         if isinstance(field.default, bool):
@@ -174,6 +186,7 @@ def test_command_options_keep_their_defaults() -> None:
         (["--query-independent-share", "most"], "expected a number, got 'most'"),
         (["--metric", "fuzzy"], "--metric: expected 'prefix', 'prefix_ignore_case' or 'exact', got 'fuzzy'"),
         (["--ensemble-examples"], "argument --ensemble-examples: expected at least one argument"),
+        (["--shots", "0"], "argument --shots: expected an integer of at least 1, got '0'"),
     ],
 )
 def test_bad_values_are_argparse_errors(
@@ -188,7 +201,6 @@ def test_bad_values_are_argparse_errors(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--shots", "0"], "shots must be at least 1, got 0"),
         (["--bootstrap-samples", "50"], "bootstrap_samples must be at least 100"),
         (["--query-independent-share", "0"], "query_independent_share must be in (0, 1]"),
         (["--query-independent-share", "1.5"], "query_independent_share must be in (0, 1]"),
@@ -202,6 +214,13 @@ def test_invalid_configs_fail_before_any_model_loads(
 ) -> None:
     assert main(["run", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_config_built_in_code_refuses_what_the_flags_refuse() -> None:
+    with pytest.raises(ValueError, match="shots must be at least 1, got 0"):
+        RunConfig(prompts=PromptSettings(shots=0))
+    with pytest.raises(ValueError, match="fv_heads must be at least 1, got 0"):
+        RunConfig(function_vector=FunctionVectorSettings(heads=0))
 
 
 def test_candidate_layers_of_unknown_depth_are_accepted() -> None:
@@ -325,7 +344,7 @@ USED = {
     "patch": {"--template"},
     "sweep": {"--style", "--template"},
     "heads": set(SHARED_FLAGS),
-    "lens": {"--shots", "--seed", "--style", "--template"},
+    "lens": set(SHARED_FLAGS),
     "check": {"--template"},
 }
 

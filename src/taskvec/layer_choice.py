@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 DEFAULT_FIRST_CANDIDATE_LAYER = 0
 DEFAULT_LAST_CANDIDATE_LAYER = -2  # the last layer's replaced output cannot depend on the query
 NO_LAYER_HELPED = "no layer helped"
-# Accuracies are ratios of counts, so real differences are far above this; means of equal
-# accuracies over seeds and tasks may differ from each other by rounding alone.
-_ROUNDING = 1e-9
+# Accuracies are ratios of counts, so real differences are at least 1 / (items x seeds x tasks),
+# far above this; equal accuracies may differ by rounding alone (sweep curves are float32 sums,
+# means over seeds and tasks round again).
+_ROUNDING = 1e-6
 
 
 def candidate_layers(first: int, last: int, num_layers: int) -> list[int]:

@@ -6,7 +6,9 @@ at a given layer over given vectors into an `AnalysisDocument`, whose `result(LE
 typed; `analysis_vectors` computes those vectors when there is no run to take them from.
 
     from taskvec.analysis import lens_phases
-    phases = lens_phases(handle, load_task("country-capital"), max_prompts=20)
+    from taskvec.prompts.settings import PromptSettings
+    task = load_task("country-capital")
+    phases = lens_phases(handle, task, max_prompts=20, prompts=PromptSettings(shots=3, batch_size=4))
     phases.curves["text-icl"].peak_layer      # {"input": 2, "task": 8, "answer": 14}
 """
 

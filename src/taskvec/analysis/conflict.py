@@ -21,7 +21,8 @@ import torch
 from taskvec.analysis.prompt_sets import instruction_prompt, query_items, task_icl_prompts
 from taskvec.evaluation import generate_answers, is_correct, is_correct_by
 from taskvec.models import ModelHandle
-from taskvec.prompts import DEFAULT_TEMPLATE, QATemplate, TemplateName, as_template, with_template
+from taskvec.prompts import as_template, with_template
+from taskvec.prompts.settings import DEFAULT_PROMPT_SETTINGS, PromptSettings
 from taskvec.tasks import Item, Task
 from taskvec.vectors import VectorSpec, parse_spec
 
@@ -99,19 +100,18 @@ def task_conflict(
     *,
     context: VectorSpec | str = VectorSpec.TEXT_ICL,
     max_items: int = 50,
-    shots: int = 5,
-    seed: int = 0,
+    prompts: PromptSettings = DEFAULT_PROMPT_SETTINGS,
     max_new_tokens: int = 1,
     metric: str = "prefix",
-    batch_size: int = 8,
     examples: int = 3,
-    template: QATemplate | TemplateName = DEFAULT_TEMPLATE,
 ) -> ConflictCounts:
     """Counts of A's answer vs B's answer for A-prompted queries, without and with B's vector.
 
     `vector_b` is [layers, hidden] (B's task vector); it replaces the residual at the query's final
     ':' at `layer`, as in the paper's patching. Answers are `max_new_tokens` greedy tokens scored
-    by `metric` ("prefix", "prefix_ignore_case" or "exact"); the defaults are the paper's.
+    by `metric` ("prefix", "prefix_ignore_case" or "exact"); the defaults are the paper's. `prompts`
+    gives A's demonstrations (shots, seed), the template and the batch size; A's prompts are text,
+    so its image style does not apply.
     """
     is_correct_by("", [], metric)  # an unknown metric fails here, before any generation
     kind = parse_spec(context)
@@ -120,19 +120,22 @@ def task_conflict(
     pairs, ambiguous = shared_queries(task_a, task_b, max_items)
     queries = [a for a, _ in pairs]
     if kind is VectorSpec.INSTRUCTION:
-        prompts = [instruction_prompt(task_a, query) for query in queries]
+        untemplated = [instruction_prompt(task_a, query) for query in queries]
     else:
-        prompts = task_icl_prompts(task_a, queries, modality="text", shots=shots, seed=seed)
-    prompts = [with_template(prompt, template) for prompt in prompts]
-    plain = generate_answers(handle, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        untemplated = task_icl_prompts(
+            task_a, queries, modality="text", shots=prompts.shots, seed=prompts.seed
+        )
+    template = as_template(prompts.template)
+    asked = [with_template(prompt, template) for prompt in untemplated]
+    plain = generate_answers(handle, asked, max_new_tokens=max_new_tokens, batch_size=prompts.batch_size)
     patched = generate_answers(
         handle,
-        prompts,
+        asked,
         vector=vector_b[layer],
         layer=layer,
         max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        marker=as_template(template).marker,
+        batch_size=prompts.batch_size,
+        marker=template.marker,
     )
     baseline_counts = dict.fromkeys(OUTCOMES, 0)
     patched_counts = dict.fromkeys(OUTCOMES, 0)

@@ -16,11 +16,17 @@ from typing import Literal
 import numpy as np
 import torch
 
-from taskvec.analysis.prompt_sets import demonstration_pool, seeded_sample, task_icl_prompts
+from taskvec.analysis.prompt_sets import (
+    ANALYSIS_PROMPT_SETTINGS,
+    demonstration_pool,
+    seeded_sample,
+    task_icl_prompts,
+)
 from taskvec.engine.devices import to_cpu_float32
 from taskvec.models import ModelHandle
 from taskvec.progress import with_progress
-from taskvec.prompts import DEFAULT_TEMPLATE, Prompt, QATemplate
+from taskvec.prompts import DEFAULT_TEMPLATE, Prompt, QATemplate, as_template
+from taskvec.prompts.settings import PromptSettings
 from taskvec.tasks import Task
 from taskvec.vectors import VectorSpec, parse_spec, residuals_at_marker
 
@@ -114,13 +120,12 @@ def collect_prompt_points(
     *,
     specs: Sequence[VectorSpec | str] = (VectorSpec.TEXT_ICL, VectorSpec.IMAGE_ICL),
     prompts_per_task: int = 30,
-    shots: int = 5,
-    seed: int = 0,
-    template: QATemplate = DEFAULT_TEMPLATE,
-    batch_size: int = 4,
+    prompts: PromptSettings = ANALYSIS_PROMPT_SETTINGS,
     progress: bool = False,
 ) -> PromptPoints:
-    """Individual ICL prompts of each task (validation queries, as for vector extraction), each spec."""
+    """Individual ICL prompts of each task (validation queries, as for vector extraction), each spec,
+    built and read by `prompts` (the seed draws the queries and their demonstrations)."""
+    template = as_template(prompts.template)
     tasks_column: list[str] = []
     specs_column: list[str] = []
     vectors, embeddings = [], []
@@ -128,15 +133,23 @@ def collect_prompt_points(
     for task, spec in with_progress(jobs, "prompt points", enabled=progress, leave=False):
         if spec.demo_modality is None:
             raise ValueError(f"the embedding map reads ICL prompts; {spec.value!r} has no demonstrations")
-        queries = seeded_sample(demonstration_pool(task), prompts_per_task, seed)
-        prompts = task_icl_prompts(
-            task, queries, modality=spec.demo_modality, shots=shots, seed=seed, template=template
+        queries = seeded_sample(demonstration_pool(task), prompts_per_task, prompts.seed)
+        built_prompts = task_icl_prompts(
+            task,
+            queries,
+            modality=spec.demo_modality,
+            shots=prompts.shots,
+            seed=prompts.seed,
+            style=prompts.style,
+            template=template,
         )
-        residual, embedding = prompt_points(handle, prompts, layer, template=template, batch_size=batch_size)
+        residual, embedding = prompt_points(
+            handle, built_prompts, layer, template=template, batch_size=prompts.batch_size
+        )
         vectors.append(residual)
         embeddings.append(embedding)
-        tasks_column += [task.name] * len(prompts)
-        specs_column += [spec.value] * len(prompts)
+        tasks_column += [task.name] * len(built_prompts)
+        specs_column += [spec.value] * len(built_prompts)
     return PromptPoints(
         tasks_column,
         specs_column,

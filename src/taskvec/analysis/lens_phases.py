@@ -20,12 +20,18 @@ from typing import Any
 
 import torch
 
-from taskvec.analysis.prompt_sets import query_items, spec_prompts, unsupported_reason
+from taskvec.analysis.prompt_sets import (
+    ANALYSIS_PROMPT_SETTINGS,
+    query_items,
+    spec_prompts,
+    unsupported_reason,
+)
 from taskvec.analysis.tokens import TOKEN_RULE, WordReduce, word_set_ids, words_probability
 from taskvec.engine import logit_lens
 from taskvec.engine.devices import to_cpu_float32
 from taskvec.models import ModelHandle
 from taskvec.prompts import DEFAULT_TEMPLATE, Prompt, QATemplate, TemplateName, as_template
+from taskvec.prompts.settings import PromptSettings
 from taskvec.tasks import Task
 from taskvec.vectors import (
     EXTRACTABLE_SPECS,
@@ -197,22 +203,19 @@ def lens_phases(
     *,
     specs: Sequence[VectorSpec | str] = EXTRACTABLE_SPECS,
     max_prompts: int = 100,
-    shots: int = 5,
-    seed: int = 0,
-    style: str | None = None,
+    prompts: PromptSettings = ANALYSIS_PROMPT_SETTINGS,
     task_word_reduce: WordReduce = "max",
-    template: QATemplate | TemplateName = DEFAULT_TEMPLATE,
-    batch_size: int = 4,
     progress: bool = False,
 ) -> LensPhases:
     """Input / task / answer curves of a task's test queries, specified each way in `specs`.
 
     The same (up to `max_prompts`) queries are used for every spec, so the curves differ only in
     how the task was given. Specs the model or task cannot take (image ICL on a text-only model)
-    are listed in `skipped` with the reason. `template` "chat" asks every prompt as one user turn
-    of the model's chat template.
+    are listed in `skipped` with the reason. `prompts` gives the demonstrations (shots, seed, image
+    style), the template (its "chat" asks every prompt as one user turn of the model's chat
+    template) and the batch size.
     """
-    template = as_template(template)
+    template = as_template(prompts.template)
     queries = query_items(task, max_prompts)
     curves: dict[str, PhaseCurves] = {}
     skipped: dict[str, str] = {}
@@ -221,16 +224,24 @@ def lens_phases(
         if reason is not None:
             skipped[spec.value] = reason
             continue
-        prompts = spec_prompts(task, spec, queries, shots=shots, seed=seed, style=style, template=template)
+        built_prompts = spec_prompts(
+            task,
+            spec,
+            queries,
+            shots=prompts.shots,
+            seed=prompts.seed,
+            style=prompts.style,
+            template=template,
+        )
         curves[spec.value] = phase_curves(
             handle,
-            prompts,
+            built_prompts,
             [item.input for item in queries],
             [item.answers() for item in queries],
             task.task_words,
             task_word_reduce=task_word_reduce,
             template=template,
-            batch_size=batch_size,
+            batch_size=prompts.batch_size,
             progress=f"lens {task.name} {spec.value}" if progress else None,
         )
     return LensPhases(task.name, curves, skipped, task_word_reduce=task_word_reduce, template=template.name)

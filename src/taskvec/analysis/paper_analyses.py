@@ -14,7 +14,7 @@ Each result is a dataclass stored in analysis.json's `results` under the analysi
   per way of giving task A (text ICL, and its instruction when it has one);
 - `conflict_totals` (ConflictTotals): those counts summed per way of giving task A.
 
-Every prompt they build follows `settings.template`, in batches of `settings.batch_size`.
+Every prompt they build follows `settings.prompts` (shots, seed, style, template, batch size).
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from taskvec.analysis.lens_phases import LensPeaks, LensPhases, LensResults, len
 from taskvec.analysis.prompt_sets import unsupported_reason
 from taskvec.analysis.similarity import Similarity, VectorKey, similarity_analysis
 from taskvec.analysis.vector_tokens import DecodedVectors, decode_vectors
-from taskvec.prompts import as_template
 from taskvec.tasks import Task
 from taskvec.vectors import VectorSpec
 
@@ -49,10 +48,7 @@ def _lens_of(context: AnalysisContext, task: Task) -> LensPhases:
         context.handle,
         task,
         max_prompts=settings.lens_prompts,
-        shots=settings.shots,
-        seed=settings.seed,
-        batch_size=settings.batch_size,
-        template=settings.template,
+        prompts=settings.prompts,
     )
 
 
@@ -166,10 +162,7 @@ def _embedding_map(context: AnalysisContext) -> EmbeddingMap:
                 context.layer,
                 specs=_map_specs(context),
                 prompts_per_task=settings.map_prompts_per_task,
-                shots=settings.shots,
-                seed=settings.seed,
-                batch_size=settings.batch_size,
-                template=as_template(settings.template),
+                prompts=settings.prompts,
             ).as_tensors(),
             usable=PromptPoints.readable,
             **scope,
@@ -178,7 +171,7 @@ def _embedding_map(context: AnalysisContext) -> EmbeddingMap:
 
     return context.cached(
         "embedding_map",
-        lambda: embedding_map(points(), settings.projection, settings.seed),
+        lambda: embedding_map(points(), settings.projection, settings.prompts.seed),
         EmbeddingMap,
         **scope,
     )
@@ -205,12 +198,9 @@ def _conflict_of(
         context.layer,
         context=way,
         max_items=settings.conflict_items,
-        shots=settings.shots,
-        seed=settings.seed,
+        prompts=settings.prompts,
         max_new_tokens=settings.conflict_max_new_tokens,
         metric=settings.conflict_metric,
-        batch_size=settings.batch_size,
-        template=settings.template,
     )
 
 

@@ -12,8 +12,13 @@ from collections.abc import Sequence
 
 from taskvec.models import ModelHandle
 from taskvec.prompts import DEFAULT_TEMPLATE, Modality, Prompt, QATemplate, build_icl_prompt
+from taskvec.prompts.settings import PromptSettings
 from taskvec.tasks import Item, Task
 from taskvec.vectors import VectorSpec, icl_prompts, parse_spec
+
+ANALYSIS_PROMPT_SETTINGS = PromptSettings(shots=5, seed=0, template="qa", batch_size=4)
+"""The analyses' prompts: 5 demonstrations seeded by 0, each item's first image style, the QA
+template, in batches of 4 (`AnalysisSettings.prompts`, the lens's and the map's default)."""
 
 
 def query_items(task: Task, limit: int | None = None) -> list[Item]:

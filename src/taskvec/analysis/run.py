@@ -32,7 +32,6 @@ from taskvec.caching import StepCache
 from taskvec.engine.devices import to_cpu_float32
 from taskvec.models import ModelHandle
 from taskvec.progress import with_progress
-from taskvec.prompts.settings import PromptSettings
 from taskvec.tasks import Task
 from taskvec.typed_json import to_json
 from taskvec.vectors import EXTRACTABLE_SPECS, VectorSpec, extract_vector
@@ -87,7 +86,7 @@ def run_analyses(
     patching), `layer_source` says where it came from. `vectors` are [layers, hidden] per (model,
     task, spec), model "vlm" for `handle`, "llm" for the base LM `llm`; `vector_sources` describes
     them for the document (default: their spec, task and model). `settings` default to the full
-    analyses, or to QUICK with `quick`; every prompt follows their template and batch size. `only`
+    analyses, or to QUICK with `quick`; every prompt follows their `prompts`. `only`
     runs just the analyses of those names (a part of the work computed elsewhere, e.g. on a Ray
     worker, into the cache a full call then reads). An analysis may read the result of one before
     it in the list (`AnalysisContext.earlier`).
@@ -157,14 +156,11 @@ def analysis_vectors(
 
     The model's text-ICL, image-ICL and instruction vectors, and the base LM's text-ICL vectors
     (LLM -> VLM transfers text-derived vectors), by `taskvec.vectors.extract_vector` on the
-    validation split with the settings' shots, seed, template and batch size;
+    validation split with the settings' `prompts`;
     `settings.vector_prompts` keeps only the first N validation queries (None: all, the paper's
     protocol). Vectors are float32 on the CPU whatever the models' devices and dtypes.
     """
     config = settings or AnalysisSettings()
-    prompts = PromptSettings(
-        shots=config.shots, seed=config.seed, template=config.template, batch_size=config.batch_size
-    )
     jobs: list[tuple[str, ModelHandle, Sequence[VectorSpec]]] = [("vlm", handle, EXTRACTABLE_SPECS)]
     if llm is not None:
         jobs.append(("llm", llm, (VectorSpec.TEXT_ICL,)))
@@ -178,7 +174,7 @@ def analysis_vectors(
                     owner,
                     task,
                     spec,
-                    settings=prompts,
+                    settings=config.prompts,
                     limit=config.vector_prompts,
                     progress=f"{model} {spec.value} {task.name}" if progress else None,
                 )

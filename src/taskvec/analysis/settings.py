@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from taskvec.analysis.embedding_map import ProjectionMethod
-from taskvec.prompts import TemplateName
+from taskvec.analysis.prompt_sets import ANALYSIS_PROMPT_SETTINGS
+from taskvec.prompts.settings import PromptSettings
 
 
 @dataclass(frozen=True)
@@ -15,7 +16,9 @@ class AnalysisSettings:
 
     `conflict_max_new_tokens` and `conflict_metric` score the task conflict by the run's protocol
     (the paper's: one greedy token, prefix match). `vector_prompts` is read by `analysis_vectors`
-    only (a vector of the first N validation queries instead of all of them).
+    only (a vector of the first N validation queries instead of all of them). `prompts` builds and
+    batches every prompt of the analyses and of `analysis_vectors` (its template "chat": each prompt
+    as one user turn of the chat template); its seed also seeds the embedding map's projection.
     """
 
     lens_prompts: int = 100
@@ -24,12 +27,9 @@ class AnalysisSettings:
     conflict_max_new_tokens: int = 1
     conflict_metric: str = "prefix"
     vector_prompts: int | None = None  # None: the paper's protocol (every validation prompt)
-    shots: int = 5
-    seed: int = 0
+    prompts: PromptSettings = ANALYSIS_PROMPT_SETTINGS
     projection: ProjectionMethod = "tsne"
     top_k: int = 5
-    batch_size: int = 4
-    template: TemplateName = "qa"  # "chat": every analysis prompt as one user turn of the chat template
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

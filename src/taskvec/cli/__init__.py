@@ -346,11 +346,8 @@ def _command_lens(args: argparse.Namespace) -> int:
         task,
         specs=specs,
         max_prompts=args.prompts,
-        shots=args.shots,
-        seed=args.seed,
-        style=args.style,
+        prompts=_prompt_settings(args),
         task_word_reduce=args.task_word_reduce,
-        template=args.template,
         progress=not args.json,
     )
     if args.json:
@@ -785,7 +782,7 @@ def _lens_arguments(lens: argparse.ArgumentParser) -> None:
     _add_model_options(lens)
     lens.add_argument("--task", required=True, help="a built-in task name or a task file")
     _add_strict_option(lens)
-    _add_prompt_options(lens, "shots", "seed", "style", "template")
+    _add_prompt_options(lens, "shots", "seed", "style", "template", "batch_size")
     lens.add_argument("--spec", default="text-icl", choices=[*spec_names, "all"])
     lens.add_argument("--prompts", type=at_least(1), default=100, help="test queries to average over")
     lens.add_argument("--task-word-reduce", default="max", choices=["max", "sum"], help="over task words")

@@ -11,9 +11,11 @@ from typing import Any, Literal
 
 from taskvec.byte_sizes import format_byte_size, parse_byte_size
 from taskvec.engine.sweep_memory import SWEEP_MEMORY_HELP
+from taskvec.function_vectors.settings import FunctionVectorSettings
 from taskvec.layer_choice import DEFAULT_FIRST_CANDIDATE_LAYER, DEFAULT_LAST_CANDIDATE_LAYER
-from taskvec.options import option
-from taskvec.prompts import TEMPLATE_HELP, TEMPLATE_NAMES, TemplateName
+from taskvec.options import nested, option
+from taskvec.prompts import TEMPLATE_NAMES
+from taskvec.prompts.settings import PromptSettings
 from taskvec.tasks import PAPER_TASKS, STRICT_HELP
 
 MetricName = Literal["prefix", "prefix_ignore_case", "exact"]
@@ -70,8 +72,9 @@ class RunConfig:
         show=_seed_count_text,
         metavar="N",
     )
-    shots: int = option(5, "demonstrations per prompt, for vectors and in-context baselines")
-    template: TemplateName = option("qa", TEMPLATE_HELP)
+    # Demonstrations per prompt, the template and the batch size of prompts with demonstrations; the
+    # seed and image style are the run's per step (`seeds`, `styles`).
+    prompts: PromptSettings = nested(PromptSettings(), only=("shots", "template", "batch_size"))
     val_limit: int | None = option(
         None, "validation queries used to build exemplar vectors and to choose layers", none_word="all"
     )
@@ -83,7 +86,6 @@ class RunConfig:
         "tokens generated per answer; the paper's protocol generates one (its reference "
         "configs/base.yaml), and the prefix metric reads the first token anyway",
     )
-    batch_size: int = option(8, "prompts per generation batch when they carry demonstrations")
     # 1-2 dozen tokens per bare prompt, so a batch of 8 leaves the per-forward overhead dominant
     # (measured in bench/NOTES.md).
     query_batch_size: int = option(
@@ -175,12 +177,7 @@ class RunConfig:
         "indirect effect, the top heads' mean outputs added at a layer and scale chosen on validation",
     )
     # Todd et al.'s protocol: 10-shot prompts, means over 100, effects on 25, the top 10 heads.
-    fv_shots: int = option(10, "demonstrations per prompt of the function-vector protocol")
-    fv_mean_prompts: int = option(100, "in-context prompts each head's mean output is taken over")
-    fv_effect_prompts: int = option(
-        25, "prompts with shuffled labels each head's indirect effect is measured on"
-    )
-    fv_heads: int = option(10, "top heads (by indirect effect) summed into a function vector", metavar="K")
+    function_vector: FunctionVectorSettings = nested(FunctionVectorSettings(), prefix="fv-")
     # Each seed's function vector is its own 100 + 25 in-context prompts per demonstration kind,
     # several times a residual vector's cost (bench/NOTES.md).
     fv_seeds: int | None = option(
@@ -190,22 +187,19 @@ class RunConfig:
         metavar="N",
         none_word="all",
     )
-    fv_scales: tuple[float, ...] = option(
-        (1.0, 2.0, 4.0, 8.0),
-        "scales a function vector is added with; the validation sweep picks the best (scale, layer)",
-        metavar="X",
-    )
 
     def __post_init__(self) -> None:
         if not self.tasks:
             raise ValueError("no tasks to run")
         if not self.seeds:
             raise ValueError("no seeds to run")
-        if self.shots < 1:
-            raise ValueError(f"shots must be at least 1, got {self.shots}")
-        if self.template not in TEMPLATE_NAMES:
-            raise ValueError(f"unknown template {self.template!r}; use one of {', '.join(TEMPLATE_NAMES)}")
-        if self.max_new_tokens < 1 or self.batch_size < 1 or self.query_batch_size < 1:
+        if self.prompts.shots < 1:
+            raise ValueError(f"shots must be at least 1, got {self.prompts.shots}")
+        if self.prompts.template not in TEMPLATE_NAMES:
+            raise ValueError(
+                f"unknown template {self.prompts.template!r}; use one of {', '.join(TEMPLATE_NAMES)}"
+            )
+        if self.max_new_tokens < 1 or self.prompts.batch_size < 1 or self.query_batch_size < 1:
             raise ValueError("max_new_tokens, batch_size and query_batch_size must be at least 1")
         for limit, name in ((self.val_limit, "val_limit"), (self.test_limit, "test_limit")):
             if limit is not None and limit < 1:
@@ -219,10 +213,10 @@ class RunConfig:
                 f"no candidate layers: first_candidate_layer {first} is above last_candidate_layer {last}"
             )
         for count in self.ensemble_examples:
-            if count < 0 or count % self.shots:
+            if count < 0 or count % self.prompts.shots:
                 raise ValueError(
-                    f"ensemble example counts must be multiples of shots={self.shots} "
-                    f"(each exemplar vector is the mean of whole {self.shots}-shot prompts), got {count}"
+                    f"ensemble example counts must be multiples of shots={self.prompts.shots} (each "
+                    f"exemplar vector is the mean of whole {self.prompts.shots}-shot prompts), got {count}"
                 )
         if self.layer_sweep_seeds is not None and self.layer_sweep_seeds < 1:
             raise ValueError(f"layer_sweep_seeds must be at least 1 or None, got {self.layer_sweep_seeds}")
@@ -238,20 +232,23 @@ class RunConfig:
             )
         if not 0 < self.query_independent_share <= 1:
             raise ValueError(f"query_independent_share must be in (0, 1], got {self.query_independent_share}")
+        fv = self.function_vector
         for count, name in (
-            (self.fv_shots, "fv_shots"),
-            (self.fv_mean_prompts, "fv_mean_prompts"),
-            (self.fv_effect_prompts, "fv_effect_prompts"),
-            (self.fv_heads, "fv_heads"),
+            (fv.shots, "fv_shots"),
+            (fv.mean_prompts, "fv_mean_prompts"),
+            (fv.effect_prompts, "fv_effect_prompts"),
+            (fv.heads, "fv_heads"),
         ):
             if count < 1:
                 raise ValueError(f"{name} must be at least 1, got {count}")
         if self.fv_seeds is not None and self.fv_seeds < 1:
             raise ValueError(f"fv_seeds must be at least 1 or None, got {self.fv_seeds}")
-        if not self.fv_scales or any(scale <= 0 for scale in self.fv_scales):
-            raise ValueError(f"fv_scales must be one or more positive numbers, got {self.fv_scales}")
-        if len(set(self.fv_scales)) != len(self.fv_scales):
-            raise ValueError(f"fv_scales repeat a value: {self.fv_scales}")
+        if not self.function_vector.scales or any(scale <= 0 for scale in self.function_vector.scales):
+            raise ValueError(
+                f"fv_scales must be one or more positive numbers, got {self.function_vector.scales}"
+            )
+        if len(set(self.function_vector.scales)) != len(self.function_vector.scales):
+            raise ValueError(f"fv_scales repeat a value: {self.function_vector.scales}")
         if self.sweep_memory is not None and self.sweep_memory < 1:
             raise ValueError(
                 f"sweep_memory must be at least 1 byte (any budget below one copy of the cache decodes "
@@ -270,10 +267,9 @@ class RunConfig:
             "test_limit": 15,
             "ensemble_examples": (0, 5, 30),
             # Enough prompts to rank the heads roughly; the full protocol is the default.
-            "fv_shots": 5,
-            "fv_mean_prompts": 16,
-            "fv_effect_prompts": 6,
-            "fv_scales": (1.0, 4.0),
+            "function_vector": FunctionVectorSettings(
+                shots=5, mean_prompts=16, effect_prompts=6, scales=(1.0, 4.0)
+            ),
             "quick": True,
         }
         preset.update(overrides)

@@ -60,8 +60,9 @@ def run_analyses_of_run(
     analyses: Sequence[Analysis[Any]] = PAPER_ANALYSES,
 ) -> AnalysisDocument:
     """`analyses` (the paper's by default) at the run's layer with the run's own vectors, cached with
-    the run's steps. Their prompts follow the run's template (`config.template`); the prompt counts
-    are the analyses' own (QUICK for a quick run), in batches of `AnalysisSettings.batch_size`.
+    the run's steps. Their prompts follow the run's template (`config.prompts.template`); the prompt counts
+    are the analyses' own (QUICK for a quick run), as are their shots, seed and batch size
+    (`AnalysisSettings.prompts`).
 
     `executor` may compute the paper analyses' expensive steps elsewhere first (Ray workers); this
     process then reads them from the cache and computes the rest, so the document is the same
@@ -73,7 +74,11 @@ def run_analyses_of_run(
     cache = StepCache(out / "cache")
     store = VectorStore(out, config, cache, run_models(handle, llm), progress)
     vectors = run_vectors(store, tasks, conditions, config.seeds)
-    settings = dataclasses.replace(QUICK if config.quick else AnalysisSettings(), template=config.template)
+    analysis_settings = QUICK if config.quick else AnalysisSettings()
+    settings = dataclasses.replace(
+        analysis_settings,
+        prompts=dataclasses.replace(analysis_settings.prompts, template=config.prompts.template),
+    )
     if executor is not None:
         executor.analyses(AnalysisJob(tasks, results.analysis_layer, vectors, settings, cache, analyses))
     document = run_analyses(

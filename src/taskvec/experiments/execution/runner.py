@@ -55,9 +55,9 @@ def load_run_tasks(config: RunConfig) -> list[Task]:
         raise ValueError(f"tasks repeat a name: {', '.join(names)}")
     for task in tasks:
         validation, test = task.split("val"), task.split("test")
-        if len(validation) <= config.shots:
+        if len(validation) <= config.prompts.shots:
             raise ValueError(
-                f"task {task.name!r} has {len(validation)} validation items: {config.shots} "
+                f"task {task.name!r} has {len(validation)} validation items: {config.prompts.shots} "
                 "demonstrations plus a query need more"
             )
         if not test:
@@ -68,17 +68,17 @@ def load_run_tasks(config: RunConfig) -> list[Task]:
                 f"task {task.name!r} has no image style {style!r} for every item; "
                 f"it has: {', '.join(task.styles()) or 'no images'}"
             )
-        if config.function_vectors and len(validation) <= config.fv_shots:
+        if config.function_vectors and len(validation) <= config.function_vector.shots:
             raise ValueError(
                 f"task {task.name!r} has {len(validation)} validation items: function vectors of "
-                f"{config.fv_shots} demonstrations plus a query need more (--fv-shots, or "
+                f"{config.function_vector.shots} demonstrations plus a query need more (--fv-shots, or "
                 "--no-function-vectors)"
             )
         prompts = min(len(validation), config.val_limit or len(validation))
         largest = max(config.ensemble_examples, default=0)
-        if largest > prompts * config.shots:
+        if largest > prompts * config.prompts.shots:
             raise ValueError(
-                f"ensemble point {largest} needs {largest // config.shots} validation prompts; "
+                f"ensemble point {largest} needs {largest // config.prompts.shots} validation prompts; "
                 f"task {task.name!r} gives {prompts}"
             )
     return tasks
@@ -333,12 +333,12 @@ def run_experiments(
     check_layer_options(config, handle)
     conditions, notes = plan_conditions(handle, tasks, config, llm, conditions)
     uses_llm = any(c.model_role == "llm" for c in conditions)
-    if config.template == "chat":  # before any step, not at the first prompt of the model lacking one
+    if config.prompts.template == "chat":  # before any step, not at the first prompt of the model lacking one
         for model in (handle, llm if uses_llm else None):
             if model is not None:
                 chat_template_of(model)
     checked = [model for model in (handle, llm if uses_llm else None) if model is not None]
-    engine_checks = checks_before_run(checked, config.template, enabled=check)
+    engine_checks = checks_before_run(checked, config.prompts.template, enabled=check)
     cache = StepCache(out / "cache")
     models = run_models(handle, llm if uses_llm else None)
     store = VectorStore(out, config, cache, models, progress)

@@ -84,13 +84,13 @@ class StepRunner:
     # ---- prompts -------------------------------------------------------------------------------
     def prompts(self, condition: Condition, task: Task, items: list[Item], seed: int | None) -> list[Prompt]:
         style = self.config.style_for(task.name)
-        template = as_template(self.config.template)
+        template = as_template(self.config.prompts.template)
         rng = random.Random(seed or 0)
         prompts = []
         for item in items:
             demos = []
             if condition.demos is not None:
-                demos = sample_demonstrations(task.split("val"), item, self.config.shots, rng)
+                demos = sample_demonstrations(task.split("val"), item, self.config.prompts.shots, rng)
             prompt = build_icl_prompt(
                 demos,
                 item,
@@ -111,11 +111,11 @@ class StepRunner:
             "task": task_fingerprint(task),
             "query": condition.query,
             "demos": condition.demos,
-            "shots": self.config.shots if condition.demos else None,
+            "shots": self.config.prompts.shots if condition.demos else None,
             "seed": seed if condition.demos else None,
             "instruction": task.instruction if condition.instruction_prompt else None,
             "style": self.config.style_for(task.name) if uses_images else None,
-            "template": as_template(self.config.template).cache_key(),
+            "template": as_template(self.config.prompts.template).cache_key(),
         }
 
     def prompt_group(self, condition: Condition, task: Task, seed: int | None) -> str:
@@ -236,7 +236,7 @@ class StepRunner:
         return list(self.handle.tokenizer.batch_decode([[token] for token in ids]))
 
     def _marker(self) -> str:
-        return as_template(self.config.template).marker
+        return as_template(self.config.prompts.template).marker
 
     # ---- test generations ----------------------------------------------------------------------
     def _test_identity(self, step: TestStep, task: Task, vector_key: str | None) -> StepIdentity:
@@ -305,7 +305,7 @@ class StepRunner:
             prompts = self.prompts(condition, task, items, seed)
             names = sorted({work[index][0].name for index, *_ in group})
             label = f"test {', '.join(names)} {task.name}" if self.progress else None
-            batch_size = self.config.batch_size if condition.demos else self.config.query_batch_size
+            batch_size = self.config.prompts.batch_size if condition.demos else self.config.query_batch_size
             patches = [patch for *_, patch in group if patch is not None]
             if patches:
                 answers = generate_patched_answers(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 import torch
@@ -23,7 +23,6 @@ from taskvec.caching import task_fingerprint
 from taskvec.engine import PatchMode
 from taskvec.experiments.config import RunConfig
 from taskvec.function_vectors import find_function_vector
-from taskvec.function_vectors.settings import FunctionVectorSettings
 from taskvec.models import ModelHandle
 from taskvec.prompts import as_template
 from taskvec.prompts.settings import PromptSettings
@@ -146,13 +145,8 @@ def _style(config: RunConfig, task: Task, spec: VectorSpec) -> str | None:
 
 
 def _prompt_settings(config: RunConfig, task: Task, spec: VectorSpec, seed: int) -> PromptSettings:
-    return PromptSettings(
-        shots=config.shots,
-        seed=seed,
-        style=_style(config, task, spec),
-        template=config.template,
-        batch_size=config.batch_size,
-    )
+    """The run's prompt settings for one task and seed."""
+    return replace(config.prompts, seed=seed, style=_style(config, task, spec))
 
 
 def _spec_needs(spec: VectorSpec, role: ModelRole) -> Needs:
@@ -195,13 +189,13 @@ class ResidualVector(VectorRecipe):
             "task": task_fingerprint(task),
             "spec": self.spec.value,
         }
-        template = as_template(config.template)
+        template = as_template(config.prompts.template)
         if self.spec is VectorSpec.INSTRUCTION:
             # The chat template changes the instruction's tokens; qa keys stay what they were.
             return {**identity, "template": template.cache_key()} if template.chat else identity
         return {
             **identity,
-            "shots": config.shots,
+            "shots": config.prompts.shots,
             "seed": seed,
             "val_limit": config.val_limit,
             "style": _style(config, task, self.spec),
@@ -256,14 +250,14 @@ class FunctionVector(VectorRecipe):
         return config.seeds[: config.fv_seeds]
 
     def scales(self, config: RunConfig) -> tuple[float, ...]:
-        return config.fv_scales
+        return config.function_vector.scales
 
     def enabled(self, config: RunConfig) -> bool:
         return config.function_vectors
 
     def plan_note(self, handle: ModelHandle, config: RunConfig) -> str | None:
-        heads = heads_used(handle, config.fv_heads)
-        if heads < config.fv_heads:
+        heads = heads_used(handle, config.function_vector.heads)
+        if heads < config.function_vector.heads:
             return f"{handle.name} has {heads} attention heads: function vectors sum all of them"
         return None
 
@@ -275,13 +269,13 @@ class FunctionVector(VectorRecipe):
             "model": context.fingerprint(handle),
             "task": task_fingerprint(task),
             "spec": self.spec.value,
-            "shots": config.fv_shots,
-            "mean_prompts": config.fv_mean_prompts,
-            "effect_prompts": config.fv_effect_prompts,
-            "k": heads_used(handle, config.fv_heads),
+            "shots": config.function_vector.shots,
+            "mean_prompts": config.function_vector.mean_prompts,
+            "effect_prompts": config.function_vector.effect_prompts,
+            "k": heads_used(handle, config.function_vector.heads),
             "seed": seed,
             "style": _style(config, task, self.spec),
-            "template": as_template(config.template).cache_key(),
+            "template": as_template(config.prompts.template).cache_key(),
         }
 
     def make(
@@ -293,13 +287,7 @@ class FunctionVector(VectorRecipe):
             handle,
             task,
             self.spec,
-            settings=FunctionVectorSettings(
-                shots=config.fv_shots,
-                mean_prompts=config.fv_mean_prompts,
-                effect_prompts=config.fv_effect_prompts,
-                heads=heads_used(handle, config.fv_heads),
-                scales=config.fv_scales,
-            ),
+            settings=replace(config.function_vector, heads=heads_used(handle, config.function_vector.heads)),
             prompts=_prompt_settings(config, task, self.spec, seed),
             split="val",
             memory_budget=config.sweep_memory,
@@ -375,7 +363,7 @@ class ExemplarSubset(VectorRecipe):
         self, context: RecipeContext, task: Task, seed: int, inputs: list[torch.Tensor], key: str
     ) -> MadeVector:
         per_prompt = context.per_prompt(TEXT_ICL, task, seed)
-        subset = exemplar_subset_vector(per_prompt, self.examples, context.config.shots, seed)
+        subset = exemplar_subset_vector(per_prompt, self.examples, context.config.prompts.shots, seed)
         return _made(subset, VectorSpec.EXEMPLAR_SUBSET, examples=self.examples)
 
 
