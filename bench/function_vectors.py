@@ -50,18 +50,23 @@ def main() -> None:
     )
     from taskvec.models import load_model
     from taskvec.prompts import build_query_prompt
+    from taskvec.prompts.settings import PromptSettings
     from taskvec.tasks import load_task
 
     torch.set_num_threads(args.threads)
     handle = load_model("default")
     task = load_task(args.task)
     pool = task.split("val")
-    clean = function_prompts(pool, cycled_queries(pool, DEFAULT_MEAN_PROMPTS), shots=DEFAULT_SHOTS, seed=0)
+    clean = function_prompts(
+        pool, cycled_queries(pool, DEFAULT_MEAN_PROMPTS), PromptSettings(shots=DEFAULT_SHOTS, seed=0)
+    )
     start = time.perf_counter()
     means = mean_head_activations(handle, clean)
     means_seconds = time.perf_counter() - start
     queries = cycled_queries(pool, args.effect_prompts)
-    shuffled = function_prompts(pool, queries, shots=DEFAULT_SHOTS, seed=1, shuffle_labels=True)
+    shuffled = function_prompts(
+        pool, queries, PromptSettings(shots=DEFAULT_SHOTS, seed=1), shuffle_labels=True
+    )
     answers = [query.output for query in queries]
     indirect_effects(handle, shuffled[:2], answers[:2], means)  # warm-up
     start = time.perf_counter()

@@ -172,7 +172,7 @@ def test_exemplar_vector_is_read_at_the_last_demonstrations_marker_under_chat(
         llama_chat, task, "text-icl", settings=PromptSettings(shots=2, template="chat", batch_size=2), limit=3
     )
     assert extraction.vector.metadata["template"]["format"] == "chat"
-    prompts = icl_prompts(task.split("val"), task.split("val")[:3], shots=2, seed=0, template="chat")
+    prompts = icl_prompts(task.split("val"), task.split("val")[:3], PromptSettings(shots=2, template="chat"))
     inputs = encode_prompts(llama_chat, prompts)
     hidden = _hidden_states(llama_chat, inputs)
     for row, ids in enumerate(inputs["input_ids"]):
@@ -205,7 +205,7 @@ def test_image_prompts_keep_their_images_in_place_inside_a_template_of_typed_par
 ) -> None:
     task = _tiny_capital(tmp_path)
     prompts = icl_prompts(
-        task.split("val"), task.split("val")[:2], shots=2, seed=0, modality="image", template="chat"
+        task.split("val"), task.split("val")[:2], PromptSettings(shots=2, template="chat"), modality="image"
     )
     assert prompts[0].text.startswith("Q:<image>\nA:") and prompts[0].text.count("<image>") == 3
     # The whole text, placeholders in place, is the one text part; the handle expands the images.
@@ -344,7 +344,7 @@ def test_lens_reads_where_the_answer_is_produced(llama_chat: ModelHandle, tmp_pa
     from taskvec.analysis.prompt_sets import query_items, spec_prompts
 
     queries = query_items(task, 2)
-    prompts = spec_prompts(task, "text-icl", queries, shots=2, template="chat")
+    prompts = spec_prompts(task, "text-icl", queries, settings=PromptSettings(shots=2, template="chat"))
     inputs = encode_prompts(llama_chat, prompts)
     with torch.no_grad():
         logits = llama_chat.model(**inputs).logits[:, -1]

@@ -541,3 +541,31 @@ def test_patched_conditions_asking_the_same_queries_share_one_pass_and_equal_the
     for (condition, seed), shared in zip(sweep_work, swept, strict=True):
         single = runner(tmp_path / f"sweep-{condition.name}-{seed}").sweep(condition, task, seed)
         assert shared.tokens_per_scale == single.tokens_per_scale and shared.unpatched == single.unpatched
+
+
+def test_unpatched_steps_of_one_key_are_answered_by_one_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """no-context and a condition no layer helped ask the very same unpatched queries: one pass."""
+    from taskvec.experiments.execution.steps import StepRunner, TestStep
+    from taskvec.experiments.protocol.conditions import NO_CONTEXT, TEXT_TO_IMAGE
+
+    config = tiny_config(write_task_file(tmp_path / "task"), seeds=(0,))
+    vlm, task = tiny_handle("llava"), load_task(config.tasks[0])
+    cache = StepCache(tmp_path / "cache")
+    runner = StepRunner(
+        vlm, None, config, cache, VectorStore(tmp_path, config, cache, run_models(vlm, None)), False
+    )
+    passes: list[int] = []
+    unpatched_pass = steps_module.generate_answers
+
+    def counted(*args: object, **kwargs: object) -> object:
+        passes.append(1)
+        return unpatched_pass(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(steps_module, "generate_answers", counted)
+    work = [TestStep(NO_CONTEXT, None), TestStep(TEXT_TO_IMAGE, 0, None)]
+    assert runner.test_key(work[0], task)[1] == runner.test_key(work[1], task)[1]
+    no_context, no_layer = runner.tests(task, work)
+    assert passes == [1]
+    assert no_context.generated == no_layer.generated and no_context.first_tokens == no_layer.first_tokens

@@ -194,13 +194,10 @@ def test_function_vectors_can_be_left_out_and_tasks_too_small_for_them_are_named
 
 
 def test_a_fixed_layer_adds_function_vectors_at_their_first_scale(tmp_path: Path) -> None:
-    config = tiny_config(
-        write_task_file(tmp_path / "task"),
-        seeds=(0,),
-        ensemble_examples=(),
-        layer_choice=1,
-        fv_scales=(2.0, 4.0),
-    )
+    task_file = write_task_file(tmp_path / "task")
+    config = tiny_config(task_file, seeds=(0,), ensemble_examples=(), layer_choice=1)
+    scales = dataclasses.replace(config.function_vector, scales=(2.0, 4.0))
+    config = config.with_options(function_vector=scales)
     results = run_experiments(tiny_handle("llava"), config, tmp_path / "out", progress=False)
     choice = results.layers["fv-text->text"]
     assert (choice.chosen, choice.scale, choice.fixed) == (1, 2.0, True)

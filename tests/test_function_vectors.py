@@ -5,6 +5,7 @@ its top heads' projected means and patches like a task vector."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ from taskvec.function_vectors import (
     top_heads,
 )
 from taskvec.models import ModelHandle
-from taskvec.prompts import Modality, build_query_prompt
+from taskvec.prompts import Modality, Prompt, build_query_prompt
 from taskvec.prompts.settings import PromptSettings
 from taskvec.tasks import Task
 from taskvec.vectors import load_task_vector, save_task_vector
@@ -52,12 +53,16 @@ def test_indirect_effects_in_one_pass_equal_the_per_head_loop(
     if modality == "image" and not handle.architecture.multi_image:
         pytest.skip(f"{family} takes one image per prompt")
     pool = capital.split("val")
-    clean = function_prompts(pool, cycled_queries(pool, 6), shots=2, seed=0, modality=modality)
+    clean = function_prompts(
+        pool, cycled_queries(pool, 6), PromptSettings(shots=2, seed=0), modality=modality
+    )
     means = mean_head_activations(handle, clean, batch_size=4)
     layout = head_layout(handle)
     assert [tuple(mean.shape) for mean in means] == [(layout.heads, size) for size in layout.head_dims]
     queries = cycled_queries(pool, 3)
-    shuffled = function_prompts(pool, queries, shots=2, seed=1, modality=modality, shuffle_labels=True)
+    shuffled = function_prompts(
+        pool, queries, PromptSettings(shots=2, seed=1), modality=modality, shuffle_labels=True
+    )
     # Mean outputs scaled up, so that replacing a head moves the tiny model's answer measurably.
     strong = [4 * mean for mean in means]
     answers = [query.output for query in queries]
@@ -72,7 +77,7 @@ def test_indirect_effects_in_one_pass_equal_the_per_head_loop(
 def test_mean_activations_average_over_batches_exactly(capital: Task) -> None:
     handle = tiny_handle("llama")
     pool = capital.split("val")
-    prompts = function_prompts(pool, cycled_queries(pool, 7), shots=2, seed=0)
+    prompts = function_prompts(pool, cycled_queries(pool, 7), PromptSettings(shots=2, seed=0))
     whole = mean_head_activations(handle, prompts, batch_size=7)
     batched = mean_head_activations(handle, prompts, batch_size=3)
     alone = [mean_head_activations(handle, [prompt]) for prompt in prompts]
@@ -87,8 +92,8 @@ def test_shuffled_prompts_keep_inputs_and_permute_the_labels(capital: Task) -> N
     pool = capital.split("val")
     queries = cycled_queries(pool, 12)
     assert [query.input for query in queries[:6]] == [item.input for item in pool] + [pool[0].input]
-    clean = function_prompts(pool, queries, shots=4, seed=5)
-    shuffled = function_prompts(pool, queries, shots=4, seed=5, shuffle_labels=True)
+    clean = function_prompts(pool, queries, PromptSettings(shots=4, seed=5))
+    shuffled = function_prompts(pool, queries, PromptSettings(shots=4, seed=5), shuffle_labels=True)
     outputs = {item.output for item in pool}
     moved = 0
     for plain, mixed in zip(clean, shuffled, strict=True):
@@ -99,6 +104,33 @@ def test_shuffled_prompts_keep_inputs_and_permute_the_labels(capital: Task) -> N
         assert {label[2:] for label in labels} <= outputs
         moved += plain.text != mixed.text
     assert moved > 6, "shuffling left most prompts unchanged"
+
+
+def test_every_prompt_builder_draws_the_same_prompts_from_one_prompt_settings(capital: Task) -> None:
+    from taskvec.analysis.prompt_sets import spec_prompts
+    from taskvec.prompts import with_template
+    from taskvec.tasks import MissingImageError
+    from taskvec.vectors import icl_prompts
+
+    pool = capital.split("val")
+    settings = PromptSettings(shots=3, seed=4, style="picture", template="chat", batch_size=1)
+
+    def seen(prompts: list[Prompt]) -> list[tuple[str, bool, list[bytes]]]:
+        return [(p.text, p.chat, [image.tobytes() for image in p.images]) for p in prompts]
+
+    built = icl_prompts(pool, pool, settings, modality="image", task=capital.name)
+    assert seen(built) == seen(function_prompts(pool, pool, settings, modality="image"))
+    assert seen(built) == seen(spec_prompts(capital, "image-icl", pool, settings=settings))
+    assert all(p.chat and len(p.images) == 4 and p.text.count("Q:") == 4 for p in built)
+    # The batch size only batches; another seed draws other demonstrations.
+    assert seen(built) == seen(icl_prompts(pool, pool, replace(settings, batch_size=8), modality="image"))
+    assert seen(built) != seen(icl_prompts(pool, pool, replace(settings, seed=5), modality="image"))
+    # Chat prompts are the qa prompts asked as one user turn: the same text, drawn the same way.
+    qa_text = icl_prompts(pool, pool, replace(settings, template="qa"))
+    chat_text = spec_prompts(capital, "text-icl", pool, settings=settings)
+    assert seen(chat_text) == seen([with_template(prompt, "chat") for prompt in qa_text])
+    with pytest.raises(MissingImageError, match="sketch"):
+        function_prompts(pool, pool, replace(settings, style="sketch"), modality="image")
 
 
 def test_top_heads_and_the_function_vector_sum_the_chosen_heads() -> None:

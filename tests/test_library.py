@@ -107,8 +107,9 @@ def test_extract_vector_is_the_mean_of_its_per_prompt_residuals_read_at_the_mark
     assert metadata["spec"] == "text-icl" and type(metadata["spec"]) is str and metadata["prompts"] == 5
     # The same sampling as the full vector: a limit keeps the first queries' prompts unchanged.
     pool = task.split("val")
-    prompts = icl_prompts(pool, pool, shots=2, seed=1)
-    assert [p.text for p in prompts[:5]] == [p.text for p in icl_prompts(pool, pool[:5], shots=2, seed=1)]
+    drawn = PromptSettings(shots=2, seed=1)
+    prompts = icl_prompts(pool, pool, drawn)
+    assert [p.text for p in prompts[:5]] == [p.text for p in icl_prompts(pool, pool[:5], drawn)]
     inputs = handle.build_inputs([prompts[3].text])
     position = marker_position(handle.tokenizer, inputs["input_ids"][0], "A:", -2)
     torch.testing.assert_close(per_prompt[3], record_residuals(handle, inputs, position)[0, :, 0])
@@ -122,7 +123,7 @@ def test_extract_vector_is_the_mean_of_its_per_prompt_residuals_read_at_the_mark
 def test_residuals_at_marker_reads_chosen_layers_and_mean_input_embeddings() -> None:
     handle = tiny_handle("llama")
     task = tiny_task()
-    prompts = icl_prompts(task.split("val"), task.split("val")[:3], shots=2, seed=0)
+    prompts = icl_prompts(task.split("val"), task.split("val")[:3], PromptSettings(shots=2, seed=0))
     every = residuals_at_marker(handle, prompts, occurrence=-1, batch_size=2).residuals
     assert every.shape == (3, handle.num_layers, handle.hidden_size)
     read = residuals_at_marker(handle, prompts, occurrence=-1, layers=[1], input_embeddings=True)

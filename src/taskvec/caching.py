@@ -110,16 +110,7 @@ class StepCache:
     ) -> dict[str, Any] | None:
         """The stored entry, or None when there is none or it cannot be used: not a readable JSON
         object, or (given `usable`) not the shape its step writes."""
-        path = self.path(kind, task, key)
-        data = read_json_entry(path)
-        if data is not None and usable is not None and not usable(data):
-            warn_unusable(path, f"not a complete {kind} entry")
-            data = None
-        if data is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        return data
+        return self._load(kind, task, key, lambda data: data, usable)
 
     def store(self, kind: str, task: str, key: str, data: Mapping[str, Any]) -> None:
         write_json_atomically(self.path(kind, task, key), data)
@@ -129,12 +120,22 @@ class StepCache:
     ) -> T | None:
         """The stored entry as a `cls` (a dataclass written by `store_typed`), or None when there is
         none or it cannot be used: unreadable, not a `cls`, or (given `usable`) not the whole step."""
+        return self._load(kind, task, key, lambda data: from_json(cls, data), usable)
+
+    def _load(
+        self,
+        kind: str,
+        task: str,
+        key: str,
+        convert: Callable[[dict[str, Any]], T],
+        usable: Callable[[T], bool] | None,
+    ) -> T | None:
         path = self.path(kind, task, key)
         data = read_json_entry(path)
         result = None
         if data is not None:
             try:
-                result = from_json(cls, data)
+                result = convert(data)
             except ValueError as error:
                 warn_unusable(path, f"not a {kind} entry ({error})")
         if result is not None and usable is not None and not usable(result):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 import torch
 
@@ -163,33 +164,26 @@ def accuracy(
     return hits / len(generated)
 
 
+class SweepOptions(TypedDict, total=False):
+    """How a layer sweep runs: every sweep function takes these as keywords (defaults in
+    `sweep_first_tokens_of_vectors`)."""
+
+    progress: str | None
+    batch_size: int
+    marker: str
+    memory_budget: int | None
+    mode: PatchMode
+    scale: float
+
+
 def sweep_first_tokens(
-    handle: ModelHandle,
-    prompts: Sequence[Prompt],
-    vectors: torch.Tensor,
-    *,
-    progress: str | None = None,
-    batch_size: int = SWEEP_BATCH_SIZE,
-    marker: str = DEFAULT_TEMPLATE.marker,
-    memory_budget: int | None = None,
-    mode: PatchMode = "replace",
-    scale: float = 1.0,
+    handle: ModelHandle, prompts: Sequence[Prompt], vectors: torch.Tensor, **options: Unpack[SweepOptions]
 ) -> list[list[str]]:
     """[prompt][layer]: the greedy first token with the layer's vector patched at the query's marker.
 
     Kept as text so any metric can score it later without another sweep.
     """
-    (tokens,) = sweep_first_tokens_of_vectors(
-        handle,
-        prompts,
-        [vectors],
-        progress=progress,
-        batch_size=batch_size,
-        marker=marker,
-        memory_budget=memory_budget,
-        mode=mode,
-        scale=scale,
-    )
+    (tokens,) = sweep_first_tokens_of_vectors(handle, prompts, [vectors], **options)
     return tokens
 
 
@@ -254,27 +248,14 @@ def sweep_accuracy(
     vectors: torch.Tensor,
     *,
     ignore_case: bool = False,
-    progress: str | None = None,
-    marker: str = DEFAULT_TEMPLATE.marker,
-    memory_budget: int | None = None,
-    mode: PatchMode = "replace",
-    scale: float = 1.0,
+    **options: Unpack[SweepOptions],
 ) -> list[float]:
     """First-token accuracy per layer with the layer's vector patched at the query's marker.
 
     The paper's prefix metric is effectively first-token; this reads the argmax token of the
     one-pass sweep, so a whole split costs about one forward pass per prompt.
     """
-    tokens = sweep_first_tokens(
-        handle,
-        prompts,
-        vectors,
-        progress=progress,
-        marker=marker,
-        memory_budget=memory_budget,
-        mode=mode,
-        scale=scale,
-    )
+    tokens = sweep_first_tokens(handle, prompts, vectors, **options)
     return layer_accuracy(tokens, answers, ignore_case=ignore_case)
 
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from taskvec.analysis.prompt_sets import instruction_prompt, query_items, task_icl_prompts
+from taskvec.analysis.prompt_sets import query_items, spec_prompts
 from taskvec.evaluation import generate_answers, is_correct, is_correct_by
 from taskvec.models import ModelHandle
-from taskvec.prompts import as_template, with_template
+from taskvec.prompts import as_template
 from taskvec.prompts.settings import DEFAULT_PROMPT_SETTINGS, PromptSettings
 from taskvec.tasks import Item, Task
 from taskvec.vectors import VectorSpec, parse_spec
@@ -119,14 +119,8 @@ def task_conflict(
         raise ValueError(f"task A is given by text-icl or instruction prompts, not {kind.value!r}")
     pairs, ambiguous = shared_queries(task_a, task_b, max_items)
     queries = [a for a, _ in pairs]
-    if kind is VectorSpec.INSTRUCTION:
-        untemplated = [instruction_prompt(task_a, query) for query in queries]
-    else:
-        untemplated = task_icl_prompts(
-            task_a, queries, modality="text", shots=prompts.shots, seed=prompts.seed
-        )
+    asked = spec_prompts(task_a, kind, queries, settings=prompts)
     template = as_template(prompts.template)
-    asked = [with_template(prompt, template) for prompt in untemplated]
     plain = generate_answers(handle, asked, max_new_tokens=max_new_tokens, batch_size=prompts.batch_size)
     patched = generate_answers(
         handle,

@@ -14,9 +14,10 @@
 Each result is its analysis's `result_type` dataclass as `taskvec.typed_json` writes it; the
 settings are `AnalysisSettings`, their prompt settings nested under "prompts". Format 2 held the
 prompt settings flat in "settings" and the numbers in untyped shapes: a bare dict of tasks for
-`lens`, a list for `conflict`, [token, probability] pairs for `decoded_tokens`. Reading a document decodes the results
-of the analyses it is given (the paper's by default) and refuses one that does not fit, naming the
-field; a result of an analysis it is not given stays as read until `result()` decodes it.
+`lens`, a list for `conflict`, [token, probability] pairs for `decoded_tokens`. Reading a document
+decodes the results of the analyses it is given (the paper's by default) and refuses one that does
+not fit, naming the field; a result of an analysis it is not given stays as read until `result()`
+decodes it.
 """
 
 from __future__ import annotations

@@ -134,15 +134,7 @@ def collect_prompt_points(
         if spec.demo_modality is None:
             raise ValueError(f"the embedding map reads ICL prompts; {spec.value!r} has no demonstrations")
         queries = seeded_sample(demonstration_pool(task), prompts_per_task, prompts.seed)
-        built_prompts = task_icl_prompts(
-            task,
-            queries,
-            modality=spec.demo_modality,
-            shots=prompts.shots,
-            seed=prompts.seed,
-            style=prompts.style,
-            template=template,
-        )
+        built_prompts = task_icl_prompts(task, queries, modality=spec.demo_modality, settings=prompts)
         residual, embedding = prompt_points(
             handle, built_prompts, layer, template=template, batch_size=prompts.batch_size
         )

@@ -224,15 +224,7 @@ def lens_phases(
         if reason is not None:
             skipped[spec.value] = reason
             continue
-        built_prompts = spec_prompts(
-            task,
-            spec,
-            queries,
-            shots=prompts.shots,
-            seed=prompts.seed,
-            style=prompts.style,
-            template=template,
-        )
+        built_prompts = spec_prompts(task, spec, queries, settings=prompts)
         curves[spec.value] = phase_curves(
             handle,
             built_prompts,

@@ -11,7 +11,7 @@ import random
 from collections.abc import Sequence
 
 from taskvec.models import ModelHandle
-from taskvec.prompts import DEFAULT_TEMPLATE, Modality, Prompt, QATemplate, build_icl_prompt
+from taskvec.prompts import DEFAULT_TEMPLATE, Modality, Prompt, QATemplate, as_template, build_icl_prompt
 from taskvec.prompts.settings import PromptSettings
 from taskvec.tasks import Item, Task
 from taskvec.vectors import VectorSpec, icl_prompts, parse_spec
@@ -65,25 +65,14 @@ def task_icl_prompts(
     queries: Sequence[Item],
     *,
     modality: Modality,
-    shots: int = 5,
-    seed: int = 0,
-    style: str | None = None,
-    template: QATemplate = DEFAULT_TEMPLATE,
+    settings: PromptSettings = ANALYSIS_PROMPT_SETTINGS,
 ) -> list[Prompt]:
-    """ICL prompts of `queries` with demonstrations from the task's demonstration pool.
+    """ICL prompts of `queries` with demonstrations from the task's demonstration pool, drawn and
+    shown by `settings` (`icl_prompts`).
 
     Too small a pool is an error naming the task and the counts (`TooFewDemonstrationsError`).
     """
-    return icl_prompts(
-        demonstration_pool(task),
-        queries,
-        shots=shots,
-        seed=seed,
-        modality=modality,
-        style=style,
-        template=template,
-        task=task.name,
-    )
+    return icl_prompts(demonstration_pool(task), queries, settings, modality=modality, task=task.name)
 
 
 def spec_prompts(
@@ -91,19 +80,15 @@ def spec_prompts(
     spec: VectorSpec | str,
     queries: Sequence[Item],
     *,
-    shots: int = 5,
-    seed: int = 0,
-    style: str | None = None,
-    template: QATemplate = DEFAULT_TEMPLATE,
+    settings: PromptSettings = ANALYSIS_PROMPT_SETTINGS,
 ) -> list[Prompt]:
-    """Prompts that specify the task by `spec`; image ICL asks about the query's image too."""
+    """Prompts that specify the task by `spec`; image ICL asks about the query's image too.
+    Instruction prompts take only the template of `settings`."""
     spec = parse_spec(spec)
     if spec is VectorSpec.INSTRUCTION:
+        template = as_template(settings.template)
         return [instruction_prompt(task, query, template=template) for query in queries]
-    modality = spec.demo_modality or "text"
-    return task_icl_prompts(
-        task, queries, modality=modality, shots=shots, seed=seed, style=style, template=template
-    )
+    return task_icl_prompts(task, queries, modality=spec.demo_modality or "text", settings=settings)
 
 
 def seeded_sample(items: Sequence[Item], limit: int, seed: int) -> list[Item]:

@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from taskvec.cli.run_command import ModelOutcome
@@ -853,94 +853,89 @@ def _run_arguments(run: argparse.ArgumentParser) -> None:
     _add_json_option(run)
 
 
+class _Command(NamedTuple):
+    """One command: its name, its help line, what adds its flags and what runs it."""
+
+    name: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: tuple[_Command, ...] = (
+    _Command("models", "supported architectures and the named models", _models_arguments, _command_models),
+    _Command("tasks", "built-in tasks, sizes per split and image style", _tasks_arguments, _command_tasks),
+    _Command(
+        "demo", "no context vs in-context vs patched task vector on one task", _demo_arguments, _command_demo
+    ),
+    _Command(
+        "extract",
+        "extract a task vector (all layers) to a .safetensors file",
+        _extract_arguments,
+        _command_extract,
+    ),
+    _Command("patch", "answer one query with a task vector patched in", _patch_arguments, _command_patch),
+    _Command(
+        "sweep",
+        "first-token accuracy per layer with a vector patched in, and the layer the run would choose",
+        _sweep_arguments,
+        _command_sweep,
+    ),
+    _Command(
+        "heads",
+        "attention heads carrying a task (causal indirect effect) and their function vector",
+        _heads_arguments,
+        _command_heads,
+    ),
+    _Command(
+        "lens",
+        "input / task / answer probability per layer (three-phase lens)",
+        _lens_arguments,
+        _command_lens,
+    ),
+    _Command(
+        "check",
+        "the engine's invariants on this model as loaded, each against its tolerance",
+        _check_arguments,
+        _command_check,
+    ),
+    _Command(
+        "report",
+        "write DIR/report.html (self-contained) from a run directory",
+        _report_arguments,
+        _command_report,
+    ),
+    _Command(
+        "train-vlm",
+        "train the default VLM (LLaVA on Gemma-3-270M) on CPU; resumable",
+        _train_vlm_arguments,
+        _command_train_vlm,
+    ),
+    _Command(
+        "export-vlm",
+        "write the default VLM as a plain HF checkpoint",
+        _export_vlm_arguments,
+        _command_export_vlm,
+    ),
+    _Command(
+        "run", "the whole reproduction: vectors, layer choice, every condition", _run_arguments, _command_run
+    ),
+)
+
+
 def build_parser(lazy: bool = False) -> argparse.ArgumentParser:
     """The command line. lazy=True: each command's flags are added when that command parses or
     shows its help (what `main` uses: a command imports only the modules its own flags need)."""
     parser = argparse.ArgumentParser(prog="taskvec", description="Task vectors in VLMs and language models.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
-    models = commands.add_parser(
-        "models", help="supported architectures and the named models", arguments=_models_arguments
-    )
-    models.set_defaults(run=_command_models)
-
-    tasks = commands.add_parser(
-        "tasks", help="built-in tasks, sizes per split and image style", arguments=_tasks_arguments
-    )
-    tasks.set_defaults(run=_command_tasks)
-
-    demo = commands.add_parser(
-        "demo", help="no context vs in-context vs patched task vector on one task", arguments=_demo_arguments
-    )
-    demo.set_defaults(run=_command_demo)
-
-    extract = commands.add_parser(
-        "extract",
-        help="extract a task vector (all layers) to a .safetensors file",
-        arguments=_extract_arguments,
-    )
-    extract.set_defaults(run=_command_extract)
-
-    patch = commands.add_parser(
-        "patch", help="answer one query with a task vector patched in", arguments=_patch_arguments
-    )
-    patch.set_defaults(run=_command_patch)
-
-    sweep = commands.add_parser(
-        "sweep",
-        help="first-token accuracy per layer with a vector patched in, and the layer the run would choose",
-        arguments=_sweep_arguments,
-    )
-    sweep.set_defaults(run=_command_sweep)
-
-    heads = commands.add_parser(
-        "heads",
-        help="attention heads carrying a task (causal indirect effect) and their function vector",
-        arguments=_heads_arguments,
-    )
-    heads.set_defaults(run=_command_heads)
-
-    lens = commands.add_parser(
-        "lens",
-        help="input / task / answer probability per layer (three-phase lens)",
-        arguments=_lens_arguments,
-    )
-    lens.set_defaults(run=_command_lens)
-
-    check = commands.add_parser(
-        "check",
-        help="the engine's invariants on this model as loaded, each against its tolerance",
-        arguments=_check_arguments,
-    )
-    check.set_defaults(run=_command_check)
-
-    report = commands.add_parser(
-        "report",
-        help="write DIR/report.html (self-contained) from a run directory",
-        arguments=_report_arguments,
-    )
-    report.set_defaults(run=_command_report)
-
-    train_vlm = commands.add_parser(
-        "train-vlm",
-        help="train the default VLM (LLaVA on Gemma-3-270M) on CPU; resumable",
-        arguments=_train_vlm_arguments,
-    )
-    train_vlm.set_defaults(run=_command_train_vlm)
-
-    export_vlm = commands.add_parser(
-        "export-vlm", help="write the default VLM as a plain HF checkpoint", arguments=_export_vlm_arguments
-    )
-    export_vlm.set_defaults(run=_command_export_vlm)
-
-    run = commands.add_parser(
-        "run", help="the whole reproduction: vectors, layer choice, every condition", arguments=_run_arguments
-    )
-    run.set_defaults(run=_command_run)
+    for command in COMMANDS:
+        parser_of = commands.add_parser(command.name, help=command.help, arguments=command.arguments)
+        parser_of.set_defaults(run=command.run)
 
     if not lazy:
-        for command in commands.choices.values():
-            command.add_declared_arguments()
+        for subparser in commands.choices.values():
+            subparser.add_declared_arguments()
     return parser
 
 

@@ -81,11 +81,12 @@ def run_demo(
         raise ValueError(f"limit must be at least 1 test item (None: the whole split), got {limit}")
     validation, test = task.split("val"), task.split("test")[:limit]
     answers = [item.answers() for item in test]
+    prompt_settings = PromptSettings(shots=shots, seed=seed, template=template.name)
     vector = extract_vector(
         handle,
         task,
         VectorSpec.TEXT_ICL,
-        settings=PromptSettings(shots=shots, seed=seed, template=template.name),
+        settings=prompt_settings,
         progress=f"{task.name} text vectors" if progress else None,
     ).vector
     validation_queries = [build_query_prompt(i, template=template) for i in validation]
@@ -109,7 +110,7 @@ def run_demo(
     )
     best_layer = choice.chosen
     queries = [build_query_prompt(item, template=template) for item in test]
-    in_context = icl_prompts(validation, test, shots=shots, seed=seed, template=template, task=task.name)
+    in_context = icl_prompts(validation, test, prompt_settings, task=task.name)
     label = "test: {}" if progress else None
 
     def score(prompts: Sequence[Prompt], name: str, layer: int | None = None) -> float:

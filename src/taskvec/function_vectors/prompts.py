@@ -8,7 +8,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import replace
 
-from taskvec.prompts import DEFAULT_TEMPLATE, Modality, Prompt, QATemplate, TemplateName, build_icl_prompt
+from taskvec.prompts import Modality, Prompt, as_template, build_icl_prompt
+from taskvec.prompts.settings import PromptSettings
 from taskvec.tasks import Item
 from taskvec.vectors.extract import sample_demonstrations
 
@@ -26,25 +27,24 @@ def cycled_queries(pool: Sequence[Item], count: int) -> list[Item]:
 def function_prompts(
     pool: Sequence[Item],
     queries: Sequence[Item],
+    settings: PromptSettings,
     *,
-    shots: int,
-    seed: int,
     modality: Modality = "text",
     shuffle_labels: bool = False,
-    style: str | None = None,
-    template: QATemplate | TemplateName = DEFAULT_TEMPLATE,
     task: str | None = None,
 ) -> list[Prompt]:
-    """One prompt per query: `shots` demonstrations from `pool` (never the query), then the query,
-    inputs in `modality`; with `shuffle_labels`, each prompt's demonstration outputs permuted among
-    its demonstrations, so the prompt shows the inputs and the answer format but not the task."""
+    """One prompt per query: `settings.shots` demonstrations from `pool` (never the query), then the
+    query, inputs in `modality` (images in `settings.style`), under `settings.template`, seeded by
+    `settings.seed`; with `shuffle_labels`, each prompt's demonstration outputs permuted among its
+    demonstrations, so the prompt shows the inputs and the answer format but not the task."""
+    seed, template = settings.seed, as_template(settings.template)
     rng = random.Random(seed)
     # Labels shuffle from a stream of their own, so the same seed gives the same demonstrations with
     # and without shuffling: a shuffled prompt is its clean prompt with the labels permuted.
     label_rng = random.Random(seed + LABEL_SEED_OFFSET)
     prompts = []
     for query in queries:
-        demonstrations = sample_demonstrations(pool, query, shots, rng, task=task)
+        demonstrations = sample_demonstrations(pool, query, settings.shots, rng, task=task)
         if shuffle_labels:
             outputs = [item.output for item in demonstrations]
             label_rng.shuffle(outputs)
@@ -58,7 +58,7 @@ def function_prompts(
                 query,
                 demo_modality=modality,
                 query_modality=modality,
-                style=style,
+                style=settings.style,
                 template=template,
             )
         )

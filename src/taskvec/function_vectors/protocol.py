@@ -4,6 +4,8 @@ with shuffled labels, the top-k heads and their summed outputs."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from taskvec.engine import attention_output_norm
 from taskvec.function_vectors.indirect_effect import indirect_effects
 from taskvec.function_vectors.means import mean_head_activations
@@ -39,21 +41,19 @@ def find_function_vector(
         raise ValueError(
             f"function vectors come from demonstrations (text-icl or image-icl), not {kind.value!r}"
         )
-    shots, mean_prompts, effect_prompts = settings.shots, settings.mean_prompts, settings.effect_prompts
-    seed, style, batch_size = prompts.seed, prompts.style, prompts.batch_size
+    mean_prompts, effect_prompts = settings.mean_prompts, settings.effect_prompts
+    seed, batch_size = prompts.seed, prompts.batch_size
     chosen = as_template(prompts.template)
+    protocol_prompts = replace(prompts, shots=settings.shots)
     pool = task.split(split)
 
     def prompts_of(queries: list[Item], prompt_seed: int, shuffle_labels: bool) -> list[Prompt]:
         return function_prompts(
             pool,
             queries,
-            shots=shots,
-            seed=prompt_seed,
+            replace(protocol_prompts, seed=prompt_seed),
             modality=modality,
             shuffle_labels=shuffle_labels,
-            style=style,
-            template=chosen,
             task=task.name,
         )
 
@@ -78,10 +78,10 @@ def find_function_vector(
         "model": handle.name,
         "task": task.name,
         "spec": kind.value,
-        "shots": shots,
+        "shots": settings.shots,
         "seed": seed,
         "split": split,
-        "style": style,
+        "style": prompts.style,
         "mean_prompts": mean_prompts,
         "effect_prompts": effect_prompts,
         "k": settings.heads,

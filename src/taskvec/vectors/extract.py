@@ -71,31 +71,30 @@ def sample_demonstrations(
 def icl_prompts(
     pool: Sequence[Item],
     queries: Sequence[Item],
+    settings: PromptSettings,
     *,
-    shots: int,
-    seed: int,
     modality: Modality = "text",
     query_modality: Modality | None = None,
-    style: str | None = None,
-    template: QATemplate | TemplateName = DEFAULT_TEMPLATE,
     task: str | None = None,
 ) -> list[Prompt]:
-    """One prompt per query: `shots` demonstrations from `pool` (never the query), then the query.
+    """One prompt per query: `settings.shots` demonstrations from `pool` (never the query), then the
+    query, images in `settings.style`, under `settings.template` (its batch size does not apply).
 
-    One seeded stream for the whole list, so the same (pool, queries, seed) gives the same prompts
-    wherever they are built: the vectors, the in-context baselines and the analyses agree. The query
-    is shown in `query_modality` (default: the demonstrations' modality). Too small a pool raises
-    `TooFewDemonstrationsError` naming `task` and the counts, never a prompt with fewer shots.
+    One stream seeded by `settings.seed` for the whole list, so the same (pool, queries, seed) gives
+    the same prompts wherever they are built: the vectors, the in-context baselines and the analyses
+    agree. The query is shown in `query_modality` (default: the demonstrations' modality). Too small
+    a pool raises `TooFewDemonstrationsError` naming `task` and the counts, never a prompt with fewer
+    shots.
     """
-    template = as_template(template)
-    rng = random.Random(seed)
+    template = as_template(settings.template)
+    rng = random.Random(settings.seed)
     return [
         build_icl_prompt(
-            sample_demonstrations(pool, query, shots, rng, task=task),
+            sample_demonstrations(pool, query, settings.shots, rng, task=task),
             query,
             demo_modality=modality,
             query_modality=query_modality or modality,
-            style=style,
+            style=settings.style,
             template=template,
         )
         for query in queries
@@ -357,16 +356,7 @@ def extract_vector(
         raise ValueError(f"limit must be at least 1 query (None: the whole split), got {limit}")
     modality = kind.demo_modality or "text"
     pool = task.split(split)
-    prompts = icl_prompts(
-        pool,
-        pool[:limit],
-        shots=shots,
-        seed=seed,
-        modality=modality,
-        style=style,
-        template=template,
-        task=task.name,
-    )
+    prompts = icl_prompts(pool, pool[:limit], settings, modality=modality, task=task.name)
     per_prompt = residuals_at_marker(
         handle,
         prompts,

@@ -57,7 +57,7 @@ def icl_accuracy(
         prompts = [build_query_prompt(item, modality=modality) for item in test]
     else:
         prompts = icl_prompts(
-            task.split("val"), test, shots=shots, seed=seed, modality=modality, task=task.name
+            task.split("val"), test, PromptSettings(shots=shots, seed=seed), modality=modality, task=task.name
         )
     return accuracy(generate_answers(handle, prompts), [item.answers() for item in test])
 

@@ -444,8 +444,12 @@ class RayExecutor:
                     continue
                 condition, seed = step[0], step[1]
                 patched = condition.vector is not None and (kind == "sweeps" or step[2] is not None)
-                # As StepRunner.tests: unpatched conditions have no pass to share.
-                shared = steps.prompt_group(condition, task, seed) if patched else f"unpatched {index}"
+                # As StepRunner.tests: an unpatched step shares its pass with steps of its own key.
+                shared = (
+                    steps.prompt_group(condition, task, seed)
+                    if patched
+                    else f"unpatched {steps.test_key(step, task)[1]}"
+                )
                 groups.setdefault((job, shared), []).append(index)
         calls = []
         for job, group in _split([(job, group) for (job, _), group in groups.items()], workers):

@@ -19,7 +19,7 @@ import torch
 
 from taskvec.caching import StepCache
 from taskvec.checks import checks_before_run
-from taskvec.evaluation import first_line, is_correct, layer_accuracy
+from taskvec.evaluation import first_line
 from taskvec.experiments.config import RunConfig
 from taskvec.experiments.execution.executors import (
     EarlySteps,
@@ -34,7 +34,7 @@ from taskvec.experiments.execution.vector_store import VectorStore, run_models
 from taskvec.experiments.protocol.conditions import Condition, plan_conditions
 from taskvec.experiments.protocol.paper_numbers import paper_numbers
 from taskvec.experiments.protocol.recipes import LLM_TEXT_ICL, TEXT_ICL
-from taskvec.experiments.protocol.scoring import AnsweredStep, score_run
+from taskvec.experiments.protocol.scoring import AnsweredStep, score_run, validation_curves
 from taskvec.experiments.results.run_results import RESULTS_FORMAT, RunMeta, RunResults, VectorCosine
 from taskvec.experiments.results.step_results import SweepResult, TestAnswers
 from taskvec.layer_choice import LayerChoice, candidate_layers, choose_on_validation, fixed_layer
@@ -225,30 +225,6 @@ def _choose_layers(
             unpatched_validation=chosen.unpatched_validation,
         )
     return layers
-
-
-def validation_curves(
-    sweeps: dict[str, list[SweepResult]], *, ignore_case: bool
-) -> tuple[dict[float, dict[str, list[list[float]]]], dict[str, float]]:
-    """{scale: {task: one accuracy-per-layer curve per seed}} of a condition's sweeps, and each task's
-    accuracy of the same queries unpatched (the mean over its seeds' sweeps)."""
-    curves: dict[float, dict[str, list[list[float]]]] = {}
-    unpatched: dict[str, float] = {}
-    for task, runs in sweeps.items():
-        for run in runs:
-            for scale, tokens in zip(run.scales, run.tokens_per_scale, strict=True):
-                curve = layer_accuracy(tokens, run.expected, ignore_case=ignore_case)
-                curves.setdefault(scale, {}).setdefault(task, []).append(curve)
-        hits = [
-            sum(
-                is_correct(token, expected, ignore_case=ignore_case)
-                for token, expected in zip(run.unpatched, run.expected, strict=True)
-            )
-            / len(run.expected)
-            for run in runs
-        ]
-        unpatched[task] = sum(hits) / len(hits)
-    return curves, unpatched
 
 
 def _vector_cosine(

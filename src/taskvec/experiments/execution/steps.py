@@ -296,9 +296,9 @@ class StepRunner:
             patch = None
             if vector is not None and layer is not None:
                 patch = LayerPatch(vector[0][layer], layer, _patch_mode(condition), scale)
-            # Unpatched conditions each have prompts of their own (or nothing to share a pass with).
-            prompts_key = self.prompt_group(condition, task, seed)
-            group_key = prompts_key if patch is not None else f"unpatched {index}"
+            # Patched steps asking the same prompts share a pass; an unpatched step shares it only
+            # with steps of the same key (no-context and a condition no layer helped ask the same).
+            group_key = self.prompt_group(condition, task, seed) if patch is not None else f"unpatched {key}"
             missing.setdefault(group_key, []).append((index, identity, key, patch))
         for group in missing.values():
             condition, seed, *_ = work[group[0][0]]
@@ -328,7 +328,7 @@ class StepRunner:
                     progress=label,
                     first_tokens=first_tokens,
                 )
-                answers = [Answers(texts, first_tokens)]
+                answers = [Answers(texts, first_tokens)] * len(group)
             style = self.config.style_for(task.name)
             for (row, row_identity, row_key, _), answer in zip(group, answers, strict=True):
                 results[row] = TestAnswers(

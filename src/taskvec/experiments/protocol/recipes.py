@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
-from typing import Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
 import torch
 
@@ -325,10 +325,6 @@ def ensemble_of(exemplar: torch.Tensor, instruction: torch.Tensor) -> torch.Tens
     return (exemplar + instruction) / 2
 
 
-def _made(vectors: torch.Tensor, spec: VectorSpec, **metadata: object) -> MadeVector:
-    return MadeVector(TaskVector(vectors, {"spec": spec.value, **metadata}))
-
-
 TEXT_ICL = ResidualVector(VectorSpec.TEXT_ICL)
 IMAGE_ICL = ResidualVector(VectorSpec.IMAGE_ICL)
 INSTRUCTION = ResidualVector(VectorSpec.INSTRUCTION)
@@ -336,19 +332,30 @@ LLM_TEXT_ICL = ResidualVector(VectorSpec.TEXT_ICL, role="llm")
 
 
 @dataclass(frozen=True)
-class ExemplarSubset(VectorRecipe):
-    """The ensemble curve's exemplar vector: the mean text-ICL residual of `examples` demonstrations
-    (`exemplar_subset_vector`)."""
+class _CurvePoint(VectorRecipe):
+    """A point of the ensemble curve: a vector made from `examples` demonstrations' residuals."""
 
     examples: int
+    spec: ClassVar[VectorSpec]
 
     @property
     def label(self) -> str:
-        return VectorSpec.EXEMPLAR_SUBSET.label
+        return self.spec.label
 
     @property
     def name(self) -> str:
-        return f"exemplar-subset-{self.examples}"
+        return f"{self.spec.value}-{self.examples}"
+
+    def _made(self, vectors: torch.Tensor) -> MadeVector:
+        return MadeVector(TaskVector(vectors, {"spec": self.spec.value, "examples": self.examples}))
+
+
+@dataclass(frozen=True)
+class ExemplarSubset(_CurvePoint):
+    """The ensemble curve's exemplar vector: the mean text-ICL residual of `examples` demonstrations
+    (`exemplar_subset_vector`)."""
+
+    spec: ClassVar[VectorSpec] = VectorSpec.EXEMPLAR_SUBSET
 
     def needs(self) -> Needs:
         return Needs()
@@ -363,23 +370,16 @@ class ExemplarSubset(VectorRecipe):
         self, context: RecipeContext, task: Task, seed: int, inputs: list[torch.Tensor], key: str
     ) -> MadeVector:
         per_prompt = context.per_prompt(TEXT_ICL, task, seed)
-        subset = exemplar_subset_vector(per_prompt, self.examples, context.config.prompts.shots, seed)
-        return _made(subset, VectorSpec.EXEMPLAR_SUBSET, examples=self.examples)
+        return self._made(
+            exemplar_subset_vector(per_prompt, self.examples, context.config.prompts.shots, seed)
+        )
 
 
 @dataclass(frozen=True)
-class Ensemble(VectorRecipe):
+class Ensemble(_CurvePoint):
     """The paper's ensemble: (exemplar subset of `examples` + instruction vector) / 2."""
 
-    examples: int
-
-    @property
-    def label(self) -> str:
-        return VectorSpec.ENSEMBLE.label
-
-    @property
-    def name(self) -> str:
-        return f"ensemble-{self.examples}"
+    spec: ClassVar[VectorSpec] = VectorSpec.ENSEMBLE
 
     def needs(self) -> Needs:
         return Needs(instruction=True)
@@ -395,4 +395,4 @@ class Ensemble(VectorRecipe):
         self, context: RecipeContext, task: Task, seed: int, inputs: list[torch.Tensor], key: str
     ) -> MadeVector:
         exemplar, instruction = inputs
-        return _made(ensemble_of(exemplar, instruction), VectorSpec.ENSEMBLE, examples=self.examples)
+        return self._made(ensemble_of(exemplar, instruction))

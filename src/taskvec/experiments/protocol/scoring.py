@@ -1,4 +1,5 @@
-"""Scoring a run: its answered test steps -> result rows, summaries, floors and tables, in one call.
+"""Scoring a run: its answered test steps -> result rows, summaries, floors and tables, in one call
+(`score_run`); its validation sweeps -> the accuracy curves the layer choice reads (`validation_curves`).
 
 The runner gathers what the steps returned; everything that turns answers into numbers happens here,
 in one direction: rows (per step and metric), then summaries (per condition and metric), then the
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from taskvec.evaluation import is_correct, layer_accuracy
 from taskvec.experiments.config import METRICS, RunConfig
 from taskvec.experiments.protocol.baselines import model_free_floors
 from taskvec.experiments.protocol.conditions import Condition
@@ -21,7 +23,7 @@ from taskvec.experiments.protocol.tables import (
     table_metric,
 )
 from taskvec.experiments.results.run_results import ConditionResult, Example, Floor, ResultTable, Summary
-from taskvec.experiments.results.step_results import TestAnswers
+from taskvec.experiments.results.step_results import SweepResult, TestAnswers
 from taskvec.tasks import Task
 
 
@@ -115,3 +117,27 @@ def _examples(step: AnsweredStep, count: int) -> list[Example]:
         )
         for index in range(min(count, len(answers.generated)))
     ]
+
+
+def validation_curves(
+    sweeps: dict[str, list[SweepResult]], *, ignore_case: bool
+) -> tuple[dict[float, dict[str, list[list[float]]]], dict[str, float]]:
+    """{scale: {task: one accuracy-per-layer curve per seed}} of a condition's sweeps, and each task's
+    accuracy of the same queries unpatched (the mean over its seeds' sweeps)."""
+    curves: dict[float, dict[str, list[list[float]]]] = {}
+    unpatched: dict[str, float] = {}
+    for task, runs in sweeps.items():
+        for run in runs:
+            for scale, tokens in zip(run.scales, run.tokens_per_scale, strict=True):
+                curve = layer_accuracy(tokens, run.expected, ignore_case=ignore_case)
+                curves.setdefault(scale, {}).setdefault(task, []).append(curve)
+        hits = [
+            sum(
+                is_correct(token, expected, ignore_case=ignore_case)
+                for token, expected in zip(run.unpatched, run.expected, strict=True)
+            )
+            / len(run.expected)
+            for run in runs
+        ]
+        unpatched[task] = sum(hits) / len(hits)
+    return curves, unpatched
