@@ -17,6 +17,7 @@ from tiny_tasks import make_tiny_tasks
 import taskvec.analysis.conflict as conflict_module
 import taskvec.analysis.paper_analyses as paper_module
 from taskvec.analysis import (
+    ANALYSIS_FORMAT,
     CONFLICT,
     CONFLICT_TOTALS,
     DECODED_TOKENS,
@@ -252,7 +253,7 @@ def test_run_analyses_fills_the_document_from_the_given_layer_and_vectors(
     document = _run(handle, tasks, StepCache(tmp_path / "cache"), vectors=vectors, llm=llm, layer_source="t")
     assert document.errors == {}
     assert list(document.results) == [analysis.name for analysis in PAPER_ANALYSES]
-    assert document.format == 4 and document.layer == AnalysisLayer(2, handle.num_layers, "t")
+    assert document.format == ANALYSIS_FORMAT and document.layer == AnalysisLayer(2, handle.num_layers, "t")
     assert document.meta.model == "tiny-llava" and document.meta.settings.prompts.shots == 2
     assert document.meta.llm_fingerprint == document.meta.model_fingerprint  # the same tiny weights
     assert (
