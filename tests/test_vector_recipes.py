@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_handle
-from run_fixtures import tiny_config, write_task_file
+from run_fixtures import comparable_run, tiny_config, write_task_file
 
 from taskvec.experiments import (
     Condition,
@@ -54,9 +54,7 @@ class ScaledMean(VectorRecipe):
     def identity(self, context: RecipeContext, task: Task, seed: int, inputs: list[str]) -> dict[str, object]:
         return {"scaled_mean_of": inputs, "factor": self.factor}
 
-    def make(
-        self, context: RecipeContext, task: Task, seed: int, inputs: list[torch.Tensor], key: str
-    ) -> MadeVector:
+    def make(self, context: RecipeContext, task: Task, seed: int, inputs: list[torch.Tensor]) -> MadeVector:
         text, image = inputs
         return MadeVector(TaskVector(self.factor * (text + image) / 2, {"spec": "scaled-mean"}))
 
@@ -117,3 +115,46 @@ def test_adding_a_condition_of_an_existing_name_replaces_it_and_a_repeated_name_
     handle, task = tiny_handle("llava"), load_task(config.tasks[0])
     with pytest.raises(ValueError, match="repeat a name: scaled-mean->image"):
         plan_conditions(handle, [task], config, None, [*once, SCALED_MEAN])
+
+
+def test_the_ray_executor_plans_the_new_kind_from_its_recipe_and_equals_the_local_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_ray_scheduling import _InProcessRay
+    from tiny_models import save_tiny_checkpoint
+
+    from taskvec.experiments.execution import ray_workers
+    from taskvec.experiments.execution.ray_workers import RayExecutor, WorkerSpec
+    from taskvec.models import load_model
+    from taskvec.models.load_options import LoadOptions
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' one thread each: every sum in the same order
+    try:
+        model = str(save_tiny_checkpoint("llava", tmp_path / "tiny-llava"))
+        config = tiny_config(write_task_file(tmp_path / "task"), seeds=(0,), ensemble_examples=(0,))
+        conditions = with_condition(paper_conditions(config), SCALED_MEAN)
+        run_experiments(load_model(model), config, tmp_path / "local", progress=False, conditions=conditions)
+        monkeypatch.setattr(ray_workers, "import_ray", lambda: _InProcessRay(lambda running: running[0]))
+        executor = RayExecutor(WorkerSpec(model, LoadOptions(), config), workers=2, progress=False)
+        try:
+            run_experiments(
+                load_model(model),
+                config,
+                tmp_path / "ray",
+                progress=False,
+                executor=executor,
+                conditions=conditions,
+            )
+        finally:
+            executor.close()
+    finally:
+        torch.set_num_threads(threads)
+    assert comparable_run(tmp_path / "ray") == comparable_run(tmp_path / "local")
+    # The new kind's stored inputs were made on the workers, from what its recipe says it needs.
+    made = {call[2] for call in executor.history if call[:2] == ("finish", "vector")}
+    assert (
+        made
+        and SCALED_MEAN.name
+        in json.loads((tmp_path / "ray" / "results.json").read_text())["meta"]["conditions"]
+    )

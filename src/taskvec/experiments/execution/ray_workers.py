@@ -395,12 +395,12 @@ class RayExecutor:
     # ---- planning ------------------------------------------------------------------------------
     def _vector_calls(self, steps: StepRunner, jobs: Sequence[VectorJob]) -> list[_Call]:
         """One call per missing stored vector, each kept in the driver's store when it returns."""
-        wanted: dict[tuple[str, str, int], tuple[Task, VectorRecipe, int]] = {}
+        wanted: dict[tuple[VectorRecipe, str, int], tuple[Task, VectorRecipe, int]] = {}
         for condition, task, seed in jobs:
             if condition.vector is None:
                 continue
             for recipe, recipe_seed in steps.store.missing(condition.vector, task, seed or 0):
-                wanted.setdefault((recipe.id, task.name, recipe_seed), (task, recipe, recipe_seed))
+                wanted.setdefault((recipe, task.name, recipe_seed), (task, recipe, recipe_seed))
         # Task by task: the first tasks' sweeps can start while the last task's vectors run.
         order = {name: rank for rank, name in enumerate(dict.fromkeys(task.name for _, task, _ in jobs))}
         ranked = sorted(wanted.values(), key=lambda entry: order[entry[0].name])

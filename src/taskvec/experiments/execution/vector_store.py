@@ -27,8 +27,8 @@ from taskvec.tasks import Task
 from taskvec.vectors import TaskVector, VectorFileError, load_task_vector
 from taskvec.vectors.task_vector import save_task_vector
 
-# One vector of the store: (recipe id, task, seed).
-VectorId = tuple[str, str, int]
+# One vector of the store: (recipe, task, seed); recipes are frozen, so equal recipes are one vector.
+VectorId = tuple[VectorRecipe, str, int]
 
 
 def run_models(handle: ModelHandle, llm: ModelHandle | None) -> dict[ModelRole, ModelHandle]:
@@ -81,7 +81,7 @@ class VectorStore:
         if stored is not None and "residuals" not in stored:
             warn_unusable(path, "no 'residuals' tensor")
         if stored is None or "residuals" not in stored:
-            self._memory[(recipe.id, task.name, seed)] = (self._make_stored(recipe, task, seed, key), key)
+            self._memory[(recipe, task.name, seed)] = (self._make_stored(recipe, task, seed, key), key)
             stored = read_tensors(path)
             if stored is None or "residuals" not in stored:
                 raise ValueError(f"{recipe.name} vectors keep no per-prompt residuals")
@@ -112,7 +112,7 @@ class VectorStore:
     def get(self, recipe: VectorRecipe, task: Task, seed: int) -> tuple[TaskVector, str]:
         """The vector [layers, hidden] with its metadata, and its key."""
         seed = recipe.seed_of(seed)
-        memo = (recipe.id, task.name, seed)
+        memo = (recipe, task.name, seed)
         if memo in self._memory:
             return self._memory[memo]
         key = self.key(recipe, task, seed)
@@ -123,7 +123,7 @@ class VectorStore:
             inputs = [
                 self.get(source, task, source_seed)[0].vectors for source, source_seed in recipe.inputs(seed)
             ]
-            vector = recipe.make(self, task, seed, inputs, key).vector
+            vector = recipe.make(self, task, seed, inputs).vector
             vector.metadata.update({"cache_key": key, "role": recipe.role, "seed": seed})
         self._memory[memo] = (vector, key)
         return vector, key
@@ -135,10 +135,11 @@ class VectorStore:
     def missing(self, recipe: VectorRecipe, task: Task, seed: int) -> list[tuple[VectorRecipe, int]]:
         """The stored vectors `get` would have to make first: (recipe, seed), each once."""
         seed = recipe.seed_of(seed)
-        if (recipe.id, task.name, seed) in self._memory:
+        if (recipe, task.name, seed) in self._memory:
             return []
         if recipe.stored:
-            return [] if self._cached(recipe, task, seed, self.key(recipe, task, seed)) else [(recipe, seed)]
+            cached = self._cached(recipe, task, seed, self.key(recipe, task, seed))
+            return [] if cached is not None else [(recipe, seed)]
         found: dict[tuple[str, int], tuple[VectorRecipe, int]] = {}
         for source, source_seed in recipe.inputs(seed):
             for entry in self.missing(source, task, source_seed):
@@ -161,7 +162,7 @@ class VectorStore:
     # ---- stored recipes ------------------------------------------------------------------------
     def _make_stored(self, recipe: VectorRecipe, task: Task, seed: int, key: str) -> TaskVector:
         self.extracted += 1
-        made = recipe.make(self, task, seed, [], key)
+        made = recipe.make(self, task, seed, [])
         self._save(recipe, task, seed, key, made)
         return made.vector
 

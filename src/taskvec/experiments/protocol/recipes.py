@@ -39,12 +39,12 @@ RecipeInput = tuple["VectorRecipe", int]
 
 @dataclass(frozen=True)
 class Needs:
-    """What a recipe needs of the model and the tasks; a condition the run cannot meet is skipped."""
+    """What a recipe needs of the model and the tasks; a condition the run cannot meet is skipped
+    (a recipe of the base LM's vectors, `role="llm"`, needs the base LM too)."""
 
     images: bool = False
     several_images: bool = False
     instruction: bool = False
-    base_lm: bool = False
 
 
 @dataclass
@@ -78,8 +78,8 @@ class VectorRecipe(ABC):
     """How one kind of vector is made, identified, patched and swept; frozen dataclasses below."""
 
     role: ModelRole = "vlm"
-    stored: bool = False
-    patch_mode: PatchMode = "replace"
+    stored: ClassVar[bool] = False
+    patch_mode: ClassVar[PatchMode] = "replace"
 
     @property
     @abstractmethod
@@ -109,9 +109,7 @@ class VectorRecipe(ABC):
         `self.inputs(seed)`'s vectors."""
 
     @abstractmethod
-    def make(
-        self, context: RecipeContext, task: Task, seed: int, inputs: list[torch.Tensor], key: str
-    ) -> MadeVector:
+    def make(self, context: RecipeContext, task: Task, seed: int, inputs: list[torch.Tensor]) -> MadeVector:
         """The vector, from prompts (a stored recipe) or from its inputs' vectors."""
 
     def seed_of(self, seed: int) -> int:
@@ -149,9 +147,9 @@ def _prompt_settings(config: RunConfig, task: Task, spec: VectorSpec, seed: int)
     return replace(config.prompts, seed=seed, style=_style(config, task, spec))
 
 
-def _spec_needs(spec: VectorSpec, role: ModelRole) -> Needs:
+def _spec_needs(spec: VectorSpec) -> Needs:
     image = spec is VectorSpec.IMAGE_ICL
-    return Needs(images=image, several_images=image, instruction=spec.uses_instruction, base_lm=role == "llm")
+    return Needs(images=image, several_images=image, instruction=spec.uses_instruction)
 
 
 @dataclass(frozen=True)
@@ -161,7 +159,7 @@ class ResidualVector(VectorRecipe):
 
     spec: VectorSpec
     role: ModelRole = "vlm"
-    stored: bool = True
+    stored: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not self.spec.extractable:
@@ -176,7 +174,7 @@ class ResidualVector(VectorRecipe):
         return "base-LM text ICL" if self.role == "llm" else self.spec.label
 
     def needs(self) -> Needs:
-        return _spec_needs(self.spec, self.role)
+        return _spec_needs(self.spec)
 
     def seed_of(self, seed: int) -> int:
         return 0 if self.spec is VectorSpec.INSTRUCTION else seed
@@ -202,9 +200,7 @@ class ResidualVector(VectorRecipe):
             "template": template.cache_key(),
         }
 
-    def make(
-        self, context: RecipeContext, task: Task, seed: int, inputs: list[torch.Tensor], key: str
-    ) -> MadeVector:
+    def make(self, context: RecipeContext, task: Task, seed: int, inputs: list[torch.Tensor]) -> MadeVector:
         config = context.config
         label = f"{self.role} {self.spec.value} {task.name} seed {seed}" if context.progress else None
         extraction = extract_vector(
@@ -226,8 +222,8 @@ class FunctionVector(VectorRecipe):
 
     spec: VectorSpec
     role: ModelRole = "vlm"
-    stored: bool = True
-    patch_mode: PatchMode = "add"
+    stored: ClassVar[bool] = True
+    patch_mode: ClassVar[PatchMode] = "add"
 
     def __post_init__(self) -> None:
         if self.spec not in (VectorSpec.TEXT_ICL, VectorSpec.IMAGE_ICL):
@@ -244,7 +240,7 @@ class FunctionVector(VectorRecipe):
         return "base-LM text ICL" if self.role == "llm" else self.spec.label
 
     def needs(self) -> Needs:
-        return _spec_needs(self.spec, self.role)
+        return _spec_needs(self.spec)
 
     def seeds(self, config: RunConfig) -> tuple[int, ...]:
         return config.seeds[: config.fv_seeds]
@@ -278,9 +274,7 @@ class FunctionVector(VectorRecipe):
             "template": as_template(config.prompts.template).cache_key(),
         }
 
-    def make(
-        self, context: RecipeContext, task: Task, seed: int, inputs: list[torch.Tensor], key: str
-    ) -> MadeVector:
+    def make(self, context: RecipeContext, task: Task, seed: int, inputs: list[torch.Tensor]) -> MadeVector:
         config = context.config
         handle = context.model(self.role)
         found = find_function_vector(
@@ -366,9 +360,7 @@ class ExemplarSubset(_CurvePoint):
     def identity(self, context: RecipeContext, task: Task, seed: int, inputs: list[str]) -> Identity:
         return {"exemplar_of": inputs[0], "examples": self.examples, "seed": seed}
 
-    def make(
-        self, context: RecipeContext, task: Task, seed: int, inputs: list[torch.Tensor], key: str
-    ) -> MadeVector:
+    def make(self, context: RecipeContext, task: Task, seed: int, inputs: list[torch.Tensor]) -> MadeVector:
         per_prompt = context.per_prompt(TEXT_ICL, task, seed)
         return self._made(
             exemplar_subset_vector(per_prompt, self.examples, context.config.prompts.shots, seed)
@@ -391,8 +383,6 @@ class Ensemble(_CurvePoint):
         keys: list[object] = [*inputs]
         return keys
 
-    def make(
-        self, context: RecipeContext, task: Task, seed: int, inputs: list[torch.Tensor], key: str
-    ) -> MadeVector:
+    def make(self, context: RecipeContext, task: Task, seed: int, inputs: list[torch.Tensor]) -> MadeVector:
         exemplar, instruction = inputs
         return self._made(ensemble_of(exemplar, instruction))
