@@ -6,7 +6,7 @@ cached step can name exactly the options that shaped its result (see `caching.st
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from taskvec.byte_sizes import format_byte_size, parse_byte_size
@@ -283,10 +283,3 @@ class RunConfig:
         if not self.styles:
             return None
         return self.styles.get(task_name, self.styles.get(task_name.split("-")[0]))
-
-    def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for key, value in data.items():
-            if isinstance(value, tuple):
-                data[key] = list(value)
-        return data
