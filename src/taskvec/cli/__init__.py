@@ -589,6 +589,13 @@ def _add_strict_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true", help=STRICT_HELP)
 
 
+def _add_task_options(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """--task (required unless given a default) and --strict, as every one-task command takes them."""
+    help_text = "a built-in task name or a task file"
+    parser.add_argument("--task", required=default is None, default=default, help=help_text)
+    _add_strict_option(parser)
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     """Declared with their defaults in RunCommandOptions and RunConfig (see taskvec.options)."""
     from taskvec.cli.run_command import PER_MODEL_OPTIONS, RunCommandOptions
@@ -673,8 +680,7 @@ def _demo_arguments(demo: argparse.ArgumentParser) -> None:
     from taskvec.options import at_least
 
     _add_model_options(demo)
-    demo.add_argument("--task", default="country-capital", help="a built-in task name or a task file")
-    _add_strict_option(demo)
+    _add_task_options(demo, default="country-capital")
     _add_prompt_options(demo, "shots", "seed", "template")
     demo.add_argument("--limit", type=at_least(1), default=None, help="score only the first N test items")
     demo.add_argument(
@@ -692,8 +698,7 @@ def _extract_arguments(extract: argparse.ArgumentParser) -> None:
     spec_names = [spec.value for spec in EXTRACTABLE_SPECS]
 
     _add_model_options(extract)
-    extract.add_argument("--task", required=True, help="a built-in task name or a task file")
-    _add_strict_option(extract)
+    _add_task_options(extract)
     _add_prompt_options(extract, "shots", "seed", "style", "template", "batch_size")
     extract.add_argument("--spec", default="text-icl", choices=spec_names)
     extract.add_argument("--split", default="val", help="prompts are built from this split")
@@ -725,8 +730,7 @@ def _sweep_arguments(sweep: argparse.ArgumentParser) -> None:
 
     _add_model_options(sweep)
     sweep.add_argument("--vector", required=True, help="a .safetensors task vector")
-    sweep.add_argument("--task", required=True, help="a built-in task name or a task file")
-    _add_strict_option(sweep)
+    _add_task_options(sweep)
     _add_prompt_options(sweep, "style", "template")
     sweep.add_argument("--split", default="val")
     sweep.add_argument("--modality", default="text", choices=["text", "image"], help="the query's input")
@@ -749,8 +753,7 @@ def _heads_arguments(heads: argparse.ArgumentParser) -> None:
     from taskvec.options import add_options
 
     _add_model_options(heads)
-    heads.add_argument("--task", required=True, help="a built-in task name or a task file")
-    _add_strict_option(heads)
+    _add_task_options(heads)
     heads.add_argument("--spec", default="text-icl", choices=["text-icl", "image-icl"])
     # The protocol's own shots (10): the prompt settings give the rest of how its prompts are drawn.
     add_options(heads, FunctionVectorSettings, fill_defaults=True)
@@ -780,8 +783,7 @@ def _lens_arguments(lens: argparse.ArgumentParser) -> None:
     spec_names = [spec.value for spec in EXTRACTABLE_SPECS]
 
     _add_model_options(lens)
-    lens.add_argument("--task", required=True, help="a built-in task name or a task file")
-    _add_strict_option(lens)
+    _add_task_options(lens)
     _add_prompt_options(lens, "shots", "seed", "style", "template", "batch_size")
     lens.add_argument("--spec", default="text-icl", choices=[*spec_names, "all"])
     lens.add_argument("--prompts", type=at_least(1), default=100, help="test queries to average over")
