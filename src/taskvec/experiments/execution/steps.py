@@ -255,8 +255,10 @@ class StepRunner:
         return identity
 
     def test_key(self, step: TestStep, task: Task) -> tuple[StepIdentity, str]:
-        """The test step's identity and cache key."""
-        return self._test_key(step, task, self.vector_for(step.condition, task, step.seed))
+        """The test step's identity and cache key (a step without a layer patches nothing, so its key
+        needs no vector)."""
+        vector = self.vector_for(step.condition, task, step.seed) if step.layer is not None else None
+        return self._test_key(step, task, vector)
 
     def _test_key(
         self, step: TestStep, task: Task, vector: tuple[torch.Tensor, str] | None
