@@ -9,6 +9,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import copy
+import dataclasses
 import functools
 from collections.abc import Iterator
 from typing import Any
@@ -24,12 +25,24 @@ from taskvec.analysis import (
     DECODED_TOKENS,
     EMBEDDING_MAP,
     LENS,
+    QUICK,
     SIMILARITY,
     AnalysisDocument,
+    AnalysisSettings,
     ConflictCounts,
 )
 from taskvec.engine import Patch, generate_greedy_ids, logit_lens, record_residuals, sweep_layers
 from taskvec.models import ModelHandle
+
+# The analyses on two prompts each: the bf16 and GPU runs of every analysis on the tiny families.
+TINY_ANALYSIS_SETTINGS: AnalysisSettings = dataclasses.replace(
+    QUICK,
+    prompts=dataclasses.replace(QUICK.prompts, shots=2),
+    lens_prompts=2,
+    map_prompts_per_task=2,
+    conflict_items=2,
+    vector_prompts=2,
+)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -20,6 +20,7 @@ import pytest
 import torch
 from conftest import (
     BF16_TOLERANCE,
+    TINY_ANALYSIS_SETTINGS,
     assert_analysis_results_agree,
     assert_engine_outputs_agree,
     assert_float32_on_cpu,
@@ -36,7 +37,6 @@ from tiny_tasks import make_tiny_tasks
 from taskvec.analysis import (
     EMBEDDING_MAP,
     LENS,
-    QUICK,
     VectorKey,
     analysis_vectors,
     collect_prompt_points,
@@ -56,14 +56,6 @@ vector_tokens_module = importlib.import_module("taskvec.analysis.vector_tokens")
 BF16 = torch.bfloat16
 # Families the analyses run on in bf16: a text model and the VLM layouts that differ most.
 ANALYSIS_FAMILIES = ("llama", "llava", "qwen2_vl", "idefics2", "gemma3", "fuyu")
-SETTINGS = replace(
-    QUICK,
-    prompts=replace(QUICK.prompts, shots=2),
-    lens_prompts=2,
-    map_prompts_per_task=2,
-    conflict_items=2,
-    vector_prompts=2,
-)
 ENGINE_CASES = [(family, family in VLM_FAMILIES) for family in FAMILIES]
 
 
@@ -101,9 +93,15 @@ def tasks(tmp_path_factory: pytest.TempPathFactory) -> list[Task]:
 def analysis_run(
     handle: ModelHandle, tasks: list[Task], cache: Path
 ) -> tuple[dict[VectorKey, torch.Tensor], AnalysisDocument]:
-    vectors = analysis_vectors(handle, tasks, settings=SETTINGS)
+    vectors = analysis_vectors(handle, tasks, settings=TINY_ANALYSIS_SETTINGS)
     document = run_analyses(
-        handle, tasks, layer=1, vectors=vectors, cache=StepCache(cache), settings=SETTINGS, progress=False
+        handle,
+        tasks,
+        layer=1,
+        vectors=vectors,
+        cache=StepCache(cache),
+        settings=TINY_ANALYSIS_SETTINGS,
+        progress=False,
     )
     return vectors, document
 
@@ -123,9 +121,11 @@ def test_every_analysis_runs_in_bf16_close_to_fp32(family: str, tasks: list[Task
     half_map = half_run.result(EMBEDDING_MAP)
     assert half_map is not None
     specs = sorted(set(half_map.specs))
-    points = collect_prompt_points(half, tasks, 1, specs=specs, prompts_per_task=2, prompts=SETTINGS.prompts)
+    points = collect_prompt_points(
+        half, tasks, 1, specs=specs, prompts_per_task=2, prompts=TINY_ANALYSIS_SETTINGS.prompts
+    )
     full_points = collect_prompt_points(
-        full, tasks, 1, specs=specs, prompts_per_task=2, prompts=SETTINGS.prompts
+        full, tasks, 1, specs=specs, prompts_per_task=2, prompts=TINY_ANALYSIS_SETTINGS.prompts
     )
     for name in ("vectors", "embeddings"):
         array, expected = getattr(points, name), getattr(full_points, name)
@@ -233,9 +233,9 @@ def test_lens_phases_aggregate_on_the_cpu_in_float32_whatever_device_the_lens_ru
     atlantis = Item("Atlantis", "Paris", images=capital.items[0].images)
     task = replace(capital, items=(*capital.items, atlantis), splits={**capital.splits, "test": (8, 5, 6)})
     handle = tiny_handle("llava")
-    expected = lens_phases(handle, task, max_prompts=3, prompts=SETTINGS.prompts).as_dict()
+    expected = lens_phases(handle, task, max_prompts=3, prompts=TINY_ANALYSIS_SETTINGS.prompts).as_dict()
     lens_elsewhere(monkeypatch, dtype)
-    moved = lens_phases(handle, task, max_prompts=3, prompts=SETTINGS.prompts).as_dict()
+    moved = lens_phases(handle, task, max_prompts=3, prompts=TINY_ANALYSIS_SETTINGS.prompts).as_dict()
     for spec, curves in expected["curves"].items():
         assert curves["prompts_without_token"]["input"] == 1  # Atlantis
         for kind in ("probability", "relative"):
@@ -251,11 +251,17 @@ def test_analyses_take_vectors_and_lens_output_from_another_device(
     tasks: list[Task], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     handle = tiny_handle("llava")
-    vectors = analysis_vectors(handle, tasks, llm=handle, settings=SETTINGS)
+    vectors = analysis_vectors(handle, tasks, llm=handle, settings=TINY_ANALYSIS_SETTINGS)
 
     def run(given: dict[VectorKey, torch.Tensor], cache: Path) -> AnalysisDocument:
         return run_analyses(
-            handle, tasks, layer=1, vectors=given, cache=StepCache(cache), settings=SETTINGS, progress=False
+            handle,
+            tasks,
+            layer=1,
+            vectors=given,
+            cache=StepCache(cache),
+            settings=TINY_ANALYSIS_SETTINGS,
+            progress=False,
         )
 
     expected = run(vectors, tmp_path / "here")

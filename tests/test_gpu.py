@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import transformers
 from accelerate import dispatch_model
 from conftest import (
     BF16_TOLERANCE,
+    TINY_ANALYSIS_SETTINGS,
     assert_analysis_results_agree,
     assert_engine_outputs_agree,
     assert_lens_results_agree,
@@ -37,7 +37,7 @@ from conftest import (
 from tiny_models import VLM_FAMILIES, build_tiny
 from tiny_tasks import make_tiny_tasks
 
-from taskvec.analysis import QUICK, AnalysisDocument, analysis_vectors, lens_phases, run_analyses
+from taskvec.analysis import AnalysisDocument, analysis_vectors, lens_phases, run_analyses
 from taskvec.caching import StepCache
 from taskvec.engine import record_residuals, sweep_layers
 from taskvec.models import ModelHandle
@@ -53,14 +53,6 @@ SPREAD_FAMILIES = ("llama", "llava", "qwen2_vl", "idefics2")
 # cuDNN runs float32 convolutions (the vision towers' patch embeddings) in TF32 by default.
 FLOAT32_ON_GPU_TOLERANCE = 1e-2
 EXACT = 1e-6
-SETTINGS = replace(
-    QUICK,
-    prompts=replace(QUICK.prompts, shots=2),
-    lens_prompts=2,
-    map_prompts_per_task=2,
-    conflict_items=2,
-    vector_prompts=2,
-)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +120,9 @@ def dispatched_handle(
 
 def lens_result(handle: ModelHandle, task: Task) -> dict[str, Any]:
     """The lens analysis of one task, as run_analyses reports it."""
-    return {task.name: lens_phases(handle, task, max_prompts=2, prompts=SETTINGS.prompts).as_dict()}
+    return {
+        task.name: lens_phases(handle, task, max_prompts=2, prompts=TINY_ANALYSIS_SETTINGS.prompts).as_dict()
+    }
 
 
 # ------------------------------------------------------------------- dispatch plumbing, any machine
@@ -211,9 +205,15 @@ def handle_on(family: str, device: torch.device, dtype: torch.dtype) -> ModelHan
 
 
 def analysis_results(handle: ModelHandle, tasks: list[Task], cache: Path) -> AnalysisDocument:
-    vectors = analysis_vectors(handle, tasks, settings=SETTINGS)
+    vectors = analysis_vectors(handle, tasks, settings=TINY_ANALYSIS_SETTINGS)
     document = run_analyses(
-        handle, tasks, layer=1, vectors=vectors, cache=StepCache(cache), settings=SETTINGS, progress=False
+        handle,
+        tasks,
+        layer=1,
+        vectors=vectors,
+        cache=StepCache(cache),
+        settings=TINY_ANALYSIS_SETTINGS,
+        progress=False,
     )
     assert document.errors == {}
     return document
