@@ -63,6 +63,8 @@ def test_cached_tokens_equal_the_towers_and_are_reused(pool: list[EntityImage], 
     assert not torch.equal(cached.of(pool[0], 1), cached.of(pool[0], 0))  # the augmented copy
     again = cached_tower_tokens(tower, pool[:3], cache, copies=1, seed=0)
     assert torch.equal(again.tokens, cached.tokens)
+    other_weights = cached_tower_tokens(tiny_tower(seed=1), pool[:3], cache, copies=1, seed=0)
+    assert not torch.equal(other_weights.tokens, cached.tokens)  # other weights recompute
     regridded = ImagenetColourTower(ImagenetColourConfig(grid=1, colour_side=2, image_size=64)).eval()
     changed = cached_tower_tokens(regridded, pool[:3], cache, copies=1, seed=0)
     assert changed.tokens.shape == (3, 2, 1, CONFIG.hidden_size)  # a changed tower recomputes

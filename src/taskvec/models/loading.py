@@ -319,8 +319,9 @@ def load_checkpoint(source: CheckpointSource | Path, options: LoadOptions | None
 
 
 def _register_taskvec_tower(config: Mapping[str, Any]) -> None:
-    """A checkpoint exported from the default VLM has taskvec's own vision tower, which transformers
-    knows once `taskvec.vlm.vision_tower` is imported (it registers with the Auto classes)."""
+    """A LLaVA checkpoint whose vision tower is taskvec's own (`taskvec.vlm.vision_tower`, model_type
+    written out here so that other checkpoints import nothing): transformers knows it once that module
+    is imported, which registers it with the Auto classes."""
     vision = config.get("vision_config")
     if isinstance(vision, Mapping) and vision.get("model_type") == "taskvec_imagenet_colour":
         import taskvec.vlm.vision_tower  # noqa: F401

@@ -3,11 +3,13 @@
 The tower (`vision_tower.ImagenetColourTower`) has no trained weights, so every training step can
 read its outputs from a safetensors file instead of running EfficientNet-Lite0 (about 57 ms per
 picture on 2 cores). The cache holds each picture and `copies` seeded augmented copies of it; its
-metadata names the tower's config, so a changed tower never reads stale tokens.
+metadata names the tower's config and a digest of its weights, so a changed tower never reads stale
+tokens.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,15 @@ class TowerTokens:
 
     def of(self, image: EntityImage, view: int = 0) -> torch.Tensor:
         return self.tokens[self.rows[image.path], view]
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 over the module's state dict (names and values, in order)."""
+    hasher = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        hasher.update(name.encode())
+        hasher.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return hasher.hexdigest()
 
 
 def tower_tokens(tower: ImagenetColourTower, pictures: Sequence[Image.Image]) -> torch.Tensor:
@@ -63,6 +74,7 @@ def cached_tower_tokens(
             "colour_side": config.colour_side,
             "colour_scale": config.colour_scale,
             "image_size": config.image_size,
+            "weights_sha256": weights_digest(tower),
         },
         token_shape=(config.tokens_per_image, config.hidden_size),
         copies=copies,
