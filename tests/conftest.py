@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import functools
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,9 +31,14 @@ from taskvec.analysis import (
     AnalysisDocument,
     AnalysisSettings,
     ConflictCounts,
+    VectorKey,
+    analysis_vectors,
+    run_analyses,
 )
+from taskvec.caching import StepCache
 from taskvec.engine import Patch, generate_greedy_ids, logit_lens, record_residuals, sweep_layers
 from taskvec.models import ModelHandle
+from taskvec.tasks import Task
 
 # The analyses on two prompts each: the bf16 and GPU runs of every analysis on the tiny families.
 TINY_ANALYSIS_SETTINGS: AnalysisSettings = dataclasses.replace(
@@ -43,6 +49,28 @@ TINY_ANALYSIS_SETTINGS: AnalysisSettings = dataclasses.replace(
     conflict_items=2,
     vector_prompts=2,
 )
+
+
+def run_tiny_analyses(
+    handle: ModelHandle,
+    tasks: list[Task],
+    cache: Path,
+    vectors: dict[VectorKey, torch.Tensor] | None = None,
+) -> tuple[dict[VectorKey, torch.Tensor], AnalysisDocument]:
+    """Every analysis at layer 1 with TINY_ANALYSIS_SETTINGS, on `vectors` (made here when None);
+    returns the vectors used and the document."""
+    if vectors is None:
+        vectors = analysis_vectors(handle, tasks, settings=TINY_ANALYSIS_SETTINGS)
+    document = run_analyses(
+        handle,
+        tasks,
+        layer=1,
+        vectors=vectors,
+        cache=StepCache(cache),
+        settings=TINY_ANALYSIS_SETTINGS,
+        progress=False,
+    )
+    return vectors, document
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -29,6 +29,7 @@ from conftest import (
     first_token_forcing_vector,
     last_logits,
     relative_error,
+    run_tiny_analyses,
     tiny_handle,
 )
 from tiny_models import FAMILIES, VLM_FAMILIES
@@ -41,10 +42,8 @@ from taskvec.analysis import (
     analysis_vectors,
     collect_prompt_points,
     lens_phases,
-    run_analyses,
 )
 from taskvec.analysis.document import AnalysisDocument
-from taskvec.caching import StepCache
 from taskvec.engine import Patch, logit_lens, patch_at, record_residuals
 from taskvec.models import ModelHandle
 from taskvec.tasks import Item, Task
@@ -90,27 +89,11 @@ def tasks(tmp_path_factory: pytest.TempPathFactory) -> list[Task]:
     return make_tiny_tasks(tmp_path_factory.mktemp("images"))[:2]
 
 
-def analysis_run(
-    handle: ModelHandle, tasks: list[Task], cache: Path
-) -> tuple[dict[VectorKey, torch.Tensor], AnalysisDocument]:
-    vectors = analysis_vectors(handle, tasks, settings=TINY_ANALYSIS_SETTINGS)
-    document = run_analyses(
-        handle,
-        tasks,
-        layer=1,
-        vectors=vectors,
-        cache=StepCache(cache),
-        settings=TINY_ANALYSIS_SETTINGS,
-        progress=False,
-    )
-    return vectors, document
-
-
 @pytest.mark.parametrize("family", ANALYSIS_FAMILIES)
 def test_every_analysis_runs_in_bf16_close_to_fp32(family: str, tasks: list[Task], tmp_path: Path) -> None:
     full, half = tiny_handle(family), tiny_handle(family, BF16)
-    full_vectors, full_run = analysis_run(full, tasks, tmp_path / "fp32")
-    half_vectors, half_run = analysis_run(half, tasks, tmp_path / "bf16")
+    full_vectors, full_run = run_tiny_analyses(full, tasks, tmp_path / "fp32")
+    half_vectors, half_run = run_tiny_analyses(half, tasks, tmp_path / "bf16")
     assert half_run.errors == {} and full_run.errors == {}
     assert half_vectors.keys() == full_vectors.keys()
     for key, vector in half_vectors.items():
@@ -254,15 +237,7 @@ def test_analyses_take_vectors_and_lens_output_from_another_device(
     vectors = analysis_vectors(handle, tasks, llm=handle, settings=TINY_ANALYSIS_SETTINGS)
 
     def run(given: dict[VectorKey, torch.Tensor], cache: Path) -> AnalysisDocument:
-        return run_analyses(
-            handle,
-            tasks,
-            layer=1,
-            vectors=given,
-            cache=StepCache(cache),
-            settings=TINY_ANALYSIS_SETTINGS,
-            progress=False,
-        )
+        return run_tiny_analyses(handle, tasks, cache, given)[1]
 
     expected = run(vectors, tmp_path / "here")
     lens_elsewhere(monkeypatch)

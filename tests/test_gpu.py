@@ -31,14 +31,14 @@ from conftest import (
     engine_outputs,
     first_token_forcing_vector,
     relative_error,
+    run_tiny_analyses,
     sweep_methods,
     tiny_handle,
 )
 from tiny_models import VLM_FAMILIES, build_tiny
 from tiny_tasks import make_tiny_tasks
 
-from taskvec.analysis import AnalysisDocument, analysis_vectors, lens_phases, run_analyses
-from taskvec.caching import StepCache
+from taskvec.analysis import AnalysisDocument, lens_phases
 from taskvec.engine import record_residuals, sweep_layers
 from taskvec.models import ModelHandle
 from taskvec.tasks import Task
@@ -205,16 +205,7 @@ def handle_on(family: str, device: torch.device, dtype: torch.dtype) -> ModelHan
 
 
 def analysis_results(handle: ModelHandle, tasks: list[Task], cache: Path) -> AnalysisDocument:
-    vectors = analysis_vectors(handle, tasks, settings=TINY_ANALYSIS_SETTINGS)
-    document = run_analyses(
-        handle,
-        tasks,
-        layer=1,
-        vectors=vectors,
-        cache=StepCache(cache),
-        settings=TINY_ANALYSIS_SETTINGS,
-        progress=False,
-    )
+    _, document = run_tiny_analyses(handle, tasks, cache)
     assert document.errors == {}
     return document
 
