@@ -1,12 +1,12 @@
-"""How well frozen EfficientNet-Lite0 features name pictures in an art style never trained on.
+"""How well the default VLM's frozen image features name pictures in an art style never trained on.
 
 A logistic-regression probe per family (flags, animals, foods) on the entity's name, trained on the
-four training styles and tested on the held-out Noto style (vlm.data's split), on lite0's features
-pooled to one token and to a 2x2 grid; optionally also beside the shipped default VLM's tower.
-Features come from the feature cache (computed once, then read back).
+four training styles and tested on the held-out Noto style (vlm.data's split), on EfficientNet-Lite0's
+features pooled to one token and to a 2x2 grid, on the picture's 8x8 colours alone, and on the default
+VLM's tower (lite0 2x2, each cell beside the picture's colours). Features come from caches (computed
+once, then read back).
 
-python scripts/probe_imagenet_features.py
-python scripts/probe_imagenet_features.py --with-tower --cache-dir /tmp/lite0-features
+python scripts/probe_imagenet_features.py --cache-dir /tmp/lite0-features
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import argparse
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,8 +22,11 @@ from sklearn.linear_model import LogisticRegression
 
 from taskvec.models.cache_dir import cache_root
 from taskvec.tasks.images import read_rgb
+from taskvec.vlm.cached_features import cached_tower_tokens
 from taskvec.vlm.data import FAMILIES, KIND, EntityImage, entity_images, split_by_style
-from taskvec.vlm.imagenet_encoder import ImagenetEncoder, cached_feature_grid
+from taskvec.vlm.imagenet_encoder import FEATURE_CHANNELS, ImagenetEncoder, cached_feature_grid
+from taskvec.vlm.training import TrainConfig
+from taskvec.vlm.vision_tower import ImagenetColourTower
 
 Features = Callable[[Sequence[EntityImage]], np.ndarray]
 
@@ -38,26 +40,16 @@ def lite0_features(encoder: ImagenetEncoder, cache_dir: Path, grid: int) -> Feat
     return lambda chosen: flat[[rows[image.path] for image in chosen]]
 
 
-def tower_features() -> Features:
-    """The shipped default VLM's vision tower, its last layer's patch tokens averaged."""
-    from taskvec.vlm.recipe import SHIPPED_PARTS_DIR, load_vlm_from_parts
-
-    handle = load_vlm_from_parts(SHIPPED_PARTS_DIR)
-    model: Any = handle.model
-    tower = model.model.vision_tower
-    image_processor = handle.processor.image_processor
-
-    def features(chosen: Sequence[EntityImage]) -> np.ndarray:
-        outputs = []
-        with torch.inference_mode():
-            for start in range(0, len(chosen), 64):
-                pictures = [read_rgb(image.path) for image in chosen[start : start + 64]]
-                pixels = image_processor(images=pictures, return_tensors="pt")["pixel_values"]
-                hidden = tower(pixel_values=pixels.to(tower.dtype)).last_hidden_state
-                outputs.append(hidden[:, 1:].mean(dim=1).float())
-        return torch.cat(outputs).numpy()
-
-    return features
+def tower_features(cache_dir: Path, part: slice) -> Features:
+    """The default VLM's tower (`TrainConfig().tower`, ImageNet weights): `part` of each token's
+    values (the first 1280 are lite0's, the rest the picture's colours), all tokens side by side."""
+    tower = ImagenetColourTower(TrainConfig().tower.config())
+    tower.load_imagenet_weights()
+    images = entity_images()
+    cached = cached_tower_tokens(tower.eval(), images, cache_dir / "tower.safetensors", copies=0, seed=0)
+    flat = cached.tokens[:, 0, :, part].flatten(1).numpy()
+    rows = {image.path: index for index, image in enumerate(images)}
+    return lambda chosen: flat[[rows[image.path] for image in chosen]]
 
 
 def probe_accuracy(
@@ -99,7 +91,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: taskvec's cache directory")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--with-tower", action="store_true", help="also lite0 beside the shipped tower")
     parser.add_argument("--timing-images", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -111,11 +102,8 @@ def main() -> None:
     pooled, grid = lite0_features(encoder, cache_dir, grid=1), lite0_features(encoder, cache_dir, grid=2)
     sources: dict[str, tuple[Features, ...]] = {"lite0 pooled": (pooled,), "lite0 2x2 grid": (grid,)}
     print(f"features ready in {time.monotonic() - started:.0f} s ({cache_dir})")
-    if args.with_tower:
-        tower = tower_features()
-        sources["current tower"] = (tower,)
-        sources["lite0 pooled + current tower"] = (pooled, tower)
-        sources["lite0 2x2 + current tower"] = (grid, tower)
+    sources["picture colours 8x8"] = (tower_features(cache_dir, slice(FEATURE_CHANNELS, None)),)
+    sources["the default VLM's tower"] = (tower_features(cache_dir, slice(None)),)
 
     header = f"{'features':<28}" + "".join(f"{KIND[family]:>8}" for family in FAMILIES)
     print(f"\nheld-out style (Noto) accuracy of a linear probe on the name\n{header}")

@@ -831,7 +831,7 @@ def _train_vlm_arguments(train_vlm: argparse.ArgumentParser) -> None:
     _add_json_option(train_vlm)
     train_vlm.add_argument(
         "--restart-after",
-        choices=("align", "caption"),
+        choices=("align", "projector"),
         help="retrain the stages after this one from its kept end checkpoint (e.g. a new instruct recipe)",
     )
 

@@ -288,6 +288,7 @@ def load_checkpoint(source: CheckpointSource | Path, options: LoadOptions | None
     if not class_names:
         raise ValueError(f"{source.name}: config.json names no architecture ('architectures' is empty)")
     class_name = str(class_names[0])
+    _register_taskvec_tower(source.config)
     entry = _table_entry(class_name)
     text_model = text_model_type(source.config)
     if entry is not None:
@@ -315,6 +316,14 @@ def load_checkpoint(source: CheckpointSource | Path, options: LoadOptions | None
     )
     handle.metadata.update({"source": source.as_record(), "loading": options.as_record()})
     return handle
+
+
+def _register_taskvec_tower(config: Mapping[str, Any]) -> None:
+    """A checkpoint exported from the default VLM has taskvec's own vision tower, which transformers
+    knows once `taskvec.vlm.vision_tower` is imported (it registers with the Auto classes)."""
+    vision = config.get("vision_config")
+    if isinstance(vision, Mapping) and vision.get("model_type") == "taskvec_imagenet_colour":
+        import taskvec.vlm.vision_tower  # noqa: F401
 
 
 def _has_module(root: torch.nn.Module, dotted_path: str) -> bool:

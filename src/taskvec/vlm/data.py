@@ -227,7 +227,7 @@ def training_icl_tasks(
 class InstructMix:
     """What one instruct step trains on: one kind per step (so a batch's sequences have similar
     lengths), drawn with these weights. In-context prompts are 2-6 times longer than a question
-    (16 tokens per image), hence their smaller batch: measured per step on the real model, a question
+    (4 tokens per image), hence their smaller batch: measured per step on the real model, a question
     batch of 16 costs about what an ICL batch of 8 does."""
 
     questions: float = 0.3
@@ -237,8 +237,10 @@ class InstructMix:
     max_shots: int = 5
     format_tasks: tuple[str, ...] = tuple(FORMAT_TASKS)
     # On text-only steps, weight of the KL divergence from the base LM's (adapters off) next-token
-    # distribution at the answer positions: the VLM's language model should read text as the base does.
-    text_distill_weight: float = 1.0
+    # distribution at the answer positions: the VLM's language model should answer text as the base
+    # does. At 1.0 (with LoRA on attention only) its residuals stayed at cosine >= 0.99 to the base
+    # LM's at every layer: no real language model moves that little in multimodal training.
+    text_distill_weight: float = 0.5
 
 
 def icl_example(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from PIL import Image
 
 from taskvec.atomic_files import write_tensors_atomically
 from taskvec.caching import read_tensor_file, warn_unusable
+from taskvec.progress import progress_counter
 from taskvec.tasks.images import read_rgb
 from taskvec.vlm.data import augment
 
@@ -64,7 +65,8 @@ def weights_file() -> Path:
     return path
 
 
-def _empty_network() -> torch.nn.Module:
+def empty_network() -> torch.nn.Module:
+    """EfficientNet-Lite0's network, randomly initialised."""
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
@@ -81,11 +83,10 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def preprocess(images: Sequence[Image.Image]) -> torch.Tensor:
-    """[batch, 3, 224, 224] float32 in [-1, 1]: each whole picture squashed to a square."""
+def preprocess(images: Sequence[Image.Image], side: int = IMAGE_SIDE) -> torch.Tensor:
+    """[batch, 3, side, side] float32 in [-1, 1]: each whole picture squashed to a square."""
     arrays = [
-        np.asarray(image.convert("RGB").resize((IMAGE_SIDE, IMAGE_SIDE), Image.Resampling.BICUBIC))
-        for image in images
+        np.asarray(image.convert("RGB").resize((side, side), Image.Resampling.BICUBIC)) for image in images
     ]
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
     return (pixels - 0.5) / 0.5
@@ -94,6 +95,26 @@ def preprocess(images: Sequence[Image.Image]) -> torch.Tensor:
 def check_grid(grid: int) -> None:
     if not 1 <= grid <= FEATURE_SIDE:
         raise ValueError(f"feature grid {grid} x {grid}: the grid must be 1 to {FEATURE_SIDE}")
+
+
+def load_imagenet_weights(network: torch.nn.Module, weights: Path | None = None) -> Path:
+    """Load `weights` (default: the installed package's file) into `network` with weights_only and
+    strict; returns the file's path. A file that is not exactly EfficientNet-Lite0's state dict
+    raises ValueError."""
+    path = weights if weights is not None else weights_file()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        network.load_state_dict(state, strict=True)
+    except pickle.UnpicklingError:
+        # torch's message runs to several paragraphs and suggests weights_only=False: never that.
+        raise ValueError(
+            f"{path}: not EfficientNet-Lite0's ImageNet weights (not loadable with weights_only=True)"
+        ) from None
+    except (RuntimeError, OSError, ValueError, EOFError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"{path}: not EfficientNet-Lite0's ImageNet weights ({_first_line(error)})"
+        ) from None
+    return path
 
 
 class ImagenetEncoder:
@@ -109,20 +130,8 @@ class ImagenetEncoder:
     def load(cls, weights: Path | None = None) -> ImagenetEncoder:
         """The encoder with `weights` (default: the installed package's file); a file that is not
         exactly EfficientNet-Lite0's state dict raises ValueError."""
-        path = weights if weights is not None else weights_file()
-        network = _empty_network()
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            network.load_state_dict(state, strict=True)
-        except pickle.UnpicklingError:
-            # torch's message runs to several paragraphs and suggests weights_only=False: never that.
-            raise ValueError(
-                f"{path}: not EfficientNet-Lite0's ImageNet weights (not loadable with weights_only=True)"
-            ) from None
-        except (RuntimeError, OSError, ValueError, EOFError, TypeError, AttributeError) as error:
-            raise ValueError(
-                f"{path}: not EfficientNet-Lite0's ImageNet weights ({_first_line(error)})"
-            ) from None
+        network = empty_network()
+        path = load_imagenet_weights(network, weights)
         return cls(network, path.name)
 
     def _run(self, images: Sequence[Image.Image], batch_size: int, head: str) -> torch.Tensor:
@@ -203,16 +212,48 @@ def cached_feature_grid(
     read from `cache_path` when its metadata matches, else computed and written there atomically.
     An unreadable cache file is computed again with a `CacheEntryWarning`."""
     check_grid(grid)
+    weights_name = encoder.weights_name if encoder is not None else weights_file().name
+    loaded: list[ImagenetEncoder] = [encoder] if encoder is not None else []
+
+    def encode(pictures: Sequence[Image.Image]) -> torch.Tensor:
+        if not loaded:
+            loaded.append(ImagenetEncoder.load())
+        return loaded[0].feature_grid(pictures, grid, batch_size)
+
+    return cached_image_features(
+        paths,
+        cache_path,
+        encode=encode,
+        encoder={"encoder": ENCODER_NAME, "weights": weights_name, "grid": grid},
+        token_shape=(grid * grid, FEATURE_CHANNELS),
+        copies=copies,
+        seed=seed,
+        batch_size=batch_size,
+    )
+
+
+def cached_image_features(
+    paths: Sequence[Path],
+    cache_path: Path,
+    *,
+    encode: Callable[[Sequence[Image.Image]], torch.Tensor],
+    encoder: dict[str, Any],
+    token_shape: tuple[int, int],
+    copies: int = 0,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> CachedFeatures:
+    """`encode`'s tokens ([pictures, *token_shape]) of the pictures at `paths` and of `copies` seeded
+    augmented copies of each, cached in `cache_path` under metadata that names the `encoder` (a JSON
+    record of everything that changes its output), the preprocessing, the augmentation and the
+    input files' bytes."""
     if copies < 0:
         raise ValueError(f"augmented copies must be 0 or more, not {copies}")
     if not paths:
         raise ValueError("no images to encode")
-    weights_name = encoder.weights_name if encoder is not None else weights_file().name
     metadata = {
         "format": FEATURE_CACHE_FORMAT,
-        "encoder": ENCODER_NAME,
-        "weights": weights_name,
-        "grid": grid,
+        **encoder,
         "preprocess": PREPROCESS,
         "augmentation": AUGMENTATION if copies else None,
         "copies": copies,
@@ -220,17 +261,22 @@ def cached_feature_grid(
         "inputs": len(paths),
         "inputs_sha256": inputs_digest(paths),
     }
-    shape = (len(paths), 1 + copies, grid * grid, FEATURE_CHANNELS)
+    shape = (len(paths), 1 + copies, *token_shape)
     stored = _read_cache(cache_path, metadata, shape)
     if stored is not None:
         return CachedFeatures(stored, metadata, recomputed=False)
-    encoder = encoder or ImagenetEncoder.load()
     features = torch.empty(shape)
-    for start in range(0, len(paths), batch_size):
-        pictures = [read_rgb(path) for path in paths[start : start + batch_size]]
-        for copy in range(1 + copies):
-            batch = [augmented(picture, seed, start + index, copy) for index, picture in enumerate(pictures)]
-            features[start : start + len(pictures), copy] = encoder.feature_grid(batch, grid, batch_size)
+    bar = progress_counter(f"image features -> {cache_path.name}", total=len(paths), unit="pictures")
+    with torch.inference_mode():
+        for start in range(0, len(paths), batch_size):
+            pictures = [read_rgb(path) for path in paths[start : start + batch_size]]
+            for copy in range(1 + copies):
+                batch = [
+                    augmented(picture, seed, start + index, copy) for index, picture in enumerate(pictures)
+                ]
+                features[start : start + len(pictures), copy] = encode(batch).float()
+            bar.update(len(pictures))
+    bar.close()
     header = {_METADATA_KEY: json.dumps(metadata, sort_keys=True)}
     write_tensors_atomically(cache_path, {"features": features}, header)
     return CachedFeatures(features, metadata, recomputed=True)

