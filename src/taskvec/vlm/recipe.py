@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from taskvec.models.sources import find_checkpoint
 from taskvec.vlm.architecture import assemble_llava, count_parameters
 from taskvec.vlm.artifacts import CARD_FILE, build_vlm, save_parts
 from taskvec.vlm.cached_features import cached_tower_tokens
+from taskvec.vlm.card import ACCEPTANCE_FILE, PREVIOUS_ACCEPTANCE_FILE, write_model_card
 from taskvec.vlm.data import entity_images, split_by_style
 from taskvec.vlm.evaluation import accuracy_by_family, name_pictures
 from taskvec.vlm.processor import build_processor
@@ -121,6 +123,20 @@ def train_default_vlm(
     )
     (out_dir / "record.json").write_text(json.dumps(record, indent=1))
     return record
+
+
+def ship_parts(parts_dir: Path, shipped_dir: Path = SHIPPED_PARTS_DIR) -> Path:
+    """Make `parts_dir` the default VLM: replace the shipped parts (not merge: the old model's
+    acceptance.json must not describe the new parts), keeping the replaced model's acceptance
+    measurements as `acceptance-previous.json` for the card's comparison."""
+    replaced = shipped_dir / ACCEPTANCE_FILE
+    previous = replaced.read_text() if replaced.is_file() else None
+    shutil.rmtree(shipped_dir, ignore_errors=True)
+    shutil.copytree(parts_dir, shipped_dir, ignore=shutil.ignore_patterns(PREVIOUS_ACCEPTANCE_FILE))
+    if previous is not None:
+        (shipped_dir / PREVIOUS_ACCEPTANCE_FILE).write_text(previous)
+    write_model_card(shipped_dir)
+    return shipped_dir
 
 
 def _per_family(images: list[Any], count: int | None, seed: int) -> list[Any]:

@@ -1,17 +1,18 @@
-"""Training the embedded VLM on CPU: three seeded, resumable stages on the frozen tower's cached tokens.
+"""Training the embedded VLM on CPU: two seeded, resumable stages on the frozen tower's cached tokens.
 
-1. `align`: projector only, no language model in the loop. Each image's projected tokens regress
-   toward the LM's input embeddings of the entity's name (its tokens repeated over the image
-   slots), with a classification term over all names. Milliseconds per batch; it starts stage 2
-   from image tokens the LM already reads as the name (without it, 100 steps of stage 2 alone left
-   the caption loss at 2.5).
-2. `projector` (LLaVA's pretraining): LM frozen, LLaVA's projector learns from next-token loss on
-   short captions naming the entity ("<image>\\nName: France"). Logits only at the answer positions.
-3. `instruct` (LLaVA's instruction tuning): LoRA on the LM's attention and MLP (peft) + projector, on
-   image-grounded questions (name, kind of picture) and on in-context learning with text and with
-   image demonstrations of tasks that are not the evaluation tasks (`data.InstructMix`). Text steps
-   add a KL term toward the base LM (adapters off) at the answer positions, so text in-context
-   learning holds while the LM's weights move.
+1. `align` (LLaVA's pretraining, without the LM in the loop): projector only. Each image's projected
+   tokens regress toward the LM's input embeddings of the entity's name (its tokens repeated over
+   the image slots), with a classification term over all names. Milliseconds per batch. The LM then
+   reads a picture much as it reads its name: with the projector alone, image in-context learning on
+   the six paper tasks reached 0.22, and a further stage of next-token loss on captions (LM frozen)
+   halved it and lost held-out styles (bench/NOTES.md), so there is no such stage.
+2. `instruct` (LLaVA's instruction tuning): LoRA on the LM's attention (peft), projector frozen by
+   default (`TrainConfig.instruct_trains_projector`), on image-grounded questions and captions (name,
+   kind of picture) and on in-context learning with text and with image demonstrations of tasks
+   that are not the evaluation tasks (`data.InstructMix`). Text steps add a KL term toward the base
+   LM (adapters off) at the answer positions, so text in-context learning holds while the LM's
+   weights move; image in-context steps add a KL term toward the base LM reading the same prompt
+   with the entities' names in place of the pictures.
 
 The tower (ImageNet EfficientNet-Lite0 + the picture's colours) is never trained: its tokens for every
 training picture and `TrainConfig.feature_copies` augmented copies are computed once
@@ -47,16 +48,16 @@ from taskvec.vlm.cached_features import TowerTokens
 from taskvec.vlm.data import (
     DEFAULT_HELD_OUT,
     EntityImage,
+    Example,
     InstructMix,
     instruct_examples,
-    sample_examples,
     training_icl_tasks,
 )
 from taskvec.vlm.imagenet_encoder import IMAGE_SIDE
 from taskvec.vlm.vision_tower import ImagenetColourConfig
 
-STAGES = ("align", "projector", "instruct")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+STAGES = ("align", "instruct")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _STATE_FILE = "state.json"
 _TRAINED_FILE = "trained.safetensors"
 _OPTIMIZER_FILE = "optimizer.safetensors"
@@ -94,17 +95,19 @@ class TowerSettings:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    # Budget for <= 90 minutes on 2 cores, measured on the real model (bench/NOTES.md): align 54 s,
-    # 2.4 s per projector step, 2.9 s per instruct step, then naming every picture (~2 minutes).
+    # Budget for <= 90 minutes on 2 cores, measured on the real model (bench/NOTES.md): align 40 s,
+    # about 2.7 s per instruct step, then naming every picture (about 4.5 minutes).
     align: StageSettings = field(default_factory=lambda: StageSettings(2000, 64, 1e-3, 50))
-    projector: StageSettings = field(default_factory=lambda: StageSettings(200, 32, 1e-3, 20))
     # batch_size counts question steps; in-context steps use `instruct_mix.icl_batch_size`.
     instruct: StageSettings = field(default_factory=lambda: StageSettings(450, 16, 4e-4, 30))
     # Weight of the align stage's regression toward the name embeddings against its classification
     # term (the from-scratch tower of the first default VLM needed 5 for the LM to read its tokens).
     align_regression_weight: float = 5.0
-    lora_rank: int = 16
-    lora_alpha: int = 32
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    # Whether the instruct stage trains the projector beside the LoRA adapters. Frozen, the pictures
+    # stay tokens the language model reads as their names, which in-context learning builds on.
+    instruct_trains_projector: bool = False
     weight_decay: float = 0.05
     checkpoint_every: int = 50
     # Augmented copies of each training picture in the token cache, beside the picture itself.
@@ -167,11 +170,13 @@ def _projector_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
     return () if path is None else (f"{path}.",)
 
 
-def trainable_names(model: torch.nn.Module, stage: str) -> list[str]:
+def trainable_names(model: torch.nn.Module, stage: str, *, projector_in_instruct: bool = True) -> list[str]:
     projector = _projector_prefixes(model)
 
     def wanted(name: str) -> bool:
-        return name.startswith(projector) or (stage == "instruct" and "lora_" in name)
+        if stage == "instruct":
+            return "lora_" in name or (projector_in_instruct and name.startswith(projector))
+        return name.startswith(projector)
 
     return [name for name, _ in model.named_parameters() if wanted(name)]
 
@@ -361,6 +366,24 @@ def text_step_loss(model: torch.nn.Module, batch: TrainingBatch, distill_weight:
     return loss
 
 
+def image_step_loss(
+    model: torch.nn.Module, batch: TrainingBatch, named: TrainingBatch, distill_weight: float
+) -> torch.Tensor:
+    """Cross-entropy on the answers plus `distill_weight` x KL from the base LM (adapters off)
+    reading `named`, the same prompts with the entities' names in place of the pictures."""
+    student = answer_logits(model, batch)
+    loss = torch.nn.functional.cross_entropy(student, batch.targets)
+    if distill_weight > 0:
+        with torch.no_grad(), adapters_disabled(model):
+            teacher = answer_logits(model, named)
+        loss = loss + distill_weight * distillation_loss(student, teacher)
+    return loss
+
+
+def _named_twins(examples: Sequence[Example]) -> list[Example]:
+    return [Example(example.text_prompt or "", example.answer, ()) for example in examples]
+
+
 # ------------------------------------------------------------------------------------ the loop
 
 
@@ -389,9 +412,8 @@ def train_vlm(
 
     `pool` is the training pictures (held-out styles already removed) and `tower_tokens` their
     cached tower tokens. `time_limit_seconds` stops after the step that crosses it, with a
-    checkpoint, so a later call resumes. `restart_after`
-    ("align" or "projector") discards what came after that stage's end and trains the later stages
-    again, e.g. with a changed instruct recipe.
+    checkpoint, so a later call resumes. `restart_after="align"` discards what came after the align
+    stage's end and trains the instruct stage again, e.g. with a changed recipe.
     """
     if restart_after is not None:
         if restart_after not in STAGES[:-1]:
@@ -414,7 +436,7 @@ def train_vlm(
         if stage == "instruct" and not has_lora(model):
             add_lora(model, config.lora_rank, config.lora_alpha, config.seed)
         settings = config.stage(stage)
-        names = trainable_names(model, stage)
+        names = trainable_names(model, stage, projector_in_instruct=config.instruct_trains_projector)
         parameters = dict(model.named_parameters())
         for name, parameter in parameters.items():
             parameter.requires_grad_(name in names)
@@ -445,17 +467,15 @@ def train_vlm(
                     model, image_tokens, entities, targets, regression_weight=config.align_regression_weight
                 )
             else:
-                if stage == "instruct":
-                    examples, rng = instruct_examples(
-                        pool, icl_tasks, mix, settings.batch_size, config.seed, state.step
-                    )
-                else:
-                    examples, rng = sample_examples(
-                        pool, settings.batch_size, config.seed, state.step, "caption"
-                    )
+                examples, rng = instruct_examples(
+                    pool, icl_tasks, mix, settings.batch_size, config.seed, state.step
+                )
                 batch = collate(examples, processor, tokens, tower_tokens, rng)
-                if stage == "instruct" and batch.image_tokens is None:
+                if batch.image_tokens is None:
                     loss = text_step_loss(model, batch, mix.text_distill_weight)
+                elif all(example.text_prompt for example in examples):
+                    named = collate(_named_twins(examples), processor, tokens, tower_tokens, None)
+                    loss = image_step_loss(model, batch, named, mix.image_distill_weight)
                 else:
                     loss = answer_loss(model, batch)
             loss.backward()
