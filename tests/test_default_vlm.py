@@ -57,8 +57,10 @@ def test_default_vlm_names_held_out_style_pictures(default_vlm: ModelHandle) -> 
     assert accuracy["foods"] >= FLOORS["foods"], accuracy
 
 
-# Model card, held-out noto: countries 0.98, animals 0.37, foods 0.40 (all pictures).
-FLOORS = {"countries": 0.75, "animals": 0.15, "foods": 0.15}
+# Model card, held-out noto: countries 0.59, animals 0.45, foods 0.65 (all pictures); on this sample
+# 0.50 / 0.42 / 0.58. The previous default VLM (its tower trained from scratch on flags' colours) had
+# 0.98 / 0.37 / 0.40, hence the lower flag floor.
+FLOORS = {"countries": 0.35, "animals": 0.25, "foods": 0.35}
 
 
 # The paper tasks whose text ICL an instruct stage with one fact task per family destroys (0.03 / 0.07
@@ -76,8 +78,8 @@ def test_the_vlms_language_model_still_learns_text_tasks_in_context_like_the_bas
         task = load_task(name)
         vlm.append(icl_accuracy(default_vlm, task, modality="text", limit=TEXT_ICL_QUERIES))
         lm.append(icl_accuracy(base, task, modality="text", limit=TEXT_ICL_QUERIES))
-    # Text-only ICL within a few points of the base LM (the model card's six-task means:
-    # 0.30 vs 0.31). Measured on these queries when shipped: VLM 0.57 / 0.43, base LM 0.40 / 0.50.
+    # Text-only ICL within a few points of the base LM (the model card's six-task means: 0.29 vs
+    # 0.31; on these two tasks, 50 queries: 0.58 / 0.43 against 0.39 / 0.50).
     assert sum(vlm) / len(vlm) >= sum(lm) / len(lm) - 0.05, {"vlm": vlm, "base_lm": lm}
 
 
@@ -97,8 +99,9 @@ def test_quick_run_on_the_default_vlm_writes_results_and_patching_beats_no_conte
     paper = {column.column: column.summary for column in table.columns}
     assert set(paper) == {"no-context", "image-icl", "image-icl-patch", "text-icl-xbase", "text-icl-xpatch"}
     # The paper's central claim on an image query: a text-ICL vector patched in beats no context; and
-    # the VLM learns from image demonstrations. Measured when shipped (30 test queries,
-    # 2 tasks): xPatch 0.20 (layer 10), image ICL 0.20, no context 0.03.
+    # the VLM learns from image demonstrations. The previous default VLM measured (30 test queries,
+    # 2 tasks) xPatch 0.20 (layer 10), image ICL 0.20, no context 0.03; this one's full run: image
+    # ICL 0.26 and xPatch 0.28 on six tasks.
     assert paper["text-icl-xpatch"].mean >= 0.15 > paper["no-context"].mean
     assert paper["image-icl"].mean >= 0.1
     assert results.table("llm_to_vlm") is not None and results.vector_cosine is not None

@@ -53,6 +53,40 @@ def test_each_token_is_its_cells_lite0_features_beside_the_whole_pictures_colour
     torch.testing.assert_close(tokens[0, :, 1280:] / CONFIG.colour_scale, picture_colours(pixels, CONFIG)[0])
 
 
+def test_pictures_seen_before_take_their_remembered_tokens_which_equal_a_fresh_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tower = tiny_tower()
+    torch.manual_seed(1)
+    pictures = torch.rand(3, 3, 64, 64) * 2 - 1
+    batch = pictures[[0, 1, 0, 2, 1]]  # repeats, as a batch of patched copies of one prompt has
+    with torch.enable_grad():
+        fresh = tower(batch).last_hidden_state.detach()  # with gradients: never remembered
+    passes: list[int] = []
+    computed = ImagenetColourTower._tokens
+    monkeypatch.setattr(
+        ImagenetColourTower,
+        "_tokens",
+        lambda self, pixels: passes.append(len(pixels)) or computed(self, pixels),
+    )
+    with torch.no_grad():
+        first = tower(batch).last_hidden_state
+        again = tower(pictures[[2, 1]]).last_hidden_state
+        changed = pictures[2].clone()
+        changed[0, 0, 0] += 0.5
+        other = tower(changed[None]).last_hidden_state
+    torch.testing.assert_close(first, fresh, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, fresh[[3, 1]], rtol=1e-5, atol=1e-5)
+    # Three distinct pictures went through lite0 once; the repeats and the second call none; a
+    # picture differing in one value is a new one.
+    assert passes == [3, 1]
+    assert not torch.allclose(other, fresh[3])
+    with torch.no_grad():
+        tower.train()
+        tower(pictures[:1])
+    assert passes == [3, 1, 1]  # in training mode (dropout) nothing is remembered
+
+
 def test_cached_tokens_equal_the_towers_and_are_reused(pool: list[EntityImage], tmp_path: Path) -> None:
     tower = tiny_tower()
     cache = tmp_path / "tokens.safetensors"

@@ -1,5 +1,7 @@
-"""The embedded VLM's machinery on a tiny Gemma3 text model: assembly, processor, batches, training
-stages, checkpoints and the shipped-parts format. The real (Gemma-3-270M) model is never loaded here."""
+"""The embedded VLM's machinery on a tiny Gemma3 text model: assembly, the frozen tower and its cached
+tokens, processor, batches, training stages, checkpoints and the shipped-parts format. The real
+(Gemma-3-270M) model is never loaded here; the tower is EfficientNet-Lite0 with random weights on
+64-pixel pictures."""
 
 from __future__ import annotations
 
@@ -12,14 +14,16 @@ import tokenizers
 import torch
 import transformers
 from conftest import random_image
+from PIL import Image
 from tiny_models import build_tokenizer
 
 from taskvec.engine import generate_greedy
-from taskvec.models import ModelHandle
-from taskvec.vlm.architecture import IMAGE_TOKEN, VisionTowerShape, add_image_token, assemble_llava
-from taskvec.vlm.artifacts import LORA_FILE, VISION_FILE, build_vlm, export_checkpoint, save_parts
+from taskvec.models import ModelHandle, load_model
+from taskvec.vlm.architecture import IMAGE_TOKEN, add_image_token, assemble_llava
+from taskvec.vlm.artifacts import LORA_FILE, PROJECTOR_FILE, build_vlm, export_checkpoint, save_parts
 from taskvec.vlm.batches import answer_loss, collate, expand_image_tokens
-from taskvec.vlm.card import ACCEPTANCE_FILE, write_model_card
+from taskvec.vlm.cached_features import TowerTokens, cached_tower_tokens, tower_tokens
+from taskvec.vlm.card import ACCEPTANCE_FILE, PREVIOUS_ACCEPTANCE_FILE, write_model_card
 from taskvec.vlm.data import (
     EntityImage,
     Example,
@@ -27,32 +31,33 @@ from taskvec.vlm.data import (
     InstructMix,
     augment,
     caption_example,
+    captions_and_questions,
     entity_images,
     icl_example,
     instruct_examples,
-    sample_examples,
     split_by_style,
     training_icl_tasks,
 )
 from taskvec.vlm.evaluation import Naming
 from taskvec.vlm.processor import build_processor
+from taskvec.vlm.recipe import ship_parts
 from taskvec.vlm.training import (
     StageSettings,
+    TowerSettings,
     TrainConfig,
     adapters_disabled,
     add_lora,
+    align_batch,
+    align_loss,
+    image_step_loss,
+    name_embedding_targets,
     text_step_loss,
     train_vlm,
 )
+from taskvec.vlm.vision_tower import ImagenetColourConfig, ImagenetColourTower, picture_colours
 
-TOWER = VisionTowerShape(
-    image_size=16,
-    patch_size=4,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-)
+TOWER_SETTINGS = TowerSettings(grid=2, colour_side=2, colour_scale=4.0, image_size=64)
+TOWER = TOWER_SETTINGS.config()
 
 
 def tiny_language_model(
@@ -84,7 +89,8 @@ def tiny_language_model(
 
 def tiny_vlm(seed: int = 0) -> tuple[transformers.LlavaForConditionalGeneration, transformers.LlavaProcessor]:
     language_model, tokenizer = tiny_language_model(seed)
-    return assemble_llava(language_model, tokenizer, TOWER, seed=seed), build_processor(tokenizer, TOWER)
+    model = assemble_llava(language_model, tokenizer, TOWER, seed=seed, imagenet_weights=False)
+    return model, build_processor(tokenizer, TOWER)
 
 
 # Entities whose names the tiny WordLevel tokenizer knows (one token each).
@@ -105,13 +111,25 @@ def pool() -> list[EntityImage]:
     return train
 
 
+@pytest.fixture(scope="module")
+def tokens(pool: list[EntityImage], tmp_path_factory: pytest.TempPathFactory) -> TowerTokens:
+    """The pool's tower tokens (the picture and one augmented copy). Every tiny VLM's tower has the
+    same random weights (they are drawn from the seed before anything else), so one cache serves all."""
+    model, _ = tiny_vlm()
+    cache = tmp_path_factory.mktemp("tokens") / "pool.safetensors"
+    return cached_tower_tokens(model.model.vision_tower, pool, cache, copies=1, seed=0)
+
+
 def test_assembled_llava_is_a_real_llava_sharing_the_language_models_modules() -> None:
     language_model, tokenizer = tiny_language_model()
-    model = assemble_llava(language_model, tokenizer, TOWER)
+    model = assemble_llava(language_model, tokenizer, TOWER, imagenet_weights=False)
     assert type(model) is transformers.LlavaForConditionalGeneration
     assert model.model.language_model is language_model.model
     assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
-    assert model.config.image_seq_length == TOWER.tokens_per_image == 16
+    assert model.config.image_seq_length == TOWER.tokens_per_image == 4
+    assert isinstance(model.model.vision_tower, ImagenetColourTower)
+    assert model.config.vision_config.model_type == "taskvec_imagenet_colour"
+    assert not any(parameter.requires_grad for parameter in model.model.vision_tower.parameters())
     assert model.config.image_token_id == tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     assert not any(tensor.is_meta for tensor in model.state_dict().values())
 
@@ -125,8 +143,8 @@ def test_image_placeholder_expands_to_tokens_per_image_and_the_model_runs() -> N
         [[random_image(1)], [random_image(2), random_image(3)]],
     )
     image_id = model.config.image_token_id
-    assert (inputs["input_ids"] == image_id).sum(-1).tolist() == [16, 32]
-    assert inputs["pixel_values"].shape == (3, 3, 16, 16)
+    assert (inputs["input_ids"] == image_id).sum(-1).tolist() == [4, 8]
+    assert inputs["pixel_values"].shape == (3, 3, 64, 64)
     with torch.no_grad():
         logits = model(**inputs).logits
     assert logits.shape[:2] == inputs["input_ids"].shape
@@ -150,7 +168,7 @@ def test_adding_the_image_token_grows_the_tied_vocabulary_with_a_zero_row() -> N
     language_model, _ = tiny_language_model(tokenizer=bare)
     old_rows = language_model.get_input_embeddings().weight.shape[0]
     assert old_rows == len(bare)
-    model = assemble_llava(language_model, bare, TOWER)
+    model = assemble_llava(language_model, bare, TOWER, imagenet_weights=False)
     new_id = bare.convert_tokens_to_ids(IMAGE_TOKEN)
     assert new_id == old_rows and len(bare) == old_rows + 1
     assert bare.encode("a" + IMAGE_TOKEN, add_special_tokens=False)[-1] == new_id
@@ -161,45 +179,109 @@ def test_adding_the_image_token_grows_the_tied_vocabulary_with_a_zero_row() -> N
     assert add_image_token(bare) == new_id  # idempotent
 
 
-def test_collate_matches_the_processor_and_keeps_answer_positions(pool: list[EntityImage]) -> None:
-    _, processor = tiny_vlm()
-    example = Example("<image>\nCountry:", " France", (pool[0],))
-    batch = collate([example, Example("Q:<image>\nA:", " Japan", (pool[1],))], processor, 16, rng=None)
+def test_the_tower_emits_each_cells_lite0_features_beside_the_whole_pictures_colours() -> None:
+    model, processor = tiny_vlm()
+    tower = model.model.vision_tower
+    picture = np.full((64, 64, 3), 255, dtype=np.uint8)
+    picture[:32, :32] = (255, 0, 0)  # top-left quarter red, the rest white
+    pixels = processor.image_processor([Image.fromarray(picture)], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        tokens = tower(pixels).last_hidden_state
+        maps = tower.encoder.extract_features(pixels)
+    assert tokens.shape == (1, 4, 1280 + 3 * 2 * 2) == (1, TOWER.tokens_per_image, TOWER.hidden_size)
+    # Token k's first 1280 values: lite0's feature map averaged over grid cell k (row by row).
+    torch.testing.assert_close(tokens[0, 0, :1280], maps[0, :, :1, :1].mean((1, 2)))
+    torch.testing.assert_close(tokens[0, 3, :1280], maps[0, :, 1:, 1:].mean((1, 2)))
+    # The rest: the whole picture at 2 x 2, channel-major, the same on every token.
+    red, white = torch.tensor([1.0, -1.0, -1.0]), torch.ones(3)
+    expected = torch.stack([red, white, white, white], dim=1).reshape(12) * TOWER.colour_scale
+    for token in range(4):
+        torch.testing.assert_close(tokens[0, token, 1280:], expected, atol=0.1, rtol=0)
+    torch.testing.assert_close(tokens[0, :, 1280:] / TOWER.colour_scale, picture_colours(pixels, TOWER)[0])
+
+
+def test_cached_tokens_are_the_towers_and_are_reused(
+    pool: list[EntityImage], tokens: TowerTokens, tmp_path: Path
+) -> None:
     from taskvec.vlm.data import load_picture
 
-    reference = processor(text=[example.prompt], images=[[load_picture(pool[0].path)]], return_tensors="pt")
-    length = reference["input_ids"].shape[1]
-    assert batch.input_ids[0, :length].tolist() == reference["input_ids"][0].tolist()
-    torch.testing.assert_close(batch.pixel_values[:1], reference["pixel_values"])
+    model, _ = tiny_vlm()
+    tower = model.model.vision_tower
+    assert tokens.views == 2
+    live = tower_tokens(tower, [load_picture(image.path) for image in pool[:3]])
+    torch.testing.assert_close(torch.stack([tokens.of(image) for image in pool[:3]]), live)
+    assert not torch.equal(tokens.of(pool[0], 1), tokens.of(pool[0], 0))  # the augmented copy
+    cache = tmp_path / "tokens.safetensors"
+    first = cached_tower_tokens(tower, pool[:2], cache, copies=1, seed=0)
+    again = cached_tower_tokens(tower, pool[:2], cache, copies=1, seed=0)
+    assert torch.equal(first.tokens, again.tokens)
+    other = ImagenetColourTower(ImagenetColourConfig(grid=1, colour_side=2, image_size=64))
+    regridded = cached_tower_tokens(other, pool[:2], cache, copies=1, seed=0)
+    assert regridded.tokens.shape == (2, 2, 1, TOWER.hidden_size)  # a changed tower recomputes
+
+
+def test_collate_matches_the_processor_and_the_models_own_forward(
+    pool: list[EntityImage], tokens: TowerTokens
+) -> None:
+    from taskvec.vlm.data import load_picture
+
+    model, processor = tiny_vlm()
+    examples = [
+        Example("<image>\nCountry:", " France", (pool[0],)),
+        Example("Q:<image>\nA:", " Japan", (pool[1],)),
+    ]
+    batch = collate(examples, processor, 4, tokens, rng=None)
+    reference = processor(
+        text=[example.prompt + example.answer for example in examples],
+        images=[[load_picture(example.images[0].path)] for example in examples],
+        return_tensors="pt",
+        padding=True,
+    )
+    length = processor(text=[examples[0].prompt], images=[[load_picture(pool[0].path)]], return_tensors="pt")[
+        "input_ids"
+    ].shape[1]
     assert batch.predicts_answer.sum().item() == len(batch.targets) == 2
     assert batch.input_ids[0, length].item() == batch.targets[0].item()
+    assert batch.image_tokens is not None and batch.image_tokens.shape == (2, 4, TOWER.hidden_size)
+    # The cached tokens at the image positions give the logits of the model's own forward from pixels
+    # (the processor pads on the left, collate on the right: compare each row's real tokens).
+    with torch.no_grad():
+        cached = model(**batch.model_inputs(model)).logits
+        full = model(**reference).logits
+    for row in range(2):
+        real = batch.attention_mask[row].bool()
+        reference_real = reference["attention_mask"][row].bool()
+        assert batch.input_ids[row, real].tolist() == reference["input_ids"][row, reference_real].tolist()
+        torch.testing.assert_close(cached[row, real], full[row, reference_real], atol=1e-4, rtol=1e-4)
     assert expand_image_tokens("a<image>b", 3) == "a" + IMAGE_TOKEN * 3 + "b"
 
 
-def test_text_only_batches_have_no_pixels_and_train(pool: list[EntityImage]) -> None:
+def test_text_only_batches_have_no_images_and_train(pool: list[EntityImage], tokens: TowerTokens) -> None:
     model, processor = tiny_vlm()
     text = [Example("Q:France\nA:", "Paris\n\n", ()), Example("Q:dog\nA:", "mammal\n\n", ())]
-    batch = collate(text, processor, 16, np.random.default_rng(0))
-    assert batch.pixel_values is None and "pixel_values" not in batch.model_inputs()
+    batch = collate(text, processor, 4, tokens, np.random.default_rng(0))
+    assert batch.image_tokens is None and "inputs_embeds" not in batch.model_inputs(model)
     assert torch.isfinite(answer_loss(model, batch))
 
 
-def test_answer_loss_equals_cross_entropy_of_full_logits_at_answer_positions(pool: list[EntityImage]) -> None:
+def test_answer_loss_equals_cross_entropy_of_full_logits_at_answer_positions(
+    pool: list[EntityImage], tokens: TowerTokens
+) -> None:
     model, processor = tiny_vlm()
     rng = np.random.default_rng(0)
-    batch = collate([caption_example(image, rng) for image in pool[:4]], processor, 16, rng)
+    batch = collate([caption_example(image, rng) for image in pool[:4]], processor, 4, tokens, rng)
     with torch.no_grad():
-        full = model(**batch.model_inputs()).logits
+        full = model(**batch.model_inputs(model)).logits
         expected = torch.nn.functional.cross_entropy(full[batch.predicts_answer], batch.targets)
         torch.testing.assert_close(answer_loss(model, batch), expected)
 
 
-def test_text_steps_distil_toward_the_base_language_model_with_adapters_off() -> None:
+def test_text_steps_distil_toward_the_base_language_model_with_adapters_off(tokens: TowerTokens) -> None:
     model, processor = tiny_vlm()
     text = [Example("Q:France\nA:", "Paris\n\n", ()), Example("Q:dog\nA:", "mammal\n\n", ())]
-    batch = collate(text, processor, 16, np.random.default_rng(0))
+    batch = collate(text, processor, 4, tokens, np.random.default_rng(0))
     with torch.no_grad():
-        base_logits = model(**batch.model_inputs()).logits
+        base_logits = model(**batch.model_inputs(model)).logits
     add_lora(model, rank=4, alpha=8, seed=0)
     lora = {name: parameter for name, parameter in model.named_parameters() if "lora_" in name}
     with torch.no_grad():
@@ -211,10 +293,10 @@ def test_text_steps_distil_toward_the_base_language_model_with_adapters_off() ->
     for parameter in lora.values():
         parameter.requires_grad_(True)
     with torch.no_grad(), adapters_disabled(model):
-        torch.testing.assert_close(model(**batch.model_inputs()).logits, base_logits)
+        torch.testing.assert_close(model(**batch.model_inputs(model)).logits, base_logits)
     assert all(parameter.requires_grad for parameter in lora.values())
     assert not any(p.requires_grad for name, p in model.named_parameters() if name not in lora)
-    assert not torch.allclose(model(**batch.model_inputs()).logits, base_logits)
+    assert not torch.allclose(model(**batch.model_inputs(model)).logits, base_logits)
 
     cross_entropy = answer_loss(model, batch)
     torch.testing.assert_close(text_step_loss(model, batch, 0.0), cross_entropy)
@@ -232,9 +314,8 @@ def test_augmentation_is_seeded_and_sized(pool: list[EntityImage]) -> None:
     again = augment(picture, np.random.default_rng(3), 16)
     assert first.size == (16, 16)
     assert np.array_equal(np.asarray(first), np.asarray(again))
-    examples, _ = sample_examples(pool, 5, seed=1, step=7, stage="caption")
-    repeated, _ = sample_examples(pool, 5, seed=1, step=7, stage="caption")
-    assert examples == repeated
+    examples = captions_and_questions(pool, 5, np.random.default_rng([1, 7]))
+    assert examples == captions_and_questions(pool, 5, np.random.default_rng([1, 7]))
 
 
 def test_instruct_stage_never_trains_the_paper_tasks() -> None:
@@ -283,6 +364,9 @@ def test_icl_examples_use_the_evaluation_prompt_format(pool: list[EntityImage]) 
     assert image.prompt.startswith("Q:<image>\nA:") and image.prompt.endswith("Q:<image>\nA:")
     assert image.answer == f"{task.answers[image.images[-1].name]}\n\n"
     assert all(picture.family == "countries" for picture in image.images)
+    pieces = image.prompt.split("<image>")
+    named = pieces[0] + "".join(p.name + rest for p, rest in zip(image.images, pieces[1:], strict=True))
+    assert image.text_prompt == named and text.text_prompt is None
 
 
 def test_instruct_batches_are_seeded_and_mix_questions_text_and_image_icl(pool: list[EntityImage]) -> None:
@@ -308,10 +392,8 @@ def test_instruct_batches_are_seeded_and_mix_questions_text_and_image_icl(pool: 
 
 
 def small_config(**steps: int) -> TrainConfig:
-    config = TrainConfig(seed=0, checkpoint_every=2)
-    config.tower = TOWER
+    config = TrainConfig(seed=0, checkpoint_every=2, tower=TOWER_SETTINGS)
     config.align = StageSettings(steps.get("align", 0), 4, 1e-2, 1)
-    config.caption = StageSettings(steps.get("caption", 0), 4, 1e-2, 1)
     config.instruct = StageSettings(steps.get("instruct", 0), 4, 1e-2, 1)
     return config
 
@@ -326,30 +408,95 @@ def changed(before: dict[str, torch.Tensor], model: torch.nn.Module) -> set[str]
     return {name for name, value in before.items() if not torch.equal(value, after[name])}
 
 
-def test_caption_stage_trains_only_vision_tower_and_projector(
-    pool: list[EntityImage], tmp_path: Path
+def test_align_stage_trains_only_the_projector(
+    pool: list[EntityImage], tokens: TowerTokens, tmp_path: Path
 ) -> None:
     model, processor = tiny_vlm()
     before = snapshot(model)
     result = train_vlm(
-        model, processor, pool, small_config(align=2, caption=3), tmp_path, progress=False,
-        stages=("align", "caption"),
-    )  # fmt: skip
-    assert len(result.state.losses["align"]) == 2 and len(result.state.losses["caption"]) == 3
-    assert all(np.isfinite(result.state.losses["caption"]))
-    moved = changed(before, model)
-    assert moved and all(
-        name.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for name in moved
+        model, processor, pool, tokens, small_config(align=3), tmp_path, progress=False, stages=("align",)
     )
-    assert any(name.startswith("model.vision_tower.") for name in moved)
+    assert len(result.state.losses["align"]) == 3 and all(np.isfinite(result.state.losses["align"]))
+    moved = changed(before, model)
+    assert moved and all(name.startswith("model.multi_modal_projector.") for name in moved)
 
 
-def test_caption_loss_falls_on_a_fixed_batch(pool: list[EntityImage]) -> None:
+@pytest.mark.parametrize("trains_projector", [False, True])
+def test_instruct_stage_moves_the_language_model_through_lora_but_never_the_tower(
+    pool: list[EntityImage], tokens: TowerTokens, tmp_path: Path, trains_projector: bool
+) -> None:
+    model, processor = tiny_vlm()
+    config = small_config(align=1, instruct=3)
+    config.instruct_trains_projector = trains_projector
+    train_vlm(model, processor, pool, tokens, config, tmp_path, progress=False, stages=("align",))
+    before = snapshot(model)
+    train_vlm(model, processor, pool, tokens, config, tmp_path, progress=False)
+    after = {name: value for name, value in model.state_dict().items() if "lora_B" in name}
+    assert after and any(torch.count_nonzero(value) for value in after.values())
+    assert all(".self_attn." in name for name in after)
+    moved = changed(before, model)
+    assert not any(name.startswith("model.vision_tower.") for name in moved)
+    assert any(name.startswith("model.multi_modal_projector.") for name in moved) == trains_projector
+
+
+def test_image_steps_distil_toward_the_base_language_model_reading_the_names(
+    pool: list[EntityImage], tokens: TowerTokens
+) -> None:
+    model, processor = tiny_vlm()
+    task = IclTask("toy", "countries", {"France": "Paris", "Japan": "Tokyo"})
+    pictures: dict[str, list[EntityImage]] = {}
+    for image in pool:
+        if image.family == "countries":
+            pictures.setdefault(image.name, []).append(image)
+    examples = [icl_example(task, pictures, 2, "image", np.random.default_rng(seed)) for seed in range(3)]
+    rng = np.random.default_rng(0)
+    batch = collate(examples, processor, 4, tokens, rng)
+    twins = [Example(example.text_prompt or "", example.answer, ()) for example in examples]
+    named = collate(twins, processor, 4, tokens, None)
+    with torch.no_grad():
+        base_logits = model(**named.model_inputs(model)).logits[named.predicts_answer]
+    add_lora(model, rank=4, alpha=8, seed=0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    student = model(**batch.model_inputs(model)).logits[batch.predicts_answer]
+    expected = torch.nn.functional.cross_entropy(student, batch.targets) + 0.5 * torch.nn.functional.kl_div(
+        student.log_softmax(-1), base_logits.log_softmax(-1), log_target=True, reduction="batchmean"
+    )
+    torch.testing.assert_close(image_step_loss(model, batch, named, 0.5), expected)
+    torch.testing.assert_close(image_step_loss(model, batch, named, 0.0), answer_loss(model, batch))
+
+
+def test_align_targets_are_the_names_input_embeddings_and_the_loss_falls(
+    pool: list[EntityImage], tokens: TowerTokens
+) -> None:
+    model, processor = tiny_vlm()
+    entities = sorted({image.entity for image in pool})
+    targets = name_embedding_targets(model, processor.tokenizer, entities, 4)
+    france = targets.tiled[targets.index["countries/France"]]
+    ids = processor.tokenizer("France", add_special_tokens=False).input_ids
+    embedded = model.get_input_embeddings()(torch.tensor(ids)).detach()
+    torch.testing.assert_close(france, embedded[torch.arange(4) % len(ids)])
+    image_tokens, drawn = align_batch(pool, tokens, 6, seed=0, step=0)
+    again, drawn_again = align_batch(pool, tokens, 6, seed=0, step=0)
+    assert torch.equal(image_tokens, again) and drawn == drawn_again
+    optimizer = torch.optim.AdamW(model.model.multi_modal_projector.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(10):
+        loss = align_loss(model, image_tokens, drawn, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_projector_loss_falls_on_a_fixed_batch(pool: list[EntityImage], tokens: TowerTokens) -> None:
     model, processor = tiny_vlm()
     rng = np.random.default_rng(0)
-    batch = collate([caption_example(image, rng) for image in pool[:4]], processor, 16, rng)
-    trainable = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters()]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    batch = collate([caption_example(image, rng) for image in pool[:4]], processor, 4, tokens, rng)
+    optimizer = torch.optim.AdamW(model.model.multi_modal_projector.parameters(), lr=1e-2)
     losses = []
     for _ in range(8):
         loss = answer_loss(model, batch)
@@ -360,26 +507,20 @@ def test_caption_loss_falls_on_a_fixed_batch(pool: list[EntityImage]) -> None:
     assert losses[-1] < losses[0]
 
 
-def test_resumed_training_equals_uninterrupted_training(pool: list[EntityImage], tmp_path: Path) -> None:
+def test_resumed_training_equals_uninterrupted_training(
+    pool: list[EntityImage], tokens: TowerTokens, tmp_path: Path
+) -> None:
     straight, processor = tiny_vlm()
-    config = small_config(caption=4, instruct=2)
-    stages = ("caption", "instruct")
-    train_vlm(straight, processor, pool, config, tmp_path / "a", progress=False, stages=stages)
+    config = small_config(align=2, instruct=3)
+    train_vlm(straight, processor, pool, tokens, config, tmp_path / "a", progress=False)
 
     resumed, processor = tiny_vlm()
     first = train_vlm(
-        resumed,
-        processor,
-        pool,
-        config,
-        tmp_path / "b",
-        progress=False,
-        stages=stages,
-        time_limit_seconds=0.0,
+        resumed, processor, pool, tokens, config, tmp_path / "b", progress=False, time_limit_seconds=0.0
     )
-    assert first.stopped_early and first.state.step == 1
+    assert first.stopped_early and first.state.stage == "align" and first.state.step == 1
     fresh, processor = tiny_vlm()  # a new process: nothing but the checkpoint carries over
-    final = train_vlm(fresh, processor, pool, config, tmp_path / "b", progress=False, stages=stages)
+    final = train_vlm(fresh, processor, pool, tokens, config, tmp_path / "b", progress=False)
     assert final.state.stage == "instruct" and final.state.finished
     expected = dict(straight.named_parameters())
     for name, parameter in fresh.named_parameters():
@@ -387,54 +528,53 @@ def test_resumed_training_equals_uninterrupted_training(pool: list[EntityImage],
 
 
 def test_a_later_stage_retrains_from_the_kept_end_of_the_earlier_one(
-    pool: list[EntityImage], tmp_path: Path
+    pool: list[EntityImage], tokens: TowerTokens, tmp_path: Path
 ) -> None:
-    stages = ("caption", "instruct")
     first, processor = tiny_vlm()
     train_vlm(
-        first,
-        processor,
-        pool,
-        small_config(caption=2, instruct=2),
-        tmp_path / "a",
-        progress=False,
-        stages=stages,
+        first, processor, pool, tokens, small_config(align=2, instruct=2), tmp_path / "a", progress=False
     )
-    assert (tmp_path / "a/after-caption/state.json").is_file()
+    assert (tmp_path / "a/after-align/state.json").is_file()
 
-    changed_recipe = small_config(caption=2, instruct=3)
+    changed_recipe = small_config(align=2, instruct=3)
     changed_recipe.instruct.learning_rate = 3e-3
     again, processor = tiny_vlm()
     result = train_vlm(
-        again, processor, pool, changed_recipe, tmp_path / "a", progress=False, stages=stages,
-        restart_after="caption",
+        again, processor, pool, tokens, changed_recipe, tmp_path / "a", progress=False,
+        restart_after="align",
     )  # fmt: skip
     assert result.state.stage == "instruct" and len(result.state.losses["instruct"]) == 3
     straight, processor = tiny_vlm()
-    train_vlm(straight, processor, pool, changed_recipe, tmp_path / "b", progress=False, stages=stages)
+    train_vlm(straight, processor, pool, tokens, changed_recipe, tmp_path / "b", progress=False)
     expected = dict(straight.named_parameters())
     for name, parameter in again.named_parameters():
         torch.testing.assert_close(parameter, expected[name], rtol=0, atol=0, msg=name)
     with pytest.raises(FileNotFoundError, match="after-align"):
-        train_vlm(*tiny_vlm(), pool, changed_recipe, tmp_path / "a", progress=False, restart_after="align")
+        train_vlm(
+            *tiny_vlm(),
+            pool,
+            tokens,
+            changed_recipe,
+            tmp_path / "c",
+            progress=False,
+            restart_after="align",
+        )
 
 
 def test_shipped_parts_rebuild_the_trained_model_and_export_as_plain_llava(
-    pool: list[EntityImage], tmp_path: Path
+    pool: list[EntityImage], tokens: TowerTokens, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, processor = tiny_vlm()
-    config = small_config(caption=2, instruct=2)
+    config = small_config(align=2, instruct=2)
     before = snapshot(model)
-    train_vlm(
-        model, processor, pool, config, tmp_path / "ckpt", progress=False, stages=("caption", "instruct")
-    )
+    train_vlm(model, processor, pool, tokens, config, tmp_path / "ckpt", progress=False)
     moved = changed(before, model)
     assert not any("language_model" in name and "lora_" not in name for name in moved)
     save_parts(
-        model, tmp_path / "parts", TOWER, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+        model, tmp_path / "parts", lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
         base_model="tiny",
     )  # fmt: skip
-    assert (tmp_path / "parts" / VISION_FILE).is_file() and (tmp_path / "parts" / LORA_FILE).is_file()
+    assert (tmp_path / "parts" / PROJECTOR_FILE).is_file() and (tmp_path / "parts" / LORA_FILE).is_file()
     card = write_model_card(tmp_path / "parts").read_text()
     assert f"rank-{config.lora_rank} LoRA" in card and "not run yet" in card
     acceptance = {
@@ -450,7 +590,31 @@ def test_shipped_parts_rebuild_the_trained_model_and_export_as_plain_llava(
     # Weaknesses are stated from the figures: image ICL equal to the query alone is one, text is not.
     assert "Image in-context learning (0.25) does not beat the image query alone (0.25)" in card
     assert "Text in-context learning fell" not in card
+    assert "Against the default VLM it replaced" not in card
+    previous = {
+        **acceptance,
+        "recognition": {"animals": {"noto": {"accuracy": 0.25, "pictures": 4, "held_out": True}}},
+    }
+    previous["residual_cosine_per_layer"] = [1.0, 0.995]
+    # Shipping replaces the old parts whole and keeps their acceptance figures for the comparison.
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / ACCEPTANCE_FILE).write_text(json.dumps(previous))
+    (shipped / "vision.safetensors").write_bytes(b"old model")
+    ship_parts(tmp_path / "parts", shipped)
+    assert not (shipped / "vision.safetensors").exists()
+    assert json.loads((shipped / PREVIOUS_ACCEPTANCE_FILE).read_text()) == previous
+    assert json.loads((shipped / ACCEPTANCE_FILE).read_text()) == acceptance
+    card = (shipped / "MODEL_CARD.md").read_text()
+    assert "| naming, held-out style, animals | 0.25 | 0.50 |" in card
+    assert "| base-LM / VLM text-ICL cosine, lowest layer | 0.995 | 0.980 |" in card
 
+    # The parts carry no tower weights: a rebuild gives the tower the ImageNet weights, here the
+    # tiny models' random ones.
+    tower_state = {name: value.clone() for name, value in model.model.vision_tower.state_dict().items()}
+    monkeypatch.setattr(
+        ImagenetColourTower, "load_imagenet_weights", lambda self: self.load_state_dict(tower_state)
+    )
     language_model, tokenizer = tiny_language_model()
     rebuilt, rebuilt_processor = build_vlm(language_model, tokenizer, tmp_path / "parts")
     assert type(rebuilt) is transformers.LlavaForConditionalGeneration
@@ -462,6 +626,9 @@ def test_shipped_parts_rebuild_the_trained_model_and_export_as_plain_llava(
     torch.testing.assert_close(rebuilt_logits, trained_logits, atol=1e-5, rtol=1e-4)
 
     export = export_checkpoint(rebuilt, rebuilt_processor, tmp_path / "hf")
+    assert json.loads((export / "config.json").read_text())["vision_config"]["model_type"] == (
+        "taskvec_imagenet_colour"
+    )
     loaded = transformers.LlavaForConditionalGeneration.from_pretrained(export).eval()
     loaded_processor = transformers.AutoProcessor.from_pretrained(export)
     assert type(loaded_processor) is transformers.LlavaProcessor
@@ -469,6 +636,10 @@ def test_shipped_parts_rebuild_the_trained_model_and_export_as_plain_llava(
     assert torch.equal(again["input_ids"], inputs["input_ids"])
     with torch.no_grad():
         torch.testing.assert_close(loaded(**again).logits, rebuilt_logits, atol=1e-5, rtol=1e-4)
+    handle = load_model(str(export))  # through taskvec's loader, the LLaVA adapter
+    assert handle.architecture.family == "llava"
+    with torch.no_grad():
+        torch.testing.assert_close(handle.model(**again).logits, rebuilt_logits, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize(

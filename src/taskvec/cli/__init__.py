@@ -437,13 +437,12 @@ def _command_report(args: argparse.Namespace) -> int:
 
 
 def _command_train_vlm(args: argparse.Namespace) -> int:
-    import shutil
     from pathlib import Path
 
     import torch
 
     from taskvec.vlm.card import write_model_card
-    from taskvec.vlm.recipe import SHIPPED_PARTS_DIR, train_default_vlm
+    from taskvec.vlm.recipe import SHIPPED_PARTS_DIR, ship_parts, train_default_vlm
     from taskvec.vlm.training import TrainConfig
 
     torch.set_num_threads(args.threads)
@@ -462,9 +461,7 @@ def _command_train_vlm(args: argparse.Namespace) -> int:
         return 0
     write_model_card(out / "parts")
     if args.ship:
-        # Replace, not merge: the old model's acceptance.json must not describe the new parts.
-        shutil.rmtree(SHIPPED_PARTS_DIR, ignore_errors=True)
-        shutil.copytree(out / "parts", SHIPPED_PARTS_DIR)
+        ship_parts(out / "parts")
     recognition = record.get("recognition", {})
     if args.json:
         shipped = str(SHIPPED_PARTS_DIR) if args.ship else None
@@ -831,8 +828,8 @@ def _train_vlm_arguments(train_vlm: argparse.ArgumentParser) -> None:
     _add_json_option(train_vlm)
     train_vlm.add_argument(
         "--restart-after",
-        choices=("align", "caption"),
-        help="retrain the stages after this one from its kept end checkpoint (e.g. a new instruct recipe)",
+        choices=("align",),
+        help="retrain the instruct stage from the align stage's kept end checkpoint (e.g. a new recipe)",
     )
 
 

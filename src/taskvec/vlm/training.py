@@ -1,23 +1,27 @@
-"""Training the embedded VLM on CPU: three seeded, resumable stages.
+"""Training the embedded VLM on CPU: two seeded, resumable stages on the frozen tower's cached tokens.
 
-1. `align`: vision tower + projector only, no language model in the loop. Each image's 16 projected
-   tokens regress toward the LM's input embeddings of the entity's name, tiled over the 16 slots.
-   Costs milliseconds per batch, and starts stage 2 from image tokens the LM already reads as the name.
-2. `caption` (LLaVA's pretraining): LM frozen; vision tower + projector learn from next-token loss on
-   short captions naming the entity ("<image>\\nName: France"). Logits only at the answer positions.
-3. `instruct` (LLaVA's instruction tuning): LoRA on the LM's attention (peft) + projector, on
-   image-grounded questions (name, kind of picture) and on in-context learning with text and with
-   image demonstrations of tasks that are not the evaluation tasks (`data.InstructMix`). Text steps
-   add a KL term toward the base LM (adapters off) at the answer positions. Without the in-context
-   part, 600 question steps cut the VLM's text ICL on the six tasks from the base LM's 0.31 to 0.13
-   and left image ICL at the no-context level; with it but one fact task per family and no KL
-   term, text ICL was 0.16 (docs/VLM_NOTES.md has the measurements).
+1. `align` (LLaVA's pretraining, without the LM in the loop): projector only. Each image's projected
+   tokens regress toward the LM's input embeddings of the entity's name (its tokens repeated over
+   the image slots), with a classification term over all names. Milliseconds per batch. The LM then
+   reads a picture much as it reads its name: with the projector alone, image in-context learning on
+   the six paper tasks reached 0.22, and a further stage of next-token loss on captions (LM frozen)
+   halved it and lost held-out styles (bench/NOTES.md), so there is no such stage.
+2. `instruct` (LLaVA's instruction tuning): LoRA on the LM's attention (peft), projector frozen by
+   default (`TrainConfig.instruct_trains_projector`), on image-grounded questions and captions (name,
+   kind of picture) and on in-context learning with text and with image demonstrations of tasks
+   that are not the evaluation tasks (`data.InstructMix`). Text steps add a KL term toward the base
+   LM (adapters off) at the answer positions, so text in-context learning holds while the LM's
+   weights move; image in-context steps add a KL term toward the base LM reading the same prompt
+   with the entities' names in place of the pictures.
+
+The tower (ImageNet EfficientNet-Lite0 + the picture's colours) is never trained: its tokens for every
+training picture and `TrainConfig.feature_copies` augmented copies are computed once
+(`cached_features`), and each step draws one view per picture.
 
 A checkpoint (safetensors of the trained tensors and the optimizer's moments, JSON for the rest; no
 pickle) is written every `checkpoint_every` steps and at the end of each stage; the end of a stage is
-also kept as `after-<stage>/`, so a later stage can be retrained alone (`restart_after`): the
-instruct stage is 28 of the 71 minutes. Batches and augmentations are drawn from (seed, step), so a
-resumed run continues exactly where it stopped.
+also kept as `after-<stage>/`, so a later stage can be retrained alone (`restart_after`). Batches and
+views are drawn from (seed, step), so a resumed run continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -32,24 +36,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from taskvec.models.architectures import architecture_for_class
 from taskvec.models.handle import resolve_attribute
 from taskvec.progress import progress_counter
-from taskvec.vlm.architecture import VisionTowerShape
 from taskvec.vlm.batches import TrainingBatch, answer_logits, answer_loss, collate, distillation_loss
+from taskvec.vlm.cached_features import TowerTokens
 from taskvec.vlm.data import (
     DEFAULT_HELD_OUT,
     EntityImage,
+    Example,
     InstructMix,
     instruct_examples,
-    sample_examples,
     training_icl_tasks,
 )
+from taskvec.vlm.imagenet_encoder import IMAGE_SIDE
+from taskvec.vlm.vision_tower import ImagenetColourConfig
 
-STAGES = ("align", "caption", "instruct")
+STAGES = ("align", "instruct")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _STATE_FILE = "state.json"
 _TRAINED_FILE = "trained.safetensors"
@@ -68,26 +75,46 @@ class StageSettings:
 
 
 @dataclass
+class TowerSettings:
+    """The frozen tower's shape (`vision_tower.ImagenetColourConfig`); 2 x 2 = 4 tokens per image."""
+
+    grid: int = 2
+    colour_side: int = 8
+    colour_scale: float = 4.0
+    image_size: int = IMAGE_SIDE
+
+    def config(self) -> ImagenetColourConfig:
+        return ImagenetColourConfig(
+            grid=self.grid,
+            colour_side=self.colour_side,
+            colour_scale=self.colour_scale,
+            image_size=self.image_size,
+        )
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
-    # Budget for <= 90 minutes on 2 cores: measured 17.3 + 21.8 + 27.5 minutes plus 3.5 of evaluation
-    # on an idle machine (the shipped model; bench/NOTES.md).
-    align: StageSettings = field(default_factory=lambda: StageSettings(4000, 64, 1e-3, 50))
-    caption: StageSettings = field(default_factory=lambda: StageSettings(400, 32, 3e-4, 20))
-    # batch_size counts question steps; in-context steps use `instruct_mix.icl_batch_size`. lr 4e-4, not
-    # the first run's 5e-4: "lightly" tune the language model.
-    instruct: StageSettings = field(default_factory=lambda: StageSettings(500, 16, 4e-4, 20))
-    # Weight of the regression toward the name embeddings against the classification term. At 1 the
-    # projected tokens stayed at a third of the embeddings' norm and the frozen LM could not read
-    # them; 5 (the shipped model's value) brought the caption loss to 0.26.
+    # Budget for <= 90 minutes on 2 cores, measured on the real model (bench/NOTES.md): align 40 s,
+    # 3.2 s per instruct step, then naming every picture (about 4.5 minutes): 29 minutes in all.
+    align: StageSettings = field(default_factory=lambda: StageSettings(2000, 64, 1e-3, 50))
+    # batch_size counts question steps; in-context steps use `instruct_mix.icl_batch_size`.
+    instruct: StageSettings = field(default_factory=lambda: StageSettings(450, 16, 4e-4, 30))
+    # Weight of the align stage's regression toward the name embeddings against its classification
+    # term (the from-scratch tower of the first default VLM needed 5 for the LM to read its tokens).
     align_regression_weight: float = 5.0
     lora_rank: int = 8
     lora_alpha: int = 16
+    # Whether the instruct stage trains the projector beside the LoRA adapters. Frozen, the pictures
+    # stay tokens the language model reads as their names, which in-context learning builds on.
+    instruct_trains_projector: bool = False
     weight_decay: float = 0.05
     checkpoint_every: int = 50
+    # Augmented copies of each training picture in the token cache, beside the picture itself.
+    feature_copies: int = 3
     instruct_mix: InstructMix = field(default_factory=InstructMix)
     held_out: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_HELD_OUT))
-    tower: VisionTowerShape = field(default_factory=VisionTowerShape)
+    tower: TowerSettings = field(default_factory=TowerSettings)
 
     def stage(self, name: str) -> StageSettings:
         settings: StageSettings = getattr(self, name)
@@ -138,34 +165,29 @@ def _text_model_path(model: torch.nn.Module) -> str:
     return path
 
 
-def _vision_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
-    """Parameter-name prefixes of the vision tower and projector, from the architecture table."""
-    return tuple(f"{path}." for path in architecture_for_class(type(model).__name__).vision_paths)
-
-
 def _projector_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
     path = architecture_for_class(type(model).__name__).projector_path
     return () if path is None else (f"{path}.",)
 
 
-def trainable_names(model: torch.nn.Module, stage: str) -> list[str]:
-    vision, projector = _vision_prefixes(model), _projector_prefixes(model)
+def trainable_names(model: torch.nn.Module, stage: str, *, projector_in_instruct: bool) -> list[str]:
+    projector = _projector_prefixes(model)
 
     def wanted(name: str) -> bool:
-        if stage in ("align", "caption"):
-            return name.startswith(vision)
-        return "lora_" in name or name.startswith(projector)
+        if stage == "instruct":
+            return "lora_" in name or (projector_in_instruct and name.startswith(projector))
+        return name.startswith(projector)
 
     return [name for name, _ in model.named_parameters() if wanted(name)]
 
 
 def trained_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor training may change: vision tower, projector, LoRA adapters (if injected)."""
-    vision = _vision_prefixes(model)
+    """Every tensor training may change: the projector and the LoRA adapters (if injected)."""
+    projector = _projector_prefixes(model)
     return {
         name: parameter.detach().clone().contiguous()
         for name, parameter in model.named_parameters()
-        if name.startswith(vision) or "lora_" in name
+        if name.startswith(projector) or "lora_" in name
     }
 
 
@@ -254,7 +276,7 @@ def load_moments(
 
 @dataclass
 class AlignTargets:
-    """Per entity: its name's input embeddings tiled over the image slots, and their mean direction."""
+    """Per entity: its name's input embeddings repeated over the image slots, and their mean direction."""
 
     index: dict[str, int]
     tiled: torch.Tensor  # (entities, tokens_per_image, hidden)
@@ -265,7 +287,7 @@ def name_embedding_targets(
     model: torch.nn.Module, tokenizer: Any, entities: Sequence[str], tokens_per_image: int
 ) -> AlignTargets:
     """The LM's input embeddings (with Gemma's sqrt(hidden) scaling, as the LM sees them) of each
-    entity's name as it is written after "Q:" (no leading space), tiled over the image slots."""
+    entity's name as it is written after "Q:" (no leading space), repeated over the image slots."""
     embed = model.get_input_embeddings()  # type: ignore[operator]
     tiled = []
     with torch.no_grad():
@@ -273,27 +295,39 @@ def name_embedding_targets(
             name = entity.split("/", 1)[1]
             ids = torch.tensor(tokenizer(name, add_special_tokens=False).input_ids)
             tiled.append(embed(ids)[torch.arange(tokens_per_image) % len(ids)])
-    stacked = torch.stack(tiled)
+    stacked = torch.stack(tiled).float()
     prototypes = torch.nn.functional.normalize(stacked.mean(1), dim=-1)
     return AlignTargets({entity: i for i, entity in enumerate(entities)}, stacked, prototypes)
 
 
+def align_batch(
+    pool: Sequence[EntityImage], tower_tokens: TowerTokens, batch_size: int, seed: int, step: int
+) -> tuple[torch.Tensor, list[str]]:
+    """The align stage's batch of `step`: one random view of each drawn picture, and its entity."""
+    rng = np.random.default_rng([seed, step, 0])
+    chosen = rng.choice(len(pool), size=batch_size, replace=len(pool) < batch_size)
+    views = rng.integers(tower_tokens.views, size=batch_size)
+    tokens = torch.stack(
+        [tower_tokens.of(pool[int(index)], int(view)) for index, view in zip(chosen, views, strict=True)]
+    )
+    return tokens, [pool[int(index)].entity for index in chosen]
+
+
 def align_loss(
     model: torch.nn.Module,
-    batch: TrainingBatch,
+    image_tokens: torch.Tensor,
+    entities: Sequence[str],
     targets: AlignTargets,
     temperature: float = 0.05,
     regression_weight: float = 1.0,
 ) -> torch.Tensor:
-    """Classification of the mean image token among all entities' name directions (cosine softmax),
-    plus squared distance of the image tokens to their targets relative to the targets' size.
-
-    The regression alone learns slowly (it settles near the mean of all names first); the
-    classification term makes the tower discriminate from the first steps.
-    """
-    features = model.model.get_image_features(pixel_values=batch.pixel_values).pooler_output  # type: ignore[union-attr,operator]
-    predicted = torch.stack(list(features))
-    labels = torch.tensor([targets.index[entity] for entity in batch.entities])
+    """Classification of the mean projected token among all entities' name directions (cosine
+    softmax), plus squared distance of the projected tokens to their targets relative to the
+    targets' size. The regression alone settles near the mean of all names first; the
+    classification term makes the projector discriminate from the first steps."""
+    projector: Any = model.model.multi_modal_projector  # type: ignore[union-attr]
+    predicted = projector(image_tokens.to(next(projector.parameters()).dtype)).float()
+    labels = torch.tensor([targets.index[entity] for entity in entities])
     wanted = targets.tiled[labels]
     direction = torch.nn.functional.normalize(predicted.mean(1), dim=-1)
     classification = torch.nn.functional.cross_entropy(direction @ targets.prototypes.T / temperature, labels)
@@ -332,6 +366,24 @@ def text_step_loss(model: torch.nn.Module, batch: TrainingBatch, distill_weight:
     return loss
 
 
+def image_step_loss(
+    model: torch.nn.Module, batch: TrainingBatch, named: TrainingBatch, distill_weight: float
+) -> torch.Tensor:
+    """Cross-entropy on the answers plus `distill_weight` x KL from the base LM (adapters off)
+    reading `named`, the same prompts with the entities' names in place of the pictures."""
+    student = answer_logits(model, batch)
+    loss = torch.nn.functional.cross_entropy(student, batch.targets)
+    if distill_weight > 0:
+        with torch.no_grad(), adapters_disabled(model):
+            teacher = answer_logits(model, named)
+        loss = loss + distill_weight * distillation_loss(student, teacher)
+    return loss
+
+
+def _named_twins(examples: Sequence[Example]) -> list[Example]:
+    return [Example(example.text_prompt or "", example.answer, ()) for example in examples]
+
+
 # ------------------------------------------------------------------------------------ the loop
 
 
@@ -345,6 +397,7 @@ def train_vlm(
     model: torch.nn.Module,
     processor: Any,
     pool: Sequence[EntityImage],
+    tower_tokens: TowerTokens,
     config: TrainConfig,
     checkpoint_dir: Path,
     *,
@@ -357,10 +410,10 @@ def train_vlm(
 ) -> TrainResult:
     """Run (or resume) the stages on `model` in place; returns the final state.
 
-    `pool` is the training pictures (held-out styles already removed). `time_limit_seconds` stops
-    after the step that crosses it, with a checkpoint, so a later call resumes. `restart_after`
-    ("align" or "caption") discards what came after that stage's end and trains the later stages
-    again, e.g. with a changed instruct recipe.
+    `pool` is the training pictures (held-out styles already removed) and `tower_tokens` their
+    cached tower tokens. `time_limit_seconds` stops after the step that crosses it, with a
+    checkpoint, so a later call resumes. `restart_after="align"` discards what came after the align
+    stage's end and trains the instruct stage again, e.g. with a changed recipe.
     """
     if restart_after is not None:
         if restart_after not in STAGES[:-1]:
@@ -373,7 +426,7 @@ def train_vlm(
         load_trained(model, checkpoint_dir)
     else:
         state = TrainState(stage=stages[0])
-    tokens = config.tower.tokens_per_image
+    tokens = config.tower.config().tokens_per_image
     started = time.monotonic()
     for stage in stages:
         if STAGES.index(stage) < STAGES.index(state.stage) or (stage == state.stage and state.finished):
@@ -383,7 +436,7 @@ def train_vlm(
         if stage == "instruct" and not has_lora(model):
             add_lora(model, config.lora_rank, config.lora_alpha, config.seed)
         settings = config.stage(stage)
-        names = trainable_names(model, stage)
+        names = trainable_names(model, stage, projector_in_instruct=config.instruct_trains_projector)
         parameters = dict(model.named_parameters())
         for name, parameter in parameters.items():
             parameter.requires_grad_(name in names)
@@ -404,21 +457,27 @@ def train_vlm(
         )
         while state.step < settings.steps:
             stage_clock = time.monotonic()
-            if stage == "instruct":
-                examples, rng = instruct_examples(
-                    pool, icl_tasks, mix, settings.batch_size, config.seed, state.step
-                )
-            else:
-                examples, rng = sample_examples(pool, settings.batch_size, config.seed, state.step, "caption")
-            batch = collate(examples, processor, tokens, rng)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(settings, state.step)
             if targets is not None:
-                loss = align_loss(model, batch, targets, regression_weight=config.align_regression_weight)
-            elif stage == "instruct" and batch.pixel_values is None:
-                loss = text_step_loss(model, batch, mix.text_distill_weight)
+                image_tokens, entities = align_batch(
+                    pool, tower_tokens, settings.batch_size, config.seed, state.step
+                )
+                loss = align_loss(
+                    model, image_tokens, entities, targets, regression_weight=config.align_regression_weight
+                )
             else:
-                loss = answer_loss(model, batch)
+                examples, rng = instruct_examples(
+                    pool, icl_tasks, mix, settings.batch_size, config.seed, state.step
+                )
+                batch = collate(examples, processor, tokens, tower_tokens, rng)
+                if batch.image_tokens is None:
+                    loss = text_step_loss(model, batch, mix.text_distill_weight)
+                elif all(example.text_prompt for example in examples):
+                    named = collate(_named_twins(examples), processor, tokens, tower_tokens, None)
+                    loss = image_step_loss(model, batch, named, mix.image_distill_weight)
+                else:
+                    loss = answer_loss(model, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([parameters[name] for name in names], 1.0)
             optimizer.step()

@@ -1,7 +1,4 @@
-"""A frozen vision tower for the default VLM v2: ImageNet features on a grid beside the picture's colours.
-
-Trained into a VLM on branch `vlm-v2-wip` and measured, not shipped: the default VLM is still the
-one in `architecture.py` (docs/VLM_NOTES.md, "v2").
+"""The default VLM's frozen vision tower: ImageNet features on a grid beside the picture's colours.
 
 Each image becomes `grid * grid` tokens (4 by default). Token k is
   - its grid cell's EfficientNet-Lite0 features (ImageNet weights, frozen): the final feature map
@@ -24,6 +21,8 @@ plain transformers after `import taskvec.vlm.vision_tower`.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -40,6 +39,10 @@ from taskvec.vlm.imagenet_encoder import (
 )
 
 MODEL_TYPE = "taskvec_imagenet_colour"
+# Pictures whose tokens the tower remembers, by content. A run shows the same task pictures in many
+# prompts (every demonstration set, seed, condition and patched row), and lite0 is most of what an
+# image prompt costs on a CPU. 4,096 pictures of 4 tokens take 96 MB in fp32.
+REMEMBERED_PICTURES = 4096
 
 
 class ImagenetColourConfig(PreTrainedConfig):
@@ -77,6 +80,7 @@ class ImagenetColourTower(PreTrainedModel):
         # Kept whole on one device when a device map splits the VLM.
         self._no_split_modules = [type(self).__name__]
         self.encoder = empty_network()
+        self._remembered: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
@@ -88,16 +92,47 @@ class ImagenetColourTower(PreTrainedModel):
         """The ImageNet weights of the installed package (weights_only, strict), frozen."""
         load_imagenet_weights(self.encoder)
         self.requires_grad_(False)
+        self._remembered.clear()
 
     def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> BaseModelOutputWithPooling:
-        """pixel_values: [batch, 3, side, side] in [-1, 1] -> tokens [batch, grid * grid, hidden]."""
-        config = self.config
-        encoder: Any = self.encoder
-        drawn = pool_grid(encoder.extract_features(pixel_values), config.grid)
-        tokens = torch.cat([drawn, picture_colours(pixel_values, config) * config.colour_scale], dim=-1)
+        """pixel_values: [batch, 3, side, side] in [-1, 1] -> tokens [batch, grid * grid, hidden].
+
+        Without gradients and in eval mode, a picture seen before (same pixels, dtypes and device)
+        takes its remembered tokens instead of a pass through lite0."""
+        if self.training or torch.is_grad_enabled():
+            tokens = self._tokens(pixel_values)
+        else:
+            tokens = self._remembered_tokens(pixel_values)
         return BaseModelOutputWithPooling(
             last_hidden_state=tokens, pooler_output=tokens.mean(dim=1), hidden_states=(tokens,)
         )
+
+    def _tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        config = self.config
+        encoder: Any = self.encoder
+        drawn = pool_grid(encoder.extract_features(pixel_values), config.grid)
+        return torch.cat([drawn, picture_colours(pixel_values, config) * config.colour_scale], dim=-1)
+
+    def _remembered_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        weights = next(self.encoder.parameters())
+        context = f"{pixel_values.dtype} {tuple(pixel_values.shape[1:])} {weights.dtype} {weights.device}"
+        keys = [_content_key(context, picture) for picture in pixel_values]
+        first_of_missing = {key: row for row, key in enumerate(keys) if key not in self._remembered}
+        if first_of_missing:
+            rows = sorted(first_of_missing.values())
+            for row, tokens in zip(rows, self._tokens(pixel_values[rows]), strict=True):
+                self._remembered[keys[row]] = tokens
+        for key in keys:
+            self._remembered.move_to_end(key)
+        stacked = torch.stack([self._remembered[key] for key in keys])
+        while len(self._remembered) > REMEMBERED_PICTURES:
+            self._remembered.popitem(last=False)
+        return stacked
+
+
+def _content_key(context: str, picture: torch.Tensor) -> bytes:
+    raw = picture.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes()
+    return hashlib.blake2b(context.encode() + raw, digest_size=16).digest()
 
 
 def picture_colours(pixel_values: torch.Tensor, config: ImagenetColourConfig) -> torch.Tensor:
