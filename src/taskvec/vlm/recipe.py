@@ -171,7 +171,7 @@ def load_default_vlm(options: LoadOptions) -> ModelHandle:
     if not (SHIPPED_PARTS_DIR / CARD_FILE).is_file():
         raise DefaultVLMMissingError(
             f"the default VLM's trained parts are missing from {SHIPPED_PARTS_DIR}; "
-            "train them with `taskvec train-vlm --ship` (about 90 minutes on 2 CPU cores)"
+            "train them with `taskvec train-vlm --ship` (about 30 minutes on 2 CPU cores)"
         )
     if parse_dtype(options.dtype) == torch.float16:
         # Refused before any weight loads, from the config of its text model (the default LM's);
