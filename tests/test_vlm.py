@@ -1,7 +1,7 @@
-"""The embedded VLM's machinery on a tiny Gemma3 text model: assembly, the frozen tower and its cached
-tokens, processor, batches, training stages, checkpoints and the shipped-parts format. The real
-(Gemma-3-270M) model is never loaded here; the tower is EfficientNet-Lite0 with random weights on
-64-pixel pictures."""
+"""The embedded VLM's machinery on a tiny Gemma3 text model: assembly, processor, batches from the
+tower's cached tokens, training stages, checkpoints and the shipped-parts format (the tower itself and
+its token cache: tests/test_vision_tower.py). The real (Gemma-3-270M) model is never loaded here; the
+tower is EfficientNet-Lite0 with random weights on 64-pixel pictures."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import tokenizers
 import torch
 import transformers
 from conftest import random_image
-from PIL import Image
 from tiny_models import build_tokenizer
 
 from taskvec.engine import generate_greedy
@@ -22,7 +21,7 @@ from taskvec.models import ModelHandle, load_model
 from taskvec.vlm.architecture import IMAGE_TOKEN, add_image_token, assemble_llava
 from taskvec.vlm.artifacts import LORA_FILE, PROJECTOR_FILE, build_vlm, export_checkpoint, save_parts
 from taskvec.vlm.batches import answer_loss, collate, expand_image_tokens
-from taskvec.vlm.cached_features import TowerTokens, cached_tower_tokens, tower_tokens
+from taskvec.vlm.cached_features import TowerTokens, cached_tower_tokens
 from taskvec.vlm.card import ACCEPTANCE_FILE, PREVIOUS_ACCEPTANCE_FILE, write_model_card
 from taskvec.vlm.data import (
     EntityImage,
@@ -54,7 +53,7 @@ from taskvec.vlm.training import (
     text_step_loss,
     train_vlm,
 )
-from taskvec.vlm.vision_tower import ImagenetColourConfig, ImagenetColourTower, picture_colours
+from taskvec.vlm.vision_tower import ImagenetColourTower
 
 TOWER_SETTINGS = TowerSettings(grid=2, colour_side=2, colour_scale=4.0, image_size=64)
 TOWER = TOWER_SETTINGS.config()
@@ -177,47 +176,6 @@ def test_adding_the_image_token_grows_the_tied_vocabulary_with_a_zero_row() -> N
     assert torch.count_nonzero(embeddings[new_id]) == 0
     assert model.lm_head.weight is embeddings
     assert add_image_token(bare) == new_id  # idempotent
-
-
-def test_the_tower_emits_each_cells_lite0_features_beside_the_whole_pictures_colours() -> None:
-    model, processor = tiny_vlm()
-    tower = model.model.vision_tower
-    picture = np.full((64, 64, 3), 255, dtype=np.uint8)
-    picture[:32, :32] = (255, 0, 0)  # top-left quarter red, the rest white
-    pixels = processor.image_processor([Image.fromarray(picture)], return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        tokens = tower(pixels).last_hidden_state
-        maps = tower.encoder.extract_features(pixels)
-    assert tokens.shape == (1, 4, 1280 + 3 * 2 * 2) == (1, TOWER.tokens_per_image, TOWER.hidden_size)
-    # Token k's first 1280 values: lite0's feature map averaged over grid cell k (row by row).
-    torch.testing.assert_close(tokens[0, 0, :1280], maps[0, :, :1, :1].mean((1, 2)))
-    torch.testing.assert_close(tokens[0, 3, :1280], maps[0, :, 1:, 1:].mean((1, 2)))
-    # The rest: the whole picture at 2 x 2, channel-major, the same on every token.
-    red, white = torch.tensor([1.0, -1.0, -1.0]), torch.ones(3)
-    expected = torch.stack([red, white, white, white], dim=1).reshape(12) * TOWER.colour_scale
-    for token in range(4):
-        torch.testing.assert_close(tokens[0, token, 1280:], expected, atol=0.1, rtol=0)
-    torch.testing.assert_close(tokens[0, :, 1280:] / TOWER.colour_scale, picture_colours(pixels, TOWER)[0])
-
-
-def test_cached_tokens_are_the_towers_and_are_reused(
-    pool: list[EntityImage], tokens: TowerTokens, tmp_path: Path
-) -> None:
-    from taskvec.vlm.data import load_picture
-
-    model, _ = tiny_vlm()
-    tower = model.model.vision_tower
-    assert tokens.views == 2
-    live = tower_tokens(tower, [load_picture(image.path) for image in pool[:3]])
-    torch.testing.assert_close(torch.stack([tokens.of(image) for image in pool[:3]]), live)
-    assert not torch.equal(tokens.of(pool[0], 1), tokens.of(pool[0], 0))  # the augmented copy
-    cache = tmp_path / "tokens.safetensors"
-    first = cached_tower_tokens(tower, pool[:2], cache, copies=1, seed=0)
-    again = cached_tower_tokens(tower, pool[:2], cache, copies=1, seed=0)
-    assert torch.equal(first.tokens, again.tokens)
-    other = ImagenetColourTower(ImagenetColourConfig(grid=1, colour_side=2, image_size=64))
-    regridded = cached_tower_tokens(other, pool[:2], cache, copies=1, seed=0)
-    assert regridded.tokens.shape == (2, 2, 1, TOWER.hidden_size)  # a changed tower recomputes
 
 
 def test_collate_matches_the_processor_and_the_models_own_forward(
